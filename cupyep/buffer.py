@@ -1,0 +1,333 @@
+"""The user-facing communication buffer.
+
+``Buffer`` validates arguments, converts arrays from the caller's framework to
+the backend's (NumPy for the reference backend, CuPy for the GPU), runs the
+backend and converts results back: torch in, torch out.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+from . import interop, validation
+from .config import Config
+from .errors import InvalidInputError
+from .group import Group, gpu_available, require_gpu
+from .types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResult,
+                    LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle)
+
+_buffer_ids = itertools.count(1)
+
+
+class Buffer:
+    """Expert-parallel dispatch and combine over a :class:`Group`.
+
+    Args:
+        group: the ranks taking part (a :class:`Group`, an mpi4py
+            communicator or a torch.distributed group).
+        num_nvl_bytes: symmetric bytes for normal kernels over NVLink.
+        num_rdma_bytes: symmetric bytes for inter-node and low-latency kernels.
+        low_latency_mode: reserve the low-latency layout in ``num_rdma_bytes``.
+        backend: 'gpu', 'reference' or 'auto' (GPU when one is usable).
+    """
+
+    def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, backend: str = "auto"):
+        self.group = group if isinstance(group, Group) else Group(group)
+        self.buffer_id = next(_buffer_ids)
+        if backend == "auto":
+            backend = "gpu" if gpu_available() else "reference"
+        if backend == "gpu":
+            require_gpu()
+            from .gpu_backend import GpuBackend
+            self._impl = GpuBackend(self.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode)
+            self._to_native, self._from_native = interop.to_cupy, interop.from_cupy
+        elif backend == "reference":
+            from .reference_backend import ReferenceBackend
+            self._impl = ReferenceBackend(self.group)
+            self._to_native, self._from_native = interop.to_numpy, interop.from_numpy
+        else:
+            raise InvalidInputError(f"backend must be 'auto', 'gpu' or 'reference', got {backend!r}")
+        self.backend = backend
+        self._destroyed = False
+
+    # ------------------------------------------------------------------ #
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def num_ranks(self) -> int:
+        return self.group.size
+
+    def _check_alive(self):
+        self.group.check_alive()
+        if self._destroyed:
+            from .errors import GroupDestroyedError
+            raise GroupDestroyedError("this cupyep Buffer was destroyed")
+
+    def _native(self, a, name: str):
+        if a is None:
+            return None
+        try:
+            return self._to_native(a)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"{name}: {e}") from None
+
+    def _split_x(self, x):
+        """x or (x_fp8, scales) -> (data, scales or None, framework)."""
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise InvalidInputError("an FP8 input is a pair (x_e4m3 [T, H], scales [T, H/128])")
+            fw = interop.framework_of(x[0])
+            q, s = self._native(x[0], "x[0]"), self._native(x[1], "x[1]")
+            validation.check_fp8_pair(q, s)
+            return q, s, fw
+        fw = interop.framework_of(x)
+        data = self._native(x, "x")
+        validation.check_bf16_rows(data)
+        return data, None, fw
+
+    # ------------------------------------------------------------------ #
+    def get_dispatch_layout(self, topk_idx, num_experts: int) -> DispatchLayout:
+        """Count tokens per rank, node and expert.
+
+        Args:
+            topk_idx: [T, K] int64 (or int32) expert ids, -1 for unused slots.
+            num_experts: E, a multiple of the number of ranks.
+
+        Returns:
+            :class:`DispatchLayout` in the caller's framework.
+        """
+        self._check_alive()
+        fw = interop.framework_of(topk_idx)
+        idx = self._native(topk_idx, "topk_idx")
+        validation.check_topk(idx, None, idx.shape[0])
+        validation.check_num_experts(num_experts, self.num_ranks)
+        lay = self._impl.get_dispatch_layout(idx, num_experts)
+        back = lambda a: self._from_native(a, fw)  # noqa: E731
+        return DispatchLayout(back(lay.num_tokens_per_rank), back(lay.num_tokens_per_node),
+                              back(lay.num_tokens_per_expert), back(lay.is_token_in_rank),
+                              lay.num_experts)
+
+    def dispatch(self, x, topk_idx=None, topk_weights=None, *, layout: Optional[DispatchLayout] = None,
+                 is_token_in_rank=None, num_experts: Optional[int] = None,
+                 handle: Optional[DispatchHandle] = None, expert_alignment: int = 1,
+                 num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event=None, async_finish: bool = False) -> DispatchResult:
+        """Send each token to every rank that holds one of its experts.
+
+        Args:
+            x: [T, H] bf16, or a pair (e4m3 [T, H], fp32 scales [T, H/128]).
+            topk_idx: [T, K] int64 global expert ids (-1 unused), optional.
+            topk_weights: [T, K] fp32, optional.
+            layout: from :meth:`get_dispatch_layout` (else it is computed
+                from ``topk_idx`` and ``num_experts``).
+            is_token_in_rank: [T, R] bool, for a top-k-less row all-to-all.
+            handle: reuse the routing of an earlier dispatch (cached
+                dispatch); then only ``x`` is sent.
+            expert_alignment: pad each per-expert count to this multiple.
+            num_worst_tokens: fixed output rows; no host synchronisation.
+            config: :class:`Config` (SMs, warps, chunking).
+            previous_event: an event to wait on before starting.
+            async_finish: return an event instead of ordering on the
+                caller's stream.
+
+        Returns:
+            :class:`DispatchResult` in the caller's framework.
+        """
+        self._check_alive()
+        data, scales, fw = self._split_x(x)
+        num_tokens, hidden = data.shape
+        if expert_alignment < 1:
+            raise InvalidInputError(f"expert_alignment must be >= 1, got {expert_alignment}")
+        if num_worst_tokens < 0:
+            raise InvalidInputError(f"num_worst_tokens must be >= 0, got {num_worst_tokens}")
+        if handle is not None:
+            return self._cached_dispatch(handle, data, scales, fw, config, previous_event, async_finish)
+
+        idx = self._native(topk_idx, "topk_idx")
+        w = self._native(topk_weights, "topk_weights")
+        if w is not None and idx is None:
+            raise InvalidInputError("topk_weights needs topk_idx")
+        if idx is not None:
+            validation.check_topk(idx, w, num_tokens)
+            if layout is None:
+                if num_experts is None:
+                    raise InvalidInputError("dispatch with topk_idx needs layout= or num_experts=")
+                validation.check_num_experts(num_experts, self.num_ranks)
+                lay = self._impl.get_dispatch_layout(idx, num_experts)
+            else:
+                lay = layout
+            num_experts = lay.num_experts
+            in_rank = self._native(lay.is_token_in_rank, "layout.is_token_in_rank")
+        else:
+            if is_token_in_rank is None and layout is None:
+                raise InvalidInputError("dispatch needs topk_idx, layout, is_token_in_rank or handle")
+            in_rank = self._native(is_token_in_rank if is_token_in_rank is not None
+                                   else layout.is_token_in_rank, "is_token_in_rank")
+        validation.check_is_token_in_rank(in_rank, num_tokens, self.num_ranks)
+
+        out = self._impl.dispatch(data, scales, idx, w, in_rank, num_experts, expert_alignment,
+                                  num_worst_tokens, config, previous_event, async_finish)
+        h = DispatchHandle(self.buffer_id, num_tokens, hidden, out["num_recv_tokens"],
+                           num_worst_tokens, 0 if idx is None else idx.shape[1], in_rank,
+                           out["recv_src_idx"], out["routing"])
+        counts = out["num_recv_tokens_per_expert"]
+        if num_worst_tokens and counts is not None:
+            counts = self._from_native(counts, fw)
+        back = self._from_native
+        return DispatchResult(back(out["recv_x"], fw, fp8=scales is not None),
+                              back(out["recv_x_scales"], fw), back(out["recv_topk_idx"], fw),
+                              back(out["recv_topk_weights"], fw), counts, h, out.get("event"))
+
+    def _cached_dispatch(self, handle, data, scales, fw, config, previous_event, async_finish):
+        validation.check_handle(handle, DispatchHandle, self.buffer_id)
+        if data.shape != (handle.num_tokens, handle.hidden):
+            raise InvalidInputError(
+                f"cached dispatch: x has shape {tuple(data.shape)}, the handle expects "
+                f"{(handle.num_tokens, handle.hidden)}")
+        recv_x, recv_s, event = self._impl.cached_dispatch(handle, data, scales, config,
+                                                           previous_event, async_finish)
+        back = self._from_native
+        return DispatchResult(back(recv_x, fw, fp8=scales is not None), back(recv_s, fw),
+                              None, None, None, handle, event)
+
+    def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, *,
+                config: Optional[Config] = None, previous_event=None,
+                async_finish: bool = False) -> CombineResult:
+        """Send rows back to their origin and sum them there.
+
+        Args:
+            x: [N, H] bf16 aligned with the rows dispatch returned (N may be
+                num_worst_tokens in worst-token mode).
+            handle: the :class:`DispatchHandle` of that dispatch.
+            topk_weights: [N, K] fp32 to sum back, optional.
+            bias: None, one [T, H] bf16 array, or a pair of them.
+
+        Returns:
+            :class:`CombineResult` in the caller's framework.
+        """
+        self._check_alive()
+        validation.check_handle(handle, DispatchHandle, self.buffer_id)
+        fw = interop.framework_of(x)
+        data = self._native(x, "x")
+        validation.check_bf16_rows(data)
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        if data.shape != (rows, handle.hidden):
+            raise InvalidInputError(
+                f"combine: x has shape {tuple(data.shape)}, the handle expects {(rows, handle.hidden)}")
+        w = self._native(topk_weights, "topk_weights")
+        if w is not None and (w.dtype.name != "float32" or w.ndim != 2 or w.shape[0] != rows):
+            raise InvalidInputError(f"combine: topk_weights must be float32 [{rows}, K], got {w.dtype} {tuple(w.shape)}")
+        if w is not None:
+            validation.check_contiguous(w, "topk_weights")
+        if bias is None:
+            biases = ()
+        elif isinstance(bias, (tuple, list)):
+            biases = tuple(self._native(b, "bias") for b in bias if b is not None)
+        else:
+            biases = (self._native(bias, "bias"),)
+        if len(biases) > 2:
+            raise InvalidInputError("combine takes at most two bias arrays")
+        validation.check_bias(biases, handle.num_tokens, handle.hidden)
+        out, wout, event = self._impl.combine(handle, data, w, biases, config, previous_event,
+                                              async_finish)
+        return CombineResult(self._from_native(out, fw), self._from_native(wout, fw), event)
+
+    # ------------------------------------------------------------------ #
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, *, use_fp8: bool = True, round_scale: bool = False,
+                             use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False) -> LowLatencyDispatchResult:
+        """Decode-time dispatch: one message per (token, expert), fixed shapes.
+
+        Args:
+            x: [T, H] bf16, T <= num_max_dispatch_tokens_per_rank (M).
+            topk_idx: [T, K] int64 global expert ids, -1 unused.
+            num_max_dispatch_tokens_per_rank: M, fixed for the buffer's life.
+            num_experts: E.
+            use_fp8: cast to e4m3 with per-128 scales inside the kernel.
+            round_scale: power-of-two scales; use_ue8m0: pack them as UE8M0.
+            return_recv_hook: launch only the send half; the result's
+                ``hook`` launches the receive half.
+
+        Returns:
+            :class:`LowLatencyDispatchResult` in the caller's framework.
+        """
+        self._check_alive()
+        fw = interop.framework_of(x)
+        data = self._native(x, "x")
+        validation.check_bf16_rows(data)
+        idx = self._native(topk_idx, "topk_idx")
+        validation.check_topk(idx, None, data.shape[0])
+        validation.check_num_experts(num_experts, self.num_ranks)
+        if data.shape[0] > num_max_dispatch_tokens_per_rank:
+            raise InvalidInputError(
+                f"{data.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank="
+                f"{num_max_dispatch_tokens_per_rank}")
+        if use_ue8m0 and (not use_fp8 or data.shape[1] % 512):
+            raise InvalidInputError("use_ue8m0 needs use_fp8 and a hidden size divisible by 512")
+        out = self._impl.low_latency_dispatch(data, idx, num_max_dispatch_tokens_per_rank,
+                                              num_experts, use_fp8, round_scale, use_ue8m0,
+                                              async_finish, return_recv_hook)
+        h = LowLatencyHandle(self.buffer_id, out["call_id"], num_max_dispatch_tokens_per_rank,
+                             data.shape[1], num_experts, data.shape[0], idx.shape[1],
+                             out["src_info"], out["layout_range"], out["routing"])
+        back = self._from_native
+        return LowLatencyDispatchResult(back(out["recv_x"], fw, fp8=use_fp8),
+                                        back(out["recv_x_scales"], fw), back(out["recv_count"], fw),
+                                        h, out.get("event"), out.get("hook"))
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *,
+                            out=None, async_finish: bool = False,
+                            return_recv_hook: bool = False) -> LowLatencyCombineResult:
+        """Decode-time combine: weighted sum in top-k order.
+
+        Args:
+            x: [L, R*M, H] bf16 expert outputs in the dispatched layout.
+            topk_idx: [T, K] int64 and topk_weights: [T, K] fp32, those of
+                the dispatch that made ``handle``.
+            handle: the :class:`LowLatencyHandle`.
+            out: optional [T, H] bf16 array for the result.
+
+        Returns:
+            :class:`LowLatencyCombineResult` in the caller's framework.
+        """
+        self._check_alive()
+        validation.check_handle(handle, LowLatencyHandle, self.buffer_id)
+        fw = interop.framework_of(x)
+        data = self._native(x, "x")
+        local = handle.num_experts // self.num_ranks
+        want = (local, self.num_ranks * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        if data.ndim != 3 or tuple(data.shape) != want or data.dtype != interop.bfloat16:
+            raise InvalidInputError(f"low_latency_combine: x must be bf16 {want}, got {data.dtype} {tuple(data.shape)}")
+        validation.check_contiguous(data, "x")
+        idx = self._native(topk_idx, "topk_idx")
+        w = self._native(topk_weights, "topk_weights")
+        if w is None:
+            raise InvalidInputError("low_latency_combine needs topk_weights")
+        validation.check_topk(idx, w, handle.num_tokens)
+        if idx.shape[1] != handle.num_topk:
+            raise InvalidInputError(f"topk_idx has K={idx.shape[1]}, the handle has K={handle.num_topk}")
+        out_native = self._native(out, "out")
+        if out_native is not None:
+            validation.check_bf16_rows(out_native, "out", rows=handle.num_tokens)
+        res = self._impl.low_latency_combine(data, idx, w, handle, out_native, async_finish,
+                                             return_recv_hook)
+        return LowLatencyCombineResult(self._from_native(res["combined_x"], fw),
+                                       res.get("event"), res.get("hook"))
+
+    # ------------------------------------------------------------------ #
+    def destroy(self):
+        """Release the buffer's symmetric memory (collective)."""
+        if not self._destroyed:
+            self._destroyed = True
+            self._impl.destroy()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+        return False

@@ -1,0 +1,39 @@
+"""Kernel launch configuration for normal (high-throughput) kernels."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class Config:
+    """How normal dispatch and combine use the GPU.
+
+    Attributes:
+        num_sms: SMs (thread blocks) the kernel occupies; even. Half send,
+            half receive: num_sms // 2 channels.
+        num_warps: warps per block (a multiple of 2, at most 32).
+        chunk_tokens: tokens a sender copies between two progress updates.
+    """
+    num_sms: int = 24
+    num_warps: int = 16
+    chunk_tokens: int = 8
+
+    def __post_init__(self):
+        if self.num_sms < 2 or self.num_sms % 2:
+            raise InvalidInputError(
+                f"num_sms must be an even number >= 2 (senders and receivers pair up), got {self.num_sms}")
+        if self.num_warps < 2 or self.num_warps > 32 or self.num_warps % 2:
+            raise InvalidInputError(f"num_warps must be even and in [2, 32], got {self.num_warps}")
+        if self.chunk_tokens < 1:
+            raise InvalidInputError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+
+    @property
+    def num_channels(self) -> int:
+        return self.num_sms // 2
+
+
+def default_config(num_ranks: int) -> Config:
+    """Defaults per rank count (tuned on H100/H200 NVLink machines)."""
+    return Config(num_sms=24, num_warps=16, chunk_tokens=8)

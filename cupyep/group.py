@@ -1,0 +1,144 @@
+"""Process group: ranks, node layout, GPU choice and NVSHMEM lifetime.
+
+Created from an mpi4py communicator (default ``COMM_WORLD``) or a
+torch.distributed process group. The GPU side (device, NVSHMEM) starts only
+when a GPU buffer first asks for it, so the reference backend needs no GPU.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+
+from .errors import BackendUnavailableError, GroupDestroyedError, InvalidInputError
+
+
+def _as_mpi_comm(comm):
+    if comm is None:
+        from mpi4py import MPI
+        return MPI.COMM_WORLD
+    if type(comm).__module__.startswith("mpi4py"):
+        return comm
+    if type(comm).__module__.startswith("torch"):
+        from .torch_comm import TorchDistComm
+        return TorchDistComm(comm)
+    raise InvalidInputError(f"expected an mpi4py communicator or a torch.distributed group, got {type(comm)}")
+
+
+class Group:
+    """The ranks taking part in expert parallelism.
+
+    Args:
+        comm: mpi4py communicator, torch.distributed ProcessGroup, or None
+            for ``MPI.COMM_WORLD``.
+        num_ranks_per_node: ranks in one NVLink domain. Default: the ranks
+            sharing this host. A smaller value makes one host act as several
+            nodes (4 GPUs as 2 x 2) to exercise the inter-node path.
+
+    Attributes:
+        rank, size, local_rank, local_size, num_ranks_per_node, num_nodes.
+    """
+
+    def __init__(self, comm=None, num_ranks_per_node: int | None = None):
+        self.comm = _as_mpi_comm(comm)
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.local_rank, self.local_size = self._host_local()
+        rpn = self.local_size if num_ranks_per_node is None else int(num_ranks_per_node)
+        if rpn <= 0 or self.size % rpn:
+            raise InvalidInputError(
+                f"num_ranks_per_node={rpn} must divide the number of ranks ({self.size})")
+        if rpn > self.local_size:
+            raise InvalidInputError(
+                f"num_ranks_per_node={rpn} is larger than the {self.local_size} ranks on this host")
+        self.num_ranks_per_node = rpn
+        self.num_nodes = self.size // rpn
+        self._gpu = None
+        self._destroyed = False
+        atexit.register(self.destroy)
+
+    def _host_local(self):
+        split = getattr(self.comm, "Split_type", None)
+        if split is None:
+            return self.comm.local_rank(), self.comm.local_size()
+        from mpi4py import MPI
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return local.Get_rank(), local.Get_size()
+        finally:
+            local.Free()
+
+    @property
+    def node(self) -> int:
+        return self.rank // self.num_ranks_per_node
+
+    @property
+    def nvl_rank(self) -> int:
+        """Index of this rank inside its NVLink domain."""
+        return self.rank % self.num_ranks_per_node
+
+    def check_alive(self):
+        if self._destroyed:
+            raise GroupDestroyedError("this cupyep Group was destroyed")
+
+    def barrier(self):
+        """Host barrier over all ranks."""
+        self.check_alive()
+        self.comm.Barrier()
+
+    def agree(self, ok: bool) -> bool:
+        """True only when every rank passes ``ok`` (a collective)."""
+        return bool(self.comm.allreduce(bool(ok), op=_mpi_land()))
+
+    # ---- GPU side -------------------------------------------------------- #
+    @property
+    def gpu(self):
+        """The GPU runtime of this group (device, NVSHMEM), started on first use."""
+        self.check_alive()
+        if self._gpu is None:
+            from .runtime import GpuRuntime
+            self._gpu = GpuRuntime(self)
+        return self._gpu
+
+    def destroy(self):
+        """Free symmetric memory and finalize NVSHMEM. Idempotent; collective."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        atexit.unregister(self.destroy)
+        if self._gpu is not None:
+            self._gpu.destroy()
+            self._gpu = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+        return False
+
+
+def _mpi_land():
+    try:
+        from mpi4py import MPI
+        return MPI.LAND
+    except ImportError:  # torch.distributed adapter
+        return "land"
+
+
+def gpu_available() -> bool:
+    """True when CuPy, a CUDA device and nvshmem4py are all usable."""
+    if os.environ.get("CUPYEP_BACKEND", "").lower() == "reference":
+        return False
+    try:
+        import cupy
+        import nvshmem.core  # noqa: F401
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def require_gpu():
+    if not gpu_available():
+        raise BackendUnavailableError(
+            "the GPU backend needs cupy, nvshmem4py and a CUDA device; install "
+            "cupyep[gpu] on a GPU machine or use backend='reference'")

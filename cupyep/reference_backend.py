@@ -1,0 +1,65 @@
+"""The reference backend behind :class:`cupyep.Buffer` (NumPy over MPI)."""
+from __future__ import annotations
+
+import itertools
+
+from . import reference, validation
+
+
+class ReferenceBackend:
+    """Runs every Buffer call with :mod:`cupyep.reference`; no GPU needed."""
+
+    def __init__(self, group):
+        self.group = group
+        self._calls = itertools.count()
+
+    @property
+    def comm(self):
+        return self.group.comm
+
+    def get_dispatch_layout(self, topk_idx, num_experts):
+        validation.check_expert_range_host(topk_idx, num_experts)
+        return reference.get_dispatch_layout(topk_idx, num_experts, self.group.size,
+                                             self.group.num_ranks_per_node)
+
+    def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, num_experts,
+                 expert_alignment, num_worst_tokens, config, previous_event, async_finish):
+        if topk_idx is not None:
+            validation.check_expert_range_host(topk_idx, num_experts)
+        return reference.dispatch(self.comm, x, scales, topk_idx, topk_weights, is_token_in_rank,
+                                  num_experts, expert_alignment, num_worst_tokens)
+
+    def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
+        recv_x, recv_s = reference.cached_dispatch(self.comm, handle.state, x, scales,
+                                                   handle.num_worst_tokens)
+        return recv_x, recv_s, None
+
+    def combine(self, handle, x, topk_weights, bias, config, previous_event, async_finish):
+        n = handle.num_recv_tokens
+        w = None if topk_weights is None else topk_weights[:n]
+        out, wout = reference.combine(self.comm, handle.state, handle.num_tokens, x[:n], w, bias)
+        return out, wout, None
+
+    def low_latency_dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
+                             async_finish, return_recv_hook):
+        validation.check_expert_range_host(topk_idx, num_experts)
+        out = reference.low_latency_dispatch(self.comm, x, topk_idx, m, num_experts, use_fp8,
+                                             round_scale, use_ue8m0)
+        out["call_id"] = next(self._calls)
+        if return_recv_hook:
+            out["hook"] = lambda: None  # data has already arrived on this backend
+        return out
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, out, async_finish,
+                            return_recv_hook):
+        res = reference.low_latency_combine(self.comm, x, topk_idx, topk_weights, handle.state)
+        if out is not None:
+            out[...] = res
+            res = out
+        d = {"combined_x": res}
+        if return_recv_hook:
+            d["hook"] = lambda: None
+        return d
+
+    def destroy(self):
+        pass

@@ -1,0 +1,112 @@
+"""Argument checks that run before anything is launched.
+
+They read only shapes, dtypes and strides (never array contents on the GPU),
+so they cost no synchronisation. Arrays are backend-native (NumPy or CuPy).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InvalidInputError
+from .fp8 import FP8_GROUP, bfloat16, float8_e4m3
+
+_FP8_DTYPES = (float8_e4m3, np.dtype(np.uint8))
+
+
+def check_contiguous(a, name: str) -> None:
+    if not a.flags.c_contiguous:
+        raise InvalidInputError(f"{name} must be C-contiguous (got strides {a.strides})")
+
+
+def check_hidden(hidden: int) -> None:
+    """Any positive multiple of 128 is supported (kernels are specialised per size)."""
+    if hidden <= 0 or hidden % FP8_GROUP:
+        raise InvalidInputError(
+            f"unsupported hidden size {hidden}: supported sizes are the positive "
+            f"multiples of {FP8_GROUP}")
+
+
+def check_bf16_rows(x, name: str = "x", rows: int | None = None) -> None:
+    """x: [rows, H] bf16, contiguous, H supported."""
+    if x.ndim != 2:
+        raise InvalidInputError(f"{name} must be 2-D [tokens, hidden], got shape {x.shape}")
+    if x.dtype != bfloat16:
+        raise InvalidInputError(f"{name} must be bfloat16, got {x.dtype}")
+    check_contiguous(x, name)
+    check_hidden(x.shape[1])
+    if rows is not None and x.shape[0] != rows:
+        raise InvalidInputError(f"{name} has {x.shape[0]} rows, expected {rows}")
+
+
+def check_fp8_pair(q, scales, name: str = "x") -> None:
+    """(q [T, H] e4m3 or uint8, scales [T, H/128] fp32)."""
+    if q.ndim != 2 or q.dtype not in _FP8_DTYPES:
+        raise InvalidInputError(
+            f"{name}[0] must be 2-D float8_e4m3fn (or its uint8 view), got "
+            f"{q.dtype} {q.shape}")
+    check_contiguous(q, f"{name}[0]")
+    check_hidden(q.shape[1])
+    want = (q.shape[0], q.shape[1] // FP8_GROUP)
+    if scales.dtype != np.float32 or tuple(scales.shape) != want:
+        raise InvalidInputError(
+            f"{name}[1] (scales) must be float32 of shape {want}, got "
+            f"{scales.dtype} {tuple(scales.shape)}")
+    check_contiguous(scales, f"{name}[1]")
+
+
+def check_topk(topk_idx, topk_weights, num_tokens: int) -> None:
+    """topk_idx [T, K] int64/int32; topk_weights [T, K] fp32 or None."""
+    if topk_idx.ndim != 2 or topk_idx.dtype not in (np.int64, np.int32):
+        raise InvalidInputError(
+            f"topk_idx must be 2-D int64 (or int32), got {topk_idx.dtype} {topk_idx.shape}")
+    if topk_idx.shape[0] != num_tokens:
+        raise InvalidInputError(
+            f"topk_idx has {topk_idx.shape[0]} rows but x has {num_tokens} tokens")
+    if topk_idx.shape[1] < 1:
+        raise InvalidInputError("topk_idx needs at least one column")
+    check_contiguous(topk_idx, "topk_idx")
+    if topk_weights is not None:
+        if topk_weights.dtype != np.float32:
+            raise InvalidInputError(f"topk_weights must be float32, got {topk_weights.dtype}")
+        if tuple(topk_weights.shape) != tuple(topk_idx.shape):
+            raise InvalidInputError(
+                f"topk_weights shape {tuple(topk_weights.shape)} differs from "
+                f"topk_idx shape {tuple(topk_idx.shape)}")
+        check_contiguous(topk_weights, "topk_weights")
+
+
+def check_num_experts(num_experts: int, num_ranks: int) -> None:
+    if num_experts <= 0 or num_experts % num_ranks:
+        raise InvalidInputError(
+            f"num_experts ({num_experts}) must be a positive multiple of the "
+            f"number of ranks ({num_ranks})")
+
+
+def check_expert_range_host(topk_idx: np.ndarray, num_experts: int) -> None:
+    """Host check of expert ids; the GPU backend checks on the device."""
+    if topk_idx.size and (topk_idx.min() < -1 or topk_idx.max() >= num_experts):
+        bad = topk_idx[(topk_idx < -1) | (topk_idx >= num_experts)]
+        raise InvalidInputError(
+            f"expert id {int(bad.flat[0])} in topk_idx is outside [-1, {num_experts})")
+
+
+def check_is_token_in_rank(is_token_in_rank, num_tokens: int, num_ranks: int) -> None:
+    if is_token_in_rank.dtype != np.bool_ or tuple(is_token_in_rank.shape) != (num_tokens, num_ranks):
+        raise InvalidInputError(
+            f"is_token_in_rank must be bool [{num_tokens}, {num_ranks}], got "
+            f"{is_token_in_rank.dtype} {tuple(is_token_in_rank.shape)}")
+    check_contiguous(is_token_in_rank, "is_token_in_rank")
+
+
+def check_handle(handle, handle_type, buffer_id: int) -> None:
+    if not isinstance(handle, handle_type):
+        raise InvalidInputError(f"expected a {handle_type.__name__}, got {type(handle).__name__}")
+    if handle.buffer_id != buffer_id:
+        raise InvalidInputError("the handle was made by another buffer")
+
+
+def check_bias(bias, num_tokens: int, hidden: int) -> None:
+    for i, b in enumerate(bias):
+        check_bf16_rows(b, f"bias[{i}]", rows=num_tokens)
+        if b.shape[1] != hidden:
+            raise InvalidInputError(f"bias[{i}] has hidden {b.shape[1]}, expected {hidden}")

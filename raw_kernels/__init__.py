@@ -1,0 +1,1 @@
+"""CUDA sources of cupyep, compiled at run time (see cupyep.jit)."""

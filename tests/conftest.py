@@ -1,0 +1,80 @@
+"""Multi-rank pytest plumbing.
+
+Run as ``mpiexec -n N python -m mpi4py -m pytest tests``. Every test ends with
+a collective verdict: if any rank failed, every rank fails (naming the ranks),
+so no rank races ahead into a collective that a failed rank never joins.
+Only rank 0 prints pytest's report.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from mpi4py import MPI
+
+import cupyep
+
+COMM = MPI.COMM_WORLD
+RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
+BACKENDS = ["reference", "gpu"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs the GPU backend")
+    if RANK > 0:
+        reporter = config.pluginmanager.getplugin("terminalreporter")
+        if reporter is not None:
+            config.pluginmanager.unregister(reporter)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    outcome = yield
+    err = outcome.excinfo
+    skipped = err is not None and issubclass(err[0], pytest.skip.Exception)
+    failed = err is not None and not skipped
+    verdicts = COMM.allgather((failed, skipped))
+    bad = [r for r, (f, _) in enumerate(verdicts) if f]
+    if bad and not failed:
+        outcome.force_exception(AssertionError(f"failed on rank(s) {bad}"))
+
+
+@pytest.fixture(scope="session")
+def group():
+    g = cupyep.Group()
+    yield g
+    g.destroy()
+
+
+_BUFFERS = {}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "gpu" and not cupyep.gpu_available():
+        pytest.skip("GPU backend unavailable (no CUDA device, cupy or nvshmem4py)")
+    return request.param
+
+
+@pytest.fixture
+def buffer(group, backend):
+    """One buffer per backend for the whole session (allocation is collective)."""
+    if backend not in _BUFFERS:
+        nvl = int(os.environ.get("CUPYEP_TEST_NVL_BYTES", 2 ** 30))
+        ll = int(os.environ.get("CUPYEP_TEST_RDMA_BYTES", 2 ** 30))
+        _BUFFERS[backend] = cupyep.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=ll,
+                                          low_latency_mode=True, backend=backend)
+    return _BUFFERS[backend]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for b in _BUFFERS.values():
+        b.destroy()
+    _BUFFERS.clear()
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random inputs: a seed drawn per test, different on every rank."""
+    seed = COMM.bcast(int(np.random.SeedSequence().entropy % 2 ** 31) if RANK == 0 else None)
+    return np.random.default_rng([seed, RANK, hash(request.node.nodeid) % 2 ** 31])

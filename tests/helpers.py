@@ -1,0 +1,104 @@
+"""Input generators, backend conversion and independent expectations.
+
+The expectations here are computed with plain loops over every rank's inputs
+(gathered with allgather), independently of cupyep.reference.
+"""
+import numpy as np
+
+from cupyep.fp8 import bfloat16, float8_e4m3
+
+from conftest import COMM, RANK, SIZE
+
+
+def to_backend(a, backend):
+    """NumPy test data to the backend's array type (CuPy on the GPU)."""
+    if a is None or backend == "reference":
+        return a
+    import cupy
+    if a.dtype == float8_e4m3:
+        return cupy.asarray(a.view(np.uint8))
+    if a.dtype == bfloat16:
+        return cupy.asarray(a.view(np.uint16)).view(bfloat16)
+    return cupy.asarray(a)
+
+
+def to_host(a, dtype=None):
+    """A result back to NumPy (uint8 FP8 views become e4m3 again)."""
+    if a is None:
+        return None
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+        if a.dtype == bfloat16:
+            a = cupy.asnumpy(a.view(np.uint16)).view(bfloat16)
+        else:
+            a = cupy.asnumpy(a)
+    a = np.asarray(a)
+    if dtype is not None and a.dtype != dtype:
+        a = a.view(dtype)
+    return a
+
+
+def random_topk(rng, num_tokens, num_experts, k, mode="random", drop=0.0):
+    """[T, K] int64 distinct experts per token; -1 for dropped slots."""
+    if mode == "one_expert":
+        idx = np.full((num_tokens, k), -1, np.int64)
+        idx[:, 0] = 0
+        return idx
+    if mode == "one_rank":
+        per = num_experts // SIZE
+        k_eff = min(k, per)
+        idx = np.full((num_tokens, k), -1, np.int64)
+        idx[:, :k_eff] = np.argsort(rng.random((num_tokens, per)), axis=1)[:, :k_eff]
+        return idx
+    idx = np.argsort(rng.random((num_tokens, num_experts)), axis=1)[:, :k].astype(np.int64)
+    if drop:
+        idx[rng.random(idx.shape) < drop] = -1
+    return idx
+
+
+def random_rows(rng, n, hidden):
+    return (rng.standard_normal((n, hidden)) * 2).astype(np.float32).astype(bfloat16)
+
+
+def bits(a):
+    """Bit pattern view for exact comparisons of bf16 / fp8 arrays."""
+    a = np.ascontiguousarray(a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def gather(*arrays):
+    """Every rank's arrays: a list over ranks of tuples."""
+    return COMM.allgather(arrays)
+
+
+def expected_dispatch(all_inputs, num_experts, rank=RANK):
+    """Rows, local ids, weights and source indices rank ``rank`` receives.
+
+    all_inputs: per source rank (x, topk_idx, topk_weights).
+    """
+    local = num_experts // SIZE
+    lo, hi = rank * local, (rank + 1) * local
+    rows, ids, ws, src = [], [], [], []
+    for x, idx, w in all_inputs:
+        for t in range(x.shape[0]):
+            mine = [lo <= e < hi for e in idx[t]]
+            if any(mine):
+                rows.append(x[t])
+                ids.append([e - lo if m else -1 for e, m in zip(idx[t], mine)])
+                ws.append([wt if m else 0.0 for wt, m in zip(w[t], mine)])
+                src.append(t)
+    k = all_inputs[0][1].shape[1]
+    h = all_inputs[0][0].shape[1]
+    return (np.array(rows, all_inputs[0][0].dtype).reshape(-1, h),
+            np.array(ids, np.int64).reshape(-1, k), np.array(ws, np.float32).reshape(-1, k),
+            np.array(src, np.int32))
+
+
+def assert_close_bf16(actual, expected, what):
+    a = actual.astype(np.float32)
+    e = expected.astype(np.float32)
+    assert not np.isnan(a).any(), f"{what}: NaN in output"
+    tol = np.abs(e) * 2.0 ** -7 + 1e-6
+    bad = np.abs(a - e) > tol
+    assert not bad.any(), (f"{what}: {bad.sum()} elements differ beyond bf16 rounding, "
+                           f"first at {np.argwhere(bad)[0]}: {a[bad][0]} vs {e[bad][0]}")

@@ -1,0 +1,60 @@
+"""Run the test suite under MPI at several rank counts.
+
+Usage: python tests/run_mpi.py [--ranks 1 2 3 4] [--timeout 900] [pytest args...]
+
+Each count runs ``mpiexec -n N python -m mpi4py -m pytest tests`` under a
+timeout (``-m mpi4py`` aborts every rank when one dies). The last line totals
+all runs.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def mpiexec_cmd():
+    exe = os.environ.get("MPIEXEC") or shutil.which("mpiexec") or shutil.which("mpirun")
+    if exe is None:
+        sys.exit("no mpiexec found: pip install mpich (or set MPIEXEC)")
+    extra = ["--allow-run-as-root"] if "open" in subprocess.run(
+        [exe, "--version"], capture_output=True, text=True).stdout.lower() and os.geteuid() == 0 else []
+    return [exe, *extra]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--timeout", type=int, default=900)
+    args, pytest_args = ap.parse_known_args()
+    totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+    rc = 0
+    for n in args.ranks:
+        cmd = [*mpiexec_cmd(), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "pytest",
+               HERE, "-q", *pytest_args]
+        print(f"== {n} rank(s): {' '.join(cmd)}", flush=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            out = p.stdout + p.stderr
+            code = p.returncode
+        except subprocess.TimeoutExpired as e:
+            out, code = (e.stdout or b"").decode(errors="replace"), 124
+            out += f"\nTIMEOUT after {args.timeout} s at {n} ranks\n"
+        print(out, flush=True)
+        summary = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+        if summary:
+            for num, what in re.findall(r"(\d+) (passed|failed|skipped|error)", summary[-1]):
+                totals[what] += int(num)
+        if code not in (0, 5):
+            rc = 1
+            totals["failed"] += 0 if summary else 1
+    print(f"{totals['passed']} passed, {totals['failed'] + totals['error']} failed, "
+          f"{totals['skipped']} skipped")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Normal (high-throughput) dispatch and combine against loop-computed expectations."""
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from cupyep import fp8
+
+from conftest import RANK, SIZE
+from helpers import (assert_close_bf16, bits, expected_dispatch, gather, random_rows,
+                     random_topk, to_backend, to_host)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: int = 96
+    hidden: int = 2560
+    experts_per_rank: int = 4
+    topk: int = 4
+    mode: str = "random"
+    drop: float = 0.0
+    zero_rank: bool = False
+    use_fp8: bool = False
+    alignment: int = 1
+    worst: bool = False
+    num_bias: int = 0
+
+
+CASES = [
+    Case("random"),
+    Case("hidden7168", hidden=7168, tokens=64, topk=8, experts_per_rank=8),
+    Case("hidden4096_k8", hidden=4096, tokens=80, topk=8, experts_per_rank=8),
+    Case("one_expert", mode="one_expert"),
+    Case("one_rank", mode="one_rank"),
+    Case("zero_tokens_rank", zero_rank=True),
+    Case("dropped_slots", drop=0.3),
+    Case("k1", topk=1),
+    Case("k9", topk=9, experts_per_rank=5),
+    Case("fp8", use_fp8=True, hidden=7168, tokens=64, topk=8, experts_per_rank=8),
+    Case("alignment", alignment=8),
+    Case("worst_tokens", worst=True, drop=0.2),
+    Case("bias1", num_bias=1),
+    Case("bias2", num_bias=2, drop=0.1),
+]
+
+
+def _num_tokens(case):
+    return 0 if case.zero_rank and RANK == SIZE - 1 and SIZE > 1 else case.tokens
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_dispatch_combine(buffer, backend, rng, case):
+    num_experts = case.experts_per_rank * SIZE
+    t, h = _num_tokens(case), case.hidden
+    x = random_rows(rng, t, h)
+    idx = random_topk(rng, t, num_experts, case.topk, case.mode, case.drop)
+    w = rng.random(idx.shape).astype(np.float32) + 0.5
+    everyone = gather(x, idx, w)
+
+    layout = buffer.get_dispatch_layout(to_backend(idx, backend), num_experts)
+    local = num_experts // SIZE
+    want_in_rank = np.zeros((t, SIZE), bool)
+    for r in range(SIZE):
+        want_in_rank[:, r] = ((idx >= r * local) & (idx < (r + 1) * local)).any(axis=1)
+    assert (to_host(layout.is_token_in_rank) == want_in_rank).all()
+    assert (to_host(layout.num_tokens_per_rank) == want_in_rank.sum(0)).all()
+    want_per_expert = np.array([(idx == e).sum() for e in range(num_experts)])
+    assert (to_host(layout.num_tokens_per_expert) == want_per_expert).all()
+
+    if case.use_fp8:
+        q, s = fp8.per_token_cast_to_fp8(x)
+        x_in = (to_backend(q, backend), to_backend(s, backend))
+    else:
+        x_in = to_backend(x, backend)
+    worst = sum(e[0].shape[0] for e in everyone) if case.worst else 0
+    res = buffer.dispatch(x_in, to_backend(idx, backend), to_backend(w, backend), layout=layout,
+                          expert_alignment=case.alignment, num_worst_tokens=worst)
+
+    rows, ids, ws, src = expected_dispatch(everyone, num_experts)
+    n = rows.shape[0]
+    got_rows = to_host(res.recv_x, fp8.float8_e4m3 if case.use_fp8 else None)
+    assert got_rows.shape[0] == (worst or n)
+    if case.use_fp8:
+        q_all = [fp8.per_token_cast_to_fp8(e[0]) for e in everyone]
+        want_q, _, _, _ = expected_dispatch([(qq, e[1], e[2]) for (qq, _), e in zip(q_all, everyone)], num_experts)
+        want_s, _, _, _ = expected_dispatch([(ss, e[1], e[2]) for (_, ss), e in zip(q_all, everyone)], num_experts)
+        assert (bits(got_rows[:n]) == bits(want_q)).all()
+        assert (to_host(res.recv_x_scales)[:n] == want_s).all()
+    else:
+        assert (bits(got_rows[:n]) == bits(rows)).all(), "received rows differ"
+    assert (to_host(res.recv_topk_idx)[:n] == ids).all()
+    assert (to_host(res.recv_topk_weights)[:n] == ws).all()
+    assert (to_host(res.handle.recv_src_idx)[:n] == src).all()
+    if worst:
+        assert (to_host(res.recv_topk_idx)[n:] == -1).all()
+    counts = [int((ids == e).sum()) for e in range(local)]
+    padded = [-(-c // case.alignment) * case.alignment for c in counts]
+    assert [int(c) for c in to_host(np.asarray(res.num_recv_tokens_per_expert)
+                                    if isinstance(res.num_recv_tokens_per_expert, list)
+                                    else res.num_recv_tokens_per_expert)] == padded
+
+    # combine: each rank scales its rows by (rank + 1); the origin sums them.
+    y = np.zeros((res.recv_x.shape[0], h), fp8.bfloat16)
+    y[:n] = (rows.astype(np.float32) * (RANK + 1)).astype(fp8.bfloat16)
+    biases = [random_rows(rng, t, h) for _ in range(case.num_bias)]
+    bias_arg = None
+    if case.num_bias == 1:
+        bias_arg = to_backend(biases[0], backend)
+    elif case.num_bias == 2:
+        bias_arg = tuple(to_backend(b, backend) for b in biases)
+    recv_w = np.zeros((y.shape[0], idx.shape[1]), np.float32)
+    recv_w[:n] = ws
+    out = buffer.combine(to_backend(y, backend), res.handle, to_backend(recv_w, backend), bias_arg)
+
+    want = np.zeros((t, h), np.float32)
+    for j in range(SIZE):
+        scaled = (x.astype(np.float32) * (j + 1)).astype(fp8.bfloat16).astype(np.float32)
+        want[want_in_rank[:, j]] += scaled[want_in_rank[:, j]]
+    for b in biases:
+        want += b.astype(np.float32)
+    assert_close_bf16(to_host(out.combined_x), want, "combined_x")
+    want_w = np.where(idx >= 0, w, 0).astype(np.float32)
+    np.testing.assert_allclose(to_host(out.combined_topk_weights), want_w, rtol=1e-6)
+
+
+def test_cached_dispatch(buffer, backend, rng):
+    num_experts = 4 * SIZE
+    x = random_rows(rng, 64, 2560)
+    idx = random_topk(rng, 64, num_experts, 3, drop=0.2)
+    w = rng.random(idx.shape).astype(np.float32)
+    first = buffer.dispatch(to_backend(x, backend), to_backend(idx, backend), to_backend(w, backend),
+                            num_experts=num_experts)
+    x2 = random_rows(rng, 64, 2560)
+    again = buffer.dispatch(to_backend(x2, backend), handle=first.handle)
+    rows, _, _, _ = expected_dispatch(gather(x2, idx, w), num_experts)
+    assert again.recv_topk_idx is None
+    assert (bits(to_host(again.recv_x)) == bits(rows)).all()
+
+
+def test_plain_row_all_to_all(buffer, backend, rng):
+    t, h = 50, 1024
+    x = random_rows(rng, t, h)
+    in_rank = rng.random((t, SIZE)) < 0.5
+    res = buffer.dispatch(to_backend(x, backend), is_token_in_rank=to_backend(in_rank, backend))
+    everyone = gather(x, in_rank)
+    want = np.concatenate([xs[m[:, RANK]] for xs, m in everyone])
+    assert res.recv_topk_idx is None
+    assert (bits(to_host(res.recv_x)) == bits(want)).all()
+    out = buffer.combine(res.recv_x, res.handle)
+    want_sum = (x.astype(np.float32) * in_rank.sum(1, keepdims=True)).astype(np.float32)
+    assert_close_bf16(to_host(out.combined_x), want_sum, "combined_x")
+
+
+def test_deterministic(buffer, backend, rng):
+    num_experts = 4 * SIZE
+    x = random_rows(rng, 80, 2560)
+    idx = random_topk(rng, 80, num_experts, 4)
+    outs = []
+    for _ in range(2):
+        d = buffer.dispatch(to_backend(x, backend), to_backend(idx, backend), num_experts=num_experts)
+        c = buffer.combine(d.recv_x, d.handle)
+        outs.append((bits(to_host(d.recv_x)).copy(), bits(to_host(c.combined_x)).copy()))
+    assert (outs[0][0] == outs[1][0]).all() and (outs[0][1] == outs[1][1]).all()

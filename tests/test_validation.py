@@ -1,0 +1,105 @@
+"""Bad input raises InvalidInputError before any work, and the buffer stays usable."""
+import numpy as np
+import pytest
+
+import cupyep
+from cupyep import fp8
+
+from conftest import SIZE
+from helpers import random_rows, random_topk, to_backend
+
+
+@pytest.fixture
+def good(rng):
+    num_experts = 4 * SIZE
+    x = random_rows(rng, 16, 256)
+    idx = random_topk(rng, 16, num_experts, 2)
+    w = rng.random(idx.shape).astype(np.float32)
+    return x, idx, w, num_experts
+
+
+def _dispatch(buffer, backend, x, idx, w, num_experts):
+    return buffer.dispatch(to_backend(x, backend), to_backend(idx, backend),
+                           to_backend(w, backend), num_experts=num_experts)
+
+
+def test_wrong_dtype(buffer, backend, good):
+    x, idx, w, e = good
+    with pytest.raises(cupyep.InvalidInputError, match="bfloat16"):
+        _dispatch(buffer, backend, x.astype(np.float32), idx, w, e)
+
+
+def test_shape_mismatch(buffer, backend, good):
+    x, idx, w, e = good
+    with pytest.raises(cupyep.InvalidInputError, match="rows"):
+        _dispatch(buffer, backend, x, idx[:-1], w[:-1], e)
+    with pytest.raises(cupyep.InvalidInputError, match="topk_weights shape"):
+        _dispatch(buffer, backend, x, idx, w[:, :1].copy(), e)
+
+
+def test_non_contiguous(buffer, backend, good):
+    x, idx, w, e = good
+    wide = np.concatenate([x, x], axis=1)
+    with pytest.raises(cupyep.InvalidInputError, match="contiguous"):
+        _dispatch(buffer, backend, None, idx, w, e) if False else buffer.dispatch(
+            to_backend(wide, backend)[:, ::2], to_backend(idx, backend), num_experts=e)
+
+
+def test_expert_out_of_range(buffer, backend, good):
+    x, idx, w, e = good
+    bad = idx.copy()
+    bad[0, 0] = e
+    with pytest.raises(cupyep.InvalidInputError, match="outside"):
+        buffer.get_dispatch_layout(to_backend(bad, backend), e)
+    bad[0, 0] = -2
+    with pytest.raises(cupyep.InvalidInputError, match="outside"):
+        buffer.get_dispatch_layout(to_backend(bad, backend), e)
+
+
+def test_experts_not_divisible(buffer, backend, good):
+    x, idx, w, e = good
+    with pytest.raises(cupyep.InvalidInputError, match="multiple"):
+        buffer.get_dispatch_layout(to_backend(idx, backend), SIZE * 4 + (1 if SIZE > 1 else -5))
+
+
+def test_unsupported_hidden(buffer, backend, good, rng):
+    x, idx, w, e = good
+    with pytest.raises(cupyep.InvalidInputError, match="multiples of 128"):
+        _dispatch(buffer, backend, random_rows(rng, 16, 200), idx, w, e)
+
+
+def test_handle_from_other_buffer(group, buffer, backend, good):
+    x, idx, w, e = good
+    d = _dispatch(buffer, backend, x, idx, w, e)
+    other = cupyep.Buffer(group, backend="reference")
+    with pytest.raises(cupyep.InvalidInputError, match="another buffer"):
+        other.combine(to_backend(np.zeros((1, 256), fp8.bfloat16), "reference"), d.handle)
+    other.destroy()
+    # the buffer that raised nothing is still usable, and so after a rejected call
+    with pytest.raises(cupyep.InvalidInputError):
+        buffer.combine(d.recv_x[:0], d.handle)
+    out = buffer.combine(d.recv_x, d.handle)
+    assert out.combined_x.shape == x.shape
+
+
+def test_low_latency_too_many_tokens(buffer, backend, good):
+    x, idx, w, e = good
+    with pytest.raises(cupyep.InvalidInputError, match="exceed"):
+        buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), 8, e)
+
+
+def test_bad_config():
+    with pytest.raises(cupyep.InvalidInputError, match="even"):
+        cupyep.Config(num_sms=7)
+
+
+def test_bad_node_size(group):
+    with pytest.raises(cupyep.InvalidInputError, match="divide|larger"):
+        cupyep.Group(group.comm, num_ranks_per_node=SIZE + 1)
+
+
+def test_destroyed_buffer(group):
+    b = cupyep.Buffer(group, backend="reference")
+    b.destroy()
+    with pytest.raises(cupyep.GroupDestroyedError):
+        b.get_dispatch_layout(np.zeros((1, 1), np.int64), SIZE)
