@@ -161,14 +161,16 @@ class Buffer:
                 lay = layout
             num_experts = lay.num_experts
             in_rank = self._native(lay.is_token_in_rank, "layout.is_token_in_rank")
+            per_expert = self._native(lay.num_tokens_per_expert, "layout.num_tokens_per_expert")
         else:
             if is_token_in_rank is None and layout is None:
                 raise InvalidInputError("dispatch needs topk_idx, layout, is_token_in_rank or handle")
+            per_expert = None
             in_rank = self._native(is_token_in_rank if is_token_in_rank is not None
                                    else layout.is_token_in_rank, "is_token_in_rank")
         validation.check_is_token_in_rank(in_rank, num_tokens, self.num_ranks)
 
-        out = self._impl.dispatch(data, scales, idx, w, in_rank, num_experts, expert_alignment,
+        out = self._impl.dispatch(data, scales, idx, w, in_rank, per_expert, num_experts, expert_alignment,
                                   num_worst_tokens, config, previous_event, async_finish)
         h = DispatchHandle(self.buffer_id, num_tokens, hidden, out["num_recv_tokens"],
                            num_worst_tokens, 0 if idx is None else idx.shape[1], in_rank,
@@ -218,8 +220,10 @@ class Buffer:
             raise InvalidInputError(
                 f"combine: x has shape {tuple(data.shape)}, the handle expects {(rows, handle.hidden)}")
         w = self._native(topk_weights, "topk_weights")
-        if w is not None and (w.dtype.name != "float32" or w.ndim != 2 or w.shape[0] != rows):
-            raise InvalidInputError(f"combine: topk_weights must be float32 [{rows}, K], got {w.dtype} {tuple(w.shape)}")
+        k = handle.num_topk
+        if w is not None and (w.dtype.name != "float32" or tuple(w.shape) != (rows, k) or not k):
+            raise InvalidInputError(f"combine: topk_weights must be float32 [{rows}, {k}] (the "
+                                    f"dispatch's top-k), got {w.dtype} {tuple(w.shape)}")
         if w is not None:
             validation.check_contiguous(w, "topk_weights")
         if bias is None:

@@ -90,13 +90,17 @@ class Group:
         return bool(self.comm.allreduce(bool(ok), op=_mpi_land()))
 
     # ---- GPU side -------------------------------------------------------- #
-    @property
-    def gpu(self):
-        """The GPU runtime of this group (device, NVSHMEM), started on first use."""
+    def gpu_runtime(self, heap_bytes: int = 0):
+        """The GPU runtime of this group (device, NVSHMEM), started on first use.
+
+        Args:
+            heap_bytes: symmetric heap the first caller needs (sets
+                NVSHMEM_SYMMETRIC_SIZE unless the environment already does).
+        """
         self.check_alive()
         if self._gpu is None:
             from .runtime import GpuRuntime
-            self._gpu = GpuRuntime(self)
+            self._gpu = GpuRuntime(self, heap_bytes)
         return self._gpu
 
     def destroy(self):

@@ -22,8 +22,9 @@ class ReferenceBackend:
         return reference.get_dispatch_layout(topk_idx, num_experts, self.group.size,
                                              self.group.num_ranks_per_node)
 
-    def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, num_experts,
-                 expert_alignment, num_worst_tokens, config, previous_event, async_finish):
+    def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert,
+                 num_experts, expert_alignment, num_worst_tokens, config, previous_event,
+                 async_finish):
         if topk_idx is not None:
             validation.check_expert_range_host(topk_idx, num_experts)
         return reference.dispatch(self.comm, x, scales, topk_idx, topk_weights, is_token_in_rank,

@@ -60,8 +60,8 @@ def backend(request):
 def buffer(group, backend):
     """One buffer per backend for the whole session (allocation is collective)."""
     if backend not in _BUFFERS:
-        nvl = int(os.environ.get("CUPYEP_TEST_NVL_BYTES", 2 ** 30))
-        ll = int(os.environ.get("CUPYEP_TEST_RDMA_BYTES", 2 ** 30))
+        nvl = int(os.environ.get("CUPYEP_TEST_NVL_BYTES", 256 << 20))
+        ll = int(os.environ.get("CUPYEP_TEST_RDMA_BYTES", 256 << 20))
         _BUFFERS[backend] = cupyep.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=ll,
                                           low_latency_mode=True, backend=backend)
     return _BUFFERS[backend]

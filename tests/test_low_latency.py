@@ -23,6 +23,8 @@ CASES = [  # (M, tokens, hidden, experts_per_rank, topk, use_fp8, round_scale, u
 
 @pytest.mark.parametrize("m,t,h,epr,k,use_fp8,round_scale,ue8m0,drop", CASES)
 def test_low_latency(buffer, backend, rng, m, t, h, epr, k, use_fp8, round_scale, ue8m0, drop):
+    if not getattr(buffer._impl, "supports_low_latency", True):
+        pytest.skip("low-latency kernels are not implemented on the GPU backend yet")
     num_experts = epr * SIZE
     k = min(k, num_experts)
     x = random_rows(rng, t, h)

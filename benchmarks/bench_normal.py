@@ -1,0 +1,167 @@
+"""Normal dispatch/combine bandwidth, with the NCCL baseline and the NVLink ceiling.
+
+    mpirun -n 4 python benchmarks/bench_normal.py [--sms 24] [--sweep 8 16 24 32 48]
+
+Protocol (DESIGN.md): 4096 tokens per rank, hidden 7168, top-8 of 256 experts,
+random routing. Bandwidth = bytes of the received rows counted as BF16 (times
+(1 + 4/128) / 2 for FP8), self rows included, over the time of one call; CUDA
+events; median of --iters calls after warm-up.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cupyep  # noqa: E402
+from cupyep import fp8  # noqa: E402
+from cupyep.jit import KernelSpec, launch  # noqa: E402
+
+
+def timed(fn, iters, warmup):
+    import cupy
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)  # us
+    return statistics.median(times)
+
+
+def nccl_baseline(group, x_t, topk_idx, iters, warmup):
+    """torch all_to_all_single after an index_select (the naive dispatch)."""
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        port = group.comm.bcast(29500 + np.random.randint(0, 1000) if group.rank == 0 else None)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("nccl", rank=group.rank, world_size=group.size,
+                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    r = group.size
+    local = 256 // r
+    ranks = (topk_idx // local)
+    in_rank = torch.zeros(topk_idx.shape[0], r, dtype=torch.bool, device=x_t.device)
+    in_rank.scatter_(1, ranks.clamp(min=0), True)
+    order = [torch.nonzero(in_rank[:, j]).squeeze(1) for j in range(r)]
+    index = torch.cat(order)
+    send_splits = [len(o) for o in order]
+    recv_splits = group.comm.alltoall(send_splits)
+    out = torch.empty(sum(recv_splits), x_t.shape[1], dtype=x_t.dtype, device=x_t.device)
+
+    def run():
+        dist.all_to_all_single(out, x_t.index_select(0, index), recv_splits, send_splits)
+
+    t = timed(run, iters, warmup)
+    return t, out.numel() * 2
+
+
+def peer_store_ceiling(buf, num_sms, iters, warmup):
+    """GB/s out of this GPU storing into every peer at once with num_sms blocks."""
+    import cupy
+    impl = buf._impl
+    r = impl.num_ranks
+    if r == 1:
+        return float("nan")
+    nbytes = 64 << 20
+    offset = cupyep.sizing.control_bytes(r)
+    assert offset + r * nbytes <= impl.num_nvl_bytes
+    src = cupy.ones(nbytes // 4, np.int32)
+    spec = KernelSpec("cupyep/bench_kernels.cu", "cupyep::store_to_peers", (("kNumRanks", r),))
+    grid = max(r - 1, num_sms // (r - 1) * (r - 1))
+
+    def run():
+        launch(spec, (grid,), (512,), (impl.nvl.peers, np.int32(impl.rank), np.int64(offset), src,
+                                       np.int64(nbytes // 16)))
+    t = timed(run, iters, warmup)
+    impl.rt.sync_barrier()
+    return nbytes * (r - 1) / t / 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--sms", type=int, default=24)
+    ap.add_argument("--sweep", type=int, nargs="*", default=[8, 16, 24, 32, 48])
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-nccl", action="store_true")
+    args = ap.parse_args()
+
+    import cupy
+    group = cupyep.Group()
+    r = group.size
+    nvl = max(cupyep.nvl_size_hint(args.hidden, args.tokens + 64, r, args.topk),
+              cupyep.sizing.control_bytes(r) + r * (64 << 20))
+    buf = cupyep.Buffer(group, num_nvl_bytes=nvl, backend="gpu")
+    rng = np.random.default_rng(group.rank)
+    x_np = rng.standard_normal((args.tokens, args.hidden)).astype(fp8.bfloat16)
+    idx_np = np.argsort(rng.random((args.tokens, args.experts)), axis=1)[:, :args.topk].astype(np.int64)
+    w_np = rng.random(idx_np.shape).astype(np.float32)
+    x = cupy.asarray(x_np.view(np.uint16)).view(fp8.bfloat16)
+    idx, w = cupy.asarray(idx_np), cupy.asarray(w_np)
+    q_np, s_np = fp8.per_token_cast_to_fp8(x_np)
+    xq = (cupy.asarray(q_np.view(np.uint8)), cupy.asarray(s_np))
+    layout = buf.get_dispatch_layout(idx, args.experts)
+
+    def measure(sms):
+        cfg = cupyep.Config(num_sms=sms)
+        d = buf.dispatch(x, idx, w, layout=layout, config=cfg)
+        n = d.recv_x.shape[0]
+        bf16_bytes = n * args.hidden * 2
+        t_bf16 = timed(lambda: buf.dispatch(x, idx, w, layout=layout, config=cfg), args.iters, args.warmup)
+        t_fp8 = timed(lambda: buf.dispatch(xq, idx, w, layout=layout, config=cfg), args.iters, args.warmup)
+        y = d.recv_x
+        t_comb = timed(lambda: buf.combine(y, d.handle), args.iters, args.warmup)
+        return {"n": n, "bf16": (t_bf16, bf16_bytes / t_bf16 / 1e3),
+                "fp8": (t_fp8, bf16_bytes * (1 + 4 / 128) / 2 / t_fp8 / 1e3),
+                "combine": (t_comb, bf16_bytes / t_comb / 1e3)}
+
+    head = measure(args.sms)
+    sweep = {s: measure(s) for s in args.sweep if s != args.sms}
+    sweep[args.sms] = head
+    ceilings = {s: peer_store_ceiling(buf, s, args.iters, args.warmup) for s in (args.sms, 132)}
+    nccl = None
+    if not args.no_nccl:
+        import torch
+        x_t = torch.from_dlpack(x)
+        t, nbytes = nccl_baseline(group, x_t, torch.from_dlpack(idx), args.iters, args.warmup)
+        nccl = (t, nbytes / t / 1e3)
+
+    rows = group.comm.gather((head, sweep, ceilings, nccl), root=0)
+    if group.rank == 0:
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
+              f"top-{args.topk} of {args.experts} experts (median of {args.iters}, rank 0 "
+              f"received {head['n']} rows)")
+        worst = lambda key, s: min(rw[1][s][key][1] for rw in rows)  # noqa: E731
+        slowest_t = lambda key, s: max(rw[1][s][key][0] for rw in rows)  # noqa: E731
+        print(f"{'SMs':>4} | {'FP8 dispatch':>22} | {'BF16 dispatch':>22} | {'BF16 combine':>22}   (slowest rank)")
+        for s in sorted(sweep):
+            cells = [f"{slowest_t(k, s):8.1f} us {worst(k, s):7.1f} GB/s" for k in ("fp8", "bf16", "combine")]
+            print(f"{s:>4} | " + " | ".join(cells))
+        for s in (args.sms, 132):
+            print(f"peer-store ceiling, {s} blocks, every rank into all peers: "
+                  f"{min(rw[2][s] for rw in rows):.1f} GB/s out per GPU")
+        if nccl is not None:
+            print(f"NCCL baseline (index_select + all_to_all_single): "
+                  f"{max(rw[3][0] for rw in rows):.1f} us, {min(rw[3][1] for rw in rows):.1f} GB/s")
+    buf.destroy()
+    if not args.no_nccl:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    group.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One pass on a GPU machine: environment report, GPU tests at each rank count,
+# then the benchmarks. Logs go to $LOG_DIR (default ./gpu-logs).
+#   WHEELS=dir  install extra wheels (e.g. nvshmem4py) into /tmp/site first
+#   RANKS="2 4" rank counts for the tests; BENCH_RANKS: for the benchmark
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${LOG_DIR:-gpu-logs}; mkdir -p "$LOG_DIR"
+if [ -n "${WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 NVSHMEM_DISABLE_NVLS=1
+export CUPYEP_CACHE_DIR=${CUPYEP_CACHE_DIR:-/tmp/cupyep-jit}
+MPIRUN=${MPIRUN:-mpirun --allow-run-as-root}
+{ nvidia-smi -L; nvidia-smi topo -m; python3 -c 'import cupy, torch; print("cupy", cupy.__version__, "torch", torch.__version__)'; } > "$LOG_DIR/env.txt" 2>&1
+for n in ${RANKS:-2}; do
+  echo "== tests at $n ranks"
+  timeout ${TEST_TIMEOUT:-300} $MPIRUN -n $n python3 -m mpi4py -m pytest tests -q -x ${PYTEST_ARGS:-} 2>&1 | tee "$LOG_DIR/tests-n$n.log" | tail -25
+done
+for n in ${BENCH_RANKS:-}; do
+  echo "== bench_normal at $n ranks"
+  timeout ${BENCH_TIMEOUT:-240} $MPIRUN -n $n python3 benchmarks/bench_normal.py ${BENCH_ARGS:-} 2>&1 | tee "$LOG_DIR/bench-normal-n$n.log" | tail -30
+done

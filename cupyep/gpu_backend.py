@@ -1,0 +1,300 @@
+"""GPU backend: layout and normal (intranode) dispatch/combine over NVLink.
+
+Kernels live in raw_kernels/cupyep/{layout,intranode}.cu. Every call runs on
+the buffer's communication stream, ordered after the caller's stream (or a
+given event), and the caller's stream waits for it afterwards unless
+``async_finish`` returns an event instead.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import sizing
+from .config import Config, default_config
+from .errors import BufferTooSmallError, CommTimeoutError, CupyepError, InvalidInputError
+from .events import EventOverlap, as_cupy_event
+from .fp8 import FP8_GROUP, bfloat16
+from .jit import KernelSpec, launch
+from .runtime import mapped_host_ints
+
+PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
+          4: "low_latency_dispatch.recv", 5: "low_latency_combine.recv"}
+_BLOCK_NOTIFY = 256
+
+
+def _idx_type(arr) -> str:
+    return "long long" if arr.dtype == np.int64 else "int"
+
+
+def _ptr(a) -> np.uint64:
+    """Device address of an array, or a null pointer for None."""
+    return np.uint64(0 if a is None else a.data.ptr)
+
+
+@dataclass(frozen=True, eq=False)
+class GpuRouting:
+    """GPU routing tables kept in a DispatchHandle.
+
+    send_pos: [T, R] int32 slot of each token in each destination, -1 if not sent.
+    recv_channel_offset: [R * C + 1] int32 prefix of rows per (source, channel).
+    num_channels, num_warps: the launch shape the slots were laid out for.
+    layout: the NvlLayout in use (host copy) and its device array.
+    """
+    send_pos: object
+    recv_channel_offset: object
+    num_channels: int
+    num_warps: int
+    layout: sizing.NvlLayout
+    layout_dev: object
+
+
+class GpuBackend:
+    """Runs :class:`cupyep.Buffer` calls with CUDA kernels on one GPU per rank."""
+
+    def __init__(self, group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool):
+        import cupy
+        self.group = group
+        self.num_ranks = group.size
+        self.rank = group.rank
+        if group.num_nodes > 1:
+            raise CupyepError("the inter-node path is not available yet: use num_ranks_per_node "
+                              "equal to the number of ranks on the host")
+        if self.num_ranks > 64:
+            raise InvalidInputError("at most 64 ranks share one NVLink buffer")
+        self.num_nvl_bytes = max(int(num_nvl_bytes), sizing.control_bytes(self.num_ranks))
+        self.rt = group.gpu_runtime(self.num_nvl_bytes + int(num_rdma_bytes) + (64 << 20))
+        self.nvl = self.rt.alloc(self.num_nvl_bytes)
+        self.err_host, self._err_ptr, self._err_mem = mapped_host_ints(8)
+        self.info_host, self._info_ptr, self._info_mem = mapped_host_ints(sizing.MAX_LOCAL_EXPERTS + 2)
+        self.blocks_done = cupy.zeros(1, np.int32)
+        self.layout_error = cupy.zeros(1, np.int32)
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.timeout_ns = int(float(os.environ.get("CUPYEP_TIMEOUT_S", "20")) * 1e9)
+        self._seq = 0
+        self._notify_calls = 0
+        self._layouts = {}
+        self.rt.sync_barrier()
+
+    # ------------------------------------------------------------------ #
+    def _spec(self, source, name, *targs):
+        return KernelSpec(f"cupyep/{source}", f"cupyep::{name}", tuple(targs))
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def check_errors(self):
+        """Raise what a kernel reported (timeouts, overflow) and clear it."""
+        if self.err_host[0] == 0:
+            return
+        phase, peer, channel, kind = (int(v) for v in self.err_host[1:5])
+        self.err_host[:] = 0
+        if kind == 1:
+            raise CommTimeoutError(self.rank, PHASES.get(phase, str(phase)), peer, channel)
+        raise InvalidInputError(
+            f"rank {self.rank}: more rows arrived in {PHASES.get(phase, phase)} than the output holds "
+            f"(from rank {peer}, channel {channel}); raise num_worst_tokens")
+
+    def _layout(self, hidden: int, num_topk: int, num_channels: int, num_tokens: int):
+        key = (hidden, num_topk, num_channels)
+        hit = self._layouts.get(key)
+        if hit is None:
+            import cupy
+            lay = sizing.check_fits(self.num_nvl_bytes, self.num_ranks, hidden, num_topk, 0)
+            spc = lay.max_tokens // num_channels
+            arr = np.array([lay.sync, lay.channel_counts, lay.expert_counts, lay.dispatch_tail,
+                            lay.combine_tail, lay.rows, lay.scales, lay.src_idx, lay.topk_idx,
+                            lay.topk_weights, lay.max_tokens, spc], np.int64)
+            hit = (lay, cupy.asarray(arr), spc)
+            self._layouts[key] = hit
+        lay, dev, spc = hit
+        if math.ceil(num_tokens / num_channels) > spc:
+            need = sizing.nvl_size_hint(hidden, num_tokens + num_channels, self.num_ranks, num_topk)
+            raise BufferTooSmallError(
+                f"num_nvl_bytes={self.num_nvl_bytes} holds {spc * num_channels} tokens per rank at "
+                f"hidden={hidden}, top-{num_topk}; {num_tokens} need num_nvl_bytes >= {need} "
+                "(cupyep.nvl_size_hint)")
+        return lay, dev
+
+    def _config(self, config):
+        cfg = config or default_config(self.num_ranks)
+        if cfg.num_channels > sizing.MAX_CHANNELS - 1:
+            raise InvalidInputError(f"num_sms={cfg.num_sms} is above the {2 * (sizing.MAX_CHANNELS - 1)} "
+                                    "the kernels can use")
+        if cfg.num_warps < self.num_ranks:
+            raise InvalidInputError(f"num_warps={cfg.num_warps} must be at least the number of ranks "
+                                    f"({self.num_ranks})")
+        return cfg
+
+    def _begin(self, previous_event):
+        import cupy
+        self.check_errors()
+        cur = cupy.cuda.get_current_stream()
+        ev = as_cupy_event(previous_event)
+        self.stream.wait_event(ev if ev is not None else cur.record())
+        return cur
+
+    def _end(self, cur, async_finish):
+        ev = self.stream.record()
+        if async_finish:
+            return EventOverlap(ev)
+        cur.wait_event(ev)
+        return None
+
+    # ------------------------------------------------------------------ #
+    def get_dispatch_layout(self, topk_idx, num_experts):
+        import cupy
+        from .types import DispatchLayout
+        t, k = topk_idx.shape
+        r, nodes = self.num_ranks, self.group.num_nodes
+        per_rank = cupy.zeros(r, np.int32)
+        per_expert = cupy.zeros(num_experts, np.int32)
+        per_node = cupy.zeros(nodes, np.int32) if nodes > 1 else None
+        in_rank = cupy.empty((t, r), np.bool_)
+        if t:
+            spec = self._spec("layout.cu", "get_dispatch_layout", ("IdxT", _idx_type(topk_idx)),
+                              ("kNumTopk", k))
+            grid = min(max(1, (t + 255) // 256), 132)
+            launch(spec, (grid,), (256,),
+                   (topk_idx, np.int32(t), np.int32(num_experts), np.int32(r),
+                    np.int32(self.group.num_ranks_per_node), per_rank, _ptr(per_node), per_expert,
+                    in_rank, self.layout_error),
+                   shared_mem=4 * (num_experts + r + nodes))
+        return DispatchLayout(per_rank, per_node, per_expert, in_rank, num_experts)
+
+    def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert,
+                 num_experts, expert_alignment, num_worst_tokens, config, previous_event,
+                 async_finish):
+        import cupy
+        cfg = self._config(config)
+        r, c = self.num_ranks, cfg.num_channels
+        t, hidden = x.shape
+        k = 0 if topk_idx is None else topk_idx.shape[1]
+        local = 0 if topk_idx is None else num_experts // r
+        if local > sizing.MAX_LOCAL_EXPERTS:
+            raise InvalidInputError(f"at most {sizing.MAX_LOCAL_EXPERTS} experts per rank")
+        lay, lay_dev = self._layout(hidden, k, c, t)
+        if topk_idx is None:
+            per_expert = None
+        cur = self._begin(previous_event)
+
+        send_pos = cupy.empty((t, r), np.int32)
+        offsets = cupy.empty(r * c + 1, np.int32)
+        expert_counts = cupy.zeros(max(local, 1), np.int32)
+        parity = self._notify_calls % 2
+        self._notify_calls += 1
+        spec = self._spec("intranode.cu", "notify_dispatch", ("kNumRanks", r))
+        launch(spec, (c + 1,), (_BLOCK_NOTIFY,),
+               (is_token_in_rank, np.int32(t), np.int32(c), _ptr(per_expert), np.int32(local),
+                np.int32(expert_alignment), send_pos, self.nvl.peers, lay_dev, np.int32(self.rank),
+                np.int32(self._next_seq()), np.int32(parity), self.blocks_done, offsets,
+                expert_counts, np.uint64(self._info_ptr), self.layout_error, np.uint64(self._err_ptr),
+                np.int64(self.timeout_ns)), stream=self.stream)
+        if num_worst_tokens:
+            n_rows, num_recv = num_worst_tokens, -1
+            counts = expert_counts[:local] if topk_idx is not None else None
+        else:
+            self.stream.synchronize()
+            self.check_errors()
+            bad = int(self.info_host[1 + local])
+            if bad:
+                raise InvalidInputError(
+                    f"expert id outside [-1, {num_experts}) in topk_idx on rank {bad - 1}")
+            num_recv = n_rows = int(self.info_host[0])
+            counts = [int(v) for v in self.info_host[1:1 + local]] if topk_idx is not None else None
+
+        fp8 = scales is not None
+        recv_x = cupy.empty((n_rows, hidden), np.uint8 if fp8 else bfloat16)
+        recv_s = cupy.empty((n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
+        recv_idx = cupy.empty((n_rows, k), np.int64) if k else None
+        recv_w = cupy.empty((n_rows, k), np.float32) if k else None
+        recv_src = cupy.empty(n_rows, np.int32)
+        if num_worst_tokens:
+            with self.stream:
+                recv_src.fill(-1)
+                if k:
+                    recv_idx.fill(-1)
+                    recv_w.fill(0)
+        self._launch_dispatch(cfg, x, scales, topk_idx, topk_weights, send_pos, t, lay_dev,
+                              offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src)
+        event = self._end(cur, async_finish)
+        routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev)
+        return {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_topk_idx": recv_idx,
+                "recv_topk_weights": recv_w, "num_recv_tokens_per_expert": counts,
+                "recv_src_idx": recv_src, "num_recv_tokens": num_recv, "routing": routing,
+                "event": event}
+
+    def _launch_dispatch(self, cfg, x, scales, topk_idx, topk_weights, send_pos, num_tokens,
+                         lay_dev, offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w,
+                         recv_src):
+        hidden_bytes = x.shape[1] * x.dtype.itemsize
+        k = 0 if topk_idx is None else topk_idx.shape[1]
+        spec = self._spec("intranode.cu", "dispatch", ("kNumRanks", self.num_ranks),
+                          ("kHiddenInt4", hidden_bytes // 16),
+                          ("kNumScales", 0 if scales is None else scales.shape[1]),
+                          ("kNumTopk", k), ("IdxT", "long long" if topk_idx is None else _idx_type(topk_idx)))
+        launch(spec, (2 * cfg.num_channels,), (32 * cfg.num_warps,),
+               (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), send_pos, np.int32(num_tokens),
+                np.int32(cfg.num_channels), self.nvl.peers, lay_dev, offsets, np.int32(self.rank),
+                np.int32(local), np.int32(n_rows), recv_x, _ptr(recv_s), _ptr(recv_idx), _ptr(recv_w),
+                recv_src, np.uint64(self._err_ptr), np.int64(self.timeout_ns)), stream=self.stream)
+
+    def _barrier(self, lay_dev):
+        spec = self._spec("intranode.cu", "barrier", ("kNumRanks", self.num_ranks))
+        launch(spec, (1,), (32,), (self.nvl.peers, lay_dev, np.int32(self.rank),
+                                   np.int32(self._next_seq()), np.uint64(self._err_ptr),
+                                   np.int64(self.timeout_ns)), stream=self.stream)
+
+    def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
+        import cupy
+        g: GpuRouting = handle.state
+        cfg = Config(num_sms=2 * g.num_channels, num_warps=g.num_warps)
+        cur = self._begin(previous_event)
+        n_rows = handle.num_worst_tokens or handle.num_recv_tokens
+        fp8 = scales is not None
+        recv_x = cupy.empty((n_rows, x.shape[1]), np.uint8 if fp8 else bfloat16)
+        recv_s = cupy.empty((n_rows, x.shape[1] // FP8_GROUP), np.float32) if fp8 else None
+        recv_src = cupy.empty(n_rows, np.int32)
+        self._barrier(g.layout_dev)
+        self._launch_dispatch(cfg, x, scales, None, None, g.send_pos, handle.num_tokens,
+                              g.layout_dev, g.recv_channel_offset, 0, n_rows, recv_x, recv_s,
+                              None, None, recv_src)
+        return recv_x, recv_s, self._end(cur, async_finish)
+
+    def combine(self, handle, x, topk_weights, bias, config, previous_event, async_finish):
+        import cupy
+        g: GpuRouting = handle.state
+        t, hidden = handle.num_tokens, handle.hidden
+        k = 0 if topk_weights is None else topk_weights.shape[1]
+        lay_dev = g.layout_dev
+        cur = self._begin(previous_event)
+        out = cupy.empty((t, hidden), bfloat16)
+        out_w = cupy.empty((t, k), np.float32) if k else None
+        b0 = bias[0] if len(bias) > 0 else None
+        b1 = bias[1] if len(bias) > 1 else None
+        self._barrier(lay_dev)
+        spec = self._spec("intranode.cu", "combine", ("kNumRanks", self.num_ranks),
+                          ("kHiddenInt4", hidden * 2 // 16), ("kNumTopk", k))
+        launch(spec, (2 * g.num_channels,), (32 * g.num_warps,),
+               (x, _ptr(topk_weights), g.send_pos, g.recv_channel_offset, np.int32(t),
+                np.int32(g.num_channels), self.nvl.peers, lay_dev, np.int32(self.rank), _ptr(b0),
+                _ptr(b1), out, _ptr(out_w), np.uint64(self._err_ptr), np.int64(self.timeout_ns)),
+               stream=self.stream)
+        return out, out_w, self._end(cur, async_finish)
+
+    # ------------------------------------------------------------------ #
+    def low_latency_dispatch(self, *args, **kwargs):
+        raise CupyepError("low-latency kernels are not available on the GPU backend yet; "
+                          "use backend='reference'")
+
+    low_latency_combine = low_latency_dispatch
+    supports_low_latency = False
+
+    def destroy(self):
+        import cupy
+        cupy.cuda.Device().synchronize()
+        self.rt.free(self.nvl)

@@ -1,0 +1,245 @@
+"""Run-time compilation of raw_kernels/ sources.
+
+A :class:`KernelSpec` names one template instantiation. It is compiled with
+NVRTC (through cuda.core) to a cubin, cached on disk under a key that covers
+the source, every file in raw_kernels/ (headers included), the options, the
+architecture, the compiler and package versions, then loaded with
+``cupy.RawModule``. Kernels that call NVSHMEM device functions are compiled to
+LTO IR and linked with ``libnvshmem_device.a`` by nvJitLink.
+
+Set ``CUPYEP_JIT_DEBUG=1`` to print each compile and load, and
+``CUPYEP_CACHE_DIR`` to move the cache (default ``~/.cache/cupyep``).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from typing import Tuple
+
+from .errors import CupyepError
+
+DEBUG = os.environ.get("CUPYEP_JIT_DEBUG", "") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One instantiation of a templated kernel.
+
+    Attributes:
+        source: path under raw_kernels/, e.g. ``"cupyep/intranode.cu"``.
+        name: qualified kernel name, e.g. ``"cupyep::dispatch"``.
+        template_args: (name, value) pairs in template order, e.g.
+            ``(("kNumRanks", 4), ("kHiddenInt4", 896))``.
+        nvshmem: link against NVSHMEM's device library.
+    """
+    source: str
+    name: str
+    template_args: Tuple[Tuple[str, object], ...] = ()
+    nvshmem: bool = False
+
+    @property
+    def instantiation(self) -> str:
+        if not self.template_args:
+            return self.name
+        return f"{self.name}<{', '.join(str(v) for _, v in self.template_args)}>"
+
+    @property
+    def readable_key(self) -> str:
+        """Filename-safe, e.g. ``dispatch-kNumRanks4-kHiddenInt4896``."""
+        parts = [self.name.split("::")[-1]]
+        parts += [f"{k}{re.sub(r'[^A-Za-z0-9]+', '', str(v))}" for k, v in self.template_args]
+        return "-".join(parts)
+
+
+def kernel_dir() -> str:
+    """raw_kernels/ as installed (package data), or beside the package in a checkout."""
+    try:
+        return str(resources.files("cupyep.raw_kernels"))
+    except ModuleNotFoundError:
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "raw_kernels")
+
+
+@functools.lru_cache(maxsize=None)
+def sources_digest() -> str:
+    """sha256 over every file in raw_kernels/ and the package version."""
+    from . import __version__
+    h = hashlib.sha256(__version__.encode())
+    root = kernel_dir()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            if f.endswith((".cu", ".cuh")):
+                p = os.path.join(dirpath, f)
+                h.update(os.path.relpath(p, root).encode())
+                with open(p, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()
+
+
+def cache_dir() -> str:
+    d = os.environ.get("CUPYEP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cupyep")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _cuda_include_dirs(nvshmem: bool):
+    import cuda.pathfinder as pf
+    dirs = [kernel_dir(), pf.find_nvidia_header_directory("cudart")]
+    if nvshmem:
+        dirs.append(pf.find_nvidia_header_directory("nvshmem"))
+        cccl = pf.find_nvidia_header_directory("cccl")
+        if cccl:
+            dirs.append(cccl)
+    return [d for d in dirs if d]
+
+
+@functools.lru_cache(maxsize=None)
+def _nvrtc_version() -> str:
+    from cuda.bindings import nvrtc
+    err, major, minor = nvrtc.nvrtcVersion()
+    return f"{major}.{minor}"
+
+
+def _nvshmem_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("nvidia-nvshmem-cu13")
+    except Exception:
+        return "unknown"
+
+
+# NVSHMEM 3.4's headers use std:: traits that NVRTC lacks without libstdc++.
+_NVSHMEM_PRELUDE = """
+#include <cuda/std/type_traits>
+#include <cuda/std/cstdint>
+namespace std { using cuda::std::is_integral; using cuda::std::is_same; using cuda::std::enable_if;
+using cuda::std::is_signed; using cuda::std::is_unsigned; using cuda::std::is_floating_point;
+using cuda::std::remove_reference; using cuda::std::conditional; }
+"""
+
+
+def _source_text(spec: KernelSpec) -> str:
+    with open(os.path.join(kernel_dir(), spec.source)) as f:
+        body = f.read()
+    # The digest makes the cache key (and CuPy's own, if used) see headers.
+    head = f"// cupyep sources {sources_digest()}\n"
+    if spec.nvshmem:
+        head += _NVSHMEM_PRELUDE + "#include <nvshmem.h>\n#include <nvshmemx.h>\n"
+    return head + body
+
+
+def _options(spec: KernelSpec, arch: str):
+    from cuda.core import ProgramOptions
+    kw = dict(arch=arch, std="c++17", include_path=_cuda_include_dirs(spec.nvshmem),
+              use_fast_math=False)
+    if spec.nvshmem:
+        kw.update(relocatable_device_code=True, link_time_optimization=True,
+                  device_as_default_execution_space=True)
+    return ProgramOptions(**kw)
+
+
+def cache_key(spec: KernelSpec, arch: str) -> str:
+    h = hashlib.sha256()
+    for part in (spec.source, spec.instantiation, arch, _nvrtc_version(), sources_digest(),
+                 str(spec.nvshmem), _nvshmem_version() if spec.nvshmem else ""):
+        h.update(part.encode())
+        h.update(b"\0")
+    return f"{spec.readable_key[:120]}-{arch}-{h.hexdigest()[:20]}"
+
+
+def compile_cubin(spec: KernelSpec, arch: str = "sm_90") -> Tuple[str, str]:
+    """Compile (or find in the cache) one instantiation.
+
+    Returns:
+        (path of the cubin, mangled kernel name).
+    """
+    key = cache_key(spec, arch)
+    d = cache_dir()
+    cubin, meta = os.path.join(d, key + ".cubin"), os.path.join(d, key + ".json")
+    if os.path.exists(cubin) and os.path.exists(meta):
+        with open(meta) as f:
+            return cubin, json.load(f)["mangled"]
+    from cuda.core import Program
+    if DEBUG:
+        print(f"[cupyep.jit] compiling {spec.instantiation} from {spec.source} for {arch}", flush=True)
+    prog = Program(_source_text(spec), "c++", _options(spec, arch))
+    try:
+        if spec.nvshmem:
+            obj = prog.compile("ltoir", name_expressions=(spec.instantiation,))
+            code = _link_nvshmem(obj, arch)
+        else:
+            obj = prog.compile("cubin", name_expressions=(spec.instantiation,))
+            code = obj.code
+    except Exception as e:  # NVRTC errors carry the log
+        raise CupyepError(f"compiling {spec.instantiation} ({spec.source}) failed:\n{e}") from None
+    mangled = obj.symbol_mapping[spec.instantiation]
+    mangled = mangled.decode() if isinstance(mangled, bytes) else mangled
+    _atomic_write(cubin, bytes(code))
+    _atomic_write(meta, json.dumps({"mangled": mangled, "instantiation": spec.instantiation}).encode())
+    return cubin, mangled
+
+
+def _link_nvshmem(ltoir, arch: str) -> bytes:
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+    import nvshmem.core
+    from nvshmem.core import DeviceLibLanguage  # type: ignore[attr-defined]
+    lib = nvshmem.core.find_device_bitcode_library(language=DeviceLibLanguage.STATIC)
+    linker = Linker(ltoir, ObjectCode.from_library(str(lib)),
+                    options=LinkerOptions(arch=arch, link_time_optimization=True))
+    return bytes(linker.link("cubin").code)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Every rank may compile at once: write to a temp file, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+_loaded = {}
+
+
+def get_kernel(spec: KernelSpec):
+    """The loaded ``cupy.RawKernel`` for ``spec`` on the current device."""
+    import cupy
+    dev = cupy.cuda.Device().id
+    k = _loaded.get((spec, dev))
+    if k is not None:
+        return k
+    arch = "sm_" + cupy.cuda.Device(dev).compute_capability  # e.g. "90"
+    path, mangled = compile_cubin(spec, arch)
+    module = cupy.RawModule(path=path)
+    fn = module.get_function(mangled)
+    if spec.nvshmem:
+        from nvshmem import bindings
+        status = bindings.cumodule_init(module.module.ptr)
+        if status not in (None, 0):
+            raise CupyepError(f"NVSHMEM module init failed for {spec.instantiation}: {status}")
+    if DEBUG:
+        print(f"[cupyep.jit] loaded {spec.instantiation} on device {dev} from {path}", flush=True)
+    _loaded[(spec, dev)] = (fn, module)
+    return _loaded[(spec, dev)]
+
+
+def launch(spec: KernelSpec, grid, block, args, shared_mem: int = 0, stream=None):
+    """Launch ``spec`` on ``stream`` (default: the current CuPy stream)."""
+    fn, _ = get_kernel(spec)
+    if DEBUG:
+        print(f"[cupyep.jit] launch {spec.instantiation} grid={grid} block={block} smem={shared_mem}",
+              flush=True)
+    if stream is None:
+        fn(grid, block, args, shared_mem=shared_mem)
+    else:
+        with stream:
+            fn(grid, block, args, shared_mem=shared_mem)

@@ -1,0 +1,38 @@
+"""The kernel instantiations the library launches, for compile checks.
+
+``representative_specs()`` lists one instantiation per kernel and code path
+at the sizes used in tests and benchmarks; the CPU test suite compiles each
+for sm_90 with NVRTC so a broken kernel fails CI without a GPU.
+"""
+from __future__ import annotations
+
+from .jit import KernelSpec
+
+
+def _k(source, name, *targs, nvshmem=False):
+    return KernelSpec(f"cupyep/{source}", f"cupyep::{name}", tuple(targs), nvshmem)
+
+
+def representative_specs():
+    specs = []
+    for idx_t in ("long long", "int"):
+        specs.append(_k("layout.cu", "get_dispatch_layout", ("IdxT", idx_t), ("kNumTopk", 8)))
+    for r in (2, 3, 4, 8):
+        specs.append(_k("intranode.cu", "barrier", ("kNumRanks", r)))
+        specs.append(_k("intranode.cu", "notify_dispatch", ("kNumRanks", r)))
+        specs.append(_k("intranode.cu", "combine", ("kNumRanks", r), ("kHiddenInt4", 896), ("kNumTopk", 8)))
+        # bf16 with top-k, FP8 with scales, cached (no top-k)
+        specs.append(_k("intranode.cu", "dispatch", ("kNumRanks", r), ("kHiddenInt4", 896),
+                        ("kNumScales", 0), ("kNumTopk", 8), ("IdxT", "long long")))
+        specs.append(_k("intranode.cu", "dispatch", ("kNumRanks", r), ("kHiddenInt4", 448),
+                        ("kNumScales", 56), ("kNumTopk", 8), ("IdxT", "int")))
+        specs.append(_k("intranode.cu", "dispatch", ("kNumRanks", r), ("kHiddenInt4", 320),
+                        ("kNumScales", 0), ("kNumTopk", 0), ("IdxT", "long long")))
+    specs.append(_k("intranode.cu", "combine", ("kNumRanks", 2), ("kHiddenInt4", 320), ("kNumTopk", 0)))
+    specs.append(_k("bench_kernels.cu", "store_to_peers", ("kNumRanks", 4)))
+    return specs
+
+
+def nvshmem_specs():
+    """Kernels linked with NVSHMEM's device library."""
+    return [_k("nvshmem_probe.cu", "put_signal_probe", nvshmem=True)]

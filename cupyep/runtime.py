@@ -1,0 +1,133 @@
+"""GPU side of a Group: device choice, NVSHMEM, symmetric memory, streams.
+
+NVSHMEM starts with the unique-id method: rank 0 draws the id and the group's
+communicator broadcasts it, which works under any MPI (and torch.distributed).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import BufferTooSmallError, CupyepError
+
+# NVLink multicast stays off unless the user explicitly turns it on.
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+_DEFAULT_HEAP = 2 << 30
+
+
+class SymmetricBuffer:
+    """One symmetric allocation and its NVLink-mapped peer addresses.
+
+    Attributes:
+        ptr: local device address.
+        nbytes: size in bytes.
+        peer_ptrs: [R] addresses of every rank's copy as mapped here (0 where
+            a peer is not reachable over NVLink or P2P).
+        peers: the same as a device uint64 array, for kernels.
+    """
+
+    def __init__(self, runtime, nbytes: int):
+        import cupy
+        import nvshmem.core as nvshmem
+        self._nvshmem = nvshmem
+        try:
+            self._buf = nvshmem.buffer(nbytes)
+        except Exception as e:
+            raise BufferTooSmallError(
+                f"NVSHMEM could not allocate {nbytes} symmetric bytes ({e}); raise "
+                f"NVSHMEM_SYMMETRIC_SIZE (now {os.environ.get('NVSHMEM_SYMMETRIC_SIZE', 'default')}) "
+                "before the first GPU Buffer is created") from None
+        self.nbytes = nbytes
+        self.ptr = int(self._buf.handle)
+        self.peer_ptrs = []
+        for pe in range(runtime.size):
+            try:
+                self.peer_ptrs.append(int(nvshmem.get_peer_buffer(self._buf, pe).handle))
+            except Exception:
+                self.peer_ptrs.append(0)
+        self.peers = cupy.asarray(np.array(self.peer_ptrs, np.uint64))
+        cupy.cuda.runtime.memset(self.ptr, 0, nbytes)
+
+    def free(self):
+        if self._buf is not None:
+            self._nvshmem.free(self._buf)
+            self._buf = None
+
+
+class GpuRuntime:
+    """Device and NVSHMEM state of a :class:`cupyep.Group`."""
+
+    def __init__(self, group, heap_bytes: int = 0):
+        import cupy
+        self.group = group
+        self.rank, self.size = group.rank, group.size
+        ndev = cupy.cuda.runtime.getDeviceCount()
+        if group.local_size > ndev:
+            raise CupyepError(
+                f"{group.local_size} ranks share this host but it has {ndev} GPUs; run one rank "
+                "per GPU (or pass num_ranks_per_node to emulate nodes with fewer ranks)")
+        self.device_id = group.local_rank % ndev
+        cupy.cuda.Device(self.device_id).use()
+        from cuda.core import Device
+        self._cuda_device = Device(self.device_id)
+        self._cuda_device.set_current()
+        if heap_bytes and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
+            os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(max(heap_bytes, _DEFAULT_HEAP))
+        self._init_nvshmem()
+        self._buffers = []
+
+    def _init_nvshmem(self):
+        import nvshmem.core as nvshmem
+        comm = self.group.comm
+        uid = nvshmem.get_unique_id(empty=self.rank != 0)
+        raw = uid._data.view(np.int8)
+        comm.Bcast(raw, root=0)
+        nvshmem.init(device=self._cuda_device, uid=uid, rank=self.rank, nranks=self.size,
+                     initializer_method="uid")
+        self._nvshmem = nvshmem
+
+    def alloc(self, nbytes: int) -> SymmetricBuffer:
+        """Collective: every rank allocates the same size."""
+        buf = SymmetricBuffer(self, nbytes)
+        self._buffers.append(buf)
+        return buf
+
+    def free(self, buf: SymmetricBuffer):
+        """Collective."""
+        buf.free()
+        if buf in self._buffers:
+            self._buffers.remove(buf)
+
+    def sync_barrier(self):
+        """Device sync, then a host barrier: peers' earlier GPU work is done."""
+        import cupy
+        cupy.cuda.Device().synchronize()
+        self.group.comm.Barrier()
+
+    def destroy(self):
+        import cupy
+        cupy.cuda.Device().synchronize()
+        for b in list(self._buffers):
+            b.free()
+        self._buffers.clear()
+        self.group.comm.Barrier()
+        self._nvshmem.finalize()
+
+
+def mapped_host_ints(n: int):
+    """Pinned, mapped host int32 array the GPU writes directly.
+
+    Returns:
+        (numpy view [n] int32, device address, owner to keep alive). Under
+        unified addressing the device address equals the host address.
+    """
+    import ctypes
+
+    import cupy
+    flags = cupy.cuda.runtime.hostAllocMapped | cupy.cuda.runtime.hostAllocPortable
+    mem = cupy.cuda.PinnedMemory(4 * n, flags)
+    host = np.ctypeslib.as_array((ctypes.c_int32 * n).from_address(mem.ptr))
+    host[:] = 0
+    return host, mem.ptr, mem

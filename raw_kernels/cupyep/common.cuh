@@ -1,0 +1,115 @@
+// Shared device helpers: memory ordering across GPUs, vector copies, bounded
+// waits that report a timeout instead of hanging.
+#pragma once
+
+#include <cuda_bf16.h>
+
+namespace cupyep {
+
+constexpr int kWarpSize = 32;
+
+// Phases named in timeout reports; keep in sync with cupyep/errors_device.py.
+enum Phase : int {
+    kPhaseBarrier = 1,
+    kPhaseDispatchRecv = 2,
+    kPhaseCombineRecv = 3,
+    kPhaseLowLatencyDispatchRecv = 4,
+    kPhaseLowLatencyCombineRecv = 5,
+};
+
+// ---- memory ordering ------------------------------------------------------
+// Peers write into our memory over NVLink, so every flag that publishes data
+// is a release at system scope and every poll of it an acquire at system
+// scope: the acquire makes all stores the writer made before its release
+// visible to the loads that follow in this thread.
+__device__ __forceinline__ int ld_acquire_sys(const int* p) {
+    int v;
+    asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_release_sys(int* p, int v) {
+    asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void st_relaxed_sys(int* p, int v) {
+    asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// ---- vector copies --------------------------------------------------------
+// Inputs are read-only for the kernel's lifetime: the non-coherent path is
+// safe and keeps them out of L1.
+__device__ __forceinline__ int4 ld_nc(const int4* p) {
+    int4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// Streaming store that does not pollute L1 (the data is never read back here).
+__device__ __forceinline__ void st_na(int4* p, const int4& v) {
+    asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};"
+                 ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+
+// A warp copies kNumInt4 16-byte words; src is a read-only input.
+template <int kNumInt4>
+__device__ __forceinline__ void warp_copy_nc(int4* dst, const int4* src, int lane) {
+#pragma unroll 4
+    for (int i = lane; i < kNumInt4; i += kWarpSize) st_na(dst + i, ld_nc(src + i));
+}
+
+// A warp copies kNumInt4 words that another GPU wrote during this kernel
+// (after an acquire): plain coherent loads, never the non-coherent path.
+template <int kNumInt4>
+__device__ __forceinline__ void warp_copy_coherent(int4* dst, const int4* src, int lane) {
+#pragma unroll 4
+    for (int i = lane; i < kNumInt4; i += kWarpSize) st_na(dst + i, src[i]);
+}
+
+// ---- errors ---------------------------------------------------------------
+// error word (host-mapped): [0] set to 1 by the first failure, [1] phase,
+// [2] peer rank, [3] channel / expert, [4] kind (1 timeout, 2 bad input).
+__device__ __forceinline__ void report_error(int* err, int kind, int phase, int peer, int channel) {
+    if (atomicCAS(err, 0, 1) == 0) {
+        err[1] = phase;
+        err[2] = peer;
+        err[3] = channel;
+        err[4] = kind;
+        __threadfence_system();
+    }
+}
+
+// Spin until *flag >= target. Returns the last value read, or -1 (after
+// reporting) when timeout_ns passes or another thread already failed.
+__device__ __forceinline__ int wait_at_least(const int* flag, int target, long long timeout_ns,
+                                             int* err, int phase, int peer, int channel) {
+    int v = ld_acquire_sys(flag);
+    if (v >= target) return v;
+    const unsigned long long start = global_timer_ns();
+    while (true) {
+        v = ld_acquire_sys(flag);
+        if (v >= target) return v;
+        if (global_timer_ns() - start > (unsigned long long)timeout_ns ||
+            *(volatile int*)err != 0) {
+            report_error(err, 1, phase, peer, channel);
+            return -1;
+        }
+    }
+}
+
+// Channel c of n tokens split into num_channels contiguous ranges.
+__device__ __forceinline__ void channel_range(int num_tokens, int num_channels, int c,
+                                              int& begin, int& end) {
+    const int per = (num_tokens + num_channels - 1) / num_channels;
+    begin = min(c * per, num_tokens);
+    end = min(begin + per, num_tokens);
+}
+
+}  // namespace cupyep

@@ -1,0 +1,382 @@
+// Normal (high-throughput) dispatch and combine inside one NVLink domain.
+//
+// Every rank owns one symmetric buffer (layout in nvl_layout.cuh) and sees its
+// peers' buffers through NVLink-mapped pointers (peers[r]). A token of source
+// s, channel c, that is the n-th of that channel going to rank d lands in slot
+// c * slots_per_channel + n of region s on rank d. Regions are sized for the
+// worst case, so senders never wait for space: they copy rows, then publish
+// how many rows of (s, c) are complete (a release store of the tail); the
+// receiver acquires the tail and copies the rows to the output. Combine runs
+// the same slots backwards.
+#include "cupyep/common.cuh"
+#include "cupyep/nvl_layout.cuh"
+
+namespace cupyep {
+
+// Cross-rank barrier: one block of kNumRanks threads. Everything this rank's
+// earlier kernels did (including reads of its own buffer) is complete when
+// a peer sees our sequence number.
+template <int kNumRanks>
+__device__ __forceinline__ void barrier_block(char* const* peers, const NvlLayout& lay, int rank,
+                                              int seq, int* err, long long timeout_ns) {
+    const int j = threadIdx.x;
+    if (j < kNumRanks) {
+        // Make prior kernels' remote stores visible system-wide before the
+        // flag that tells peer j we are here.
+        __threadfence_system();
+        st_release_sys(at<int>(peers[j], lay.sync) + rank, seq);
+        wait_at_least(at<int>(peers[rank], lay.sync) + j, seq, timeout_ns, err, kPhaseBarrier, j, -1);
+    }
+    __syncthreads();
+}
+
+template <int kNumRanks>
+__global__ void barrier(char* const* peers, const NvlLayout* layout, int rank, int seq, int* err,
+                        long long timeout_ns) {
+    const NvlLayout lay = *layout;
+    barrier_block<kNumRanks>(peers, lay, rank, seq, err, timeout_ns);
+}
+
+// Grid: num_channels + 1 blocks. Blocks c < num_channels number the tokens of
+// channel c per destination (send_pos) and tell each destination how many it
+// gets; the last block sends per-expert counts. The last block to finish runs
+// the barrier and turns what peers sent us into receive offsets.
+//
+// recv_channel_offset: [R * num_channels + 1] exclusive prefix in (source,
+// channel) order; recv_expert_counts: [L] padded to expert_alignment;
+// host_info (host-mapped): [0] rows received, [1 + l] padded count of expert l,
+// [1 + L] 1 + the first rank whose layout saw a bad expert id (0: none).
+template <int kNumRanks>
+__global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int num_tokens,
+                                int num_channels, const int* __restrict__ num_tokens_per_expert,
+                                int num_local_experts, int expert_alignment, int* send_pos,
+                                char* const* peers, const NvlLayout* layout, int rank, int seq,
+                                int parity, int* blocks_done, int* recv_channel_offset,
+                                int* recv_expert_counts, int* host_info, int* layout_error,
+                                int* err, long long timeout_ns) {
+    const NvlLayout lay = *layout;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int num_warps = blockDim.x / kWarpSize;
+    const long long counts_base = lay.channel_counts + 4ll * parity * kNumRanks * kMaxChannels;
+    const long long experts_base = lay.expert_counts + 4ll * parity * kNumRanks * kMaxLocalExperts;
+
+    if (blockIdx.x < num_channels) {
+        const int c = blockIdx.x;
+        int begin, end;
+        channel_range(num_tokens, num_channels, c, begin, end);
+        const int slot_base = c * static_cast<int>(lay.slots_per_channel);
+        for (int d = warp; d < kNumRanks; d += num_warps) {
+            int n = 0;
+            for (int t0 = begin; t0 < end; t0 += kWarpSize) {
+                const int t = t0 + lane;
+                const bool in = t < end && is_token_in_rank[(long long)t * kNumRanks + d];
+                const unsigned mask = __ballot_sync(0xffffffffu, in);
+                if (t < end)
+                    send_pos[(long long)t * kNumRanks + d] =
+                        in ? slot_base + n + __popc(mask & ((1u << lane) - 1u)) : -1;
+                n += __popc(mask);
+            }
+            if (lane == 0) at<int>(peers[d], counts_base)[rank * kMaxChannels + c] = n;
+        }
+    } else {
+        if (num_tokens_per_expert != nullptr)
+            for (int i = threadIdx.x; i < kNumRanks * num_local_experts; i += blockDim.x) {
+                const int d = i / num_local_experts, l = i % num_local_experts;
+                at<int>(peers[d], experts_base)[rank * kMaxLocalExperts + l] = num_tokens_per_expert[i];
+            }
+        // Tell every peer whether our layout saw a bad expert id, so that all
+        // ranks reject the call together. Channel slot kMaxChannels - 1 is
+        // never a real channel.
+        if (threadIdx.x == 0) {
+            const int bad = *layout_error;
+            *layout_error = 0;
+            for (int d = 0; d < kNumRanks; ++d)
+                at<int>(peers[d], counts_base)[rank * kMaxChannels + kMaxChannels - 1] = bad;
+        }
+    }
+
+    // Last block done runs the barrier (threadfence-reduction pattern: the
+    // fence orders this block's remote count stores before its arrival).
+    __shared__ bool s_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        s_last = atomicAdd(blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
+        if (s_last) {
+            __threadfence();  // acquire side of the counter
+            *blocks_done = 0;
+        }
+    }
+    __syncthreads();
+    if (!s_last) return;
+    barrier_block<kNumRanks>(peers, lay, rank, seq, err, timeout_ns);
+
+    // Peers' counts are visible: each thread d < R acquired peer d's flag and
+    // the block barrier above extends that to every thread.
+    const int* counts = at<int>(peers[rank], counts_base);
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int s = 0; s < kNumRanks; ++s)
+            for (int c = 0; c < num_channels; ++c) {
+                recv_channel_offset[s * num_channels + c] = total;
+                total += counts[s * kMaxChannels + c];
+            }
+        recv_channel_offset[kNumRanks * num_channels] = total;
+        host_info[0] = total;
+        int bad_rank = 0;
+        for (int s = kNumRanks - 1; s >= 0; --s)
+            if (counts[s * kMaxChannels + kMaxChannels - 1] != 0) bad_rank = s + 1;
+        host_info[1 + num_local_experts] = bad_rank;
+    }
+    if (num_tokens_per_expert != nullptr) {
+        const int* experts = at<int>(peers[rank], experts_base);
+        for (int l = threadIdx.x; l < num_local_experts; l += blockDim.x) {
+            int sum = 0;
+            for (int s = 0; s < kNumRanks; ++s) sum += experts[s * kMaxLocalExperts + l];
+            sum = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
+            recv_expert_counts[l] = sum;
+            host_info[1 + l] = sum;
+        }
+    }
+    __threadfence_system();
+}
+
+// Grid: 2 * num_channels blocks; even blocks send channel blockIdx.x / 2, odd
+// blocks receive it. Rows are kHiddenInt4 16-byte words (bf16 or e4m3 bytes);
+// kNumScales fp32 scales per row for FP8 (else 0); kNumTopk 0 without top-k.
+template <int kNumRanks, int kHiddenInt4, int kNumScales, int kNumTopk, typename IdxT>
+__global__ void __launch_bounds__(1024, 1)
+dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
+         const IdxT* __restrict__ topk_idx, const float* __restrict__ topk_weights,
+         const int* __restrict__ send_pos, int num_tokens, int num_channels,
+         char* const* peers, const NvlLayout* layout, const int* __restrict__ recv_channel_offset,
+         int rank, int num_local_experts, int num_recv_capacity, int4* recv_x,
+         float* recv_x_scales, long long* recv_topk_idx, float* recv_topk_weights,
+         int* recv_src_idx, int* err, long long timeout_ns) {
+    const NvlLayout lay = *layout;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int num_warps = blockDim.x / kWarpSize;
+    const int c = blockIdx.x / 2;
+    const int slot_base = c * static_cast<int>(lay.slots_per_channel);
+    constexpr long long kRowBytes = kHiddenInt4 * 16ll;
+
+    if (blockIdx.x % 2 == 0) {
+        // ---------------- sender ----------------
+        int begin, end;
+        channel_range(num_tokens, num_channels, c, begin, end);
+        int published = 0;  // owned by thread d < kNumRanks
+        for (int round = begin; round < end; round += num_warps) {
+            const int t = round + warp;
+            if (t < end) {
+#pragma unroll
+                for (int d = 0; d < kNumRanks; ++d) {
+                    const int slot = send_pos[(long long)t * kNumRanks + d];
+                    if (slot < 0) continue;
+                    char* base = peers[d];
+                    const long long row = (long long)rank * lay.max_tokens + slot;
+                    warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),
+                                              x + (long long)t * kHiddenInt4, lane);
+                    for (int i = lane; i < kNumScales; i += kWarpSize)
+                        at<float>(base, lay.scales)[row * kNumScales + i] = x_scales[(long long)t * kNumScales + i];
+                    if (lane == 0) at<int>(base, lay.src_idx)[row] = t;
+                    if (lane < kNumTopk) {
+                        at<int>(base, lay.topk_idx)[row * kNumTopk + lane] =
+                            static_cast<int>(topk_idx[(long long)t * kNumTopk + lane]);
+                        at<float>(base, lay.topk_weights)[row * kNumTopk + lane] =
+                            topk_weights != nullptr ? topk_weights[(long long)t * kNumTopk + lane] : 0.f;
+                    }
+                }
+            }
+            // All warps' row stores of this round happen-before the release
+            // below (bar.sync, then a cumulative release at system scope).
+            __syncthreads();
+            const int d = threadIdx.x;
+            if (d < kNumRanks) {
+                const int last = min(round + num_warps, end);
+                int done = published;
+                for (int tt = round; tt < last; ++tt) {
+                    const int slot = send_pos[(long long)tt * kNumRanks + d];
+                    if (slot >= 0) done = slot - slot_base + 1;
+                }
+                // Publish only on change: once the receiver has seen the final
+                // count it resets the tail, and a repeated store would revive it.
+                if (done != published) {
+                    st_release_sys(at<int>(peers[d], lay.dispatch_tail) + rank * kMaxChannels + c, done);
+                    published = done;
+                }
+            }
+        }
+        return;
+    }
+
+    // ---------------- receiver ----------------
+    const int warps_per_source = num_warps / kNumRanks;
+    const int s = warp / warps_per_source, sub = warp % warps_per_source;
+    char* local = peers[rank];
+    if (s < kNumRanks) {
+        const int first = recv_channel_offset[s * num_channels + c];
+        const int count = recv_channel_offset[s * num_channels + c + 1] - first;
+        int* tail = at<int>(local, lay.dispatch_tail) + s * kMaxChannels + c;
+        int seen = 0;
+        const int lo = rank * num_local_experts;
+        for (int n = sub; n < count; n += warps_per_source) {
+            if (seen <= n) {
+                int v = 0;
+                if (lane == 0) v = wait_at_least(tail, n + 1, timeout_ns, err, kPhaseDispatchRecv, s, c);
+                seen = __shfl_sync(0xffffffffu, v, 0);
+                if (seen < 0) break;
+            }
+            const long long out = first + n;
+            if (out >= num_recv_capacity) {
+                if (lane == 0) report_error(err, 2, kPhaseDispatchRecv, s, c);
+                break;
+            }
+            const long long row = (long long)s * lay.max_tokens + slot_base + n;
+            warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,
+                                            at<int4>(local, lay.rows + row * kRowBytes), lane);
+            for (int i = lane; i < kNumScales; i += kWarpSize)
+                recv_x_scales[out * kNumScales + i] = at<float>(local, lay.scales)[row * kNumScales + i];
+            if (lane == 0) recv_src_idx[out] = at<int>(local, lay.src_idx)[row];
+            if (lane < kNumTopk) {
+                const int e = at<int>(local, lay.topk_idx)[row * kNumTopk + lane];
+                const bool mine = e >= lo && e < lo + num_local_experts;
+                recv_topk_idx[out * kNumTopk + lane] = mine ? e - lo : -1;
+                recv_topk_weights[out * kNumTopk + lane] =
+                    mine ? at<float>(local, lay.topk_weights)[row * kNumTopk + lane] : 0.f;
+            }
+        }
+    }
+    // Every row of (s, c) has been read: reset the tails for the next call.
+    // Peers write them again only after the next barrier.
+    __syncthreads();
+    if (threadIdx.x < kNumRanks)
+        at<int>(local, lay.dispatch_tail)[threadIdx.x * kMaxChannels + c] = 0;
+}
+
+__device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        acc[2 * i] += f.x;
+        acc[2 * i + 1] += f.y;
+    }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+    int4 v;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    return v;
+}
+
+// Grid: 2 * num_channels (the dispatch's channels). Even blocks send the
+// rows this rank received back to their sources; odd blocks sum, for each of
+// this rank's own tokens of the channel, the rows returned by every rank in
+// rank order (fp32), then bias0, then bias1, and store bf16.
+template <int kNumRanks, int kHiddenInt4, int kNumTopk>
+__global__ void __launch_bounds__(1024, 1)
+combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
+        const int* __restrict__ send_pos, const int* __restrict__ recv_channel_offset,
+        int num_tokens, int num_channels, char* const* peers, const NvlLayout* layout, int rank,
+        const int4* __restrict__ bias0, const int4* __restrict__ bias1, int4* out,
+        float* out_weights, int* err, long long timeout_ns) {
+    const NvlLayout lay = *layout;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int num_warps = blockDim.x / kWarpSize;
+    const int c = blockIdx.x / 2;
+    const int slot_base = c * static_cast<int>(lay.slots_per_channel);
+    constexpr long long kRowBytes = kHiddenInt4 * 16ll;
+
+    if (blockIdx.x % 2 == 0) {
+        // ---------------- sender: rows back to their source ----------------
+        const int warps_per_dest = num_warps / kNumRanks;
+        const int d = warp / warps_per_dest, sub = warp % warps_per_dest;
+        int max_count = 0;
+        for (int r = 0; r < kNumRanks; ++r)
+            max_count = max(max_count, recv_channel_offset[r * num_channels + c + 1] -
+                                           recv_channel_offset[r * num_channels + c]);
+        int published = 0;  // owned by thread r < kNumRanks
+        for (int round = 0; round < max_count; round += warps_per_dest) {
+            if (d < kNumRanks) {
+                const int first = recv_channel_offset[d * num_channels + c];
+                const int count = recv_channel_offset[d * num_channels + c + 1] - first;
+                const int n = round + sub;
+                if (n < count) {
+                    char* base = peers[d];
+                    const long long row = (long long)rank * lay.max_tokens + slot_base + n;
+                    warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),
+                                              x + (long long)(first + n) * kHiddenInt4, lane);
+                    if (lane < kNumTopk)
+                        at<float>(base, lay.topk_weights)[row * kNumTopk + lane] =
+                            topk_weights[(long long)(first + n) * kNumTopk + lane];
+                }
+            }
+            // Row stores of the round happen-before the release (see dispatch).
+            __syncthreads();
+            const int r = threadIdx.x;
+            if (r < kNumRanks) {
+                const int count = recv_channel_offset[r * num_channels + c + 1] -
+                                  recv_channel_offset[r * num_channels + c];
+                const int done = min(count, round + warps_per_dest);
+                if (done != published) {
+                    st_release_sys(at<int>(peers[r], lay.combine_tail) + rank * kMaxChannels + c, done);
+                    published = done;
+                }
+            }
+        }
+        return;
+    }
+
+    // ---------------- receiver: reduce this rank's tokens ----------------
+    int begin, end;
+    channel_range(num_tokens, num_channels, c, begin, end);
+    char* local = peers[rank];
+    int seen[kNumRanks];
+#pragma unroll
+    for (int r = 0; r < kNumRanks; ++r) seen[r] = 0;
+    bool failed = false;
+    for (int t = begin + warp; t < end && !failed; t += num_warps) {
+        int slot[kNumRanks];
+#pragma unroll
+        for (int r = 0; r < kNumRanks; ++r) {
+            slot[r] = send_pos[(long long)t * kNumRanks + r];
+            const int n = slot[r] - slot_base;
+            if (slot[r] >= 0 && seen[r] <= n) {
+                int v = 0;
+                if (lane == 0)
+                    v = wait_at_least(at<int>(local, lay.combine_tail) + r * kMaxChannels + c, n + 1,
+                                      timeout_ns, err, kPhaseCombineRecv, r, c);
+                seen[r] = __shfl_sync(0xffffffffu, v, 0);
+                if (seen[r] < 0) failed = true;
+            }
+        }
+        if (failed) break;
+        for (int i = lane; i < kHiddenInt4; i += kWarpSize) {
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r)
+                if (slot[r] >= 0) {
+                    const long long row = (long long)r * lay.max_tokens + slot[r];
+                    accumulate_bf16x8(acc, at<int4>(local, lay.rows + row * kRowBytes)[i]);
+                }
+            if (bias0 != nullptr) accumulate_bf16x8(acc, ld_nc(bias0 + (long long)t * kHiddenInt4 + i));
+            if (bias1 != nullptr) accumulate_bf16x8(acc, ld_nc(bias1 + (long long)t * kHiddenInt4 + i));
+            out[(long long)t * kHiddenInt4 + i] = pack_bf16x8(acc);
+        }
+        if (lane < kNumTopk) {
+            float w = 0.f;
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r)
+                if (slot[r] >= 0)
+                    w += at<float>(local, lay.topk_weights)[((long long)r * lay.max_tokens + slot[r]) * kNumTopk + lane];
+            out_weights[(long long)t * kNumTopk + lane] = w;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < kNumRanks)
+        at<int>(local, lay.combine_tail)[threadIdx.x * kMaxChannels + c] = 0;
+}
+
+}  // namespace cupyep

@@ -1,0 +1,62 @@
+// get_dispatch_layout: per-rank, per-node and per-expert token counts and the
+// is_token_in_rank mask, from topk_idx. One launch, no host synchronisation.
+#include "cupyep/common.cuh"
+
+namespace cupyep {
+
+// Grid: enough blocks to cover the tokens; shared memory: (E + R + nodes) ints.
+// The count outputs must be zeroed before the launch. A bad expert id sets
+// error[0] (checked by the next host synchronisation).
+template <typename IdxT, int kNumTopk>
+__global__ void get_dispatch_layout(const IdxT* __restrict__ topk_idx, int num_tokens,
+                                    int num_experts, int num_ranks, int num_ranks_per_node,
+                                    int* num_tokens_per_rank, int* num_tokens_per_node,
+                                    int* num_tokens_per_expert, bool* is_token_in_rank,
+                                    int* error) {
+    extern __shared__ int smem_counts[];
+    const int num_nodes = num_ranks / num_ranks_per_node;
+    int* s_expert = smem_counts;
+    int* s_rank = s_expert + num_experts;
+    int* s_node = s_rank + num_ranks;
+    for (int i = threadIdx.x; i < num_experts + num_ranks + num_nodes; i += blockDim.x)
+        smem_counts[i] = 0;
+    __syncthreads();
+
+    const int experts_per_rank = num_experts / num_ranks;
+    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < num_tokens; t += gridDim.x * blockDim.x) {
+        unsigned long long rank_mask = 0;  // at most 64 ranks in one buffer
+#pragma unroll
+        for (int k = 0; k < kNumTopk; ++k) {
+            const long long e = static_cast<long long>(topk_idx[t * kNumTopk + k]);
+            if (e < -1 || e >= num_experts) {
+                atomicExch(error, 2);
+                continue;
+            }
+            if (e < 0) continue;
+            atomicAdd(s_expert + e, 1);
+            rank_mask |= 1ull << (e / experts_per_rank);
+        }
+        unsigned long long node_mask = 0;
+        for (int r = 0; r < num_ranks; ++r) {
+            const bool in = (rank_mask >> r) & 1ull;
+            is_token_in_rank[(long long)t * num_ranks + r] = in;
+            if (in) {
+                atomicAdd(s_rank + r, 1);
+                node_mask |= 1ull << (r / num_ranks_per_node);
+            }
+        }
+        if (num_tokens_per_node != nullptr)
+            for (int n = 0; n < num_nodes; ++n)
+                if ((node_mask >> n) & 1ull) atomicAdd(s_node + n, 1);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < num_experts; i += blockDim.x)
+        if (s_expert[i]) atomicAdd(num_tokens_per_expert + i, s_expert[i]);
+    for (int i = threadIdx.x; i < num_ranks; i += blockDim.x)
+        if (s_rank[i]) atomicAdd(num_tokens_per_rank + i, s_rank[i]);
+    if (num_tokens_per_node != nullptr)
+        for (int i = threadIdx.x; i < num_nodes; i += blockDim.x)
+            if (s_node[i]) atomicAdd(num_tokens_per_node + i, s_node[i]);
+}
+
+}  // namespace cupyep
