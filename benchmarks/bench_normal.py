@@ -93,6 +93,7 @@ def main():
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--sms", type=int, default=24)
     ap.add_argument("--sweep", type=int, nargs="*", default=[8, 16, 24, 32, 48])
+    ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-nccl", action="store_true")
@@ -115,17 +116,21 @@ def main():
     layout = buf.get_dispatch_layout(idx, args.experts)
 
     def measure(sms):
-        cfg = cupyep.Config(num_sms=sms)
+        base = cupyep.default_config(r)
+        cfg = cupyep.Config(num_sms=sms, num_warps=base.num_warps,
+                            chunk_tokens=args.chunk or base.chunk_tokens)
         d = buf.dispatch(x, idx, w, layout=layout, config=cfg)
         n = d.recv_x.shape[0]
         bf16_bytes = n * args.hidden * 2
         t_bf16 = timed(lambda: buf.dispatch(x, idx, w, layout=layout, config=cfg), args.iters, args.warmup)
         t_fp8 = timed(lambda: buf.dispatch(xq, idx, w, layout=layout, config=cfg), args.iters, args.warmup)
+        t_cached = timed(lambda: buf.dispatch(x, handle=d.handle), args.iters, args.warmup)
         y = d.recv_x
-        t_comb = timed(lambda: buf.combine(y, d.handle), args.iters, args.warmup)
+        t_comb = timed(lambda: buf.combine(y, d.handle, config=cfg), args.iters, args.warmup)
         return {"n": n, "bf16": (t_bf16, bf16_bytes / t_bf16 / 1e3),
                 "fp8": (t_fp8, bf16_bytes * (1 + 4 / 128) / 2 / t_fp8 / 1e3),
-                "combine": (t_comb, bf16_bytes / t_comb / 1e3)}
+                "combine": (t_comb, bf16_bytes / t_comb / 1e3),
+                "cached": (t_cached, bf16_bytes / t_cached / 1e3)}
 
     head = measure(args.sms)
     sweep = {s: measure(s) for s in args.sweep if s != args.sms}
@@ -142,13 +147,15 @@ def main():
     if group.rank == 0:
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
+              f"chunk_tokens={args.chunk or cupyep.default_config(r).chunk_tokens}, "
               f"top-{args.topk} of {args.experts} experts (median of {args.iters}, rank 0 "
               f"received {head['n']} rows)")
         worst = lambda key, s: min(rw[1][s][key][1] for rw in rows)  # noqa: E731
         slowest_t = lambda key, s: max(rw[1][s][key][0] for rw in rows)  # noqa: E731
-        print(f"{'SMs':>4} | {'FP8 dispatch':>22} | {'BF16 dispatch':>22} | {'BF16 combine':>22}   (slowest rank)")
+        print(f"{'SMs':>4} | {'FP8 dispatch':>22} | {'BF16 dispatch':>22} | {'BF16 combine':>22} | "
+              f"{'BF16 cached dispatch':>22}   (slowest rank)")
         for s in sorted(sweep):
-            cells = [f"{slowest_t(k, s):8.1f} us {worst(k, s):7.1f} GB/s" for k in ("fp8", "bf16", "combine")]
+            cells = [f"{slowest_t(k, s):8.1f} us {worst(k, s):7.1f} GB/s" for k in ("fp8", "bf16", "combine", "cached")]
             print(f"{s:>4} | " + " | ".join(cells))
         for s in (args.sms, 132):
             print(f"peer-store ceiling, {s} blocks, every rank into all peers: "

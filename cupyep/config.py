@@ -14,11 +14,12 @@ class Config:
         num_sms: SMs (thread blocks) the kernel occupies; even. Half send,
             half receive: num_sms // 2 channels.
         num_warps: warps per block (a multiple of 2, at most 32).
-        chunk_tokens: tokens a sender copies between two progress updates.
+        chunk_tokens: tokens each sender warp copies between two progress
+            updates (a round is num_warps * chunk_tokens tokens).
     """
     num_sms: int = 24
     num_warps: int = 16
-    chunk_tokens: int = 8
+    chunk_tokens: int = 4
 
     def __post_init__(self):
         if self.num_sms < 2 or self.num_sms % 2:
@@ -36,4 +37,4 @@ class Config:
 
 def default_config(num_ranks: int) -> Config:
     """Defaults per rank count (tuned on H100/H200 NVLink machines)."""
-    return Config(num_sms=24, num_warps=16, chunk_tokens=8)
+    return Config(num_sms=24, num_warps=16, chunk_tokens=4)

@@ -68,7 +68,11 @@ class GpuBackend:
         self.num_nvl_bytes = max(int(num_nvl_bytes), sizing.control_bytes(self.num_ranks))
         self.rt = group.gpu_runtime(self.num_nvl_bytes + int(num_rdma_bytes) + (64 << 20))
         self.nvl = self.rt.alloc(self.num_nvl_bytes)
-        self.err_host, self._err_ptr, self._err_mem = mapped_host_ints(8)
+        # Kernels poll a device error word and mirror failures to host memory.
+        self.err_host, err_host_ptr, self._err_mem = mapped_host_ints(8)
+        self.err_dev = cupy.zeros(8, np.int32)
+        self.err_dev[6:8] = cupy.asarray(np.array([err_host_ptr], np.uint64).view(np.int32))
+        self._err_ptr = self.err_dev.data.ptr
         self.info_host, self._info_ptr, self._info_mem = mapped_host_ints(sizing.MAX_LOCAL_EXPERTS + 2)
         self.blocks_done = cupy.zeros(1, np.int32)
         self.layout_error = cupy.zeros(1, np.int32)
@@ -92,7 +96,10 @@ class GpuBackend:
         if self.err_host[0] == 0:
             return
         phase, peer, channel, kind = (int(v) for v in self.err_host[1:5])
+        import cupy
+        cupy.cuda.Device().synchronize()  # the failed kernels have exited
         self.err_host[:] = 0
+        self.err_dev[:6] = 0
         if kind == 1:
             raise CommTimeoutError(self.rank, PHASES.get(phase, str(phase)), peer, channel)
         raise InvalidInputError(
@@ -240,7 +247,7 @@ class GpuBackend:
         launch(spec, (2 * cfg.num_channels,), (32 * cfg.num_warps,),
                (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), send_pos, np.int32(num_tokens),
                 np.int32(cfg.num_channels), self.nvl.peers, lay_dev, offsets, np.int32(self.rank),
-                np.int32(local), np.int32(n_rows), recv_x, _ptr(recv_s), _ptr(recv_idx), _ptr(recv_w),
+                np.int32(local), np.int32(n_rows), np.int32(cfg.chunk_tokens), recv_x, _ptr(recv_s), _ptr(recv_idx), _ptr(recv_w),
                 recv_src, np.uint64(self._err_ptr), np.int64(self.timeout_ns)), stream=self.stream)
 
     def _barrier(self, lay_dev):
@@ -252,7 +259,8 @@ class GpuBackend:
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
         import cupy
         g: GpuRouting = handle.state
-        cfg = Config(num_sms=2 * g.num_channels, num_warps=g.num_warps)
+        chunk = (config or default_config(self.num_ranks)).chunk_tokens
+        cfg = Config(num_sms=2 * g.num_channels, num_warps=g.num_warps, chunk_tokens=chunk)
         cur = self._begin(previous_event)
         n_rows = handle.num_worst_tokens or handle.num_recv_tokens
         fp8 = scales is not None
@@ -268,6 +276,7 @@ class GpuBackend:
     def combine(self, handle, x, topk_weights, bias, config, previous_event, async_finish):
         import cupy
         g: GpuRouting = handle.state
+        cfg = config or default_config(self.num_ranks)
         t, hidden = handle.num_tokens, handle.hidden
         k = 0 if topk_weights is None else topk_weights.shape[1]
         lay_dev = g.layout_dev
@@ -281,7 +290,7 @@ class GpuBackend:
                           ("kHiddenInt4", hidden * 2 // 16), ("kNumTopk", k))
         launch(spec, (2 * g.num_channels,), (32 * g.num_warps,),
                (x, _ptr(topk_weights), g.send_pos, g.recv_channel_offset, np.int32(t),
-                np.int32(g.num_channels), self.nvl.peers, lay_dev, np.int32(self.rank), _ptr(b0),
+                np.int32(g.num_channels), np.int32(cfg.chunk_tokens), self.nvl.peers, lay_dev, np.int32(self.rank), _ptr(b0),
                 _ptr(b1), out, _ptr(out_w), np.uint64(self._err_ptr), np.int64(self.timeout_ns)),
                stream=self.stream)
         return out, out_w, self._end(cur, async_finish)

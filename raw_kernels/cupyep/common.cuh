@@ -74,14 +74,26 @@ __device__ __forceinline__ void warp_copy_coherent(int4* dst, const int4* src, i
 }
 
 // ---- errors ---------------------------------------------------------------
-// error word (host-mapped): [0] set to 1 by the first failure, [1] phase,
-// [2] peer rank, [3] channel / expert, [4] kind (1 timeout, 2 bad input).
+// error word, in device memory: [0] set to 1 by the first failure, [1] phase,
+// [2] peer rank, [3] channel / expert, [4] kind (1 timeout, 2 bad input),
+// [6..7] address of a host-mapped mirror that receives the same five ints.
+// Spinning threads poll the device copy (an L2 hit); only a failure touches
+// host memory, so waits never put PCIe reads in front of NVLink traffic.
 __device__ __forceinline__ void report_error(int* err, int kind, int phase, int peer, int channel) {
     if (atomicCAS(err, 0, 1) == 0) {
         err[1] = phase;
         err[2] = peer;
         err[3] = channel;
         err[4] = kind;
+        volatile int* mirror = *reinterpret_cast<int* const*>(err + 6);
+        if (mirror != nullptr) {
+            mirror[1] = phase;
+            mirror[2] = peer;
+            mirror[3] = channel;
+            mirror[4] = kind;
+            __threadfence_system();  // fields before the flag the host reads
+            mirror[0] = 1;
+        }
         __threadfence_system();
     }
 }
@@ -93,11 +105,11 @@ __device__ __forceinline__ int wait_at_least(const int* flag, int target, long l
     int v = ld_acquire_sys(flag);
     if (v >= target) return v;
     const unsigned long long start = global_timer_ns();
-    while (true) {
+    for (int spins = 0;; ++spins) {
         v = ld_acquire_sys(flag);
         if (v >= target) return v;
-        if (global_timer_ns() - start > (unsigned long long)timeout_ns ||
-            *(volatile int*)err != 0) {
+        if ((spins & 63) == 63 &&
+            (global_timer_ns() - start > (unsigned long long)timeout_ns || *(volatile int*)err != 0)) {
             report_error(err, 1, phase, peer, channel);
             return -1;
         }

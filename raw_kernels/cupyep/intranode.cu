@@ -150,7 +150,7 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
          const IdxT* __restrict__ topk_idx, const float* __restrict__ topk_weights,
          const int* __restrict__ send_pos, int num_tokens, int num_channels,
          char* const* peers, const NvlLayout* layout, const int* __restrict__ recv_channel_offset,
-         int rank, int num_local_experts, int num_recv_capacity, int4* recv_x,
+         int rank, int num_local_experts, int num_recv_capacity, int chunk_tokens, int4* recv_x,
          float* recv_x_scales, long long* recv_topk_idx, float* recv_topk_weights,
          int* recv_src_idx, int* err, long long timeout_ns) {
     const NvlLayout lay = *layout;
@@ -165,9 +165,12 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
         int begin, end;
         channel_range(num_tokens, num_channels, c, begin, end);
         int published = 0;  // owned by thread d < kNumRanks
-        for (int round = begin; round < end; round += num_warps) {
-            const int t = round + warp;
-            if (t < end) {
+        // A round is num_warps * chunk_tokens tokens; warp w copies tokens
+        // round + w, round + w + num_warps, ... Publishing once per round keeps
+        // the system-scope release (which drains this SM's stores) rare.
+        const int round_tokens = num_warps * chunk_tokens;
+        for (int round = begin; round < end; round += round_tokens) {
+            for (int t = round + warp; t < min(round + round_tokens, end); t += num_warps) {
 #pragma unroll
                 for (int d = 0; d < kNumRanks; ++d) {
                     const int slot = send_pos[(long long)t * kNumRanks + d];
@@ -192,7 +195,7 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
             __syncthreads();
             const int d = threadIdx.x;
             if (d < kNumRanks) {
-                const int last = min(round + num_warps, end);
+                const int last = min(round + round_tokens, end);
                 int done = published;
                 for (int tt = round; tt < last; ++tt) {
                     const int slot = send_pos[(long long)tt * kNumRanks + d];
@@ -279,8 +282,8 @@ template <int kNumRanks, int kHiddenInt4, int kNumTopk>
 __global__ void __launch_bounds__(1024, 1)
 combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
         const int* __restrict__ send_pos, const int* __restrict__ recv_channel_offset,
-        int num_tokens, int num_channels, char* const* peers, const NvlLayout* layout, int rank,
-        const int4* __restrict__ bias0, const int4* __restrict__ bias1, int4* out,
+        int num_tokens, int num_channels, int chunk_tokens, char* const* peers,
+        const NvlLayout* layout, int rank, const int4* __restrict__ bias0, const int4* __restrict__ bias1, int4* out,
         float* out_weights, int* err, long long timeout_ns) {
     const NvlLayout lay = *layout;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -298,12 +301,12 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
             max_count = max(max_count, recv_channel_offset[r * num_channels + c + 1] -
                                            recv_channel_offset[r * num_channels + c]);
         int published = 0;  // owned by thread r < kNumRanks
-        for (int round = 0; round < max_count; round += warps_per_dest) {
+        const int round_rows = warps_per_dest * chunk_tokens;
+        for (int round = 0; round < max_count; round += round_rows) {
             if (d < kNumRanks) {
                 const int first = recv_channel_offset[d * num_channels + c];
                 const int count = recv_channel_offset[d * num_channels + c + 1] - first;
-                const int n = round + sub;
-                if (n < count) {
+                for (int n = round + sub; n < min(round + round_rows, count); n += warps_per_dest) {
                     char* base = peers[d];
                     const long long row = (long long)rank * lay.max_tokens + slot_base + n;
                     warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),
@@ -319,7 +322,7 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
             if (r < kNumRanks) {
                 const int count = recv_channel_offset[r * num_channels + c + 1] -
                                   recv_channel_offset[r * num_channels + c];
-                const int done = min(count, round + warps_per_dest);
+                const int done = min(count, round + round_rows);
                 if (done != published) {
                     st_release_sys(at<int>(peers[r], lay.combine_tail) + rank * kMaxChannels + c, done);
                     published = done;
@@ -353,14 +356,18 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
             }
         }
         if (failed) break;
+#pragma unroll 2
         for (int i = lane; i < kHiddenInt4; i += kWarpSize) {
+            // Load every rank's word first so the loads are in flight together.
+            int4 words[kNumRanks];
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r)
+                if (slot[r] >= 0)
+                    words[r] = at<int4>(local, lay.rows + ((long long)r * lay.max_tokens + slot[r]) * kRowBytes)[i];
             float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int r = 0; r < kNumRanks; ++r)
-                if (slot[r] >= 0) {
-                    const long long row = (long long)r * lay.max_tokens + slot[r];
-                    accumulate_bf16x8(acc, at<int4>(local, lay.rows + row * kRowBytes)[i]);
-                }
+                if (slot[r] >= 0) accumulate_bf16x8(acc, words[r]);
             if (bias0 != nullptr) accumulate_bf16x8(acc, ld_nc(bias0 + (long long)t * kHiddenInt4 + i));
             if (bias1 != nullptr) accumulate_bf16x8(acc, ld_nc(bias1 + (long long)t * kHiddenInt4 + i));
             out[(long long)t * kHiddenInt4 + i] = pack_bf16x8(acc);
