@@ -12,7 +12,9 @@ if [ -n "${WHEELS:-}" ]; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 NVSHMEM_DISABLE_NVLS=1
 export CUPYEP_CACHE_DIR=${CUPYEP_CACHE_DIR:-/tmp/cupyep-jit}
-MPIRUN=${MPIRUN:-mpirun --allow-run-as-root}
+# Unbound ranks: bound to one core, the Python thread time-slices with
+# NVSHMEM's proxy thread and host waits take milliseconds.
+MPIRUN=${MPIRUN:-mpirun --allow-run-as-root --bind-to none}
 { nvidia-smi -L; nvidia-smi topo -m; python3 -c 'import cupy, torch; print("cupy", cupy.__version__, "torch", torch.__version__)'; } > "$LOG_DIR/env.txt" 2>&1
 for n in ${RANKS:-2}; do
   echo "== tests at $n ranks"

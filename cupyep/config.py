@@ -19,7 +19,7 @@ class Config:
     """
     num_sms: int = 24
     num_warps: int = 16
-    chunk_tokens: int = 4
+    chunk_tokens: int = 8
 
     def __post_init__(self):
         if self.num_sms < 2 or self.num_sms % 2:
@@ -37,4 +37,4 @@ class Config:
 
 def default_config(num_ranks: int) -> Config:
     """Defaults per rank count (tuned on H100/H200 NVLink machines)."""
-    return Config(num_sms=24, num_warps=16, chunk_tokens=4)
+    return Config(num_sms=24, num_warps=16, chunk_tokens=8)
