@@ -78,7 +78,7 @@ def peer_store_ceiling(buf, num_sms, iters, warmup):
     grid = max(r - 1, num_sms // (r - 1) * (r - 1))
 
     def run():
-        launch(spec, (grid,), (512,), (impl.nvl.peers, np.int32(impl.rank), np.int64(offset), src,
+        launch(spec, (grid,), (1024,), (impl.nvl.peers, np.int32(impl.rank), np.int64(offset), src,
                                        np.int64(nbytes // 16)))
     t = timed(run, iters, warmup)
     impl.rt.sync_barrier()
@@ -94,6 +94,7 @@ def main():
     ap.add_argument("--sms", type=int, default=24)
     ap.add_argument("--sweep", type=int, nargs="*", default=[8, 16, 24, 32, 48])
     ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")
+    ap.add_argument("--warps", type=int, default=None, help="Config.num_warps (default: tuned)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-nccl", action="store_true")
@@ -117,7 +118,7 @@ def main():
 
     def measure(sms):
         base = cupyep.default_config(r)
-        cfg = cupyep.Config(num_sms=sms, num_warps=base.num_warps,
+        cfg = cupyep.Config(num_sms=sms, num_warps=args.warps or base.num_warps,
                             chunk_tokens=args.chunk or base.chunk_tokens)
         d = buf.dispatch(x, idx, w, layout=layout, config=cfg)
         n = d.recv_x.shape[0]
@@ -148,6 +149,7 @@ def main():
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
               f"chunk_tokens={args.chunk or cupyep.default_config(r).chunk_tokens}, "
+              f"num_warps={args.warps or cupyep.default_config(r).num_warps}, "
               f"top-{args.topk} of {args.experts} experts (median of {args.iters}, rank 0 "
               f"received {head['n']} rows)")
         worst = lambda key, s: min(rw[1][s][key][1] for rw in rows)  # noqa: E731
