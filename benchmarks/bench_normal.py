@@ -119,7 +119,8 @@ def main():
     def measure(sms):
         base = cupyep.default_config(r)
         cfg = cupyep.Config(num_sms=sms, num_warps=args.warps or base.num_warps,
-                            chunk_tokens=args.chunk or base.chunk_tokens)
+                            chunk_tokens=args.chunk or base.chunk_tokens,
+                            num_combine_warps=args.warps or base.num_combine_warps)
         d = buf.dispatch(x, idx, w, layout=layout, config=cfg)
         n = d.recv_x.shape[0]
         bf16_bytes = n * args.hidden * 2
@@ -149,7 +150,8 @@ def main():
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
               f"chunk_tokens={args.chunk or cupyep.default_config(r).chunk_tokens}, "
-              f"num_warps={args.warps or cupyep.default_config(r).num_warps}, "
+              f"warps {args.warps or cupyep.default_config(r).num_warps}/"
+              f"{args.warps or cupyep.default_config(r).num_combine_warps} (dispatch/combine), "
               f"top-{args.topk} of {args.experts} experts (median of {args.iters}, rank 0 "
               f"received {head['n']} rows)")
         worst = lambda key, s: min(rw[1][s][key][1] for rw in rows)  # noqa: E731

@@ -13,20 +13,24 @@ class Config:
     Attributes:
         num_sms: SMs (thread blocks) the kernel occupies; even. Half send,
             half receive: num_sms // 2 channels.
-        num_warps: warps per block (a multiple of 2, at most 32).
+        num_warps: warps per dispatch block (even, at most 32).
+        num_combine_warps: warps per combine block (even, at most 32).
         chunk_tokens: tokens each sender warp copies between two progress
             updates (a round is num_warps * chunk_tokens tokens).
     """
     num_sms: int = 24
     num_warps: int = 16
     chunk_tokens: int = 8
+    num_combine_warps: int = 32
 
     def __post_init__(self):
         if self.num_sms < 2 or self.num_sms % 2:
             raise InvalidInputError(
                 f"num_sms must be an even number >= 2 (senders and receivers pair up), got {self.num_sms}")
-        if self.num_warps < 2 or self.num_warps > 32 or self.num_warps % 2:
-            raise InvalidInputError(f"num_warps must be even and in [2, 32], got {self.num_warps}")
+        for name in ("num_warps", "num_combine_warps"):
+            w = getattr(self, name)
+            if w < 2 or w > 32 or w % 2:
+                raise InvalidInputError(f"{name} must be even and in [2, 32], got {w}")
         if self.chunk_tokens < 1:
             raise InvalidInputError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
 
@@ -36,5 +40,8 @@ class Config:
 
 
 def default_config(num_ranks: int) -> Config:
-    """Defaults per rank count (tuned on H100/H200 NVLink machines)."""
-    return Config(num_sms=24, num_warps=16, chunk_tokens=8)
+    """Defaults (measured on 2 and 4 H200s, benchmarks/RESULTS.md).
+
+    Dispatch was fastest with 16 warps and 8-token chunks; combine with 32 warps.
+    """
+    return Config(num_sms=24, num_warps=16, chunk_tokens=8, num_combine_warps=32)
