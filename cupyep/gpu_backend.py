@@ -120,7 +120,7 @@ class GpuBackend:
             self._layouts[key] = hit
         lay, dev, spc = hit
         if math.ceil(num_tokens / num_channels) > spc:
-            need = sizing.nvl_size_hint(hidden, num_tokens + num_channels, self.num_ranks, num_topk)
+            need = sizing.nvl_size_hint(hidden, num_tokens, self.num_ranks, num_topk)
             raise BufferTooSmallError(
                 f"num_nvl_bytes={self.num_nvl_bytes} holds {spc * num_channels} tokens per rank at "
                 f"hidden={hidden}, top-{num_topk}; {num_tokens} need num_nvl_bytes >= {need} "

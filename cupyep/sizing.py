@@ -84,7 +84,9 @@ def nvl_size_hint(hidden: int, num_max_tokens_per_rank: int, num_ranks: int,
         hidden: H. num_max_tokens_per_rank: the most tokens one rank sends.
         num_ranks: R. num_topk: the largest K used (0 without top-k).
     """
-    return nvl_layout(num_ranks, hidden, max(num_topk, 1), num_max_tokens_per_rank).end
+    # Tokens are split into channels and each channel owns max_tokens // C
+    # slots, so up to one slot per channel is lost to rounding.
+    return nvl_layout(num_ranks, hidden, max(num_topk, 1), num_max_tokens_per_rank + MAX_CHANNELS).end
 
 
 def max_tokens_for(num_nvl_bytes: int, num_ranks: int, hidden: int, num_topk: int) -> int:

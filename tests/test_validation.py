@@ -105,3 +105,13 @@ def test_destroyed_buffer(group):
     b.destroy()
     with pytest.raises(cupyep.GroupDestroyedError):
         b.get_dispatch_layout(np.zeros((1, 1), np.int64), SIZE)
+
+
+def test_size_hint_is_enough_for_every_channel_count():
+    from cupyep import sizing
+    for ranks in (2, 3, 8):
+        for tokens in (1, 255, 256, 4096):
+            nbytes = cupyep.nvl_size_hint(1024, tokens, ranks, 4)
+            t_max = sizing.max_tokens_for(nbytes, ranks, 1024, 4)
+            for channels in range(1, sizing.MAX_CHANNELS):
+                assert t_max // channels >= -(-tokens // channels)
