@@ -23,8 +23,8 @@ class Buffer:
     """Expert-parallel dispatch and combine over a :class:`Group`.
 
     Args:
-        group: the ranks taking part (a :class:`Group`, an mpi4py
-            communicator or a torch.distributed group).
+        group: the ranks taking part (a :class:`Group` or an mpi4py
+            communicator).
         num_nvl_bytes: symmetric bytes for normal kernels over NVLink.
         num_rdma_bytes: symmetric bytes for inter-node and low-latency kernels.
         low_latency_mode: reserve the low-latency layout in ``num_rdma_bytes``.

@@ -1,7 +1,6 @@
 """Process group: ranks, node layout, GPU choice and NVSHMEM lifetime.
 
-Created from an mpi4py communicator (default ``COMM_WORLD``) or a
-torch.distributed process group. The GPU side (device, NVSHMEM) starts only
+Created from an mpi4py communicator (default ``COMM_WORLD``). The GPU side (device, NVSHMEM) starts only
 when a GPU buffer first asks for it, so the reference backend needs no GPU.
 """
 from __future__ import annotations
@@ -19,8 +18,9 @@ def _as_mpi_comm(comm):
     if type(comm).__module__.startswith("mpi4py"):
         return comm
     if type(comm).__module__.startswith("torch"):
-        from .torch_comm import TorchDistComm
-        return TorchDistComm(comm)
+        raise InvalidInputError(
+            "torch.distributed groups are not supported yet: pass an mpi4py communicator "
+            "(processes started with mpirun/mpiexec)")
     raise InvalidInputError(f"expected an mpi4py communicator or a torch.distributed group, got {type(comm)}")
 
 
@@ -28,8 +28,7 @@ class Group:
     """The ranks taking part in expert parallelism.
 
     Args:
-        comm: mpi4py communicator, torch.distributed ProcessGroup, or None
-            for ``MPI.COMM_WORLD``.
+        comm: mpi4py communicator, or None for ``MPI.COMM_WORLD``.
         num_ranks_per_node: ranks in one NVLink domain. Default: the ranks
             sharing this host. A smaller value makes one host act as several
             nodes (4 GPUs as 2 x 2) to exercise the inter-node path.
