@@ -58,39 +58,37 @@ __device__ __forceinline__ void st_na(int4* p, const int4& v) {
                  ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
 }
 
-// A warp copies kNumInt4 16-byte words; src is a read-only input. Each lane
-// issues kBatch loads before its first store, so a warp keeps
-// 32 * kBatch * 16 bytes in flight (latency, not bandwidth, bounds one warp).
+// A warp copies kNumInt4 16-byte words. Each lane issues kCopyBatch loads
+// before its first store, so a warp keeps 32 * kCopyBatch * 16 bytes in
+// flight (latency, not bandwidth, bounds one warp). kReadOnlySrc: the source
+// is an input that nothing writes during the kernel, so the non-coherent path
+// is safe; otherwise (data another GPU wrote, after an acquire) plain
+// coherent loads.
 constexpr int kCopyBatch = 8;
+
+template <int kNumInt4, bool kReadOnlySrc>
+__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int lane) {
+    auto load = [src](int i) { return kReadOnlySrc ? ld_nc(src + i) : src[i]; };
+    constexpr int kStride = kWarpSize * kCopyBatch;
+    int i = lane;
+    for (; i + (kCopyBatch - 1) * kWarpSize < kNumInt4; i += kStride) {
+        int4 v[kCopyBatch];
+#pragma unroll
+        for (int j = 0; j < kCopyBatch; ++j) v[j] = load(i + j * kWarpSize);
+#pragma unroll
+        for (int j = 0; j < kCopyBatch; ++j) st_na(dst + i + j * kWarpSize, v[j]);
+    }
+    for (; i < kNumInt4; i += kWarpSize) st_na(dst + i, load(i));
+}
 
 template <int kNumInt4>
 __device__ __forceinline__ void warp_copy_nc(int4* dst, const int4* src, int lane) {
-    constexpr int kStride = kWarpSize * kCopyBatch;
-    int i = lane;
-    for (; i + (kCopyBatch - 1) * kWarpSize < kNumInt4; i += kStride) {
-        int4 v[kCopyBatch];
-#pragma unroll
-        for (int j = 0; j < kCopyBatch; ++j) v[j] = ld_nc(src + i + j * kWarpSize);
-#pragma unroll
-        for (int j = 0; j < kCopyBatch; ++j) st_na(dst + i + j * kWarpSize, v[j]);
-    }
-    for (; i < kNumInt4; i += kWarpSize) st_na(dst + i, ld_nc(src + i));
+    warp_copy<kNumInt4, true>(dst, src, lane);
 }
 
-// A warp copies kNumInt4 words that another GPU wrote during this kernel
-// (after an acquire): plain coherent loads, never the non-coherent path.
 template <int kNumInt4>
 __device__ __forceinline__ void warp_copy_coherent(int4* dst, const int4* src, int lane) {
-    constexpr int kStride = kWarpSize * kCopyBatch;
-    int i = lane;
-    for (; i + (kCopyBatch - 1) * kWarpSize < kNumInt4; i += kStride) {
-        int4 v[kCopyBatch];
-#pragma unroll
-        for (int j = 0; j < kCopyBatch; ++j) v[j] = src[i + j * kWarpSize];
-#pragma unroll
-        for (int j = 0; j < kCopyBatch; ++j) st_na(dst + i + j * kWarpSize, v[j]);
-    }
-    for (; i < kNumInt4; i += kWarpSize) st_na(dst + i, src[i]);
+    warp_copy<kNumInt4, false>(dst, src, lane);
 }
 
 // ---- errors ---------------------------------------------------------------
