@@ -56,9 +56,6 @@ class Group:
         atexit.register(self.destroy)
 
     def _host_local(self):
-        split = getattr(self.comm, "Split_type", None)
-        if split is None:
-            return self.comm.local_rank(), self.comm.local_size()
         from mpi4py import MPI
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         try:
@@ -86,7 +83,8 @@ class Group:
 
     def agree(self, ok: bool) -> bool:
         """True only when every rank passes ``ok`` (a collective)."""
-        return bool(self.comm.allreduce(bool(ok), op=_mpi_land()))
+        from mpi4py import MPI
+        return bool(self.comm.allreduce(bool(ok), op=MPI.LAND))
 
     # ---- GPU side -------------------------------------------------------- #
     def gpu_runtime(self, heap_bytes: int = 0):
@@ -118,14 +116,6 @@ class Group:
     def __exit__(self, *exc):
         self.destroy()
         return False
-
-
-def _mpi_land():
-    try:
-        from mpi4py import MPI
-        return MPI.LAND
-    except ImportError:  # torch.distributed adapter
-        return "land"
 
 
 def gpu_available() -> bool:

@@ -41,8 +41,7 @@ def test_non_contiguous(buffer, backend, good):
     x, idx, w, e = good
     wide = np.concatenate([x, x], axis=1)
     with pytest.raises(cupyep.InvalidInputError, match="contiguous"):
-        _dispatch(buffer, backend, None, idx, w, e) if False else buffer.dispatch(
-            to_backend(wide, backend)[:, ::2], to_backend(idx, backend), num_experts=e)
+        buffer.dispatch(to_backend(wide, backend)[:, ::2], to_backend(idx, backend), num_experts=e)
 
 
 def test_expert_out_of_range(buffer, backend, good):
