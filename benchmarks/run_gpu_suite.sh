@@ -2,7 +2,8 @@
 # One pass on a GPU machine: environment report, GPU tests at each rank count,
 # then the benchmarks. Logs go to $LOG_DIR (default ./gpu-logs).
 #   WHEELS=dir  install extra wheels (e.g. nvshmem4py) into /tmp/site first
-#   RANKS="2 4" rank counts for the tests; BENCH_RANKS: for the benchmark
+#   RANKS="2 4" rank counts for the tests; BENCH_RANKS / LL_BENCH_RANKS: for
+#   bench_normal / bench_low_latency (BENCH_ARGS / LL_BENCH_ARGS)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${LOG_DIR:-gpu-logs}; mkdir -p "$LOG_DIR"
@@ -23,4 +24,8 @@ done
 for n in ${BENCH_RANKS:-}; do
   echo "== bench_normal at $n ranks"
   timeout ${BENCH_TIMEOUT:-240} $MPIRUN -n $n python3 benchmarks/bench_normal.py ${BENCH_ARGS:-} 2>&1 | tee "$LOG_DIR/bench-normal-n$n.log" | tail -30
+done
+for n in ${LL_BENCH_RANKS:-}; do
+  echo "== bench_low_latency at $n ranks"
+  timeout ${BENCH_TIMEOUT:-240} $MPIRUN -n $n python3 benchmarks/bench_low_latency.py ${LL_BENCH_ARGS:-} 2>&1 | tee "$LOG_DIR/bench-low-latency-n$n.log" | tail -20
 done

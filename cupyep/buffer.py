@@ -13,6 +13,7 @@ from . import interop, validation
 from .config import Config
 from .errors import InvalidInputError
 from .group import Group, gpu_available, require_gpu
+from .low_latency import LL_MAX_TOPK
 from .types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResult,
                     LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle)
 
@@ -243,18 +244,25 @@ class Buffer:
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, *, use_fp8: bool = True, round_scale: bool = False,
                              use_ue8m0: bool = False, async_finish: bool = False,
-                             return_recv_hook: bool = False) -> LowLatencyDispatchResult:
+                             return_recv_hook: bool = False,
+                             cumulative_local_expert_recv_stats=None,
+                             dispatch_wait_recv_cost_stats=None) -> LowLatencyDispatchResult:
         """Decode-time dispatch: one message per (token, expert), fixed shapes.
 
         Args:
             x: [T, H] bf16, T <= num_max_dispatch_tokens_per_rank (M).
-            topk_idx: [T, K] int64 global expert ids, -1 unused.
-            num_max_dispatch_tokens_per_rank: M, fixed for the buffer's life.
+            topk_idx: [T, K] int64 (or int32) global expert ids, -1 unused, K <= 16.
+            num_max_dispatch_tokens_per_rank: M, the same on every rank and call.
             num_experts: E.
             use_fp8: cast to e4m3 with per-128 scales inside the kernel.
             round_scale: power-of-two scales; use_ue8m0: pack them as UE8M0.
+            async_finish: run on the communication stream and return an event.
             return_recv_hook: launch only the send half; the result's
                 ``hook`` launches the receive half.
+            cumulative_local_expert_recv_stats: [L] int32, optional; each
+                call adds the rows each local expert received.
+            dispatch_wait_recv_cost_stats: [R] int64, optional (GPU); each
+                call adds the nanoseconds spent waiting for each source rank.
 
         Returns:
             :class:`LowLatencyDispatchResult` in the caller's framework.
@@ -266,22 +274,40 @@ class Buffer:
         idx = self._native(topk_idx, "topk_idx")
         validation.check_topk(idx, None, data.shape[0])
         validation.check_num_experts(num_experts, self.num_ranks)
-        if data.shape[0] > num_max_dispatch_tokens_per_rank:
+        m = num_max_dispatch_tokens_per_rank
+        if m < 1 or data.shape[0] > m:
             raise InvalidInputError(
-                f"{data.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank="
-                f"{num_max_dispatch_tokens_per_rank}")
+                f"{data.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={m} (or it is < 1)")
+        if idx.shape[1] > LL_MAX_TOPK:
+            raise InvalidInputError(f"low-latency calls take at most {LL_MAX_TOPK} experts per token, "
+                                    f"got {idx.shape[1]}")
         if use_ue8m0 and (not use_fp8 or data.shape[1] % 512):
             raise InvalidInputError("use_ue8m0 needs use_fp8 and a hidden size divisible by 512")
-        out = self._impl.low_latency_dispatch(data, idx, num_max_dispatch_tokens_per_rank,
-                                              num_experts, use_fp8, round_scale, use_ue8m0,
-                                              async_finish, return_recv_hook)
-        h = LowLatencyHandle(self.buffer_id, out["call_id"], num_max_dispatch_tokens_per_rank,
-                             data.shape[1], num_experts, data.shape[0], idx.shape[1],
-                             out["src_info"], out["layout_range"], out["routing"])
+        local = num_experts // self.num_ranks
+        stats = self._stats(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
+                            "int32", local)
+        waits = self._stats(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", "int64",
+                            self.num_ranks)
+        out = self._impl.low_latency_dispatch(data, idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
+                                              async_finish, return_recv_hook, stats, waits)
+        h = LowLatencyHandle(self.buffer_id, out["call_id"], m, data.shape[1], num_experts,
+                             data.shape[0], idx.shape[1], out["src_info"], out["layout_range"],
+                             out["routing"], fw)
         back = self._from_native
         return LowLatencyDispatchResult(back(out["recv_x"], fw, fp8=use_fp8),
                                         back(out["recv_x_scales"], fw), back(out["recv_count"], fw),
                                         h, out.get("event"), out.get("hook"))
+
+    def _stats(self, a, name, dtype, length):
+        """An optional statistics array, updated in place (so no copy is allowed)."""
+        if a is None:
+            return None
+        native = self._native(a, name)
+        if native.dtype.name != dtype or tuple(native.shape) != (length,):
+            raise InvalidInputError(f"{name} must be {dtype} [{length}], got {native.dtype} "
+                                    f"{tuple(native.shape)}")
+        validation.check_contiguous(native, name)
+        return native
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *,
                             out=None, async_finish: bool = False,
@@ -289,7 +315,9 @@ class Buffer:
         """Decode-time combine: weighted sum in top-k order.
 
         Args:
-            x: [L, R*M, H] bf16 expert outputs in the dispatched layout.
+            x: [L, R*M, H] bf16 expert outputs in the dispatched layout (it may
+                be :meth:`get_next_low_latency_combine_buffer`, then nothing is
+                copied before sending).
             topk_idx: [T, K] int64 and topk_weights: [T, K] fp32, those of
                 the dispatch that made ``handle``.
             handle: the :class:`LowLatencyHandle`.
@@ -317,10 +345,36 @@ class Buffer:
         out_native = self._native(out, "out")
         if out_native is not None:
             validation.check_bf16_rows(out_native, "out", rows=handle.num_tokens)
+            if out_native.shape[1] != handle.hidden:
+                raise InvalidInputError(f"out must be [{handle.num_tokens}, {handle.hidden}], "
+                                        f"got {tuple(out_native.shape)}")
         res = self._impl.low_latency_combine(data, idx, w, handle, out_native, async_finish,
                                              return_recv_hook)
-        return LowLatencyCombineResult(self._from_native(res["combined_x"], fw),
-                                       res.get("event"), res.get("hook"))
+        combined = out if out is not None else self._from_native(res["combined_x"], fw)
+        return LowLatencyCombineResult(combined, res.get("event"), res.get("hook"))
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
+        """[L, R*M, H] bf16 array that the next low-latency call reads in place.
+
+        Write expert outputs here and pass it as ``x`` to the combine that
+        follows ``handle``'s dispatch: nothing is copied before sending.
+        Returned in the framework of that dispatch's inputs.
+        """
+        self._check_alive()
+        validation.check_handle(handle, LowLatencyHandle, self.buffer_id)
+        return self._from_native(self._impl.next_low_latency_combine_buffer(handle), handle.framework)
+
+    def clean_low_latency_buffer(self) -> None:
+        """Reset low-latency flags and counters (collective; after a timeout, or
+        to restart the call sequence). Waits for this rank's GPU work first."""
+        self._check_alive()
+        self._impl.clean_low_latency_buffer()
+
+    def set_low_latency_transport(self, transport: str) -> None:
+        """'auto' (NVLink stores where peers are mapped, NVSHMEM puts elsewhere),
+        'nvlink', or 'nvshmem' (puts to every peer, also on one host)."""
+        self._check_alive()
+        self._impl.set_low_latency_transport(transport)
 
     # ------------------------------------------------------------------ #
     def destroy(self):

@@ -1,6 +1,6 @@
 """FP8 (e4m3) casting with one fp32 scale per 128 channels, in NumPy.
 
-The GPU kernels implement the same arithmetic (see raw_kernels/cupyep/fp8.cuh):
+The GPU kernels implement the same arithmetic (raw_kernels/cupyep/fp8.cuh):
 ``scale = max(amax, 1e-4) / 448``, optionally rounded up to a power of two,
 ``q = saturate(x / scale)`` rounded to nearest even.
 """

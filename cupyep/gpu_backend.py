@@ -22,7 +22,7 @@ from .jit import KernelSpec, launch
 from .runtime import mapped_host_ints
 
 PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
-          4: "low_latency_dispatch.recv", 5: "low_latency_combine.recv"}
+          4: "low_latency_dispatch.recv", 5: "low_latency_combine.recv", 6: "low_latency.send"}
 _BLOCK_NOTIFY = 256
 
 
@@ -81,6 +81,8 @@ class GpuBackend:
         self._seq = 0
         self._notify_calls = 0
         self._layouts = {}
+        from .gpu_low_latency import GpuLowLatency
+        self.ll = GpuLowLatency(self, num_rdma_bytes)
         self.rt.sync_barrier()
 
     # ------------------------------------------------------------------ #
@@ -299,14 +301,26 @@ class GpuBackend:
         return out, out_w, self._end(cur, async_finish)
 
     # ------------------------------------------------------------------ #
-    def low_latency_dispatch(self, *args, **kwargs):
-        raise CupyepError("low-latency kernels are not available on the GPU backend yet; "
-                          "use backend='reference'")
+    def low_latency_dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
+                             async_finish, return_recv_hook, cumulative_stats=None, wait_stats=None):
+        return self.ll.dispatch(x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
+                                async_finish, return_recv_hook, cumulative_stats, wait_stats)
 
-    low_latency_combine = low_latency_dispatch
-    supports_low_latency = False
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, out, async_finish,
+                            return_recv_hook):
+        return self.ll.combine(x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook)
+
+    def next_low_latency_combine_buffer(self, handle):
+        return self.ll.next_combine_buffer(handle)
+
+    def set_low_latency_transport(self, transport: str):
+        self.ll.set_transport(transport)
+
+    def clean_low_latency_buffer(self):
+        self.ll.clean()
 
     def destroy(self):
         import cupy
         cupy.cuda.Device().synchronize()
+        self.ll.destroy()
         self.rt.free(self.nvl)

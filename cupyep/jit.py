@@ -129,7 +129,7 @@ def _source_text(spec: KernelSpec) -> str:
     # The digest makes the cache key (and CuPy's own, if used) see headers.
     head = f"// cupyep sources {sources_digest()}\n"
     if spec.nvshmem:
-        head += _NVSHMEM_PRELUDE + "#include <nvshmem.h>\n#include <nvshmemx.h>\n"
+        head += _NVSHMEM_PRELUDE + "#include <nvshmem.h>\n#include <nvshmemx.h>\n#define CUPYEP_NVSHMEM 1\n"
     return head + body
 
 

@@ -30,9 +30,25 @@ def representative_specs():
                         ("kNumScales", 0), ("kNumTopk", 0), ("IdxT", "long long")))
     specs.append(_k("intranode.cu", "combine", ("kNumRanks", 2), ("kHiddenInt4", 320), ("kNumTopk", 0)))
     specs.append(_k("bench_kernels.cu", "store_to_peers", ("kNumRanks", 4)))
+    specs.append(_k("bench_kernels.cu", "spin_ns"))
+    specs += low_latency_specs()
     return specs
+
+
+def low_latency_specs(nvshmem=False):
+    """FP8 (plain, power-of-two scales with UE8M0) and BF16 dispatch; combine."""
+    return [
+        _k("low_latency.cu", "low_latency_dispatch", ("kHidden", 7168), ("kFp8", "true"),
+           ("kRoundScale", "false"), ("kUe8m0", "false"), ("IdxT", "long long"), nvshmem=nvshmem),
+        _k("low_latency.cu", "low_latency_dispatch", ("kHidden", 2048), ("kFp8", "true"),
+           ("kRoundScale", "true"), ("kUe8m0", "true"), ("IdxT", "int"), nvshmem=nvshmem),
+        _k("low_latency.cu", "low_latency_dispatch", ("kHidden", 5120), ("kFp8", "false"),
+           ("kRoundScale", "false"), ("kUe8m0", "false"), ("IdxT", "long long"), nvshmem=nvshmem),
+        _k("low_latency.cu", "low_latency_combine", ("kHidden", 7168), ("IdxT", "long long"),
+           nvshmem=nvshmem),
+    ]
 
 
 def nvshmem_specs():
     """Kernels linked with NVSHMEM's device library."""
-    return [_k("nvshmem_probe.cu", "put_signal_probe", nvshmem=True)]
+    return [_k("nvshmem_probe.cu", "put_signal_probe", nvshmem=True)] + low_latency_specs(nvshmem=True)

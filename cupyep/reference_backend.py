@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 from . import reference, validation
+from .errors import InvalidInputError
+from .fp8 import bfloat16
+from .low_latency import TRANSPORTS
 
 
 class ReferenceBackend:
@@ -42,10 +47,13 @@ class ReferenceBackend:
         return out, wout, None
 
     def low_latency_dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
-                             async_finish, return_recv_hook):
+                             async_finish, return_recv_hook, cumulative_stats=None, wait_stats=None):
         validation.check_expert_range_host(topk_idx, num_experts)
         out = reference.low_latency_dispatch(self.comm, x, topk_idx, m, num_experts, use_fp8,
                                              round_scale, use_ue8m0)
+        if cumulative_stats is not None:
+            cumulative_stats += out["recv_count"].astype(cumulative_stats.dtype)
+        # wait_stats measure spin time inside GPU kernels; nothing spins here.
         out["call_id"] = next(self._calls)
         if return_recv_hook:
             out["hook"] = lambda: None  # data has already arrived on this backend
@@ -61,6 +69,18 @@ class ReferenceBackend:
         if return_recv_hook:
             d["hook"] = lambda: None
         return d
+
+    def next_low_latency_combine_buffer(self, handle):
+        local = handle.num_experts // self.comm.Get_size()
+        return np.zeros((local, self.comm.Get_size() * handle.num_max_dispatch_tokens_per_rank,
+                         handle.hidden), bfloat16)
+
+    def set_low_latency_transport(self, transport: str):
+        if transport not in TRANSPORTS:
+            raise InvalidInputError(f"low-latency transport must be one of {TRANSPORTS}, got {transport!r}")
+
+    def clean_low_latency_buffer(self):
+        self.comm.Barrier()  # no state to reset; collective like the GPU's
 
     def destroy(self):
         pass

@@ -109,6 +109,7 @@ class LowLatencyHandle:
         src_info: [L, R*M] int32 source token index per received row.
         layout_range: [L, R] int64, (begin << 32) | count per source rank.
         state: backend-specific tables.
+        framework: the caller's array framework, for views handed back.
     """
     buffer_id: int
     call_id: int
@@ -120,6 +121,7 @@ class LowLatencyHandle:
     src_info: Any
     layout_range: Any
     state: Any = field(repr=False, default=None)
+    framework: str = "numpy"
 
 
 @dataclass(frozen=True, eq=False)

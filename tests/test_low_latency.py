@@ -4,7 +4,7 @@ import pytest
 
 from cupyep import fp8
 
-from conftest import RANK, SIZE
+from conftest import COMM, RANK, SIZE
 from helpers import assert_close_bf16, bits, gather, random_rows, random_topk, to_backend, to_host
 
 
@@ -12,20 +12,77 @@ def expert_scale(e):
     return np.float32((e % 7 + 1) * 0.25)
 
 
-CASES = [  # (M, tokens, hidden, experts_per_rank, topk, use_fp8, round_scale, ue8m0, drop)
-    (128, 100, 2048, 4, 4, False, False, False, 0.1),
-    (128, 128, 7168, 8, 8, True, False, False, 0.0),
-    (1, 1, 5120, 2, 1, True, True, False, 0.0),
-    (256, 200, 2048, 9, 9, True, True, True, 0.2),
-    (32, 0, 2048, 4, 8, False, False, False, 0.0),
+@pytest.fixture(params=["auto", "nvshmem"])
+def transport(request, buffer, backend):
+    """GPU calls run over NVLink stores and again with NVSHMEM puts forced."""
+    if backend == "reference" and request.param != "auto":
+        pytest.skip("the transport is a GPU setting")
+    buffer.set_low_latency_transport(request.param)
+    yield request.param
+    buffer.set_low_latency_transport("auto")
+
+
+def check_dispatch(res, everyone, m, h, local, use_fp8, round_scale, ue8m0):
+    """Assert the received layout, rows and scales; return the expert outputs
+    y [L, R*M, H] bf16 (each source row times a per-expert constant)."""
+    got_count = to_host(res.recv_count)
+    got_x = to_host(res.recv_x, fp8.float8_e4m3 if use_fp8 else None)
+    assert got_x.shape == (local, SIZE * m, h)
+    got_src = to_host(res.handle.src_info)
+    got_range = to_host(res.handle.layout_range)
+    got_s = to_host(res.recv_x_scales)
+    if ue8m0:
+        assert got_s.dtype == np.int32 and got_s.shape == (local, SIZE * m, h // 512)
+        got_s = fp8.unpack_ue8m0(got_s.reshape(-1, h // 512)).reshape(local, SIZE * m, h // 128)
+    y = np.zeros((local, SIZE * m, h), fp8.bfloat16)
+    for e in range(local):
+        row = 0
+        for s, (xs, idx_s) in enumerate(everyone):
+            toks = np.flatnonzero((idx_s == RANK * local + e).any(axis=1))
+            assert got_range[e, s] == (row << 32) | len(toks), f"layout_range[{e},{s}]"
+            assert (got_src[e, row:row + len(toks)] == toks).all(), f"src_info of expert {e} from {s}"
+            if use_fp8:
+                q, sc = fp8.per_token_cast_to_fp8(xs[toks], round_scale=round_scale or ue8m0)
+                assert (bits(got_x[e, row:row + len(toks)]) == bits(q)).all(), f"e4m3 rows {e}/{s}"
+                assert (got_s[e, row:row + len(toks)] == sc).all(), f"scales {e}/{s}"
+            else:
+                assert (bits(got_x[e, row:row + len(toks)]) == bits(xs[toks])).all(), f"rows {e}/{s}"
+            y[e, row:row + len(toks)] = (xs[toks].astype(np.float32)
+                                         * expert_scale(RANK * local + e)).astype(fp8.bfloat16)
+            row += len(toks)
+        assert got_count[e] == row, f"recv_count[{e}]"
+        assert (got_src[e, row:] == -1).all(), f"src_info past the count of expert {e}"
+    return y
+
+
+def expected_combine(x, idx, w, scale_of=expert_scale):
+    """out[t] = sum over valid k, in k order, of w[t,k] * bf16(x[t] * scale(e))."""
+    t, h = x.shape
+    acc = np.zeros((t, h), np.float32)
+    for kk in range(idx.shape[1]):
+        e = idx[:, kk]
+        valid = e >= 0
+        scale = np.array([scale_of(v) for v in np.where(valid, e, 0)], np.float32)
+        ye = (x.astype(np.float32) * scale[:, None]).astype(fp8.bfloat16).astype(np.float32)
+        acc = acc + np.where(valid, w[:, kk], 0).astype(np.float32)[:, None] * ye
+    return acc
+
+
+CASES = [  # (M, tokens, hidden, experts, topk, use_fp8, round_scale, ue8m0, drop)
+    (128, 100, 2048, 4 * SIZE, 4, False, False, False, 0.1),
+    (128, 128, 7168, 8 * SIZE, 8, True, False, False, 0.0),
+    (1, 1, 5120, 2 * SIZE, 1, True, True, False, 0.0),
+    (256, 200, 2048, 9 * SIZE, 9, True, True, True, 0.2),
+    (32, 0, 2048, 4 * SIZE, 8, False, False, False, 0.0),
+    (16, 16, 2048, 288, 8, True, False, False, 0.05),
+    (8, 5, 2048, 8, 9, False, False, False, 0.0) if 8 % SIZE == 0 else (8, 5, 2048, 2 * SIZE, 9, False, False, False, 0.0),
 ]
 
 
-@pytest.mark.parametrize("m,t,h,epr,k,use_fp8,round_scale,ue8m0,drop", CASES)
-def test_low_latency(buffer, backend, rng, m, t, h, epr, k, use_fp8, round_scale, ue8m0, drop):
-    if not getattr(buffer._impl, "supports_low_latency", True):
-        pytest.skip("low-latency kernels are not implemented on the GPU backend yet")
-    num_experts = epr * SIZE
+@pytest.mark.parametrize("m,t,h,num_experts,k,use_fp8,round_scale,ue8m0,drop", CASES)
+def test_low_latency(buffer, backend, transport, rng, m, t, h, num_experts, k, use_fp8, round_scale,
+                     ue8m0, drop):
+    local = num_experts // SIZE
     k = min(k, num_experts)
     x = random_rows(rng, t, h)
     idx = random_topk(rng, t, num_experts, k, drop=drop)
@@ -34,41 +91,109 @@ def test_low_latency(buffer, backend, rng, m, t, h, epr, k, use_fp8, round_scale
     res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m,
                                       num_experts, use_fp8=use_fp8, round_scale=round_scale,
                                       use_ue8m0=ue8m0)
-    local = epr
-    got_count = to_host(res.recv_count)
-    got_x = to_host(res.recv_x, fp8.float8_e4m3 if use_fp8 else None)
-    assert got_x.shape == (local, SIZE * m, h)
-    got_src = to_host(res.handle.src_info)
-    got_range = to_host(res.handle.layout_range)
-    got_s = to_host(res.recv_x_scales)
-    if ue8m0:
-        got_s = fp8.unpack_ue8m0(got_s.reshape(-1, h // 512)).reshape(local, SIZE * m, h // 128)
-    y = np.zeros((local, SIZE * m, h), fp8.bfloat16)
-    for e in range(local):
-        row = 0
-        for s, (xs, idx_s) in enumerate(everyone):
-            toks = np.flatnonzero((idx_s == RANK * local + e).any(axis=1))
-            assert got_range[e, s] == (row << 32) | len(toks), f"layout_range[{e},{s}]"
-            assert (got_src[e, row:row + len(toks)] == toks).all()
-            if use_fp8:
-                q, sc = fp8.per_token_cast_to_fp8(xs[toks], round_scale=round_scale or ue8m0)
-                assert (bits(got_x[e, row:row + len(toks)]) == bits(q)).all()
-                assert (got_s[e, row:row + len(toks)] == sc).all()
-            else:
-                assert (bits(got_x[e, row:row + len(toks)]) == bits(xs[toks])).all()
-            # expert output: the original bf16 row times a per-expert constant
-            y[e, row:row + len(toks)] = (xs[toks].astype(np.float32)
-                                         * expert_scale(RANK * local + e)).astype(fp8.bfloat16)
-            row += len(toks)
-        assert got_count[e] == row
-
+    y = check_dispatch(res, everyone, m, h, local, use_fp8, round_scale, ue8m0)
     out = buffer.low_latency_combine(to_backend(y, backend), to_backend(idx, backend),
                                      to_backend(w, backend), res.handle)
-    want = np.zeros((t, h), np.float32)
-    for kk in range(k):
-        for tt in range(t):
-            e = idx[tt, kk]
-            if e >= 0:
-                ye = (x[tt].astype(np.float32) * expert_scale(e)).astype(fp8.bfloat16)
-                want[tt] += w[tt, kk] * ye.astype(np.float32)
-    assert_close_bf16(to_host(out.combined_x), want, "low-latency combined_x")
+    assert_close_bf16(to_host(out.combined_x), expected_combine(x, idx, w), "low-latency combined_x")
+
+
+def test_low_latency_repeated_expert(buffer, backend, transport, rng):
+    """A token that lists one expert twice receives it once and sums it twice."""
+    m, h, num_experts = 16, 2048, 4 * SIZE
+    x = random_rows(rng, 12, h)
+    idx = random_topk(rng, 12, num_experts, 4)
+    idx[::3, 2] = idx[::3, 0]
+    w = rng.random(idx.shape).astype(np.float32)
+    everyone = gather(x, idx)
+    res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m,
+                                      num_experts, use_fp8=False)
+    y = check_dispatch(res, everyone, m, h, num_experts // SIZE, False, False, False)
+    out = buffer.low_latency_combine(to_backend(y, backend), to_backend(idx, backend),
+                                     to_backend(w, backend), res.handle)
+    assert_close_bf16(to_host(out.combined_x), expected_combine(x, idx, w), "combined_x")
+
+
+def test_low_latency_hooks_zero_copy_out_and_stats(buffer, backend, transport, rng):
+    """Send halves first, receive halves through the hooks; combine reads the
+    send buffer in place and writes into ``out``; statistics accumulate."""
+    m, h, num_experts, k = 64, 5120, 6 * SIZE, 8
+    local = num_experts // SIZE
+    stats = to_backend(np.zeros(local, np.int32), backend)
+    for _ in range(2):
+        x = random_rows(rng, m, h)
+        idx = random_topk(rng, m, num_experts, k, drop=0.1)
+        w = rng.random(idx.shape).astype(np.float32)
+        everyone = gather(x, idx)
+        res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m,
+                                          num_experts, use_fp8=True, return_recv_hook=True,
+                                          cumulative_local_expert_recv_stats=stats)
+        assert res.hook is not None
+        res.hook()
+        y = check_dispatch(res, everyone, m, h, local, True, False, False)
+        send_buf = buffer.get_next_low_latency_combine_buffer(res.handle)
+        assert tuple(send_buf.shape) == (local, SIZE * m, h)
+        send_buf[...] = to_backend(y, backend)
+        out = to_backend(np.zeros((m, h), fp8.bfloat16), backend)
+        comb = buffer.low_latency_combine(send_buf, to_backend(idx, backend), to_backend(w, backend),
+                                          res.handle, out=out, return_recv_hook=True)
+        comb.hook()
+        assert comb.combined_x is out
+        assert_close_bf16(to_host(out), expected_combine(x, idx, w), "combined_x through hooks")
+    assert (to_host(stats) >= 0).all() and to_host(stats).sum() > 0
+
+
+@pytest.mark.gpu
+def test_low_latency_cuda_graph_replays(buffer, backend, transport, rng):
+    """Dispatch, an expert step and combine captured in one CUDA graph,
+    replayed 100 times with new tokens and routing, every replay checked."""
+    if backend != "gpu":
+        pytest.skip("CUDA graphs need the GPU backend")
+    import cupy
+    m, h, num_experts, k = 32, 2048, 4 * SIZE, 4
+    local = num_experts // SIZE
+    x_dev = cupy.empty((m, h), fp8.bfloat16)
+    idx_dev = cupy.empty((m, k), np.int64)
+    w_dev = cupy.empty((m, k), np.float32)
+
+    def fill():
+        x = random_rows(rng, m, h)
+        idx = random_topk(rng, m, num_experts, k, drop=0.1)
+        w = rng.random(idx.shape).astype(np.float32)
+        x_dev[...] = to_backend(x, backend)
+        idx_dev[...] = cupy.asarray(idx)
+        w_dev[...] = cupy.asarray(w)
+        return x, idx, w
+
+    def step():
+        d = buffer.low_latency_dispatch(x_dev, idx_dev, m, num_experts, use_fp8=False)
+        y = buffer.get_next_low_latency_combine_buffer(d.handle)
+        y[...] = d.recv_x
+        c = buffer.low_latency_combine(y, idx_dev, w_dev, d.handle)
+        return d, c
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        fill()
+        step()  # compiles kernels and fills the pool before capture
+        stream.synchronize()
+        COMM.Barrier()
+        stream.begin_capture()
+        d, c = step()
+        graph = stream.end_capture()
+    from mpi4py import MPI
+    for i in range(100):
+        with stream:
+            x, idx, w = fill()
+            graph.launch(stream)
+            stream.synchronize()
+        everyone = gather(x, idx)
+        error = None
+        try:  # every rank checks, then all agree before the next replay
+            buffer._impl.check_errors()
+            check_dispatch(d, everyone, m, h, local, False, False, False)
+            assert_close_bf16(to_host(c.combined_x), expected_combine(x, idx, w, lambda e: 1.0),
+                              f"combined_x of replay {i}")
+        except Exception as e:  # noqa: BLE001 - reported below, after the vote
+            error = e
+        if COMM.allreduce(error is not None, op=MPI.LOR):
+            raise AssertionError(f"replay {i} failed on some rank; here: {error!r}")

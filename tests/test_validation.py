@@ -89,6 +89,32 @@ def test_low_latency_too_many_tokens(buffer, backend, good):
         buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), 8, e)
 
 
+def test_low_latency_bad_arguments(buffer, backend, good, rng):
+    """Each is rejected before launch; the buffer keeps working afterwards."""
+    x, idx, w, e = good
+    t = x.shape[0]
+    xb, ib = to_backend(x, backend), to_backend(idx, backend)
+    wide = to_backend(np.zeros((t, 17), np.int64), backend)
+    with pytest.raises(cupyep.InvalidInputError, match="at most 16"):
+        buffer.low_latency_dispatch(xb, wide, t, e)
+    with pytest.raises(cupyep.InvalidInputError, match="cumulative_local_expert_recv_stats"):
+        buffer.low_latency_dispatch(xb, ib, t, e,
+                                    cumulative_local_expert_recv_stats=to_backend(np.zeros(3, np.int64), backend))
+    with pytest.raises(cupyep.InvalidInputError, match="transport"):
+        buffer.set_low_latency_transport("carrier-pigeon")
+    if backend == "gpu":
+        with pytest.raises(cupyep.BufferTooSmallError, match="low_latency_size_hint"):
+            buffer.low_latency_dispatch(xb, ib, 1 << 16, e)
+    res = buffer.low_latency_dispatch(xb, ib, t, e, use_fp8=False)
+    with pytest.raises(cupyep.InvalidInputError, match="x must be bf16"):
+        buffer.low_latency_combine(res.recv_x[:1], ib, to_backend(w, backend), res.handle)
+    with pytest.raises(cupyep.InvalidInputError, match="out"):
+        buffer.low_latency_combine(res.recv_x, ib, to_backend(w, backend), res.handle,
+                                   out=to_backend(np.zeros((t + 1, x.shape[1]), x.dtype), backend))
+    out = buffer.low_latency_combine(res.recv_x, ib, to_backend(w, backend), res.handle)
+    assert tuple(out.combined_x.shape) == x.shape
+
+
 def test_bad_config():
     with pytest.raises(cupyep.InvalidInputError, match="even"):
         cupyep.Config(num_sms=7)

@@ -1,5 +1,6 @@
 // Kernels that measure the machine, not cupyep: the ceiling of 16-byte
-// stores from SMs into every peer's memory at once.
+// stores from SMs into every peer's memory at once; a spin that keeps the
+// stream busy while the host queues the calls being timed.
 #include "cupyep/common.cuh"
 
 namespace cupyep {
@@ -19,6 +20,14 @@ __global__ void store_to_peers(char* const* peers, int rank, long long offset, c
     for (long long i = (long long)b * blockDim.x + threadIdx.x; i < num_int4;
          i += (long long)blocks_per_peer * blockDim.x)
         st_na(dst + i, ld_nc(src + i));
+}
+
+// One thread waits ns nanoseconds: calls queued behind it then run back to
+// back, so CUDA events time the GPU and not the host's launch rate.
+__global__ void spin_ns(long long ns) {
+    const unsigned long long start = global_timer_ns();
+    while (global_timer_ns() - start < (unsigned long long)ns) {
+    }
 }
 
 }  // namespace cupyep

@@ -15,6 +15,7 @@ enum Phase : int {
     kPhaseCombineRecv = 3,
     kPhaseLowLatencyDispatchRecv = 4,
     kPhaseLowLatencyCombineRecv = 5,
+    kPhaseLowLatencySend = 6,
 };
 
 // ---- memory ordering ------------------------------------------------------
@@ -34,6 +35,28 @@ __device__ __forceinline__ void st_release_sys(int* p, int v) {
 
 __device__ __forceinline__ void st_relaxed_sys(int* p, int v) {
     asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ long long ld_acquire_sys(const long long* p) {
+    long long v;
+    asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_release_sys(long long* p, long long v) {
+    asm volatile("st.release.sys.global.s64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// GPU-scope counters for work done by several warps of one kernel: each warp
+// adds with release after its stores; the waiter acquires before publishing.
+__device__ __forceinline__ void red_add_release_gpu(int* p, int v) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
 }
 
 __device__ __forceinline__ unsigned long long global_timer_ns() {

@@ -1,0 +1,212 @@
+"""Low-latency dispatch/combine latency, with the NCCL baseline.
+
+    mpirun -n 2 python benchmarks/bench_low_latency.py [--transports auto nvshmem]
+
+Protocol (DESIGN.md): 128 tokens per rank, hidden 7168, top-8 of 288 experts,
+random routing, FP8 dispatch and BF16 combine. Reported per transport: time of
+one dispatch and one combine (CUDA events around calls queued behind a spin
+kernel, so kernels run back to back; median of --iters, slowest rank), one
+dispatch + combine pair replayed from a CUDA graph, the send and receive
+halves of hook mode, and the host cost of each call from Python.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cupyep  # noqa: E402
+from cupyep import fp8  # noqa: E402
+
+from cupyep.jit import KernelSpec, launch  # noqa: E402
+
+from bench_normal import timed  # noqa: E402
+
+
+SPIN = KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns")
+
+
+def gpu_times(steps, iters, spin_us_per_iter=400):
+    """Median GPU time (us) of each step of a round, over ``iters`` rounds.
+
+    A spin kernel is queued first, so every round is queued while it runs and
+    the GPU then executes the steps back to back: the events time the kernels
+    (including waits on peers), not Python's launch rate.
+    """
+    import cupy
+    launch(SPIN, (1,), (1,), (np.int64(spin_us_per_iter * 1000 * iters),))
+    marks = []
+    for _ in range(iters):
+        row = [cupy.cuda.Event()]
+        row[0].record()
+        for step in steps:
+            step()
+            row.append(cupy.cuda.Event())
+            row[-1].record()
+        marks.append(row)
+    marks[-1][-1].synchronize()
+    return [statistics.median(cupy.cuda.get_elapsed_time(r[j], r[j + 1]) * 1e3 for r in marks)
+            for j in range(len(steps))]
+
+
+def measure(buf, group, x, idx, w, args):
+    """Latencies in microseconds for the current transport."""
+    import cupy
+    m, e = args.tokens, args.experts
+    dispatch = lambda **kw: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True, **kw)  # noqa: E731
+    y = cupy.ones((e // group.size, group.size * m, args.hidden), fp8.bfloat16)
+    combine = lambda h, **kw: buf.low_latency_combine(y, idx, w, h, **kw)  # noqa: E731
+    for _ in range(args.warmup):
+        combine(dispatch().handle)
+    cupy.cuda.Device().synchronize()
+    group.comm.Barrier()
+    state = {}
+
+    def d_step():
+        state["d"] = dispatch()
+
+    def c_step():
+        combine(state["d"].handle)
+
+    def d_send():
+        state["d"] = dispatch(return_recv_hook=True)
+
+    def c_send():
+        state["c"] = combine(state["d"].handle, return_recv_hook=True)
+
+    res = dict(zip(("dispatch", "combine"), gpu_times([d_step, c_step], args.iters)))
+    cupy.cuda.Device().synchronize()
+    group.comm.Barrier()
+    res.update(zip(("send_dispatch", "recv_dispatch", "send_combine", "recv_combine"),
+                   gpu_times([d_send, lambda: state["d"].hook(), c_send, lambda: state["c"].hook()],
+                             args.iters)))
+    cupy.cuda.Device().synchronize()
+    group.comm.Barrier()
+
+    # Host cost of each call from Python (the GPU keeps up, so no queue builds).
+    host_d, host_c = [], []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        d = dispatch()
+        t1 = time.perf_counter()
+        combine(d.handle)
+        t2 = time.perf_counter()
+        host_d.append(t1 - t0)
+        host_c.append(t2 - t1)
+    res.update(host_dispatch=statistics.median(host_d) * 1e6, host_combine=statistics.median(host_c) * 1e6)
+    if args.profile and group.rank == 0:
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(100):
+            combine(dispatch().handle)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    elif args.profile:
+        for _ in range(100):
+            combine(dispatch().handle)
+    cupy.cuda.Device().synchronize()
+    group.comm.Barrier()
+
+    # One dispatch + combine pair from a CUDA graph.
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        combine(dispatch().handle)
+        stream.synchronize()
+        group.comm.Barrier()
+        stream.begin_capture()
+        combine(dispatch().handle)
+        graph = stream.end_capture()
+        res["graph_pair"] = gpu_times([lambda: graph.launch(stream)], args.iters)[0]
+        stream.synchronize()
+    group.comm.Barrier()
+    return res
+
+
+def nccl_baseline(group, x, idx, args, iters, warmup):
+    """torch all_to_all_single of one row per (token, expert) after an index_select."""
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        port = group.comm.bcast(29500 + np.random.randint(0, 1000) if group.rank == 0 else None)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("nccl", rank=group.rank, world_size=group.size,
+                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    x_t, idx_t = torch.from_dlpack(x), torch.from_dlpack(idx)
+    local = args.experts // group.size
+    flat = idx_t.flatten()
+    valid = torch.nonzero(flat >= 0).squeeze(1)
+    dest = flat[valid] // local
+    order = torch.argsort(dest, stable=True)
+    rows = (valid[order] // idx_t.shape[1])
+    send_splits = torch.bincount(dest, minlength=group.size).tolist()
+    recv_splits = group.comm.alltoall(send_splits)
+    out = torch.empty(sum(recv_splits), x_t.shape[1], dtype=x_t.dtype, device=x_t.device)
+
+    def run():
+        dist.all_to_all_single(out, x_t.index_select(0, rows), recv_splits, send_splits)
+    return timed(run, iters, warmup)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--experts", type=int, default=288)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--transports", nargs="*", default=["auto", "nvshmem"])
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--no-nccl", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="cProfile 100 calls on rank 0")
+    args = ap.parse_args()
+
+    import cupy
+    group = cupyep.Group()
+    r = group.size
+    rdma = cupyep.low_latency_size_hint(args.tokens, args.hidden, r, args.experts)
+    buf = cupyep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, backend="gpu")
+    rng = np.random.default_rng(group.rank)
+    x_np = rng.standard_normal((args.tokens, args.hidden)).astype(fp8.bfloat16)
+    idx_np = np.argsort(rng.random((args.tokens, args.experts)), axis=1)[:, :args.topk].astype(np.int64)
+    x = cupy.asarray(x_np.view(np.uint16)).view(fp8.bfloat16)
+    idx = cupy.asarray(idx_np)
+    w = cupy.asarray(rng.random(idx_np.shape).astype(np.float32))
+
+    results = {}
+    for tr in args.transports:
+        buf.set_low_latency_transport(tr)
+        results[tr] = measure(buf, group, x, idx, w, args)
+    nccl = None if args.no_nccl else nccl_baseline(group, x, idx, args, args.iters, args.warmup)
+
+    rows = group.comm.gather((results, nccl), root=0)
+    if group.rank == 0:
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        print(f"\ncupyep low-latency kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
+              f"top-{args.topk} of {args.experts} experts, FP8 dispatch, BF16 combine "
+              f"(median of {args.iters}, slowest rank)")
+        keys = [("dispatch", "dispatch"), ("combine", "combine"), ("graph_pair", "graph: dispatch+combine"),
+                ("send_dispatch", "hook: dispatch send"), ("recv_dispatch", "hook: dispatch recv"),
+                ("send_combine", "hook: combine send"), ("recv_combine", "hook: combine recv"),
+                ("host_dispatch", "host cost: dispatch call"), ("host_combine", "host cost: combine call")]
+        print(f"{'':28}" + "".join(f"{tr:>14}" for tr in args.transports))
+        for key, label in keys:
+            cells = "".join(f"{max(rw[0][tr][key] for rw in rows):11.1f} us" for tr in args.transports)
+            print(f"{label:28}{cells}")
+        if nccl is not None:
+            print(f"NCCL baseline (index_select + all_to_all_single, bf16 rows per (token, expert)): "
+                  f"{max(rw[1] for rw in rows):.1f} us")
+    buf.destroy()
+    if not args.no_nccl:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    group.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Low-latency dispatch and combine on the GPU (decoding).
+
+Kernels: raw_kernels/cupyep/low_latency.cu; layout: cupyep/low_latency.py.
+Calls launch on the caller's current stream (so they can be captured in a CUDA
+graph) unless ``async_finish`` asks for the communication stream and an event.
+With ``return_recv_hook`` the call launches only its send half and returns a
+hook that launches the receive half; no SM spins in between.
+
+Peers reachable over NVLink are written with plain stores. The NVSHMEM-linked
+kernels put through NVSHMEM to peers without a mapping, or to every peer when
+``transport='nvshmem'`` (or ``CUPYEP_LL_TRANSPORT=nvshmem``).
+
+Outputs are allocated per call. While the stream is being captured they come
+from arrays the buffer keeps per half instead, so a replayed graph writes
+memory that stays valid; run each shape once outside capture first.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CupyepError, InvalidInputError
+from .events import EventOverlap
+from .fp8 import FP8_GROUP, bfloat16
+from .jit import KernelSpec, get_kernel
+from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
+
+_THREADS = 512  # kLLThreads in low_latency.cu
+
+
+@dataclass(frozen=True, eq=False)
+class GpuLowLatencyState:
+    """Kept in a LowLatencyHandle: what combine needs from its dispatch."""
+    recv_k: object          # [L, R*M] int32 top-k slot of each received row at its source
+    layout: LowLatencyLayout
+
+
+def _ptr(a) -> np.uint64:
+    return np.uint64(0 if a is None else a.data.ptr)
+
+
+def _capturing(stream) -> bool:
+    try:
+        return bool(stream.is_capturing())
+    except Exception:
+        return False
+
+
+class GpuLowLatency:
+    """Low-latency state of one GpuBackend: the symmetric buffer and call count."""
+
+    def __init__(self, backend, num_rdma_bytes: int, transport: str = "auto"):
+        import cupy
+        self.be = backend
+        self.num_rdma_bytes = int(num_rdma_bytes)
+        self.sym = backend.rt.alloc(self.num_rdma_bytes) if self.num_rdma_bytes else None
+        self.calls = 0
+        self._kept = {}
+        self._finish = {}
+        self._kernels = {}
+        self._blocks_done = cupy.zeros(2, np.int32)
+        self.num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        self.transport = "auto"
+        self.set_transport(os.environ.get("CUPYEP_LL_TRANSPORT", transport))
+
+    def set_transport(self, transport: str) -> None:
+        if transport not in TRANSPORTS:
+            raise InvalidInputError(f"low-latency transport must be one of {TRANSPORTS}, got {transport!r}")
+        if transport == "nvlink" and self.sym is not None and 0 in self.sym.peer_ptrs:
+            raise InvalidInputError("transport='nvlink': some peers have no NVLink mapping here; "
+                                    "use 'auto' or 'nvshmem'")
+        self.transport = transport
+
+    @property
+    def _nvshmem_build(self) -> bool:
+        """Kernels linked with NVSHMEM: forced puts, or a peer without an NVLink mapping."""
+        return self.transport == "nvshmem" or (self.transport == "auto" and 0 in self.sym.peer_ptrs)
+
+    # ------------------------------------------------------------------ #
+    def _layout(self, m: int, hidden: int, num_experts: int) -> LowLatencyLayout:
+        if self.sym is None:
+            raise InvalidInputError("this Buffer has no low-latency memory: pass num_rdma_bytes="
+                                    "cupyep.low_latency_size_hint(M, hidden, ranks, experts)")
+        return check_low_latency_fits(self.num_rdma_bytes, m, hidden, self.be.num_ranks, num_experts)
+
+    def _next_half(self):
+        half = self.calls % 2
+        self.calls += 1
+        return half
+
+    def _array(self, key, shape, dtype, capturing):
+        """Fresh per call; a kept per-half array while capturing a graph."""
+        import cupy
+        if not capturing:
+            return cupy.empty(shape, dtype)
+        a = self._kept.get(key)
+        if a is None:
+            a = self._kept[key] = cupy.empty(shape, dtype)
+        return a
+
+    def _finish_counter(self, num_experts):
+        import cupy
+        c = self._finish.get(num_experts)
+        if c is None:
+            c = self._finish[num_experts] = cupy.zeros(num_experts, np.int32)
+        return c
+
+    def _kernel(self, name, *targs):
+        """The loaded kernel (cached here: this lookup is on every call's path)."""
+        key = (name, targs, self._nvshmem_build)
+        fn = self._kernels.get(key)
+        if fn is None:
+            fn = get_kernel(KernelSpec("cupyep/low_latency.cu", f"cupyep::{name}", tuple(targs),
+                                       self._nvshmem_build))[0]
+            self._kernels[key] = fn
+        return fn
+
+    def _launch(self, fn, args, stream):
+        import cupy
+        if stream is cupy.cuda.get_current_stream():
+            fn((self.num_sms,), (_THREADS,), args)
+        else:
+            with stream:
+                fn((self.num_sms,), (_THREADS,), args)
+
+    def _stream(self, async_finish):
+        """Launch stream, and the caller's stream to order after (or None)."""
+        import cupy
+        cur = cupy.cuda.get_current_stream()
+        if not async_finish:
+            return cur, None
+        self.be.stream.wait_event(cur.record())
+        return self.be.stream, cur
+
+    def _event(self, stream, async_finish):
+        return EventOverlap(stream.record()) if async_finish else None
+
+    # ------------------------------------------------------------------ #
+    def dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish,
+                 return_recv_hook, cumulative_stats=None, wait_stats=None):
+        be = self.be
+        r = be.num_ranks
+        t, hidden = x.shape
+        k = topk_idx.shape[1]
+        if async_finish and return_recv_hook:
+            raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
+        lay = self._layout(m, hidden, num_experts)
+        local = num_experts // r
+        be.check_errors()
+        stream, _ = self._stream(async_finish)
+        capturing = _capturing(stream)
+        half = self._next_half()
+        off = lay.offsets(half)
+        rows = r * m
+        kh = ("d", half, use_fp8, use_ue8m0, m, hidden, num_experts)
+        recv_x = self._array(kh + ("x",), (local, rows, hidden), np.uint8 if use_fp8 else bfloat16, capturing)
+        recv_s = None
+        if use_fp8:
+            recv_s = (self._array(kh + ("s",), (local, rows, hidden // 512), np.int32, capturing) if use_ue8m0
+                      else self._array(kh + ("s",), (local, rows, hidden // FP8_GROUP), np.float32, capturing))
+        recv_count = self._array(kh + ("c",), (local,), np.int32, capturing)
+        src_info = self._array(kh + ("i",), (local, rows), np.int32, capturing)
+        layout_range = self._array(kh + ("r",), (local, r), np.int64, capturing)
+        recv_k = self._array(kh + ("k",), (local, rows), np.int32, capturing)
+        fl = lambda v: "true" if v else "false"  # noqa: E731
+        fn = self._kernel("low_latency_dispatch", ("kHidden", hidden), ("kFp8", fl(use_fp8)),
+                          ("kRoundScale", fl(round_scale or use_ue8m0)), ("kUe8m0", fl(use_ue8m0)),
+                          ("IdxT", "long long" if topk_idx.dtype == np.int64 else "int"))
+        finish = self._finish_counter(num_experts)
+
+        def run(phases, stream):
+            self._launch(fn,
+                   (x, topk_idx, np.int32(t), np.int32(k), np.int32(m), np.int32(num_experts),
+                    np.int32(be.rank), np.int32(r), np.uint64(self.sym.ptr), self.sym.peers,
+                    np.int32(self.transport == "nvshmem"), np.int64(off["dispatch_flags"]),
+                    np.int64(off["dispatch_area"]), np.int64(off["send_area"]), finish,
+                    recv_x, _ptr(recv_s), recv_count, src_info, layout_range, recv_k,
+                    _ptr(cumulative_stats), _ptr(wait_stats), np.int32(phases),
+                    np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream)
+
+        hook = None
+        if return_recv_hook:
+            run(1, stream)
+            hook = self._hook(lambda s: run(2, s))
+        else:
+            run(3, stream)
+        out = {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_count": recv_count,
+               "src_info": src_info, "layout_range": layout_range,
+               "routing": GpuLowLatencyState(recv_k, lay), "call_id": self.calls,
+               "event": self._event(stream, async_finish), "hook": hook}
+        return out
+
+    def _hook(self, launch_recv):
+        done = []
+
+        def hook():
+            """Launch the receive half on the current stream (once)."""
+            if done:
+                raise CupyepError("this receive hook was already called")
+            done.append(True)
+            import cupy
+            self.be.check_errors()
+            launch_recv(cupy.cuda.get_current_stream())
+        return hook
+
+    def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook):
+        be = self.be
+        r = be.num_ranks
+        st: GpuLowLatencyState = handle.state
+        lay = st.layout
+        t, k = topk_idx.shape
+        if async_finish and return_recv_hook:
+            raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
+        be.check_errors()
+        stream, _ = self._stream(async_finish)
+        capturing = _capturing(stream)
+        half = self._next_half()
+        off = lay.offsets(half)
+        if out is None:
+            out = self._array(("c", half, t, lay.hidden), (t, lay.hidden), bfloat16, capturing)
+        zero_copy = x.data.ptr == self.sym.ptr + off["send_area"]
+        groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
+        fn = self._kernel("low_latency_combine", ("kHidden", lay.hidden),
+                          ("IdxT", "long long" if topk_idx.dtype == np.int64 else "int"))
+
+        def run(phases, stream):
+            self._launch(fn,
+                   (x, handle.src_info, st.recv_k, handle.layout_range, topk_idx, topk_weights,
+                    np.int32(t), np.int32(k), np.int32(lay.max_tokens), np.int32(lay.num_experts),
+                    np.int32(be.rank), np.int32(r), np.uint64(self.sym.ptr), self.sym.peers,
+                    np.int32(self.transport == "nvshmem"), np.int32(zero_copy),
+                    np.int64(off["combine_flags"]), np.int64(off["combine_area"]),
+                    np.int64(off["send_area"]), np.int32(groups), self._blocks_done[half:half + 1],
+                    out, np.int32(phases),
+                    np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream)
+
+        hook = None
+        if return_recv_hook:
+            run(1, stream)
+            hook = self._hook(lambda s: run(2, s))
+        else:
+            run(3, stream)
+        return {"combined_x": out, "event": self._event(stream, async_finish), "hook": hook}
+
+    def next_combine_buffer(self, handle):
+        """[L, R*M, H] bf16 view of the send area the next call (a combine) reads in place."""
+        import cupy
+        lay: LowLatencyLayout = handle.state.layout
+        local = lay.num_experts // self.be.num_ranks
+        shape = (local, self.be.num_ranks * lay.max_tokens, lay.hidden)
+        ptr = self.sym.ptr + lay.offsets(self.calls % 2)["send_area"]
+        mem = cupy.cuda.UnownedMemory(ptr, int(np.prod(shape)) * 2, self.sym)
+        return cupy.ndarray(shape, bfloat16, cupy.cuda.MemoryPointer(mem, 0))
+
+    def clean(self):
+        """Zero flags and counters (collective), e.g. after a timeout."""
+        import cupy
+        cupy.cuda.Device().synchronize()
+        self.be.group.comm.Barrier()
+        if self.sym is not None:
+            cupy.cuda.runtime.memset(self.sym.ptr, 0, self.num_rdma_bytes)
+        for c in self._finish.values():
+            c.fill(0)
+        self._blocks_done.fill(0)
+        self.calls = 0
+        cupy.cuda.Device().synchronize()
+        self.be.group.comm.Barrier()
+
+    def destroy(self):
+        if self.sym is not None:
+            self.be.rt.free(self.sym)
+            self.sym = None

@@ -1,0 +1,420 @@
+// Low-latency dispatch and combine for decoding: fixed shapes, no host
+// synchronisation, capturable in CUDA graphs.
+//
+// Every rank owns one symmetric buffer with two halves; call n uses half n % 2
+// (layout in cupyep/low_latency.py). Per half:
+//   dispatch flags [L][R] i64  count + 1 of rows that source r sent to local expert l
+//                              (flags sit at fixed offsets whatever the shapes)
+//   combine flags  [E] i64     1 once global expert e's owner sent us all its rows
+//   dispatch area  [L][R][M]   messages: 16-byte header {token, k} + payload
+//   combine area   [M][16][H]  bf16 expert outputs, slot [token][k]
+//   send area                  staging for NVSHMEM puts (and zero-copy combine)
+//
+// Dispatch: a warp per (token, k) sends one message per distinct expert, into
+// slot = number of earlier tokens of this rank that chose that expert, so rows
+// keep source-token order without atomics. A warp per expert then waits until
+// every message for it is written (a local counter) and publishes the count.
+// The receive half waits for the counts of its local experts and packs rows
+// in source-rank order. Combine: a warp group per (local expert, destination)
+// writes rows into [token][k] slots of the destination and sets the flag; the
+// receive half waits for every flag and reduces in top-k order in fp32.
+//
+// Flags are zeroed by their reader once read: a dispatch flag by the one
+// thread that waits on it, the combine flags (read by every block) by the last
+// block to finish reading. Peers write a half again only two calls later,
+// after seeing flags this rank sets in the call in between, which runs after
+// this call's receive half: so up to two calls may be in flight (one with its
+// receive hook pending), never three.
+#include "cupyep/common.cuh"
+#include "cupyep/fp8.cuh"
+
+namespace cupyep {
+
+constexpr int kLLWarps = 16;
+constexpr int kLLThreads = kLLWarps * kWarpSize;
+constexpr int kLLMaxTopk = 16;  // slot stride of the combine area
+constexpr int kLLMaxRanks = 64;
+
+#ifdef CUPYEP_NVSHMEM
+constexpr bool kHasNvshmem = true;
+#else
+constexpr bool kHasNvshmem = false;
+#endif
+
+__host__ __device__ constexpr int ll_message_bytes(int hidden, bool fp8) {
+    return (16 + (fp8 ? hidden + hidden / 32 : 2 * hidden) + 15) / 16 * 16;
+}
+
+// A peer is written with plain stores through its NVLink mapping, or with
+// NVSHMEM puts where it has none (or when puts are forced).
+__device__ __forceinline__ bool use_put(char* const* peers, int peer, int force_put) {
+    return kHasNvshmem && (force_put || peers[peer] == nullptr);
+}
+
+__device__ __forceinline__ void warp_put(char* local_base, long long dst_off, const void* src,
+                                         int bytes, int peer) {
+#ifdef CUPYEP_NVSHMEM
+    // Symmetric address: our own copy's address names the peer's copy.
+    nvshmemx_putmem_nbi_warp(local_base + dst_off, src, bytes, peer);
+#endif
+}
+
+// After a warp's stores or puts of one message: lane 0 may then publish them.
+// __syncwarp orders the other lanes' stores before lane 0's release; quiet
+// completes NVSHMEM puts.
+__device__ __forceinline__ void warp_complete(bool put, int lane) {
+    __syncwarp();
+#ifdef CUPYEP_NVSHMEM
+    if (put && lane == 0) nvshmem_quiet();
+#endif
+}
+
+// Publish a flag in a peer's half. The release (or fence before the signal)
+// orders every write this thread has observed before the peer sees the flag.
+__device__ __forceinline__ void set_peer_flag(char* const* peers, char* local_base, long long off,
+                                              int peer, long long value, bool put) {
+    if (put) {
+#ifdef CUPYEP_NVSHMEM
+        nvshmem_fence();
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(local_base + off),
+                           static_cast<uint64_t>(value), NVSHMEM_SIGNAL_SET, peer);
+#endif
+    } else {
+        st_release_sys(reinterpret_cast<long long*>(peers[peer] + off), value);
+    }
+}
+
+// Spin until a 64-bit flag is non-zero; 0 (after reporting) on timeout.
+__device__ __forceinline__ long long wait_nonzero(const long long* flag, long long timeout_ns, int* err,
+                                                  int phase, int peer, int channel) {
+    long long v = ld_acquire_sys(flag);
+    if (v != 0) return v;
+    const unsigned long long start = global_timer_ns();
+    for (int spins = 0;; ++spins) {
+        v = ld_acquire_sys(flag);
+        if (v != 0) return v;
+        if ((spins & 63) == 63 &&
+            (global_timer_ns() - start > (unsigned long long)timeout_ns || *(volatile int*)err != 0)) {
+            report_error(err, 1, phase, peer, channel);
+            return 0;
+        }
+    }
+}
+
+// Tokens u < t whose top-k holds expert e (every lane gets the answer).
+template <typename IdxT>
+__device__ __forceinline__ int tokens_before(const IdxT* idx, int t, int num_topk, int e, int lane) {
+    int n = 0;
+    for (int t0 = 0; t0 < t; t0 += kWarpSize) {
+        const int u = t0 + lane;
+        bool hit = false;
+        if (u < t)
+            for (int k = 0; k < num_topk; ++k) hit |= static_cast<int>(idx[(long long)u * num_topk + k]) == e;
+        n += __popc(__ballot_sync(0xffffffffu, hit));
+    }
+    return n;
+}
+
+__device__ __forceinline__ void bf16x8_to_float(const int4& v, float* f) {
+    const unsigned w[4] = {(unsigned)v.x, (unsigned)v.y, (unsigned)v.z, (unsigned)v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// One message: header {token, k}, then the row as bf16 or as e4m3 + fp32
+// scales. Lanes own 16 channels; 8 lanes make one 128-channel group.
+template <int kHidden, bool kFp8, bool kRoundScale>
+__device__ __forceinline__ void write_message(char* msg, const __nv_bfloat16* row, int token, int k,
+                                              int lane) {
+    if (lane == 0) *reinterpret_cast<int4*>(msg) = make_int4(token, k, 0, 0);
+    int4* payload = reinterpret_cast<int4*>(msg + 16);
+    const int4* src = reinterpret_cast<const int4*>(row);
+    if constexpr (!kFp8) {
+        warp_copy_nc<kHidden * 2 / 16>(payload, src, lane);
+    } else {
+        static_assert(kHidden % kFp8Group == 0, "FP8 needs a hidden size divisible by 128");
+        float* scales = reinterpret_cast<float*>(msg + 16 + kHidden);
+        constexpr int kUnits = kHidden / 16;
+#pragma unroll 2
+        for (int u = lane; u < (kUnits + kWarpSize - 1) / kWarpSize * kWarpSize; u += kWarpSize) {
+            const bool valid = u < kUnits;  // whole 8-lane groups are valid or not
+            float f[16];
+            if (valid) {
+                bf16x8_to_float(ld_nc(src + 2 * u), f);
+                bf16x8_to_float(ld_nc(src + 2 * u + 1), f + 8);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 16; ++i) f[i] = 0.f;
+            }
+            float amax = 0.f;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            const float scale = fp8_scale(amax, kRoundScale);
+            if (valid) {
+                int4 q;
+                q.x = (int)fp8x4(f[0], f[1], f[2], f[3], scale);
+                q.y = (int)fp8x4(f[4], f[5], f[6], f[7], scale);
+                q.z = (int)fp8x4(f[8], f[9], f[10], f[11], scale);
+                q.w = (int)fp8x4(f[12], f[13], f[14], f[15], scale);
+                st_na(payload + u, q);
+                if ((lane & 7) == 0) scales[u / 8] = scale;
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Dispatch. phases: 1 send, 2 receive, 3 both (the receive half waits for
+// flags only, so send-then-receive in one launch cannot deadlock as long as
+// every block is resident: the grid is at most one block per SM).
+//
+// Outputs (receive half), L = E / R local experts:
+//   recv_x [L][R*M][H] e4m3 or bf16; recv_scales [L][R*M][H/128] f32, or with
+//   kUe8m0 [L][R*M][H/512] i32; recv_count [L]; src_info [L][R*M] (-1 past the
+//   count); layout_range [L][R] (begin << 32 | count); recv_k [L][R*M] (the
+//   source's top-k slot, for combine).
+// finish_count [E]: zero between calls (the flag warp resets it).
+template <int kHidden, bool kFp8, bool kRoundScale, bool kUe8m0, typename IdxT>
+__global__ void __launch_bounds__(kLLThreads, 1)
+low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
+                     int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
+                     int num_ranks, char* local_base, char* const* peers, int force_put,
+                     long long off_flags, long long off_area, long long off_send, int* finish_count,
+                     void* recv_x, void* recv_scales, int* recv_count, int* src_info,
+                     long long* layout_range, int* recv_k, int* cumulative_expert_stats,
+                     long long* wait_stats, int phases, int* err, long long timeout_ns) {
+    constexpr int kMsg = ll_message_bytes(kHidden, kFp8);
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int global_warp = blockIdx.x * kLLWarps + warp, num_warps = gridDim.x * kLLWarps;
+    const int num_local = num_experts / num_ranks;
+
+    if (phases & 1) {
+        // Messages: one per distinct (token, expert).
+        for (int task = global_warp; task < num_tokens * num_topk; task += num_warps) {
+            const int t = task / num_topk, k = task % num_topk;
+            const IdxT* row_idx = topk_idx + (long long)t * num_topk;
+            const int e = static_cast<int>(row_idx[k]);
+            if (e < 0) continue;
+            const bool dup = lane < k && static_cast<int>(row_idx[lane]) == e;
+            if (__any_sync(0xffffffffu, dup)) continue;  // sent with an earlier k
+            const int slot = tokens_before(topk_idx, t, num_topk, e, lane);
+            const int dst = e / num_local, local_expert = e % num_local;
+            const long long off =
+                off_area + (((long long)local_expert * num_ranks + rank) * max_tokens + slot) * kMsg;
+            const bool put = use_put(peers, dst, force_put);
+            char* msg = put ? local_base + off_send + (long long)task * kMsg : peers[dst] + off;
+            write_message<kHidden, kFp8, kRoundScale>(msg, x + (long long)t * kHidden, t, k, lane);
+            if (put) {
+                __syncwarp();
+                warp_put(local_base, off, msg, kMsg, dst);
+            }
+            warp_complete(put, lane);
+            if (lane == 0) red_add_release_gpu(finish_count + e, 1);
+        }
+        // Counts: after every message for expert e is written, tell its owner.
+        for (int e = global_warp; e < num_experts; e += num_warps) {
+            const int count = tokens_before(topk_idx, num_tokens, num_topk, e, lane);
+            const int dst = e / num_local, local_expert = e % num_local;
+            if (lane == 0) {
+                const unsigned long long start = global_timer_ns();
+                bool ok = true;
+                while (ld_acquire_gpu(finish_count + e) < count) {
+                    if (global_timer_ns() - start > (unsigned long long)timeout_ns) {
+                        report_error(err, 1, kPhaseLowLatencySend, rank, e);
+                        ok = false;
+                        break;
+                    }
+                }
+                finish_count[e] = 0;  // every add for this call has landed
+                if (ok)
+                    set_peer_flag(peers, local_base, off_flags + 8ll * (local_expert * num_ranks + rank),
+                                  dst, count + 1ll, use_put(peers, dst, force_put));
+            }
+            __syncwarp();
+        }
+    }
+
+    if (phases & 2) {
+        __shared__ int s_begin[kLLMaxRanks + 1];
+        __shared__ int s_count[kLLMaxRanks];
+        const int rows_per_expert = num_ranks * max_tokens;
+        const unsigned long long start = global_timer_ns();
+        for (int le = blockIdx.x; le < num_local; le += gridDim.x) {
+            for (int s = threadIdx.x; s < num_ranks; s += blockDim.x) {
+                long long* flag = reinterpret_cast<long long*>(local_base + off_flags) + le * num_ranks + s;
+                const long long v = wait_nonzero(flag, timeout_ns, err, kPhaseLowLatencyDispatchRecv, s, le);
+                *flag = 0;  // this thread is its only reader
+                s_count[s] = v > 0 ? static_cast<int>(v - 1) : 0;
+                if (wait_stats != nullptr)
+                    atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + s), global_timer_ns() - start);
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                int begin = 0;
+                for (int s = 0; s < num_ranks; ++s) {
+                    s_begin[s] = begin;
+                    layout_range[le * num_ranks + s] = ((long long)begin << 32) | s_count[s];
+                    begin += s_count[s];
+                }
+                s_begin[num_ranks] = begin;
+                recv_count[le] = begin;
+                if (cumulative_expert_stats != nullptr) atomicAdd(cumulative_expert_stats + le, begin);
+            }
+            __syncthreads();
+            const int total = s_begin[num_ranks];
+            const long long out_base = (long long)le * rows_per_expert;
+            for (int row = warp; row < total; row += kLLWarps) {
+                int s = 0;
+                while (row >= s_begin[s + 1]) ++s;
+                const int i = row - s_begin[s];
+                const char* msg = local_base + off_area + (((long long)le * num_ranks + s) * max_tokens + i) * kMsg;
+                if (lane == 0) {
+                    const int2 head = *reinterpret_cast<const int2*>(msg);
+                    src_info[out_base + row] = head.x;
+                    recv_k[out_base + row] = head.y;
+                }
+                const int4* payload = reinterpret_cast<const int4*>(msg + 16);
+                if constexpr (kFp8) {
+                    warp_copy_coherent<kHidden / 16>(
+                        reinterpret_cast<int4*>(static_cast<char*>(recv_x) + (out_base + row) * kHidden), payload, lane);
+                    const float* scales = reinterpret_cast<const float*>(msg + 16 + kHidden);
+                    if constexpr (kUe8m0) {
+                        constexpr int kWords = kHidden / 512;
+                        int* out = static_cast<int*>(recv_scales) + (out_base + row) * kWords;
+                        for (int j = lane; j < kWords; j += kWarpSize)
+                            out[j] = (int)(ue8m0_byte(scales[4 * j]) | (ue8m0_byte(scales[4 * j + 1]) << 8) |
+                                           (ue8m0_byte(scales[4 * j + 2]) << 16) |
+                                           (ue8m0_byte(scales[4 * j + 3]) << 24));
+                    } else {
+                        constexpr int kGroups = kHidden / kFp8Group;
+                        float* out = static_cast<float*>(recv_scales) + (out_base + row) * kGroups;
+                        for (int j = lane; j < kGroups; j += kWarpSize) out[j] = scales[j];
+                    }
+                } else {
+                    warp_copy_coherent<kHidden * 2 / 16>(
+                        reinterpret_cast<int4*>(static_cast<char*>(recv_x) + (out_base + row) * kHidden * 2),
+                        payload, lane);
+                }
+            }
+            for (int row = total + threadIdx.x; row < rows_per_expert; row += blockDim.x)
+                src_info[out_base + row] = -1;
+            __syncthreads();  // s_begin is reused by the next expert
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Combine. x [L][R*M][H] bf16 expert outputs in the dispatched layout (it may
+// be the send area itself: zero_copy); src_info, recv_k, layout_range from the
+// dispatch; topk_idx/topk_weights [T][K] of this rank's tokens; out [T][H].
+// num_groups warp groups per block each own one (local expert, destination).
+template <int kHidden, typename IdxT>
+__global__ void __launch_bounds__(kLLThreads, 1)
+low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
+                    const int* __restrict__ recv_k, const long long* __restrict__ layout_range,
+                    const IdxT* __restrict__ topk_idx, const float* __restrict__ topk_weights,
+                    int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
+                    int num_ranks, char* local_base, char* const* peers, int force_put,
+                    int zero_copy, long long off_flags, long long off_area, long long off_send,
+                    int num_groups, int* blocks_done, __nv_bfloat16* out, int phases, int* err,
+                    long long timeout_ns) {
+    constexpr int kRowBytes = kHidden * 2;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int num_local = num_experts / num_ranks;
+    const int rows_per_expert = num_ranks * max_tokens;
+
+    if (phases & 1) {
+        const int warps_per_group = kLLWarps / num_groups;
+        const int group = warp / warps_per_group, wig = warp % warps_per_group;
+        if (group < num_groups) {
+            for (int p = blockIdx.x * num_groups + group; p < num_experts; p += gridDim.x * num_groups) {
+                const int le = p / num_ranks, dst = p % num_ranks;
+                const long long range = layout_range[le * num_ranks + dst];
+                const int begin = static_cast<int>(range >> 32), count = static_cast<int>(range & 0xffffffff);
+                const bool put = use_put(peers, dst, force_put);
+                for (int i = wig; i < count; i += warps_per_group) {
+                    const long long row = (long long)le * rows_per_expert + begin + i;
+                    const long long off =
+                        off_area + ((long long)src_info[row] * kLLMaxTopk + recv_k[row]) * kRowBytes;
+                    const int4* src = reinterpret_cast<const int4*>(x + row * kHidden);
+                    if (put) {
+                        char* staged = local_base + off_send + row * kRowBytes;
+                        if (!zero_copy) warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(staged), src, lane);
+                        __syncwarp();
+                        warp_put(local_base, off, staged, kRowBytes, dst);
+                    } else {
+                        warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(peers[dst] + off), src, lane);
+                    }
+                }
+                warp_complete(put, lane);
+                // Every warp of the group is done with (le, dst).
+                asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "r"(warps_per_group * kWarpSize) : "memory");
+                if (wig == 0 && lane == 0) {
+                    set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst, 1, put);
+                }
+            }
+        }
+    }
+
+    if (phases & 2) {
+        long long* flags = reinterpret_cast<long long*>(local_base + off_flags);
+        for (int e = threadIdx.x; e < num_experts; e += blockDim.x)
+            wait_nonzero(flags + e, timeout_ns, err, kPhaseLowLatencyCombineRecv, e / num_local, e % num_local);
+        __syncthreads();
+        // The last block to have read every flag zeroes them (blocks_done [1],
+        // zero between calls). The fence orders this block's reads first.
+        __shared__ int s_last;
+        if (threadIdx.x == 0) {
+            __threadfence();
+            s_last = atomicAdd(blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
+        }
+        __syncthreads();
+        if (s_last) {
+            __threadfence();
+            for (int e = threadIdx.x; e < num_experts; e += blockDim.x) flags[e] = 0;
+            if (threadIdx.x == 0) *blocks_done = 0;
+        }
+        constexpr int kUnits = kHidden / 8;
+        const char* area = local_base + off_area;
+        const long long total = (long long)num_tokens * kUnits;
+        for (long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x; u < total;
+             u += (long long)gridDim.x * blockDim.x) {
+            const int t = static_cast<int>(u / kUnits), c = static_cast<int>(u % kUnits);
+            const IdxT* idx = topk_idx + (long long)t * num_topk;
+            float acc[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+            for (int k = 0; k < num_topk; ++k) {
+                const int e = static_cast<int>(idx[k]);
+                if (e < 0) continue;
+                int first = k;  // a repeated expert sent its row once, in its first slot
+                for (int j = 0; j < k; ++j)
+                    if (static_cast<int>(idx[j]) == e) { first = j; break; }
+                const float w = topk_weights[(long long)t * num_topk + k];
+                const int4 v = *reinterpret_cast<const int4*>(
+                    area + ((long long)t * kLLMaxTopk + first) * kRowBytes + c * 16);
+                float f[8];
+                bf16x8_to_float(v, f);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
+            }
+            int4 o;
+            unsigned* ow = reinterpret_cast<unsigned*>(&o);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j]));
+                const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j + 1]));
+                ow[j] = lo | (hi << 16);
+            }
+            reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = o;
+        }
+    }
+}
+
+}  // namespace cupyep
