@@ -17,7 +17,7 @@ export CUPYEP_CACHE_DIR=${CUPYEP_CACHE_DIR:-/tmp/cupyep-jit}
 # NVSHMEM's proxy thread and host waits take milliseconds.
 MPIRUN=${MPIRUN:-mpirun --allow-run-as-root --bind-to none}
 { nvidia-smi -L; nvidia-smi topo -m; python3 -c 'import cupy, torch; print("cupy", cupy.__version__, "torch", torch.__version__)'; } > "$LOG_DIR/env.txt" 2>&1
-for n in ${RANKS:-2}; do
+for n in ${RANKS-2}; do
   echo "== tests at $n ranks"
   timeout ${TEST_TIMEOUT:-300} $MPIRUN -n $n python3 -m mpi4py -m pytest tests -q -x ${PYTEST_ARGS:-} 2>&1 | tee "$LOG_DIR/tests-n$n.log" | tail -25
 done

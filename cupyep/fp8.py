@@ -2,7 +2,8 @@
 
 The GPU kernels implement the same arithmetic (raw_kernels/cupyep/fp8.cuh):
 ``scale = max(amax, 1e-4) / 448``, optionally rounded up to a power of two,
-``q = saturate(x / scale)`` rounded to nearest even.
+``q = saturate(x * (1 / scale))`` rounded to nearest even (the reciprocal and
+the product each rounded to fp32).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def per_token_cast_to_fp8(x: np.ndarray, round_scale: bool = False):
     scale = (amax / np.float32(FP8_MAX)).astype(np.float32)
     if round_scale:
         scale = round_scale_to_pow2(scale)
-    q = np.clip(xf / scale[..., None], -FP8_MAX, FP8_MAX).astype(float8_e4m3)
+    inv = (np.float32(1.0) / scale).astype(np.float32)
+    q = np.clip(xf * inv[..., None], -FP8_MAX, FP8_MAX).astype(float8_e4m3)
     return q.reshape(n, h), scale
 
 

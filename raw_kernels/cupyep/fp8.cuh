@@ -1,6 +1,7 @@
 // FP8 (e4m3) cast with one fp32 scale per 128 channels, bit-identical to
 // cupyep/fp8.py: scale = max(amax, 1e-4) / 448, optionally rounded up to a
-// power of two; q = saturate(x / scale) rounded to nearest even.
+// power of two; q = saturate(x * (1 / scale)) rounded to nearest even, the
+// reciprocal and the product each rounded to nearest in fp32.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -24,10 +25,10 @@ __device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
     return round_scale ? round_scale_pow2(s) : s;
 }
 
-// Four floats divided by scale to four e4m3 bytes (little-endian in a word).
-__device__ __forceinline__ unsigned fp8x4(float a, float b, float c, float d, float scale) {
-    auto q = [scale](float v) -> unsigned {
-        v = fminf(fmaxf(__fdiv_rn(v, scale), -kFp8Max), kFp8Max);
+// Four floats times inv_scale to four e4m3 bytes (little-endian in a word).
+__device__ __forceinline__ unsigned fp8x4(float a, float b, float c, float d, float inv_scale) {
+    auto q = [inv_scale](float v) -> unsigned {
+        v = fminf(fmaxf(__fmul_rn(v, inv_scale), -kFp8Max), kFp8Max);
         return static_cast<unsigned>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
     };
     return q(a) | (q(b) << 8) | (q(c) << 16) | (q(d) << 24);

@@ -124,50 +124,55 @@ __device__ __forceinline__ void bf16x8_to_float(const int4& v, float* f) {
     }
 }
 
-// One message: header {token, k}, then the row as bf16 or as e4m3 + fp32
-// scales. Lanes own 16 channels; 8 lanes make one 128-channel group.
-template <int kHidden, bool kFp8, bool kRoundScale>
-__device__ __forceinline__ void write_message(char* msg, const __nv_bfloat16* row, int token, int k,
-                                              int lane) {
-    if (lane == 0) *reinterpret_cast<int4*>(msg) = make_int4(token, k, 0, 0);
-    int4* payload = reinterpret_cast<int4*>(msg + 16);
-    const int4* src = reinterpret_cast<const int4*>(row);
-    if constexpr (!kFp8) {
-        warp_copy_nc<kHidden * 2 / 16>(payload, src, lane);
-    } else {
-        static_assert(kHidden % kFp8Group == 0, "FP8 needs a hidden size divisible by 128");
-        float* scales = reinterpret_cast<float*>(msg + 16 + kHidden);
-        constexpr int kUnits = kHidden / 16;
-#pragma unroll 2
-        for (int u = lane; u < (kUnits + kWarpSize - 1) / kWarpSize * kWarpSize; u += kWarpSize) {
-            const bool valid = u < kUnits;  // whole 8-lane groups are valid or not
-            float f[16];
-            if (valid) {
-                bf16x8_to_float(ld_nc(src + 2 * u), f);
-                bf16x8_to_float(ld_nc(src + 2 * u + 1), f + 8);
-            } else {
+// A token cast to e4m3 once, held in registers by one warp, then stored as
+// the payload of each of its messages. Lanes own 16 channels per step; 8
+// lanes make one 128-channel group, whose scale lane 8j keeps.
+template <int kHidden, bool kRoundScale>
+struct Fp8Token {
+    static_assert(kHidden % kFp8Group == 0, "FP8 needs a hidden size divisible by 128");
+    static constexpr int kUnits = kHidden / 16;
+    static constexpr int kSteps = (kUnits + kWarpSize - 1) / kWarpSize;
+    int4 q[kSteps];
+    float scale[kSteps];
+
+    __device__ __forceinline__ void cast(const __nv_bfloat16* row, int lane) {
+        const int4* src = reinterpret_cast<const int4*>(row);
 #pragma unroll
-                for (int i = 0; i < 16; ++i) f[i] = 0.f;
-            }
+        for (int i = 0; i < kSteps; ++i) {  // unrolled: the loads can all be in flight
+            const int u = lane + i * kWarpSize;
+            float f[16];
+            bf16x8_to_float(u < kUnits ? ld_nc(src + 2 * u) : make_int4(0, 0, 0, 0), f);
+            bf16x8_to_float(u < kUnits ? ld_nc(src + 2 * u + 1) : make_int4(0, 0, 0, 0), f + 8);
             float amax = 0.f;
 #pragma unroll
-            for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
+            for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(f[j]));
+            // whole 8-lane groups are inside the row or outside it
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-            const float scale = fp8_scale(amax, kRoundScale);
-            if (valid) {
-                int4 q;
-                q.x = (int)fp8x4(f[0], f[1], f[2], f[3], scale);
-                q.y = (int)fp8x4(f[4], f[5], f[6], f[7], scale);
-                q.z = (int)fp8x4(f[8], f[9], f[10], f[11], scale);
-                q.w = (int)fp8x4(f[12], f[13], f[14], f[15], scale);
-                st_na(payload + u, q);
-                if ((lane & 7) == 0) scales[u / 8] = scale;
+            scale[i] = fp8_scale(amax, kRoundScale);
+            const float inv = __frcp_rn(scale[i]);
+            q[i].x = (int)fp8x4(f[0], f[1], f[2], f[3], inv);
+            q[i].y = (int)fp8x4(f[4], f[5], f[6], f[7], inv);
+            q[i].z = (int)fp8x4(f[8], f[9], f[10], f[11], inv);
+            q[i].w = (int)fp8x4(f[12], f[13], f[14], f[15], inv);
+        }
+    }
+
+    // Payload of one message: e4m3 row, then fp32 scales.
+    __device__ __forceinline__ void store(char* payload, int lane) const {
+        int4* data = reinterpret_cast<int4*>(payload);
+        float* scales = reinterpret_cast<float*>(payload + kHidden);
+#pragma unroll
+        for (int i = 0; i < kSteps; ++i) {
+            const int u = lane + i * kWarpSize;
+            if (u < kUnits) {
+                st_na(data + u, q[i]);
+                if ((lane & 7) == 0) scales[u / 8] = scale[i];
             }
         }
     }
-}
+};
 
 // ----------------------------------------------------------------------------
 // Dispatch. phases: 1 send, 2 receive, 3 both (the receive half waits for
@@ -191,34 +196,67 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                      long long* wait_stats, int phases, int* err, long long timeout_ns) {
     constexpr int kMsg = ll_message_bytes(kHidden, kFp8);
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-    const int global_warp = blockIdx.x * kLLWarps + warp, num_warps = gridDim.x * kLLWarps;
+    // Consecutive tasks go to different SMs.
+    const int spread_warp = warp * gridDim.x + blockIdx.x, num_warps = gridDim.x * kLLWarps;
     const int num_local = num_experts / num_ranks;
 
     if (phases & 1) {
-        // Messages: one per distinct (token, expert).
-        for (int task = global_warp; task < num_tokens * num_topk; task += num_warps) {
-            const int t = task / num_topk, k = task % num_topk;
+        // Messages: one per distinct (token, expert), into slot = the number
+        // of earlier tokens that chose the expert. open_message writes the
+        // header and returns where the payload goes (nullptr: nothing to send);
+        // close_message puts it if needed and counts it as written.
+        long long msg_off = 0;
+        int msg_dst = 0, msg_expert = 0;
+        bool msg_put = false;
+        char* msg = nullptr;
+        auto open_message = [&](int t, int k) -> char* {
             const IdxT* row_idx = topk_idx + (long long)t * num_topk;
             const int e = static_cast<int>(row_idx[k]);
-            if (e < 0) continue;
+            if (e < 0) return nullptr;
             const bool dup = lane < k && static_cast<int>(row_idx[lane]) == e;
-            if (__any_sync(0xffffffffu, dup)) continue;  // sent with an earlier k
+            if (__any_sync(0xffffffffu, dup)) return nullptr;  // sent with an earlier k
             const int slot = tokens_before(topk_idx, t, num_topk, e, lane);
-            const int dst = e / num_local, local_expert = e % num_local;
-            const long long off =
-                off_area + (((long long)local_expert * num_ranks + rank) * max_tokens + slot) * kMsg;
-            const bool put = use_put(peers, dst, force_put);
-            char* msg = put ? local_base + off_send + (long long)task * kMsg : peers[dst] + off;
-            write_message<kHidden, kFp8, kRoundScale>(msg, x + (long long)t * kHidden, t, k, lane);
-            if (put) {
+            msg_dst = e / num_local;
+            msg_expert = e;
+            msg_off = off_area + (((long long)(e % num_local) * num_ranks + rank) * max_tokens + slot) * kMsg;
+            msg_put = use_put(peers, msg_dst, force_put);
+            msg = msg_put ? local_base + off_send + ((long long)t * num_topk + k) * kMsg : peers[msg_dst] + msg_off;
+            if (lane == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, k, 0, 0);
+            return msg + 16;
+        };
+        auto close_message = [&]() {
+            if (msg_put) {
                 __syncwarp();
-                warp_put(local_base, off, msg, kMsg, dst);
+                warp_put(local_base, msg_off, msg, kMsg, msg_dst);
             }
-            warp_complete(put, lane);
-            if (lane == 0) red_add_release_gpu(finish_count + e, 1);
+            warp_complete(msg_put, lane);
+            if (lane == 0) red_add_release_gpu(finish_count + msg_expert, 1);
+        };
+        if constexpr (kFp8) {
+            // A warp per token: cast once, store the registers K times.
+            for (int t = spread_warp; t < num_tokens; t += num_warps) {
+                Fp8Token<kHidden, kRoundScale> tok;
+                tok.cast(x + (long long)t * kHidden, lane);
+                for (int k = 0; k < num_topk; ++k) {
+                    char* payload = open_message(t, k);
+                    if (payload == nullptr) continue;
+                    tok.store(payload, lane);
+                    close_message();
+                }
+            }
+        } else {
+            // A warp per (token, k): the bf16 row is copied as it is.
+            for (int task = spread_warp; task < num_tokens * num_topk; task += num_warps) {
+                const int t = task / num_topk;
+                char* payload = open_message(t, task % num_topk);
+                if (payload == nullptr) continue;
+                warp_copy_nc<kHidden * 2 / 16>(reinterpret_cast<int4*>(payload),
+                                               reinterpret_cast<const int4*>(x + (long long)t * kHidden), lane);
+                close_message();
+            }
         }
         // Counts: after every message for expert e is written, tell its owner.
-        for (int e = global_warp; e < num_experts; e += num_warps) {
+        for (int e = spread_warp; e < num_experts; e += num_warps) {
             const int count = tokens_before(topk_idx, num_tokens, num_topk, e, lane);
             const int dst = e / num_local, local_expert = e % num_local;
             if (lane == 0) {
@@ -241,12 +279,21 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
     }
 
     if (phases & 2) {
-        __shared__ int s_begin[kLLMaxRanks + 1];
-        __shared__ int s_count[kLLMaxRanks];
+        // Two groups of warps per block, each packing one local expert.
+        constexpr int kGroups = 2, kGroupWarps = kLLWarps / kGroups, kGroupThreads = kGroupWarps * kWarpSize;
+        __shared__ int s_begin_all[kGroups][kLLMaxRanks + 1];
+        __shared__ int s_count_all[kGroups][kLLMaxRanks];
+        const int group = warp / kGroupWarps, gwarp = warp % kGroupWarps;
+        const int gtid = gwarp * kWarpSize + lane;
+        int* s_begin = s_begin_all[group];
+        int* s_count = s_count_all[group];
+        auto group_sync = [group]() {
+            asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "r"(kGroupThreads) : "memory");
+        };
         const int rows_per_expert = num_ranks * max_tokens;
         const unsigned long long start = global_timer_ns();
-        for (int le = blockIdx.x; le < num_local; le += gridDim.x) {
-            for (int s = threadIdx.x; s < num_ranks; s += blockDim.x) {
+        for (int le = blockIdx.x * kGroups + group; le < num_local; le += gridDim.x * kGroups) {
+            for (int s = gtid; s < num_ranks; s += kGroupThreads) {
                 long long* flag = reinterpret_cast<long long*>(local_base + off_flags) + le * num_ranks + s;
                 const long long v = wait_nonzero(flag, timeout_ns, err, kPhaseLowLatencyDispatchRecv, s, le);
                 *flag = 0;  // this thread is its only reader
@@ -254,8 +301,8 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                 if (wait_stats != nullptr)
                     atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + s), global_timer_ns() - start);
             }
-            __syncthreads();
-            if (threadIdx.x == 0) {
+            group_sync();
+            if (gtid == 0) {
                 int begin = 0;
                 for (int s = 0; s < num_ranks; ++s) {
                     s_begin[s] = begin;
@@ -266,10 +313,10 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                 recv_count[le] = begin;
                 if (cumulative_expert_stats != nullptr) atomicAdd(cumulative_expert_stats + le, begin);
             }
-            __syncthreads();
+            group_sync();
             const int total = s_begin[num_ranks];
             const long long out_base = (long long)le * rows_per_expert;
-            for (int row = warp; row < total; row += kLLWarps) {
+            for (int row = gwarp; row < total; row += kGroupWarps) {
                 int s = 0;
                 while (row >= s_begin[s + 1]) ++s;
                 const int i = row - s_begin[s];
@@ -292,9 +339,9 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                                            (ue8m0_byte(scales[4 * j + 2]) << 16) |
                                            (ue8m0_byte(scales[4 * j + 3]) << 24));
                     } else {
-                        constexpr int kGroups = kHidden / kFp8Group;
-                        float* out = static_cast<float*>(recv_scales) + (out_base + row) * kGroups;
-                        for (int j = lane; j < kGroups; j += kWarpSize) out[j] = scales[j];
+                        constexpr int kScales = kHidden / kFp8Group;
+                        float* out = static_cast<float*>(recv_scales) + (out_base + row) * kScales;
+                        for (int j = lane; j < kScales; j += kWarpSize) out[j] = scales[j];
                     }
                 } else {
                     warp_copy_coherent<kHidden * 2 / 16>(
@@ -302,9 +349,9 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                         payload, lane);
                 }
             }
-            for (int row = total + threadIdx.x; row < rows_per_expert; row += blockDim.x)
+            for (int row = total + gtid; row < rows_per_expert; row += kGroupThreads)
                 src_info[out_base + row] = -1;
-            __syncthreads();  // s_begin is reused by the next expert
+            group_sync();  // s_begin is reused by the group's next expert
         }
     }
 }
@@ -390,19 +437,33 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
             float acc[8];
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-            for (int k = 0; k < num_topk; ++k) {
-                const int e = static_cast<int>(idx[k]);
-                if (e < 0) continue;
-                int first = k;  // a repeated expert sent its row once, in its first slot
-                for (int j = 0; j < k; ++j)
-                    if (static_cast<int>(idx[j]) == e) { first = j; break; }
-                const float w = topk_weights[(long long)t * num_topk + k];
-                const int4 v = *reinterpret_cast<const int4*>(
-                    area + ((long long)t * kLLMaxTopk + first) * kRowBytes + c * 16);
-                float f[8];
-                bf16x8_to_float(v, f);
+            // Four rows in flight at a time, summed in k order.
+            constexpr int kBatch = 4;
+            for (int k0 = 0; k0 < num_topk; k0 += kBatch) {
+                int4 v[kBatch];
+                float w[kBatch];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
+                for (int b = 0; b < kBatch; ++b) {
+                    const int k = k0 + b;
+                    const int e = k < num_topk ? static_cast<int>(idx[k]) : -1;
+                    w[b] = 0.f;
+                    if (e < 0) continue;
+                    int first = k;  // a repeated expert sent its row once, in its first slot
+                    for (int j = 0; j < k; ++j)
+                        if (static_cast<int>(idx[j]) == e) { first = j; break; }
+                    w[b] = topk_weights[(long long)t * num_topk + k];
+                    v[b] = *reinterpret_cast<const int4*>(
+                        area + ((long long)t * kLLMaxTopk + first) * kRowBytes + c * 16);
+                }
+#pragma unroll
+                for (int b = 0; b < kBatch; ++b) {
+                    const int k = k0 + b;
+                    if (k >= num_topk || static_cast<int>(idx[k]) < 0) continue;
+                    float f[8];
+                    bf16x8_to_float(v[b], f);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w[b], f[j]));
+                }
             }
             int4 o;
             unsigned* ow = reinterpret_cast<unsigned*>(&o);
