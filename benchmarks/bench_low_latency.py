@@ -123,6 +123,13 @@ def measure(buf, group, x, idx, w, args):
         graph = stream.end_capture()
         res["graph_pair"] = gpu_times([lambda: graph.launch(stream)], args.iters)[0]
         stream.synchronize()
+        host = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            graph.launch(stream)
+            host.append(time.perf_counter() - t0)
+            stream.synchronize()
+        res["host_graph"] = statistics.median(host) * 1e6
     group.comm.Barrier()
     return res
 
@@ -193,7 +200,8 @@ def main():
         keys = [("dispatch", "dispatch"), ("combine", "combine"), ("graph_pair", "graph: dispatch+combine"),
                 ("send_dispatch", "hook: dispatch send"), ("recv_dispatch", "hook: dispatch recv"),
                 ("send_combine", "hook: combine send"), ("recv_combine", "hook: combine recv"),
-                ("host_dispatch", "host cost: dispatch call"), ("host_combine", "host cost: combine call")]
+                ("host_dispatch", "host cost: dispatch call"), ("host_combine", "host cost: combine call"),
+                ("host_graph", "host cost: graph replay")]
         print(f"{'':28}" + "".join(f"{tr:>14}" for tr in args.transports))
         for key, label in keys:
             cells = "".join(f"{max(rw[0][tr][key] for rw in rows):11.1f} us" for tr in args.transports)

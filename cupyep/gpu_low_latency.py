@@ -221,6 +221,11 @@ class GpuLowLatency:
         if out is None:
             out = self._array(("c", half, t, lay.hidden), (t, lay.hidden), bfloat16, capturing)
         zero_copy = x.data.ptr == self.sym.ptr + off["send_area"]
+        if not zero_copy and self.sym.ptr <= x.data.ptr < self.sym.ptr + self.num_rdma_bytes:
+            raise InvalidInputError(
+                "low_latency_combine: x is a view of the low-latency buffer, but not of the send "
+                "area this call reads; take it from get_next_low_latency_combine_buffer() after the "
+                "dispatch and before any other low-latency call")
         groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
         fn = self._kernel("low_latency_combine", ("kHidden", lay.hidden),
                           ("IdxT", "long long" if topk_idx.dtype == np.int64 else "int"))

@@ -290,7 +290,7 @@ def low_latency_dispatch(comm, x, topk_idx, num_max_dispatch_tokens_per_rank, nu
         src_info [L, R*M] int32 (-1 past the count), layout_range [L, R] int64,
         routing.
     """
-    rank, size = comm.Get_rank(), comm.Get_size()
+    size = comm.Get_size()
     m = num_max_dispatch_tokens_per_rank
     local = num_experts // size
     hidden = x.shape[1]
@@ -345,7 +345,7 @@ def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRout
         [T, H] bf16: out[t] = sum over valid k, in k order, of
         topk_weights[t, k] * y(expert topk_idx[t, k], t), accumulated in fp32.
     """
-    rank, size = comm.Get_rank(), comm.Get_size()
+    size = comm.Get_size()
     local, _, hidden = x.shape
     idx = topk_idx.astype(np.int64)
     t = idx.shape[0]

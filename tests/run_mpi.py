@@ -1,12 +1,14 @@
-"""Run the test suite under MPI at several rank counts.
+"""Run the test suite under MPI at several rank counts, then the examples.
 
-Usage: python tests/run_mpi.py [--ranks 1 2 3 4] [--timeout 900] [pytest args...]
+Usage: python tests/run_mpi.py [--ranks 1 2 3 4] [--timeout 900] [--no-examples] [pytest args...]
 
 Each count runs ``mpiexec -n N python -m mpi4py -m pytest tests`` under a
-timeout (``-m mpi4py`` aborts every rank when one dies). The last line totals
-all runs.
+timeout (``-m mpi4py`` aborts every rank when one dies). Each script in
+examples/ then runs at the largest count and must exit 0 (they check their own
+results). The last line totals all runs.
 """
 import argparse
+import glob
 import os
 import re
 import shutil
@@ -29,6 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--no-examples", action="store_true")
     args, pytest_args = ap.parse_known_args()
     totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
     rc = 0
@@ -51,6 +54,22 @@ def main():
         if code not in (0, 5):
             rc = 1
             totals["failed"] += 0 if summary else 1
+    examples = [] if args.no_examples else sorted(glob.glob(os.path.join(HERE, "..", "examples", "*.py")))
+    for path in examples:
+        n = max(args.ranks)
+        cmd = [*mpiexec_cmd(), "-n", str(n), sys.executable, "-m", "mpi4py", path]
+        print(f"== example at {n} rank(s): {' '.join(cmd)}", flush=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            out, code = p.stdout + p.stderr, p.returncode
+        except subprocess.TimeoutExpired:
+            out, code = f"TIMEOUT after {args.timeout} s", 124
+        print(out, flush=True)
+        if code == 0:
+            totals["passed"] += 1
+        else:
+            totals["failed"] += 1
+            rc = 1
     print(f"{totals['passed']} passed, {totals['failed'] + totals['error']} failed, "
           f"{totals['skipped']} skipped")
     return rc

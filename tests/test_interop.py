@@ -1,5 +1,4 @@
 """Arrays come back in the caller's framework, sharing memory where possible."""
-import numpy as np
 import pytest
 
 from cupyep import interop

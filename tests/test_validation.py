@@ -115,6 +115,22 @@ def test_low_latency_bad_arguments(buffer, backend, good, rng):
     assert tuple(out.combined_x.shape) == x.shape
 
 
+def test_low_latency_stale_zero_copy_view(buffer, backend, good):
+    """A send-buffer view taken before another low-latency call is refused."""
+    if backend != "gpu":
+        pytest.skip("zero-copy views exist on the GPU backend only")
+    x, idx, w, e = good
+    t = x.shape[0]
+    xb, ib, wb = to_backend(x, backend), to_backend(idx, backend), to_backend(w, backend)
+    first = buffer.low_latency_dispatch(xb, ib, t, e, use_fp8=False)
+    stale = buffer.get_next_low_latency_combine_buffer(first.handle)
+    second = buffer.low_latency_dispatch(xb, ib, t, e, use_fp8=False)  # takes stale's half
+    with pytest.raises(cupyep.InvalidInputError, match="get_next_low_latency_combine_buffer"):
+        buffer.low_latency_combine(stale, ib, wb, second.handle)
+    out = buffer.low_latency_combine(second.recv_x, ib, wb, second.handle)
+    assert tuple(out.combined_x.shape) == x.shape
+
+
 def test_bad_config():
     with pytest.raises(cupyep.InvalidInputError, match="even"):
         cupyep.Config(num_sms=7)
