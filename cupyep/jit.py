@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Tuple
 
-from .errors import CupyepError
+from .errors import BackendUnavailableError, CupyepError
 
 DEBUG = os.environ.get("CUPYEP_JIT_DEBUG", "") not in ("", "0")
 
@@ -105,6 +105,36 @@ def _nvrtc_version() -> str:
     return f"{major}.{minor}"
 
 
+def nvshmem_header_version(include_dir: str) -> str:
+    """'major.minor.patch' from the NVSHMEM headers in ``include_dir``."""
+    path = os.path.join(include_dir, "non_abi", "nvshmem_version.h")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    parts = [re.search(rf"#define\s+NVSHMEM_VENDOR_{p}_VERSION\s+(\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(m.group(1) for m in parts) if all(parts) else "unknown"
+
+
+def check_nvshmem_versions(header_version: str, library_version: str, include_dir: str = "") -> None:
+    """Device code must be built from the headers of the host library loaded at run time."""
+    if "unknown" in (header_version, library_version) or header_version == library_version:
+        return
+    raise BackendUnavailableError(
+        f"NVSHMEM headers are version {header_version} ({include_dir}) but the host library "
+        f"loaded is {library_version}: kernels linked against the headers' device library would "
+        "fail to initialise. Install one NVSHMEM (nvidia-nvshmem-cu13 matching nvshmem4py's library).")
+
+
+@functools.lru_cache(maxsize=None)
+def _checked_nvshmem() -> None:
+    import cuda.pathfinder as pf
+    import nvshmem.core
+    inc = pf.find_nvidia_header_directory("nvshmem") or ""
+    check_nvshmem_versions(nvshmem_header_version(inc), str(nvshmem.core.get_version().libnvshmem_version), inc)
+
+
 def _nvshmem_version() -> str:
     try:
         from importlib.metadata import version
@@ -165,6 +195,8 @@ def compile_cubin(spec: KernelSpec, arch: str = "sm_90") -> Tuple[str, str]:
         with open(meta) as f:
             return cubin, json.load(f)["mangled"]
     from cuda.core import Program
+    if spec.nvshmem:
+        _checked_nvshmem()
     if DEBUG:
         print(f"[cupyep.jit] compiling {spec.instantiation} from {spec.source} for {arch}", flush=True)
     prog = Program(_source_text(spec), "c++", _options(spec, arch))

@@ -52,3 +52,22 @@ def test_nvshmem_kernel_links(spec):
     pytest.importorskip("nvshmem.core", reason="nvshmem4py is not installed")
     path, mangled = jit.compile_cubin(spec, "sm_90")
     assert os.path.getsize(path) > 0
+
+
+def test_nvshmem_version_mismatch_names_both(tmp_path):
+    _skip_other_ranks()
+    import cupyep
+    (tmp_path / "non_abi").mkdir()
+    (tmp_path / "non_abi" / "nvshmem_version.h").write_text(
+        "#define NVSHMEM_VENDOR_MAJOR_VERSION 3\n#define NVSHMEM_VENDOR_MINOR_VERSION 4\n"
+        "#define NVSHMEM_VENDOR_PATCH_VERSION 5\n")
+    assert jit.nvshmem_header_version(str(tmp_path)) == "3.4.5"
+    jit.check_nvshmem_versions("3.4.5", "3.4.5")
+    with pytest.raises(cupyep.BackendUnavailableError, match=r"3\.4\.5.*3\.3\.9"):
+        jit.check_nvshmem_versions("3.4.5", "3.3.9", str(tmp_path))
+
+
+def test_installed_nvshmem_headers_match_library():
+    _skip_other_ranks()
+    pytest.importorskip("nvshmem.core", reason="nvshmem4py is not installed")
+    jit._checked_nvshmem()
