@@ -1,7 +1,9 @@
 """Process group: ranks, node layout, GPU choice and NVSHMEM lifetime.
 
-Created from an mpi4py communicator (default ``COMM_WORLD``). The GPU side (device, NVSHMEM) starts only
-when a GPU buffer first asks for it, so the reference backend needs no GPU.
+Created from an mpi4py communicator (default ``COMM_WORLD``) or from a
+torch.distributed process group (through :class:`cupyep.torch_comm.TorchComm`).
+The GPU side (device, NVSHMEM) starts only when a GPU buffer first asks for
+it, so the reference backend needs no GPU.
 """
 from __future__ import annotations
 
@@ -11,16 +13,17 @@ import os
 from .errors import BackendUnavailableError, GroupDestroyedError, InvalidInputError
 
 
-def _as_mpi_comm(comm):
+def _as_comm(comm):
+    """An mpi4py communicator, or a TorchComm for a torch.distributed group."""
     if comm is None:
         from mpi4py import MPI
         return MPI.COMM_WORLD
-    if type(comm).__module__.startswith("mpi4py"):
+    module = type(comm).__module__
+    if module.startswith("mpi4py") or type(comm).__name__ == "TorchComm":
         return comm
-    if type(comm).__module__.startswith("torch"):
-        raise InvalidInputError(
-            "torch.distributed groups are not supported yet: pass an mpi4py communicator "
-            "(processes started with mpirun/mpiexec)")
+    if module.startswith("torch"):
+        from .torch_comm import TorchComm
+        return TorchComm(comm)
     raise InvalidInputError(f"expected an mpi4py communicator or a torch.distributed group, got {type(comm)}")
 
 
@@ -28,7 +31,8 @@ class Group:
     """The ranks taking part in expert parallelism.
 
     Args:
-        comm: mpi4py communicator, or None for ``MPI.COMM_WORLD``.
+        comm: mpi4py communicator, a torch.distributed ProcessGroup, or None
+            for ``MPI.COMM_WORLD``.
         num_ranks_per_node: ranks in one NVLink domain. Default: the ranks
             sharing this host. A smaller value makes one host act as several
             nodes (4 GPUs as 2 x 2) to exercise the inter-node path.
@@ -38,7 +42,7 @@ class Group:
     """
 
     def __init__(self, comm=None, num_ranks_per_node: int | None = None):
-        self.comm = _as_mpi_comm(comm)
+        self.comm = _as_comm(comm)
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.local_rank, self.local_size = self._host_local()
@@ -56,6 +60,8 @@ class Group:
         atexit.register(self.destroy)
 
     def _host_local(self):
+        if hasattr(self.comm, "host_local"):
+            return self.comm.host_local()
         from mpi4py import MPI
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         try:
