@@ -17,6 +17,7 @@ class ReferenceBackend:
     def __init__(self, group):
         self.group = group
         self._calls = itertools.count()
+        self._next_combine = None
 
     @property
     def comm(self):
@@ -71,9 +72,13 @@ class ReferenceBackend:
         return d
 
     def next_low_latency_combine_buffer(self, handle):
-        local = handle.num_experts // self.comm.Get_size()
-        return np.zeros((local, self.comm.Get_size() * handle.num_max_dispatch_tokens_per_rank,
-                         handle.hidden), bfloat16)
+        """The same array for every request with one handle, so expert outputs
+        written into it before the combine are still there."""
+        if self._next_combine is None or self._next_combine[0] is not handle:
+            local = handle.num_experts // self.comm.Get_size()
+            shape = (local, self.comm.Get_size() * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+            self._next_combine = (handle, np.zeros(shape, bfloat16))
+        return self._next_combine[1]
 
     def set_low_latency_transport(self, transport: str):
         if transport not in TRANSPORTS:

@@ -21,6 +21,9 @@ BACKENDS = ["reference", "gpu"]
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs the GPU backend")
+    if config.option.basetemp is None:  # ranks must not clean each other's temp dirs
+        import tempfile
+        config.option.basetemp = os.path.join(tempfile.gettempdir(), f"cupyep-pytest-{os.getuid()}-rank{RANK}")
     if RANK > 0:
         reporter = config.pluginmanager.getplugin("terminalreporter")
         if reporter is not None:
@@ -83,3 +86,21 @@ def rng(request):
     """Fresh random inputs: a seed drawn per test, different on every rank."""
     seed = COMM.bcast(int(np.random.SeedSequence().entropy % 2 ** 31) if RANK == 0 else None)
     return np.random.default_rng([seed, RANK, hash(request.node.nodeid) % 2 ** 31])
+
+
+@pytest.fixture(scope="session")
+def torch_world():
+    """torch.distributed over gloo on the same ranks (started once per session)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    started = not dist.is_initialized()
+    if started:
+        port = COMM.bcast(29700 + int(np.random.default_rng().integers(0, 200)) if RANK == 0 else None)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("gloo", rank=RANK, world_size=SIZE)
+    yield dist.group.WORLD
+    if started:
+        dist.destroy_process_group()

@@ -3,34 +3,17 @@
 The same calls over the torch group and over MPI must give identical results:
 the reference backend moves its rows with the group's all-to-all-v.
 """
-import os
-
 import numpy as np
 import pytest
 
 import cupyep
 from cupyep import fp8
 
-from conftest import COMM, RANK, SIZE
+from conftest import RANK, SIZE
 from helpers import bits, random_rows, random_topk
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 dist = pytest.importorskip("torch.distributed", reason="torch.distributed is not available")
-
-
-@pytest.fixture(scope="module")
-def torch_world():
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    started = not dist.is_initialized()
-    if started:
-        port = COMM.bcast(29700 + int(np.random.default_rng().integers(0, 200)) if RANK == 0 else None)
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("gloo", rank=RANK, world_size=SIZE)
-    yield dist.group.WORLD
-    if started:
-        dist.destroy_process_group()
 
 
 def test_group_from_torch_matches_mpi(torch_world, group):

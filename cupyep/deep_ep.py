@@ -1,0 +1,237 @@
+"""DeepEP V1's Python API over cupyep, for torch code: switch by changing an import.
+
+    import cupyep.deep_ep as deep_ep        # instead of: import deep_ep
+    buffer = deep_ep.Buffer(group, num_nvl_bytes, num_rdma_bytes)
+
+``Buffer``, ``Config`` and ``EventOverlap`` take DeepEP's constructor
+arguments and method signatures and return what DeepEP returns, as torch
+tensors. Differences (README, "DeepEP compatibility"): handles are opaque
+cupyep objects, not tuples of tensors; ``Config`` keeps only the SM count
+(chunk sizes belong to DeepEP's ring buffers, which cupyep does not use);
+LogFMT, combine wait statistics, rank masking and the inter-node path raise
+``cupyep.InvalidInputError`` until cupyep provides them; low-latency receive
+tensors follow cupyep's contract (rows ordered by source rank and token).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from . import config as _config
+from .buffer import Buffer as _Buffer
+from .errors import InvalidInputError
+from .group import Group
+from .low_latency import low_latency_size_hint
+from .types import DispatchLayout
+
+try:
+    import torch as _torch
+    topk_idx_t = _torch.int64
+except ImportError:  # the facade is for torch users; the rest of cupyep is not
+    _torch = None
+    topk_idx_t = None
+
+
+class EventOverlap:
+    """DeepEP's event wrapper: ``current_stream_wait()`` and ``with``.
+
+    ``event`` may be None (a synchronous call); waiting on it then does nothing.
+    """
+
+    def __init__(self, event=None, extra_tensors: Optional[Tuple] = None):
+        self.event = event
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self) -> None:
+        if self.event is not None:
+            self.event.current_stream_wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.current_stream_wait()
+        return False
+
+
+class Config:
+    """DeepEP's ``Config``. Only ``num_sms`` reaches cupyep's kernels."""
+
+    def __init__(self, num_sms: int = 20, num_max_nvl_chunked_send_tokens: int = 6,
+                 num_max_nvl_chunked_recv_tokens: int = 256, num_max_rdma_chunked_send_tokens: int = 6,
+                 num_max_rdma_chunked_recv_tokens: int = 256):
+        self.num_sms = num_sms
+        self.num_max_nvl_chunked_send_tokens = num_max_nvl_chunked_send_tokens
+        self.num_max_nvl_chunked_recv_tokens = num_max_nvl_chunked_recv_tokens
+        self.num_max_rdma_chunked_send_tokens = num_max_rdma_chunked_send_tokens
+        self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
+
+    def to_cupyep(self, num_ranks: int) -> _config.Config:
+        base = _config.default_config(num_ranks)
+        return _config.Config(num_sms=self.num_sms, num_warps=base.num_warps,
+                              chunk_tokens=base.chunk_tokens, num_combine_warps=base.num_combine_warps)
+
+
+def _event(res_event) -> EventOverlap:
+    return EventOverlap(res_event)
+
+
+def _unsupported(what: str):
+    raise InvalidInputError(f"{what} is not supported by cupyep yet")
+
+
+class Buffer:
+    """DeepEP V1 ``deep_ep.Buffer`` on cupyep.
+
+    Args:
+        group: a torch.distributed ProcessGroup (or an mpi4py communicator).
+        num_nvl_bytes, num_rdma_bytes, low_latency_mode: as in DeepEP.
+        The other DeepEP arguments (queue pairs, NVLink use in low-latency
+        mode, MNNVL, fabric, shrink) are accepted; ``explicitly_destroy``
+        requires :meth:`destroy` before exit, as in DeepEP.
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
+                 comm=None, backend: str = "auto"):
+        self.group = Group(comm if comm is not None else group)
+        self.rank, self.group_size = self.group.rank, self.group.size
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self._buffer = _Buffer(self.group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
+                               low_latency_mode=low_latency_mode, backend=backend)
+        self.runtime = self._buffer
+
+    # ---- static helpers ------------------------------------------------------ #
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """Kernels are compiled at run time for the GPU present, SM90 included."""
+        return True
+
+    @classmethod
+    def set_num_sms(cls, new_num_sms: int) -> None:
+        if new_num_sms < 2 or new_num_sms % 2:
+            raise InvalidInputError(f"the SM count must be even and >= 2, got {new_num_sms}")
+        cls.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event recorded now on the current stream."""
+        import cupy
+        from .events import EventOverlap as _Ev
+        return EventOverlap(_Ev(cupy.cuda.get_current_stream().record()))
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                       num_ranks: int, num_experts: int) -> int:
+        return low_latency_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return Config(Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return Config(Buffer.num_sms)
+
+    def get_comm_stream(self):
+        """The communication stream, as a torch stream (GPU backend)."""
+        if self._buffer.backend != "gpu":
+            raise InvalidInputError("the reference backend has no communication stream")
+        return _torch.cuda.ExternalStream(self._buffer._impl.stream.ptr)
+
+    def destroy(self) -> None:
+        self._buffer.destroy()
+
+    # ---- normal kernels ------------------------------------------------------ #
+    def _config(self, config: Optional[Config]):
+        return (config or Config(Buffer.num_sms)).to_cupyep(self.group_size)
+
+    @staticmethod
+    def _wait(previous_event):
+        return None if previous_event is None else previous_event.event
+
+    def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event=None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Returns (num_tokens_per_rank, num_tokens_per_rdma_rank (None inside one
+        node), num_tokens_per_expert, is_token_in_rank, event)."""
+        lay = self._buffer.get_dispatch_layout(topk_idx, num_experts)
+        return (lay.num_tokens_per_rank, lay.num_tokens_per_node, lay.num_tokens_per_expert,
+                lay.is_token_in_rank, EventOverlap())
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Returns (recv_x, recv_topk_idx, recv_topk_weights,
+        num_recv_tokens_per_expert_list, handle, event); recv_x is a pair for FP8 input."""
+        fp8 = isinstance(x, (tuple, list))
+        kw = dict(config=self._config(config), previous_event=self._wait(previous_event),
+                  async_finish=async_finish)
+        if handle is not None:
+            res = self._buffer.dispatch(x, handle=handle, **kw)
+            recv_x = (res.recv_x, res.recv_x_scales) if fp8 else res.recv_x
+            return recv_x, None, None, None, handle, _event(res.event)
+        layout = None
+        if topk_idx is not None and num_tokens_per_expert is not None and is_token_in_rank is not None:
+            layout = DispatchLayout(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert,
+                                    is_token_in_rank, int(num_tokens_per_expert.shape[0]))
+        elif topk_idx is not None:
+            raise InvalidInputError("dispatch with topk_idx needs num_tokens_per_expert and is_token_in_rank "
+                                    "(from get_dispatch_layout)")
+        res = self._buffer.dispatch(x, topk_idx, topk_weights, layout=layout,
+                                    is_token_in_rank=None if layout is not None else is_token_in_rank,
+                                    expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, **kw)
+        recv_x = (res.recv_x, res.recv_x_scales) if fp8 else res.recv_x
+        counts = res.num_recv_tokens_per_expert  # a list; a device tensor in worst-token mode
+        return (recv_x, res.recv_topk_idx, res.recv_topk_weights, counts, res.handle,
+                _event(res.event))
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config: Optional[Config] = None,
+                previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Returns (combined_x, combined_topk_weights, event)."""
+        res = self._buffer.combine(x, handle, topk_weights, bias, config=self._config(config),
+                                   previous_event=self._wait(previous_event), async_finish=async_finish)
+        return res.combined_x, res.combined_topk_weights, _event(res.event)
+
+    # ---- low-latency kernels ------------------------------------------------- #
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                 num_experts: int) -> None:
+        self._buffer.clean_low_latency_buffer()
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False):
+        """Returns (recv_x, recv_count, handle, event, hook); recv_x is
+        (e4m3 [L, R*M, H], scales) with FP8, else bf16 [L, R*M, H]."""
+        res = self._buffer.low_latency_dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=use_fp8,
+            round_scale=round_scale, use_ue8m0=use_ue8m0, async_finish=async_finish,
+            return_recv_hook=return_recv_hook,
+            cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats)
+        recv_x = (res.recv_x, res.recv_x_scales) if use_fp8 else res.recv_x
+        return recv_x, res.recv_count, res.handle, _event(res.event), res.hook
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
+                            zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out=None, combine_wait_recv_cost_stats=None):
+        """Returns (combined_x, event, hook)."""
+        if use_logfmt:
+            _unsupported("use_logfmt")
+        if combine_wait_recv_cost_stats is not None:
+            _unsupported("combine_wait_recv_cost_stats")
+        if zero_copy:  # the expert outputs are already in the send buffer
+            x = self._buffer.get_next_low_latency_combine_buffer(handle)
+        res = self._buffer.low_latency_combine(x, topk_idx, topk_weights, handle, out=out,
+                                               async_finish=async_finish, return_recv_hook=return_recv_hook)
+        return res.combined_x, _event(res.event), res.hook
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """[L, R*M, H] bf16 tensor that the next combine sends from in place."""
+        return self._buffer.get_next_low_latency_combine_buffer(handle)

@@ -1,0 +1,113 @@
+"""cupyep.deep_ep driven the way DeepEP V1 users drive deep_ep, checked against
+cupyep's own API on the same inputs (results must be identical)."""
+import numpy as np
+import pytest
+
+import cupyep
+
+from conftest import SIZE
+from helpers import bits, random_rows, random_topk
+
+torch = pytest.importorskip("torch", reason="the DeepEP facade is for torch users")
+deep_ep = pytest.importorskip("cupyep.deep_ep")
+
+
+def host(a):
+    if isinstance(a, torch.Tensor):
+        if a.dtype == torch.bfloat16:
+            a = a.view(torch.int16)
+        elif a.element_size() == 1 and a.dtype != torch.uint8:
+            a = a.view(torch.uint8)
+        return a.numpy()
+    return np.asarray(a)
+
+
+def same(a, b):
+    a, b = host(a), host(b)
+    return a.shape == b.shape and (bits(a) == bits(b)).all()
+
+
+def as_torch(a):
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype.name == "bfloat16" else torch.from_numpy(a)
+
+
+@pytest.fixture
+def inputs(rng):
+    num_experts, h = 4 * SIZE, 512
+    x = random_rows(rng, 40, h)
+    idx = random_topk(rng, 40, num_experts, 4, drop=0.1)
+    w = rng.random(idx.shape).astype(np.float32)
+    return as_torch(x), torch.from_numpy(idx), torch.from_numpy(w), num_experts
+
+
+def test_normal_dispatch_combine_like_deepep(torch_world, group, inputs):
+    x, topk_idx, topk_weights, num_experts = inputs
+    buffer = deep_ep.Buffer(torch_world, num_nvl_bytes=cupyep.nvl_size_hint(512, 40, SIZE, 4), backend="reference")
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event = \
+        buffer.get_dispatch_layout(topk_idx, num_experts, previous_event=None, async_finish=False,
+                                   allocate_on_comm_stream=False)
+    assert num_tokens_per_rdma_rank is None and isinstance(num_tokens_per_rank, torch.Tensor)
+    recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event = \
+        buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
+                        num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+                        num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event,
+                        async_finish=False, allocate_on_comm_stream=False)
+    event.current_stream_wait()
+    assert isinstance(recv_x, torch.Tensor) and recv_x.dtype == torch.bfloat16
+    assert isinstance(num_recv_tokens_per_expert_list, list)
+    combined_x, combined_topk_weights, event = buffer.combine(recv_x, handle, topk_weights=recv_topk_weights)
+    cached_x, none_idx, none_w, none_counts, same_handle, _ = buffer.dispatch(x, handle=handle)
+    assert none_idx is None and same_handle is handle
+
+    native = cupyep.Buffer(group, backend="reference")
+    d = native.dispatch(x, topk_idx, topk_weights, num_experts=num_experts)
+    c = native.combine(d.recv_x, d.handle, d.recv_topk_weights)
+    assert same(recv_x, d.recv_x) and same(recv_topk_idx, d.recv_topk_idx) and same(cached_x, d.recv_x)
+    assert same(recv_topk_weights, d.recv_topk_weights)
+    assert num_recv_tokens_per_expert_list == list(d.num_recv_tokens_per_expert)
+    assert same(combined_x, c.combined_x) and same(combined_topk_weights, c.combined_topk_weights)
+    native.destroy()
+    buffer.destroy()
+
+
+def test_low_latency_like_deepep(torch_world, group, inputs):
+    x, topk_idx, topk_weights, num_experts = inputs
+    m, h = 64, x.shape[1]
+    num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(m, h, SIZE, num_experts)
+    buffer = deep_ep.Buffer(torch_world, 0, num_rdma_bytes, low_latency_mode=True,
+                            num_qps_per_rank=num_experts // SIZE, backend="reference")
+    (recv_q, recv_s), recv_count, handle, event, hook = buffer.low_latency_dispatch(
+        x, topk_idx, m, num_experts, use_fp8=True, async_finish=False, return_recv_hook=True)
+    hook()
+    recv_bf16, _, handle_bf16, _, _ = buffer.low_latency_dispatch(x, topk_idx, m, num_experts, use_fp8=False)
+    # experts: identity on the bf16 rows, written straight into the send buffer
+    buffer.get_next_low_latency_combine_buffer(handle_bf16)[...] = recv_bf16
+    combined_x, event, hook = buffer.low_latency_combine(recv_bf16, topk_idx, topk_weights, handle_bf16,
+                                                         zero_copy=True, return_recv_hook=True)
+    hook()
+    with pytest.raises(cupyep.InvalidInputError, match="use_logfmt"):
+        buffer.low_latency_combine(recv_bf16, topk_idx, topk_weights, handle_bf16, use_logfmt=True)
+
+    native = cupyep.Buffer(group, backend="reference")
+    d = native.low_latency_dispatch(x, topk_idx, m, num_experts, use_fp8=True)
+    b = native.low_latency_dispatch(x, topk_idx, m, num_experts, use_fp8=False)
+    c = native.low_latency_combine(b.recv_x, topk_idx, topk_weights, b.handle)
+    assert same(recv_q, d.recv_x) and same(recv_s, d.recv_x_scales)
+    assert same(recv_count, d.recv_count) and same(recv_bf16, b.recv_x)
+    assert same(combined_x, c.combined_x)
+    native.destroy()
+    buffer.destroy()
+
+
+def test_static_helpers_and_config():
+    assert deep_ep.topk_idx_t == torch.int64 and deep_ep.Buffer.is_sm90_compiled()
+    assert deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 288) == \
+        cupyep.low_latency_size_hint(128, 7168, 8, 288)
+    old = deep_ep.Buffer.num_sms
+    deep_ep.Buffer.set_num_sms(24)
+    assert deep_ep.Buffer.get_dispatch_config(SIZE).num_sms == 24
+    assert deep_ep.Buffer.get_combine_config(SIZE).to_cupyep(SIZE).num_sms == 24
+    with pytest.raises(cupyep.InvalidInputError):
+        deep_ep.Buffer.set_num_sms(7)
+    deep_ep.Buffer.set_num_sms(old)
+    deep_ep.EventOverlap().current_stream_wait()  # a synchronous call's event: nothing to wait for
