@@ -1,11 +1,12 @@
 """Run the test suite under MPI at several rank counts, then the examples.
 
-Usage: python tests/run_mpi.py [--ranks 1 2 3 4] [--timeout 900] [--no-examples] [pytest args...]
+Usage: python tests/run_mpi.py [--ranks 1 2 3 4] [--timeout 900] [--no-examples] [--no-tests] [pytest args...]
 
 Each count runs ``mpiexec -n N python -m mpi4py -m pytest tests`` under a
 timeout (``-m mpi4py`` aborts every rank when one dies). Each script in
 examples/ then runs at the largest count and must exit 0 (they check their own
-results). The last line totals all runs.
+results; one whose docstring says "requires: torch" is skipped where torch does
+not import). The last line totals all runs.
 """
 import argparse
 import glob
@@ -32,10 +33,11 @@ def main():
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--no-examples", action="store_true")
+    ap.add_argument("--no-tests", action="store_true")
     args, pytest_args = ap.parse_known_args()
     totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
     rc = 0
-    for n in args.ranks:
+    for n in [] if args.no_tests else args.ranks:
         cmd = [*mpiexec_cmd(), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "pytest",
                HERE, "-q", *pytest_args]
         print(f"== {n} rank(s): {' '.join(cmd)}", flush=True)
@@ -55,7 +57,14 @@ def main():
             rc = 1
             totals["failed"] += 0 if summary else 1
     examples = [] if args.no_examples else sorted(glob.glob(os.path.join(HERE, "..", "examples", "*.py")))
+    has_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
     for path in examples:
+        with open(path) as f:
+            needs_torch = "requires: torch" in f.read(2000)
+        if needs_torch and not has_torch:
+            print(f"== example {os.path.basename(path)}: skipped (needs torch)", flush=True)
+            totals["skipped"] += 1
+            continue
         n = max(args.ranks)
         cmd = [*mpiexec_cmd(), "-n", str(n), sys.executable, "-m", "mpi4py", path]
         print(f"== example at {n} rank(s): {' '.join(cmd)}", flush=True)
