@@ -197,3 +197,38 @@ def test_low_latency_cuda_graph_replays(buffer, backend, transport, rng):
             error = e
         if COMM.allreduce(error is not None, op=MPI.LOR):
             raise AssertionError(f"replay {i} failed on some rank; here: {error!r}")
+
+
+@pytest.mark.gpu
+def test_low_latency_timeout_names_the_missing_rank_then_clean(buffer, backend, rng):
+    """Rank 0 skips a dispatch: the others raise CommTimeoutError naming rank 0
+    and the receive phase; after clean_low_latency_buffer every rank goes on."""
+    if backend != "gpu" or SIZE < 2:
+        pytest.skip("needs the GPU backend and two ranks")
+    import cupy
+    import cupyep
+    from mpi4py import MPI
+    m, h, num_experts = 8, 2048, 2 * SIZE
+    x = random_rows(rng, m, h)
+    idx = random_topk(rng, m, num_experts, 2)
+    impl = buffer._impl
+    saved, impl.timeout_ns = impl.timeout_ns, int(1e9)
+    error = None
+    try:
+        if RANK != 0:
+            try:
+                buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts)
+                cupy.cuda.Device().synchronize()
+                impl.check_errors()
+            except cupyep.CommTimeoutError as e:
+                error = e
+    finally:
+        impl.timeout_ns = saved
+    right = RANK == 0 or (error is not None and error.peer == 0 and "low_latency_dispatch.recv" in error.phase)
+    all_right = COMM.allreduce(right, op=MPI.LAND)
+    buffer.clean_low_latency_buffer()
+    assert all_right, f"rank {RANK}: expected a timeout naming rank 0, got {error!r}"
+    everyone = gather(x, idx)
+    res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                      use_fp8=False)
+    check_dispatch(res, everyone, m, h, num_experts // SIZE, False, False, False)
