@@ -180,17 +180,20 @@ class GpuLowLatency:
                     _ptr(cumulative_stats), _ptr(wait_stats), np.int32(phases),
                     np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream)
 
-        hook = None
-        if return_recv_hook:
-            run(1, stream)
-            hook = self._hook(lambda s: run(2, s))
-        else:
-            run(3, stream)
+        hook = self._send_then_receive(run, stream, return_recv_hook)
         out = {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_count": recv_count,
                "src_info": src_info, "layout_range": layout_range,
                "routing": GpuLowLatencyState(recv_k, lay), "call_id": self.calls,
                "event": self._event(stream, async_finish), "hook": hook}
         return out
+
+    def _send_then_receive(self, run, stream, return_recv_hook):
+        """Both halves in one launch, or the send half now and a hook for the other."""
+        if not return_recv_hook:
+            run(3, stream)
+            return None
+        run(1, stream)
+        return self._hook(lambda s: run(2, s))
 
     def _hook(self, launch_recv):
         done = []
@@ -241,12 +244,7 @@ class GpuLowLatency:
                     out, np.int32(phases),
                     np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream)
 
-        hook = None
-        if return_recv_hook:
-            run(1, stream)
-            hook = self._hook(lambda s: run(2, s))
-        else:
-            run(3, stream)
+        hook = self._send_then_receive(run, stream, return_recv_hook)
         return {"combined_x": out, "event": self._event(stream, async_finish), "hook": hook}
 
     def next_combine_buffer(self, handle):

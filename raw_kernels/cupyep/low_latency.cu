@@ -10,9 +10,10 @@
 //   combine area   [M][16][H]  bf16 expert outputs, slot [token][k]
 //   send area                  staging for NVSHMEM puts (and zero-copy combine)
 //
-// Dispatch: a warp per (token, k) sends one message per distinct expert, into
-// slot = number of earlier tokens of this rank that chose that expert, so rows
-// keep source-token order without atomics. A warp per expert then waits until
+// Dispatch: one message per distinct (token, expert), into slot = number of
+// earlier tokens of this rank that chose that expert, so rows keep
+// source-token order without atomics. FP8: a warp casts a token once into
+// registers and sends its messages; BF16: a warp per (token, k) copies the row. A warp per expert then waits until
 // every message for it is written (a local counter) and publishes the count.
 // The receive half waits for the counts of its local experts and packs rows
 // in source-rank order. Combine: a warp group per (local expert, destination)
