@@ -6,7 +6,7 @@ import cupyep
 from cupyep import fp8
 
 from conftest import SIZE
-from helpers import random_rows, random_topk, to_backend
+from helpers import random_rows, random_topk, to_backend, to_host
 
 
 @pytest.fixture
@@ -128,6 +128,56 @@ def test_low_latency_stale_zero_copy_view(buffer, backend, good):
     with pytest.raises(cupyep.InvalidInputError, match="get_next_low_latency_combine_buffer"):
         buffer.low_latency_combine(stale, ib, wb, second.handle)
     out = buffer.low_latency_combine(second.recv_x, ib, wb, second.handle)
+    assert tuple(out.combined_x.shape) == x.shape
+
+
+def test_bad_arguments_of_every_normal_call(buffer, backend, good):
+    """dispatch, cached dispatch and combine reject bad arguments before any
+    launch; the buffer then still gives correct results."""
+    x, idx, w, e = good
+    xb, ib, wb = to_backend(x, backend), to_backend(idx, backend), to_backend(w, backend)
+    bad_calls = {
+        "expert_alignment": lambda: buffer.dispatch(xb, ib, wb, num_experts=e, expert_alignment=0),
+        "num_worst_tokens": lambda: buffer.dispatch(xb, ib, wb, num_experts=e, num_worst_tokens=-1),
+        "needs topk_idx": lambda: buffer.dispatch(xb, None, wb, num_experts=e),
+        "needs topk_idx, layout": lambda: buffer.dispatch(xb),
+        "layout= or num_experts=": lambda: buffer.dispatch(xb, ib, wb),
+        "pair": lambda: buffer.dispatch((xb,), ib, wb, num_experts=e),
+    }
+    for what, call in bad_calls.items():
+        with pytest.raises(cupyep.InvalidInputError, match=what):
+            call()
+    d = buffer.dispatch(xb, ib, wb, num_experts=e)
+    n = d.recv_x.shape[0]
+    with pytest.raises(cupyep.InvalidInputError, match="cached dispatch"):
+        buffer.dispatch(to_backend(x[:-1].copy(), backend), handle=d.handle)
+    with pytest.raises(cupyep.InvalidInputError, match="topk_weights"):
+        buffer.combine(d.recv_x, d.handle, to_backend(np.zeros((n, 1), np.float32), backend))
+    with pytest.raises(cupyep.InvalidInputError, match="at most two bias"):
+        buffer.combine(d.recv_x, d.handle, bias=(xb, xb, xb))
+    with pytest.raises(cupyep.InvalidInputError, match="bias"):
+        buffer.combine(d.recv_x, d.handle, bias=to_backend(x[:-1].copy(), backend))
+    c = buffer.combine(d.recv_x, d.handle, d.recv_topk_weights)
+    got_w = to_host(c.combined_topk_weights)
+    assert np.allclose(got_w, np.where(idx >= 0, w, 0), rtol=1e-6), "weights summed back"
+
+
+def test_bad_arguments_of_low_latency_calls(group, buffer, backend, good):
+    x, idx, w, e = good
+    t = x.shape[0]
+    xb, ib, wb = to_backend(x, backend), to_backend(idx, backend), to_backend(w, backend)
+    with pytest.raises(cupyep.InvalidInputError, match="use_ue8m0"):
+        buffer.low_latency_dispatch(xb, ib, t, e, use_fp8=False, use_ue8m0=True)
+    res = buffer.low_latency_dispatch(xb, ib, t, e, use_fp8=False)
+    with pytest.raises(cupyep.InvalidInputError, match="K="):
+        buffer.low_latency_combine(res.recv_x, ib[:, :1].copy(), wb[:, :1].copy(), res.handle)
+    with pytest.raises(cupyep.InvalidInputError, match="needs topk_weights"):
+        buffer.low_latency_combine(res.recv_x, ib, None, res.handle)
+    other = cupyep.Buffer(group, backend="reference")
+    with pytest.raises(cupyep.InvalidInputError, match="another buffer"):
+        other.get_next_low_latency_combine_buffer(res.handle)
+    other.destroy()
+    out = buffer.low_latency_combine(res.recv_x, ib, wb, res.handle)
     assert tuple(out.combined_x.shape) == x.shape
 
 
