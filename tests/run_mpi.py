@@ -49,10 +49,17 @@ def main():
             out, code = (e.stdout or b"").decode(errors="replace"), 124
             out += f"\nTIMEOUT after {args.timeout} s at {n} ranks\n"
         print(out, flush=True)
-        summary = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
-        if summary:
-            for num, what in re.findall(r"(\d+) (passed|failed|skipped|error)", summary[-1]):
-                totals[what] += int(num)
+        # Every rank prints a summary; count rank 0's (it also runs the compile
+        # checks, so it has the most tests) and any failure from the others.
+        counts = [dict((w, int(n)) for n, w in re.findall(r"(\d+) (passed|failed|skipped|error)", ln))
+                  for ln in out.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+        summary = counts
+        if counts:
+            best = max(counts, key=lambda c: c.get("passed", 0))
+            for what in ("passed", "skipped"):
+                totals[what] += best.get(what, 0)
+            for what in ("failed", "error"):
+                totals[what] += max(c.get(what, 0) for c in counts)
         if code not in (0, 5):
             rc = 1
             totals["failed"] += 0 if summary else 1
