@@ -138,12 +138,8 @@ def nccl_baseline(group, x, idx, args, iters, warmup):
     """torch all_to_all_single of one row per (token, expert) after an index_select."""
     import torch
     import torch.distributed as dist
-    if not dist.is_initialized():
-        port = group.comm.bcast(29500 + np.random.randint(0, 1000) if group.rank == 0 else None)
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("nccl", rank=group.rank, world_size=group.size,
-                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    from cupyep.torch_comm import init_torch_distributed
+    init_torch_distributed(group.comm, "nccl")
     x_t, idx_t = torch.from_dlpack(x), torch.from_dlpack(idx)
     local = args.experts // group.size
     flat = idx_t.flatten()

@@ -39,12 +39,8 @@ def nccl_baseline(group, x_t, topk_idx, iters, warmup):
     """torch all_to_all_single after an index_select (the naive dispatch)."""
     import torch
     import torch.distributed as dist
-    if not dist.is_initialized():
-        port = group.comm.bcast(29500 + np.random.randint(0, 1000) if group.rank == 0 else None)
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("nccl", rank=group.rank, world_size=group.size,
-                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    from cupyep.torch_comm import init_torch_distributed
+    init_torch_distributed(group.comm, "nccl")
     r = group.size
     local = 256 // r
     ranks = (topk_idx // local)

@@ -121,6 +121,27 @@ class TorchComm:
         return mine.index(self._rank), len(mine)
 
 
+def init_torch_distributed(comm, backend: str = "nccl", port_base: int = 29500) -> bool:
+    """Start torch.distributed on the ranks of an mpi4py communicator.
+
+    Rank 0 picks a port on 127.0.0.1 (one host) and broadcasts it; with NCCL the
+    current CUDA device is bound. Returns False when it was already started.
+    """
+    import os
+
+    import torch
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return False
+    rank, size = comm.Get_rank(), comm.Get_size()
+    port = comm.bcast(port_base + int(np.random.default_rng().integers(0, 1000)) if rank == 0 else None)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    kw = {"device_id": torch.device("cuda", torch.cuda.current_device())} if backend == "nccl" else {}
+    dist.init_process_group(backend, rank=rank, world_size=size, **kw)
+    return True
+
+
 def _op_name(op) -> str:
     if op is None:
         return "sum"

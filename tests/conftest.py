@@ -95,12 +95,8 @@ def torch_world():
     dist = torch.distributed
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    started = not dist.is_initialized()
-    if started:
-        port = COMM.bcast(29700 + int(np.random.default_rng().integers(0, 200)) if RANK == 0 else None)
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("gloo", rank=RANK, world_size=SIZE)
+    from cupyep.torch_comm import init_torch_distributed
+    started = init_torch_distributed(COMM, "gloo", port_base=29700)
     yield dist.group.WORLD
     if started:
         dist.destroy_process_group()
