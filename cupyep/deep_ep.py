@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 from . import config as _config
 from .buffer import Buffer as _Buffer
 from .errors import InvalidInputError
+from .events import EventOverlap as _EventOverlap
 from .group import Group
 from .low_latency import low_latency_size_hint
 from .types import DispatchLayout
@@ -31,26 +32,18 @@ except ImportError:  # the facade is for torch users; the rest of cupyep is not
     topk_idx_t = None
 
 
-class EventOverlap:
-    """DeepEP's event wrapper: ``current_stream_wait()`` and ``with``.
-
-    ``event`` may be None (a synchronous call); waiting on it then does nothing.
-    """
+class EventOverlap(_EventOverlap):
+    """DeepEP's event wrapper: ``current_stream_wait()`` and ``with``; the event
+    is None for a synchronous call. ``extra_tensors`` as in DeepEP."""
 
     def __init__(self, event=None, extra_tensors: Optional[Tuple] = None):
-        self.event = event
+        super().__init__(event)
         self.extra_tensors = extra_tensors
 
-    def current_stream_wait(self) -> None:
-        if self.event is not None:
-            self.event.current_stream_wait()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.current_stream_wait()
-        return False
+def _event(result_event) -> EventOverlap:
+    """A cupyep result's event (an EventOverlap or None) as DeepEP's."""
+    return EventOverlap(None if result_event is None else result_event.event)
 
 
 class Config:
@@ -69,10 +62,6 @@ class Config:
         base = _config.default_config(num_ranks)
         return _config.Config(num_sms=self.num_sms, num_warps=base.num_warps,
                               chunk_tokens=base.chunk_tokens, num_combine_warps=base.num_combine_warps)
-
-
-def _event(res_event) -> EventOverlap:
-    return EventOverlap(res_event)
 
 
 def _unsupported(what: str):
@@ -104,7 +93,6 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self._buffer = _Buffer(self.group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
                                low_latency_mode=low_latency_mode, backend=backend)
-        self.runtime = self._buffer
 
     # ---- static helpers ------------------------------------------------------ #
     @staticmethod
@@ -122,8 +110,7 @@ class Buffer:
     def capture() -> EventOverlap:
         """An event recorded now on the current stream."""
         import cupy
-        from .events import EventOverlap as _Ev
-        return EventOverlap(_Ev(cupy.cuda.get_current_stream().record()))
+        return EventOverlap(cupy.cuda.get_current_stream().record())
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
@@ -151,10 +138,6 @@ class Buffer:
     def _config(self, config: Optional[Config]):
         return (config or Config(Buffer.num_sms)).to_cupyep(self.group_size)
 
-    @staticmethod
-    def _wait(previous_event):
-        return None if previous_event is None else previous_event.event
-
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event=None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """Returns (num_tokens_per_rank, num_tokens_per_rdma_rank (None inside one
@@ -170,7 +153,7 @@ class Buffer:
         """Returns (recv_x, recv_topk_idx, recv_topk_weights,
         num_recv_tokens_per_expert_list, handle, event); recv_x is a pair for FP8 input."""
         fp8 = isinstance(x, (tuple, list))
-        kw = dict(config=self._config(config), previous_event=self._wait(previous_event),
+        kw = dict(config=self._config(config), previous_event=previous_event,
                   async_finish=async_finish)
         if handle is not None:
             res = self._buffer.dispatch(x, handle=handle, **kw)
@@ -195,7 +178,7 @@ class Buffer:
                 previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """Returns (combined_x, combined_topk_weights, event)."""
         res = self._buffer.combine(x, handle, topk_weights, bias, config=self._config(config),
-                                   previous_event=self._wait(previous_event), async_finish=async_finish)
+                                   previous_event=previous_event, async_finish=async_finish)
         return res.combined_x, res.combined_topk_weights, _event(res.event)
 
     # ---- low-latency kernels ------------------------------------------------- #

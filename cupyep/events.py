@@ -7,19 +7,22 @@ class EventOverlap:
 
     ``current_stream_wait()`` makes the caller's current stream (CuPy's, or
     torch's through ``torch.cuda.current_stream()``) wait for it; used as a
-    context manager, it waits on exit.
+    context manager, it waits on exit. ``event`` None stands for work that
+    is already ordered on the caller's stream: waiting on it does nothing.
     """
 
-    def __init__(self, event):
+    def __init__(self, event=None):
         self.event = event
 
     def current_stream_wait(self) -> None:
-        import cupy
-        cupy.cuda.get_current_stream().wait_event(self.event)
+        if self.event is not None:
+            import cupy
+            cupy.cuda.get_current_stream().wait_event(self.event)
 
     def synchronize(self) -> None:
         """Block the host until the event completes."""
-        self.event.synchronize()
+        if self.event is not None:
+            self.event.synchronize()
 
     def __enter__(self):
         return self

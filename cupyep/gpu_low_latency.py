@@ -126,13 +126,13 @@ class GpuLowLatency:
                 fn((self.num_sms,), (_THREADS,), args)
 
     def _stream(self, async_finish):
-        """Launch stream, and the caller's stream to order after (or None)."""
+        """The caller's stream, or the communication stream ordered after it."""
         import cupy
         cur = cupy.cuda.get_current_stream()
         if not async_finish:
-            return cur, None
+            return cur
         self.be.stream.wait_event(cur.record())
-        return self.be.stream, cur
+        return self.be.stream
 
     def _event(self, stream, async_finish):
         return EventOverlap(stream.record()) if async_finish else None
@@ -149,7 +149,7 @@ class GpuLowLatency:
         lay = self._layout(m, hidden, num_experts)
         local = num_experts // r
         be.check_errors()
-        stream, _ = self._stream(async_finish)
+        stream = self._stream(async_finish)
         capturing = _capturing(stream)
         half = self._next_half()
         off = lay.offsets(half)
@@ -217,7 +217,7 @@ class GpuLowLatency:
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
         be.check_errors()
-        stream, _ = self._stream(async_finish)
+        stream = self._stream(async_finish)
         capturing = _capturing(stream)
         half = self._next_half()
         off = lay.offsets(half)
