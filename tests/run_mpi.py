@@ -10,11 +10,12 @@ not import). The last line totals all runs.
 """
 import argparse
 import glob
+import json
 import os
-import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,25 +42,23 @@ def main():
         cmd = [*mpiexec_cmd(), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "pytest",
                HERE, "-q", *pytest_args]
         print(f"== {n} rank(s): {' '.join(cmd)}", flush=True)
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            out = p.stdout + p.stderr
-            code = p.returncode
-        except subprocess.TimeoutExpired as e:
-            out, code = (e.stdout or b"").decode(errors="replace"), 124
-            out += f"\nTIMEOUT after {args.timeout} s at {n} ranks\n"
-        print(out, flush=True)
-        # Every rank prints a summary; count rank 0's (it also runs the compile
-        # checks, so it has the most tests) and any failure from the others.
-        counts = [dict((w, int(n)) for n, w in re.findall(r"(\d+) (passed|failed|skipped|error)", ln))
-                  for ln in out.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
-        summary = counts
-        if counts:
-            best = max(counts, key=lambda c: c.get("passed", 0))
-            for what in ("passed", "skipped"):
-                totals[what] += best.get(what, 0)
-            for what in ("failed", "error"):
-                totals[what] += max(c.get(what, 0) for c in counts)
+        with tempfile.TemporaryDirectory() as tmp:
+            summary_path = os.path.join(tmp, "summary.json")
+            env = dict(os.environ, CUPYEP_TEST_SUMMARY=summary_path)
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+                out, code = p.stdout + p.stderr, p.returncode
+            except subprocess.TimeoutExpired as e:
+                out, code = (e.stdout or b"").decode(errors="replace"), 124
+                out += f"\nTIMEOUT after {args.timeout} s at {n} ranks\n"
+            print(out, flush=True)
+            # Rank 0's counts (the ranks' printed summaries interleave).
+            summary = None
+            if os.path.exists(summary_path):
+                with open(summary_path) as f:
+                    summary = json.load(f)
+                for what in totals:
+                    totals[what] += summary.get(what, 0)
         if code not in (0, 5):
             rc = 1
             totals["failed"] += 0 if summary else 1
