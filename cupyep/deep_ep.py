@@ -132,7 +132,9 @@ class Buffer:
         return _torch.cuda.ExternalStream(self._buffer._impl.stream.ptr)
 
     def destroy(self) -> None:
+        """Frees the buffer and the Group this facade made (collective)."""
         self._buffer.destroy()
+        self.group.destroy()
 
     # ---- normal kernels ------------------------------------------------------ #
     def _config(self, config: Optional[Config]):

@@ -16,6 +16,10 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 _DEFAULT_HEAP = 2 << 30
 
+# NVSHMEM is one per process: Groups over the same ranks (an mpi4py
+# communicator and a torch.distributed group, say) share it. Counts its users.
+_nvshmem_users = 0
+
 
 class SymmetricBuffer:
     """One symmetric allocation and its NVLink-mapped peer addresses.
@@ -79,14 +83,24 @@ class GpuRuntime:
         self._buffers = []
 
     def _init_nvshmem(self):
+        global _nvshmem_users
         import nvshmem.core as nvshmem
+        self._nvshmem = nvshmem
+        if _nvshmem_users:
+            pe, npes = nvshmem.my_pe(), nvshmem.n_pes()
+            if (pe, npes) != (self.rank, self.size):
+                raise CupyepError(
+                    f"NVSHMEM already runs here as PE {pe} of {npes}; a second Group must span the same "
+                    f"ranks in the same order (this one is rank {self.rank} of {self.size})")
+            _nvshmem_users += 1
+            return
         comm = self.group.comm
         uid = nvshmem.get_unique_id(empty=self.rank != 0)
         raw = uid._data.view(np.int8)
         comm.Bcast(raw, root=0)
         nvshmem.init(device=self._cuda_device, uid=uid, rank=self.rank, nranks=self.size,
                      initializer_method="uid")
-        self._nvshmem = nvshmem
+        _nvshmem_users += 1
 
     def alloc(self, nbytes: int) -> SymmetricBuffer:
         """Collective: every rank allocates the same size."""
@@ -107,13 +121,17 @@ class GpuRuntime:
         self.group.comm.Barrier()
 
     def destroy(self):
+        """Collective: frees this runtime's buffers; the last user finalizes NVSHMEM."""
+        global _nvshmem_users
         import cupy
         cupy.cuda.Device().synchronize()
         for b in list(self._buffers):
             b.free()
         self._buffers.clear()
         self.group.comm.Barrier()
-        self._nvshmem.finalize()
+        _nvshmem_users -= 1
+        if _nvshmem_users == 0:
+            self._nvshmem.finalize()
 
 
 def mapped_host_ints(n: int):
