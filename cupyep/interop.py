@@ -49,6 +49,7 @@ def to_numpy(a) -> np.ndarray:
     if fw == "torch":
         if a.is_cuda:
             raise InvalidInputError("a CUDA tensor was given to the CPU reference backend")
+        a = a.detach()  # same memory; autograd is the caller's business
         name = _torch_dtype_name(a)
         if name == "bfloat16":
             import torch
@@ -72,6 +73,7 @@ def to_cupy(a):
         if not a.is_cuda:
             raise InvalidInputError("a CPU tensor was given to the GPU backend")
         import torch
+        a = a.detach()  # same memory; autograd is the caller's business
         if _torch_dtype_name(a).startswith("float8_e4m3"):
             a = a.view(torch.uint8)
         elif a.dtype == torch.bool:
