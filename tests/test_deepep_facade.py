@@ -6,7 +6,7 @@ import pytest
 import cupyep
 
 from conftest import SIZE
-from helpers import bits, random_rows, random_topk
+from helpers import bits, random_rows, random_topk, to_backend, to_host
 
 torch = pytest.importorskip("torch", reason="the DeepEP facade is for torch users")
 deep_ep = pytest.importorskip("cupyep.deep_ep")
@@ -14,12 +14,13 @@ deep_ep = pytest.importorskip("cupyep.deep_ep")
 
 def host(a):
     if isinstance(a, torch.Tensor):
+        a = a.cpu()
         if a.dtype == torch.bfloat16:
             a = a.view(torch.int16)
         elif a.element_size() == 1 and a.dtype != torch.uint8:
             a = a.view(torch.uint8)
         return a.numpy()
-    return np.asarray(a)
+    return to_host(a)
 
 
 def same(a, b):
@@ -27,22 +28,33 @@ def same(a, b):
     return a.shape == b.shape and (bits(a) == bits(b)).all()
 
 
+def same_rows(a, b, counts):
+    """Equal in the rows each local expert received (the rest is undefined)."""
+    a, b, counts = host(a), host(b), host(counts)
+    return a.shape == b.shape and all((bits(a[e, :c]) == bits(b[e, :c])).all() for e, c in enumerate(counts))
+
+
 def as_torch(a):
     return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype.name == "bfloat16" else torch.from_numpy(a)
 
 
 @pytest.fixture
-def inputs(rng):
+def inputs(rng, backend):
+    """(x, topk_idx, topk_weights) as torch tensors (on the GPU for the GPU
+    backend), the same as NumPy arrays, and the expert count."""
     num_experts, h = 4 * SIZE, 512
     x = random_rows(rng, 40, h)
     idx = random_topk(rng, 40, num_experts, 4, drop=0.1)
     w = rng.random(idx.shape).astype(np.float32)
-    return as_torch(x), torch.from_numpy(idx), torch.from_numpy(w), num_experts
+    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "gpu" else torch.device("cpu")
+    tensors = tuple(t.to(dev) for t in (as_torch(x), torch.from_numpy(idx), torch.from_numpy(w)))
+    return tensors, tuple(to_backend(a, backend) for a in (x, idx, w)), num_experts
 
 
-def test_normal_dispatch_combine_like_deepep(torch_world, group, inputs):
-    x, topk_idx, topk_weights, num_experts = inputs
-    buffer = deep_ep.Buffer(torch_world, num_nvl_bytes=cupyep.nvl_size_hint(512, 40, SIZE, 4), backend="reference")
+def test_normal_dispatch_combine_like_deepep(torch_world, buffer, backend, inputs):
+    (x, topk_idx, topk_weights), arrays, num_experts = inputs
+    native = buffer  # cupyep's own API on the same backend gives the expected results
+    buffer = deep_ep.Buffer(torch_world, num_nvl_bytes=cupyep.nvl_size_hint(512, 40, SIZE, 4), backend=backend)
     num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event = \
         buffer.get_dispatch_layout(topk_idx, num_experts, previous_event=None, async_finish=False,
                                    allocate_on_comm_stream=False)
@@ -53,29 +65,28 @@ def test_normal_dispatch_combine_like_deepep(torch_world, group, inputs):
                         num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event,
                         async_finish=False, allocate_on_comm_stream=False)
     event.current_stream_wait()
-    assert isinstance(recv_x, torch.Tensor) and recv_x.dtype == torch.bfloat16
+    assert isinstance(recv_x, torch.Tensor) and recv_x.dtype == torch.bfloat16 and recv_x.device == x.device
     assert isinstance(num_recv_tokens_per_expert_list, list)
     combined_x, combined_topk_weights, event = buffer.combine(recv_x, handle, topk_weights=recv_topk_weights)
     cached_x, none_idx, none_w, none_counts, same_handle, _ = buffer.dispatch(x, handle=handle)
     assert none_idx is None and same_handle is handle
 
-    native = cupyep.Buffer(group, backend="reference")
-    d = native.dispatch(x, topk_idx, topk_weights, num_experts=num_experts)
+    d = native.dispatch(*arrays, num_experts=num_experts)
     c = native.combine(d.recv_x, d.handle, d.recv_topk_weights)
     assert same(recv_x, d.recv_x) and same(recv_topk_idx, d.recv_topk_idx) and same(cached_x, d.recv_x)
     assert same(recv_topk_weights, d.recv_topk_weights)
     assert num_recv_tokens_per_expert_list == list(d.num_recv_tokens_per_expert)
     assert same(combined_x, c.combined_x) and same(combined_topk_weights, c.combined_topk_weights)
-    native.destroy()
     buffer.destroy()
 
 
-def test_low_latency_like_deepep(torch_world, group, inputs):
-    x, topk_idx, topk_weights, num_experts = inputs
+def test_low_latency_like_deepep(torch_world, buffer, backend, inputs):
+    (x, topk_idx, topk_weights), arrays, num_experts = inputs
+    native = buffer
     m, h = 64, x.shape[1]
     num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(m, h, SIZE, num_experts)
     buffer = deep_ep.Buffer(torch_world, 0, num_rdma_bytes, low_latency_mode=True,
-                            num_qps_per_rank=num_experts // SIZE, backend="reference")
+                            num_qps_per_rank=num_experts // SIZE, backend=backend)
     (recv_q, recv_s), recv_count, handle, event, hook = buffer.low_latency_dispatch(
         x, topk_idx, m, num_experts, use_fp8=True, async_finish=False, return_recv_hook=True)
     hook()
@@ -88,14 +99,14 @@ def test_low_latency_like_deepep(torch_world, group, inputs):
     with pytest.raises(cupyep.InvalidInputError, match="use_logfmt"):
         buffer.low_latency_combine(recv_bf16, topk_idx, topk_weights, handle_bf16, use_logfmt=True)
 
-    native = cupyep.Buffer(group, backend="reference")
-    d = native.low_latency_dispatch(x, topk_idx, m, num_experts, use_fp8=True)
-    b = native.low_latency_dispatch(x, topk_idx, m, num_experts, use_fp8=False)
-    c = native.low_latency_combine(b.recv_x, topk_idx, topk_weights, b.handle)
-    assert same(recv_q, d.recv_x) and same(recv_s, d.recv_x_scales)
-    assert same(recv_count, d.recv_count) and same(recv_bf16, b.recv_x)
+    x_np, idx_np, w_np = arrays
+    d = native.low_latency_dispatch(x_np, idx_np, m, num_experts, use_fp8=True)
+    assert same(recv_count, d.recv_count)
+    assert same_rows(recv_q, d.recv_x, recv_count) and same_rows(recv_s, d.recv_x_scales, recv_count)
+    b = native.low_latency_dispatch(x_np, idx_np, m, num_experts, use_fp8=False)
+    assert same_rows(recv_bf16, b.recv_x, recv_count)
+    c = native.low_latency_combine(b.recv_x, idx_np, w_np, b.handle)
     assert same(combined_x, c.combined_x)
-    native.destroy()
     buffer.destroy()
 
 
