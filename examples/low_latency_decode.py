@@ -37,8 +37,44 @@ def experts_forward(xp, lut, weights, recv_x, recv_scales, out):
     recv_scales [L, R*M, H/128] fp32; rows past an expert's count hold garbage
     and come out as garbage, never read back.
     """
-    x = lut[recv_x.view(xp.uint8)] * xp.repeat(recv_scales, 128, axis=2)
-    out[...] = to_bf16(xp, xp.matmul(x, weights))
+    if xp is np:
+        x = lut[recv_x.view(np.uint8)] * np.repeat(recv_scales, 128, axis=2)
+        out[...] = to_bf16(np, np.matmul(x, weights))
+        return
+    # CuPy cannot record cuBLAS calls in a CUDA graph, so a plain kernel
+    # stands in for the matrix product (torch's graphs can capture cuBLAS).
+    num_local, rows, h = recv_x.shape
+    acc = xp.empty((num_local, rows, h), xp.float32)
+    n = acc.size
+    _experts_kernel(xp)(((n + 255) // 256,), (256,),
+                        (xp.ascontiguousarray(recv_x), xp.ascontiguousarray(recv_scales), lut,
+                         xp.ascontiguousarray(weights), acc, np.int32(rows), np.int32(h), np.int64(n)))
+    out[...] = to_bf16(xp, acc)
+
+
+_EXPERTS_SRC = r"""
+extern "C" __global__ void experts(const unsigned char* q, const float* scales, const float* lut,
+                                   const float* w, float* out, int rows, int h, long long n) {
+    // one thread per (expert l, row r, column o): out = sum_i dequant(q[l, r, i]) * w[l, i, o]
+    long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    const int o = t % h;
+    const long long lr = t / h;
+    const long long l = lr / rows;
+    const unsigned char* qr = q + lr * h;
+    const float* sr = scales + lr * (h / 128);
+    const float* wl = w + l * h * h + o;
+    float acc = 0.f;
+    for (int i = 0; i < h; ++i) acc += lut[qr[i]] * sr[i / 128] * wl[(long long)i * h];
+    out[t] = acc;
+}
+"""
+
+
+def _experts_kernel(xp, _cache={}):
+    if "k" not in _cache:
+        _cache["k"] = xp.RawKernel(_EXPERTS_SRC, "experts")
+    return _cache["k"]
 
 
 def expected(x, topk_idx, topk_w, all_weights):
