@@ -3,7 +3,9 @@
 # then the benchmarks. Logs go to $LOG_DIR (default ./gpu-logs).
 #   WHEELS=dir  install extra wheels (e.g. nvshmem4py) into /tmp/site first
 #   RANKS="2 4" rank counts for the tests; BENCH_RANKS / LL_BENCH_RANKS: for
-#   bench_normal / bench_low_latency (BENCH_ARGS / LL_BENCH_ARGS)
+#   bench_normal / bench_low_latency (BENCH_ARGS / LL_BENCH_ARGS);
+#   EXAMPLE_RANKS: every example with --backend gpu; STRESS_RANKS (STRESS_ARGS):
+#   benchmarks/stress.py on the GPU backend; JIT_RANKS: benchmarks/bench_jit.py
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${LOG_DIR:-gpu-logs}; mkdir -p "$LOG_DIR"
@@ -20,6 +22,20 @@ MPIRUN=${MPIRUN:-mpirun --allow-run-as-root --bind-to none}
 for n in ${RANKS-2}; do
   echo "== tests at $n ranks"
   timeout ${TEST_TIMEOUT:-300} $MPIRUN -n $n python3 -m mpi4py -m pytest tests -q -x ${PYTEST_ARGS:-} 2>&1 | tee "$LOG_DIR/tests-n$n.log" | tail -25
+done
+for n in ${EXAMPLE_RANKS:-}; do
+  for ex in examples/*.py; do
+    echo "== $ex at $n ranks"
+    timeout ${EXAMPLE_TIMEOUT:-120} $MPIRUN -n $n python3 "$ex" --backend gpu 2>&1 | tee "$LOG_DIR/$(basename "$ex" .py)-n$n.log" | tail -5
+  done
+done
+for n in ${JIT_RANKS:-}; do
+  echo "== bench_jit at $n ranks"
+  timeout ${BENCH_TIMEOUT:-240} $MPIRUN -n $n python3 benchmarks/bench_jit.py 2>&1 | tee "$LOG_DIR/bench-jit-n$n.log" | tail -30
+done
+for n in ${STRESS_RANKS:-}; do
+  echo "== stress at $n ranks"
+  timeout ${STRESS_TIMEOUT:-300} $MPIRUN -n $n python3 benchmarks/stress.py --backend gpu ${STRESS_ARGS:-} 2>&1 | tee "$LOG_DIR/stress-n$n.log" | tail -10
 done
 for n in ${BENCH_RANKS:-}; do
   echo "== bench_normal at $n ranks"
