@@ -234,16 +234,17 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
             if (lane == 0) red_add_release_gpu(finish_count + msg_expert, 1);
         };
         if constexpr (kFp8) {
-            // A warp per token: cast once, store the registers K times.
-            for (int t = spread_warp; t < num_tokens; t += num_warps) {
+            // A warp per (token, k): each casts the token itself. Casting once
+            // per token and sending the K messages from one warp was slower:
+            // a message's latency then counts K times in series.
+            for (int task = spread_warp; task < num_tokens * num_topk; task += num_warps) {
+                const int t = task / num_topk;
+                char* payload = open_message(t, task % num_topk);
+                if (payload == nullptr) continue;
                 Fp8Token<kHidden, kRoundScale> tok;
                 tok.cast(x + (long long)t * kHidden, lane);
-                for (int k = 0; k < num_topk; ++k) {
-                    char* payload = open_message(t, k);
-                    if (payload == nullptr) continue;
-                    tok.store(payload, lane);
-                    close_message();
-                }
+                tok.store(payload, lane);
+                close_message();
             }
         } else {
             // A warp per (token, k): the bf16 row is copied as it is.
