@@ -102,19 +102,38 @@ __device__ __forceinline__ long long wait_nonzero(const long long* flag, long lo
     }
 }
 
-// Tokens u < t whose top-k holds expert e (every lane gets the answer).
+// Top-k entries of the dispatch, flattened [T*K]: the expert of entry i, or
+// -1 where it is dropped or repeats an expert earlier in its token's row (a
+// repeated expert gets one message, under its first k).
 template <typename IdxT>
-__device__ __forceinline__ int tokens_before(const IdxT* idx, int t, int num_topk, int e, int lane) {
-    int n = 0;
-    for (int t0 = 0; t0 < t; t0 += kWarpSize) {
-        const int u = t0 + lane;
-        bool hit = false;
-        if (u < t)
-            for (int k = 0; k < num_topk; ++k) hit |= static_cast<int>(idx[(long long)u * num_topk + k]) == e;
-        n += __popc(__ballot_sync(0xffffffffu, hit));
-    }
-    return n;
+__device__ __forceinline__ int entry_expert(const IdxT* idx, int i, int num_topk) {
+    const IdxT* row = idx + (i / num_topk) * (long long)num_topk;
+    const int k = i % num_topk, e = static_cast<int>(row[k]);
+    for (int j = 0; j < k && e >= 0; ++j)
+        if (static_cast<int>(row[j]) == e) return -1;
+    return e < 0 ? -1 : e;
 }
+
+// The entries, staged once per block in shared memory when they fit: the
+// slot of every message counts earlier entries, and global loads there made
+// a chain of dependent latencies per message.
+constexpr int kLLStagedEntries = 8192;
+
+template <typename IdxT>
+struct TopkEntries {
+    const IdxT* idx;
+    const int* staged;  // nullptr: read idx
+    int num_topk;
+    __device__ __forceinline__ int operator[](int i) const {
+        return staged != nullptr ? staged[i] : entry_expert(idx, i, num_topk);
+    }
+    // Entries before `end` naming expert e: tokens before end / K that chose e.
+    __device__ __forceinline__ int count(int end, int e, int lane) const {
+        unsigned n = 0;
+        for (int i = lane; i < end; i += kWarpSize) n += (*this)[i] == e;
+        return static_cast<int>(__reduce_add_sync(0xffffffffu, n));
+    }
+};
 
 __device__ __forceinline__ void bf16x8_to_float(const int4& v, float* f) {
     const unsigned w[4] = {(unsigned)v.x, (unsigned)v.y, (unsigned)v.z, (unsigned)v.w};
@@ -202,6 +221,15 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
     const int num_local = num_experts / num_ranks;
 
     if (phases & 1) {
+        __shared__ int s_entries[kLLStagedEntries];
+        const int num_entries = num_tokens * num_topk;
+        const bool staged = num_entries <= kLLStagedEntries;
+        if (staged) {
+            for (int i = threadIdx.x; i < num_entries; i += blockDim.x)
+                s_entries[i] = entry_expert(topk_idx, i, num_topk);
+            __syncthreads();
+        }
+        const TopkEntries<IdxT> entries{topk_idx, staged ? s_entries : nullptr, num_topk};
         // Messages: one per distinct (token, expert), into slot = the number
         // of earlier tokens that chose the expert. open_message writes the
         // header and returns where the payload goes (nullptr: nothing to send);
@@ -211,12 +239,9 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         bool msg_put = false;
         char* msg = nullptr;
         auto open_message = [&](int t, int k) -> char* {
-            const IdxT* row_idx = topk_idx + (long long)t * num_topk;
-            const int e = static_cast<int>(row_idx[k]);
-            if (e < 0) return nullptr;
-            const bool dup = lane < k && static_cast<int>(row_idx[lane]) == e;
-            if (__any_sync(0xffffffffu, dup)) return nullptr;  // sent with an earlier k
-            const int slot = tokens_before(topk_idx, t, num_topk, e, lane);
+            const int e = entries[t * num_topk + k];
+            if (e < 0) return nullptr;  // dropped, or sent with an earlier k
+            const int slot = entries.count(t * num_topk, e, lane);
             msg_dst = e / num_local;
             msg_expert = e;
             msg_off = off_area + (((long long)(e % num_local) * num_ranks + rank) * max_tokens + slot) * kMsg;
@@ -259,7 +284,7 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         }
         // Counts: after every message for expert e is written, tell its owner.
         for (int e = spread_warp; e < num_experts; e += num_warps) {
-            const int count = tokens_before(topk_idx, num_tokens, num_topk, e, lane);
+            const int count = entries.count(num_entries, e, lane);
             const int dst = e / num_local, local_expert = e % num_local;
             if (lane == 0) {
                 const unsigned long long start = global_timer_ns();
@@ -429,53 +454,55 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
             for (int e = threadIdx.x; e < num_experts; e += blockDim.x) flags[e] = 0;
             if (threadIdx.x == 0) *blocks_done = 0;
         }
+        // A block per token: its slots and weights go to shared memory once,
+        // then each thread sums 8 channels over every k with all the rows'
+        // loads in flight, in top-k order.
         constexpr int kUnits = kHidden / 8;
         const char* area = local_base + off_area;
-        const long long total = (long long)num_tokens * kUnits;
-        for (long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x; u < total;
-             u += (long long)gridDim.x * blockDim.x) {
-            const int t = static_cast<int>(u / kUnits), c = static_cast<int>(u % kUnits);
-            const IdxT* idx = topk_idx + (long long)t * num_topk;
-            float acc[8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-            // Four rows in flight at a time, summed in k order.
-            constexpr int kBatch = 4;
-            for (int k0 = 0; k0 < num_topk; k0 += kBatch) {
-                int4 v[kBatch];
-                float w[kBatch];
-#pragma unroll
-                for (int b = 0; b < kBatch; ++b) {
-                    const int k = k0 + b;
-                    const int e = k < num_topk ? static_cast<int>(idx[k]) : -1;
-                    w[b] = 0.f;
-                    if (e < 0) continue;
-                    int first = k;  // a repeated expert sent its row once, in its first slot
-                    for (int j = 0; j < k; ++j)
-                        if (static_cast<int>(idx[j]) == e) { first = j; break; }
-                    w[b] = topk_weights[(long long)t * num_topk + k];
-                    v[b] = *reinterpret_cast<const int4*>(
-                        area + ((long long)t * kLLMaxTopk + first) * kRowBytes + c * 16);
-                }
-#pragma unroll
-                for (int b = 0; b < kBatch; ++b) {
-                    const int k = k0 + b;
-                    if (k >= num_topk || static_cast<int>(idx[k]) < 0) continue;
-                    float f[8];
-                    bf16x8_to_float(v[b], f);
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w[b], f[j]));
-                }
+        __shared__ int s_slot[kLLMaxTopk];
+        __shared__ float s_weight[kLLMaxTopk];
+        for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+            if (threadIdx.x < num_topk) {
+                const int k = threadIdx.x;
+                const IdxT* idx = topk_idx + (long long)t * num_topk;
+                const int e = static_cast<int>(idx[k]);
+                int first = e < 0 ? -1 : k;  // a repeated expert sent its row once, in its first slot
+                for (int j = 0; j < k && e >= 0; ++j)
+                    if (static_cast<int>(idx[j]) == e) { first = j; break; }
+                s_slot[k] = first;
+                s_weight[k] = topk_weights[(long long)t * num_topk + k];
             }
-            int4 o;
-            unsigned* ow = reinterpret_cast<unsigned*>(&o);
+            __syncthreads();
+            const char* token_rows = area + (long long)t * kLLMaxTopk * kRowBytes;
+            for (int c = threadIdx.x; c < kUnits; c += blockDim.x) {
+                int4 v[kLLMaxTopk];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j]));
-                const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j + 1]));
-                ow[j] = lo | (hi << 16);
+                for (int k = 0; k < kLLMaxTopk; ++k)
+                    if (k < num_topk && s_slot[k] >= 0)
+                        v[k] = *reinterpret_cast<const int4*>(token_rows + s_slot[k] * kRowBytes + c * 16);
+                float acc[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+#pragma unroll
+                for (int k = 0; k < kLLMaxTopk; ++k) {
+                    if (k < num_topk && s_slot[k] >= 0) {
+                        float f[8];
+                        bf16x8_to_float(v[k], f);
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(s_weight[k], f[j]));
+                    }
+                }
+                int4 o;
+                unsigned* ow = reinterpret_cast<unsigned*>(&o);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j]));
+                    const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j + 1]));
+                    ow[j] = lo | (hi << 16);
+                }
+                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = o;
             }
-            reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = o;
+            __syncthreads();  // s_slot is rewritten for the block's next token
         }
     }
 }
