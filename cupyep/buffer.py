@@ -30,10 +30,13 @@ class Buffer:
         num_rdma_bytes: symmetric bytes for inter-node and low-latency kernels.
         low_latency_mode: reserve the low-latency layout in ``num_rdma_bytes``.
         backend: 'gpu', 'reference' or 'auto' (GPU when one is usable).
+        enable_shrink: a low-latency wait that times out masks the late rank
+            (see :meth:`low_latency_query_mask_buffer`) and the call goes on
+            without it, instead of raising CommTimeoutError.
     """
 
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
-                 low_latency_mode: bool = False, backend: str = "auto"):
+                 low_latency_mode: bool = False, backend: str = "auto", enable_shrink: bool = False):
         self.group = group if isinstance(group, Group) else Group(group)
         self.buffer_id = next(_buffer_ids)
         if backend == "auto":
@@ -41,7 +44,8 @@ class Buffer:
         if backend == "gpu":
             require_gpu()
             from .gpu_backend import GpuBackend
-            self._impl = GpuBackend(self.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode)
+            self._impl = GpuBackend(self.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
+                                    enable_shrink)
             self._to_native, self._from_native = interop.to_cupy, interop.from_cupy
         elif backend == "reference":
             from .reference_backend import ReferenceBackend
@@ -369,6 +373,45 @@ class Buffer:
         to restart the call sequence). Waits for this rank's GPU work first."""
         self._check_alive()
         self._impl.clean_low_latency_buffer()
+
+    # ---- rank masking (low-latency calls) ------------------------------ #
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Leave ``rank_to_mask`` out of later low-latency calls (``mask=True``)
+        or take it back in (``False``). Local to this rank, ordered on the
+        current stream.
+
+        A masked rank's experts receive nothing and add nothing to combine;
+        rows it sends are ignored. A rank that masks itself sends and waits
+        for nothing (its results are empty). Ranks should agree on the mask.
+        """
+        self._check_alive()
+        if not 0 <= int(rank_to_mask) < self.num_ranks:
+            raise InvalidInputError(f"rank_to_mask must be in [0, {self.num_ranks}), got {rank_to_mask}")
+        self._impl.update_mask(int(rank_to_mask), bool(mask))
+
+    def low_latency_query_mask_buffer(self, mask_status=None):
+        """The mask, [R] int32 (1 = left out), as NumPy; also copied into
+        ``mask_status`` ([R] int32 of the backend's kind) when given. Waits
+        for this rank's queued calls, which may mask ranks (enable_shrink)."""
+        self._check_alive()
+        mask = self._impl.query_mask()
+        if mask_status is not None:
+            native = self._native(mask_status, "mask_status")
+            if native.dtype.name != "int32" or tuple(native.shape) != (self.num_ranks,):
+                raise InvalidInputError(f"mask_status must be int32 [{self.num_ranks}], got "
+                                        f"{native.dtype} {tuple(native.shape)}")
+            if self.backend == "gpu":
+                import cupy
+                native[...] = cupy.asarray(mask)
+            else:
+                native[...] = mask
+        return mask
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Take every rank back in (local). Pair it with
+        :meth:`clean_low_latency_buffer` (collective) after a rank recovers."""
+        self._check_alive()
+        self._impl.clean_mask()
 
     def set_low_latency_transport(self, transport: str) -> None:
         """'auto' (NVLink stores where peers are mapped, NVSHMEM puts elsewhere),

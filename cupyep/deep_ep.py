@@ -8,7 +8,7 @@ arguments and method signatures and return what DeepEP returns, as torch
 tensors. Differences (README, "DeepEP compatibility"): handles are opaque
 cupyep objects, not tuples of tensors; ``Config`` keeps only the SM count
 (chunk sizes belong to DeepEP's ring buffers, which cupyep does not use);
-LogFMT, combine wait statistics, rank masking and the inter-node path raise
+LogFMT, combine wait statistics and the inter-node path raise
 ``cupyep.InvalidInputError`` until cupyep provides them; low-latency receive
 tensors follow cupyep's contract (rows ordered by source rank and token).
 """
@@ -92,7 +92,8 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self._buffer = _Buffer(self.group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
-                               low_latency_mode=low_latency_mode, backend=backend)
+                               low_latency_mode=low_latency_mode, backend=backend,
+                               enable_shrink=enable_shrink)
 
     # ---- static helpers ------------------------------------------------------ #
     @staticmethod
@@ -216,6 +217,17 @@ class Buffer:
         res = self._buffer.low_latency_combine(x, topk_idx, topk_weights, handle, out=out,
                                                async_finish=async_finish, return_recv_hook=return_recv_hook)
         return res.combined_x, _event(res.event), res.hook
+
+    # ---- rank masking -------------------------------------------------------- #
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        self._buffer.low_latency_update_mask_buffer(rank_to_mask, mask)
+
+    def low_latency_query_mask_buffer(self, mask_status) -> None:
+        """Writes the mask ([R] int32 tensor, 1 = masked) into ``mask_status``."""
+        self._buffer.low_latency_query_mask_buffer(mask_status)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        self._buffer.low_latency_clean_mask_buffer()
 
     def get_next_low_latency_combine_buffer(self, handle):
         """[L, R*M, H] bf16 tensor that the next combine sends from in place."""

@@ -55,7 +55,8 @@ class GpuRouting:
 class GpuBackend:
     """Runs :class:`cupyep.Buffer` calls with CUDA kernels on one GPU per rank."""
 
-    def __init__(self, group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool):
+    def __init__(self, group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool,
+                 enable_shrink: bool = False):
         import cupy
         self.group = group
         self.num_ranks = group.size
@@ -82,7 +83,7 @@ class GpuBackend:
         self._notify_calls = 0
         self._layouts = {}
         from .gpu_low_latency import GpuLowLatency
-        self.ll = GpuLowLatency(self, num_rdma_bytes)
+        self.ll = GpuLowLatency(self, num_rdma_bytes, shrink=enable_shrink)
         self.rt.sync_barrier()
 
     # ------------------------------------------------------------------ #
@@ -318,6 +319,15 @@ class GpuBackend:
 
     def clean_low_latency_buffer(self):
         self.ll.clean()
+
+    def update_mask(self, rank: int, masked: bool):
+        self.ll.update_mask(rank, masked)
+
+    def query_mask(self):
+        return self.ll.query_mask()
+
+    def clean_mask(self):
+        self.ll.clean_mask()
 
     def destroy(self):
         import cupy

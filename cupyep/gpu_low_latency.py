@@ -51,7 +51,7 @@ def _capturing(stream) -> bool:
 class GpuLowLatency:
     """Low-latency state of one GpuBackend: the symmetric buffer and call count."""
 
-    def __init__(self, backend, num_rdma_bytes: int, transport: str = "auto"):
+    def __init__(self, backend, num_rdma_bytes: int, transport: str = "auto", shrink: bool = False):
         import cupy
         self.be = backend
         self.num_rdma_bytes = int(num_rdma_bytes)
@@ -61,6 +61,9 @@ class GpuLowLatency:
         self._finish = {}
         self._kernels = {}
         self._blocks_done = cupy.zeros(2, np.int32)
+        # [R] int32, 1 = rank left out; with shrink a timed-out wait sets it.
+        self.mask = cupy.zeros(backend.num_ranks, np.int32)
+        self.shrink = bool(shrink)
         self.num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.transport = "auto"
         self.set_transport(os.environ.get("CUPYEP_LL_TRANSPORT", transport))
@@ -177,7 +180,8 @@ class GpuLowLatency:
                     np.int32(self.transport == "nvshmem"), np.int64(off["dispatch_flags"]),
                     np.int64(off["dispatch_area"]), np.int64(off["send_area"]), finish,
                     recv_x, _ptr(recv_s), recv_count, src_info, layout_range, recv_k,
-                    _ptr(cumulative_stats), _ptr(wait_stats), np.int32(phases),
+                    _ptr(cumulative_stats), _ptr(wait_stats), self.mask, np.int32(self.shrink),
+                    np.int32(phases),
                     np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream)
 
         hook = self._send_then_receive(run, stream, return_recv_hook)
@@ -241,7 +245,7 @@ class GpuLowLatency:
                     np.int32(self.transport == "nvshmem"), np.int32(zero_copy),
                     np.int64(off["combine_flags"]), np.int64(off["combine_area"]),
                     np.int64(off["send_area"]), np.int32(groups), self._blocks_done[half:half + 1],
-                    out, np.int32(phases),
+                    out, self.mask, np.int32(self.shrink), np.int32(phases),
                     np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream)
 
         hook = self._send_then_receive(run, stream, return_recv_hook)
@@ -270,6 +274,20 @@ class GpuLowLatency:
         self.calls = 0
         cupy.cuda.Device().synchronize()
         self.be.group.comm.Barrier()
+
+    # ---- rank masking ------------------------------------------------ #
+    def update_mask(self, rank: int, masked: bool):
+        """Stream-ordered: calls launched after this see the new entry."""
+        self.mask[rank] = int(masked)
+
+    def query_mask(self):
+        """Host copy, after this device's queued calls (which may set entries)."""
+        import cupy
+        cupy.cuda.Device().synchronize()
+        return cupy.asnumpy(self.mask)
+
+    def clean_mask(self):
+        self.mask.fill(0)
 
     def destroy(self):
         if self.sym is not None:

@@ -273,8 +273,20 @@ def tokens_for_expert(topk_idx: np.ndarray, expert: int) -> np.ndarray:
     return np.flatnonzero((topk_idx == expert).any(axis=1))
 
 
+def masked_topk(topk_idx, mask, rank, num_local):
+    """topk_idx with -1 where the expert's rank is masked (everywhere when
+    this rank itself is masked: it is out of the exchange)."""
+    idx = topk_idx.astype(np.int64)
+    if mask is None or not np.any(mask):
+        return idx
+    if mask[rank]:
+        return np.full_like(idx, -1)
+    owner_masked = np.asarray(mask, bool)[np.clip(idx, 0, None) // num_local]
+    return np.where((idx >= 0) & owner_masked, -1, idx)
+
+
 def low_latency_dispatch(comm, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                         use_fp8=True, round_scale=False, use_ue8m0=False):
+                         use_fp8=True, round_scale=False, use_ue8m0=False, mask=None):
     """Low-latency dispatch on one rank.
 
     Args:
@@ -284,6 +296,8 @@ def low_latency_dispatch(comm, x, topk_idx, num_max_dispatch_tokens_per_rank, nu
         num_experts: E.
         use_fp8: cast to e4m3 with per-128 scales before sending.
         round_scale: power-of-two scales. use_ue8m0: pack scales as UE8M0.
+        mask: optional [R] int, 1 = rank left out (see masked_topk); rows
+            from a masked source are dropped.
 
     Returns:
         dict of recv_x [L, R*M, H], recv_x_scales, recv_count [L] int32,
@@ -294,13 +308,14 @@ def low_latency_dispatch(comm, x, topk_idx, num_max_dispatch_tokens_per_rank, nu
     m = num_max_dispatch_tokens_per_rank
     local = num_experts // size
     hidden = x.shape[1]
-    idx = topk_idx.astype(np.int64)
+    idx = masked_topk(topk_idx, mask, comm.Get_rank(), local)
     if use_fp8:
         q, scales = fp8.per_token_cast_to_fp8(x, round_scale=round_scale or use_ue8m0)
     per_dest_tokens = [[tokens_for_expert(idx, j * local + e) for e in range(local)]
                        for j in range(size)]
     counts = comm.alltoall([[len(t) for t in per_dest_tokens[j]] for j in range(size)])
     recv_counts = np.array(counts, np.int64).T  # [L, R]
+    dropped = np.zeros(size, bool) if mask is None else np.asarray(mask, bool) | bool(mask[comm.Get_rank()])
     sel = [np.concatenate(per_dest_tokens[j] + [np.empty(0, np.int64)]) for j in range(size)]
     if use_fp8:
         rows = exchange_rows(comm, [q[s] for s in sel], (hidden,), q.dtype)
@@ -315,6 +330,8 @@ def low_latency_dispatch(comm, x, topk_idx, num_max_dispatch_tokens_per_rank, nu
     layout_range = np.zeros((local, size), np.int64)
     recv_count = np.zeros(local, np.int32)
     for i in range(size):
+        if dropped[i]:
+            recv_counts[:, i] = 0
         off = 0
         for e in range(local):
             c = int(recv_counts[e, i])
@@ -333,13 +350,14 @@ def low_latency_dispatch(comm, x, topk_idx, num_max_dispatch_tokens_per_rank, nu
             "routing": LowLatencyRouting(recv_counts)}
 
 
-def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRouting):
+def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRouting, mask=None):
     """Low-latency combine on one rank.
 
     Args:
         x: [L, R*M, H] bf16 expert outputs in the received layout.
         topk_idx, topk_weights: [T, K] of the dispatch being reversed.
         routing: tables of that dispatch.
+        mask: optional [R] int: experts of masked ranks add nothing.
 
     Returns:
         [T, H] bf16: out[t] = sum over valid k, in k order, of
@@ -347,7 +365,7 @@ def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRout
     """
     size = comm.Get_size()
     local, _, hidden = x.shape
-    idx = topk_idx.astype(np.int64)
+    idx = masked_topk(topk_idx, mask, comm.Get_rank(), local)
     t = idx.shape[0]
     begins = np.concatenate([np.zeros((local, 1), np.int64),
                              np.cumsum(routing.recv_counts, axis=1)], axis=1)
@@ -359,6 +377,8 @@ def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRout
         contrib = np.zeros((t, hidden), np.float32)
         valid = idx[:, k] >= 0
         for j in range(size):
+            if mask is not None and (mask[j] or mask[comm.Get_rank()]):
+                continue
             off = 0
             for e in range(local):
                 toks = tokens_for_expert(idx, j * local + e)

@@ -18,6 +18,7 @@ class ReferenceBackend:
         self.group = group
         self._calls = itertools.count()
         self._next_combine = None
+        self.mask = np.zeros(group.size, np.int32)  # 1 = rank left out of low-latency calls
 
     @property
     def comm(self):
@@ -51,7 +52,7 @@ class ReferenceBackend:
                              async_finish, return_recv_hook, cumulative_stats=None, wait_stats=None):
         validation.check_expert_range_host(topk_idx, num_experts)
         out = reference.low_latency_dispatch(self.comm, x, topk_idx, m, num_experts, use_fp8,
-                                             round_scale, use_ue8m0)
+                                             round_scale, use_ue8m0, mask=self.mask)
         if cumulative_stats is not None:
             cumulative_stats += out["recv_count"].astype(cumulative_stats.dtype)
         # wait_stats measure spin time inside GPU kernels; nothing spins here.
@@ -62,7 +63,8 @@ class ReferenceBackend:
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, out, async_finish,
                             return_recv_hook):
-        res = reference.low_latency_combine(self.comm, x, topk_idx, topk_weights, handle.state)
+        res = reference.low_latency_combine(self.comm, x, topk_idx, topk_weights, handle.state,
+                                            mask=self.mask)
         if out is not None:
             out[...] = res
             res = out
@@ -83,6 +85,15 @@ class ReferenceBackend:
     def set_low_latency_transport(self, transport: str):
         if transport not in TRANSPORTS:
             raise InvalidInputError(f"low-latency transport must be one of {TRANSPORTS}, got {transport!r}")
+
+    def update_mask(self, rank: int, masked: bool):
+        self.mask[rank] = int(masked)
+
+    def query_mask(self):
+        return self.mask.copy()
+
+    def clean_mask(self):
+        self.mask[:] = 0
 
     def clean_low_latency_buffer(self):
         self.comm.Barrier()  # no state to reset; collective like the GPU's

@@ -96,6 +96,14 @@ def test_low_latency_like_deepep(torch_world, buffer, backend, inputs):
     combined_x, event, hook = buffer.low_latency_combine(recv_bf16, topk_idx, topk_weights, handle_bf16,
                                                          zero_copy=True, return_recv_hook=True)
     hook()
+    # rank masking, as DeepEP's shrink mode exposes it
+    status = torch.ones(SIZE, dtype=torch.int32, device=x.device)
+    buffer.low_latency_update_mask_buffer(SIZE - 1, True)
+    buffer.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [int(r == SIZE - 1) for r in range(SIZE)]
+    buffer.low_latency_clean_mask_buffer()
+    buffer.low_latency_query_mask_buffer(status)
+    assert not status.any()
     with pytest.raises(cupyep.InvalidInputError, match="use_logfmt"):
         buffer.low_latency_combine(recv_bf16, topk_idx, topk_weights, handle_bf16, use_logfmt=True)
 

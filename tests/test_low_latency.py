@@ -232,3 +232,99 @@ def test_low_latency_timeout_names_the_missing_rank_then_clean(buffer, backend, 
     res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
                                       use_fp8=False)
     check_dispatch(res, everyone, m, h, num_experts // SIZE, False, False, False)
+
+
+def masked_everyone(everyone, masked, local):
+    """Every rank's (x, topk_idx) as the masked exchange sees it: entries of
+    masked ranks' experts dropped, and nothing at all from a masked source."""
+    out = []
+    for s, (xs, idx_s) in enumerate(everyone):
+        idx_s = np.where((idx_s >= 0) & np.isin(idx_s // local, masked), -1, idx_s)
+        if s in masked:
+            idx_s = np.full_like(idx_s, -1)
+        out.append((xs, idx_s))
+    return out
+
+
+def test_masked_rank_is_left_out(buffer, backend, rng):
+    """Every rank masks the last rank: it receives nothing, sends nothing, and
+    the others' results are those of the remaining ranks; after cleaning the
+    mask a call includes it again."""
+    m, h, local, k = 32, 2048, 3, 4
+    num_experts = local * SIZE
+    masked = [SIZE - 1]
+    x = random_rows(rng, 20, h)
+    idx = random_topk(rng, 20, num_experts, k, drop=0.1)
+    w = rng.random(idx.shape).astype(np.float32)
+    everyone = masked_everyone(gather(x, idx), masked, local)
+    buffer.low_latency_update_mask_buffer(SIZE - 1, True)
+    error = None
+    try:  # collectives first; a failed check is voted on after them
+        res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                          use_fp8=False)
+        try:
+            y = check_dispatch(res, everyone, m, h, local, False, False, False)
+        except AssertionError as e:
+            error, y = e, np.zeros((local, SIZE * m, h), fp8.bfloat16)
+        c = buffer.low_latency_combine(to_backend(y, backend), to_backend(idx, backend),
+                                       to_backend(w, backend), res.handle)
+        if error is None:
+            assert list(buffer.low_latency_query_mask_buffer()) == [int(r in masked) for r in range(SIZE)]
+            assert_close_bf16(to_host(c.combined_x), expected_combine(x, everyone[RANK][1], w), "masked combine")
+    except AssertionError as e:
+        error = error or e
+    finally:
+        buffer.low_latency_clean_mask_buffer()
+    from mpi4py import MPI
+    assert COMM.allreduce(error is None, op=MPI.LAND), f"rank {RANK}: {error!r}"
+    assert not buffer.low_latency_query_mask_buffer().any()
+    res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                      use_fp8=False)
+    check_dispatch(res, gather(x, idx), m, h, local, False, False, False)
+
+
+@pytest.mark.gpu
+def test_shrink_masks_a_rank_that_times_out(buffer, backend, rng):
+    """With shrink on, the last rank skips a dispatch: the others' waits time
+    out, mask it, and return the remaining ranks' rows without an error; their
+    combine then leaves it out without waiting. Clean mask and buffer: all on."""
+    if backend != "gpu" or SIZE < 2:
+        pytest.skip("needs the GPU backend and two ranks")
+    import cupy
+    m, h, local = 16, 2048, 2
+    num_experts = local * SIZE
+    late = SIZE - 1
+    x = random_rows(rng, m, h)
+    idx = random_topk(rng, m, num_experts, 2)
+    w = rng.random(idx.shape).astype(np.float32)
+    everyone = gather(x, idx)
+    ll = buffer._impl.ll
+    saved = buffer._impl.timeout_ns
+    buffer._impl.timeout_ns, ll.shrink = int(1e9), True
+    error = None
+    try:
+        if RANK != late:
+            res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m,
+                                              num_experts, use_fp8=False)
+            cupy.cuda.Device().synchronize()
+            buffer._impl.check_errors()
+            mask = buffer.low_latency_query_mask_buffer()
+            assert list(mask) == [int(r == late) for r in range(SIZE)], f"mask {mask}"
+            y = check_dispatch(res, masked_everyone(everyone, [late], local), m, h, local, False, False, False)
+            c = buffer.low_latency_combine(to_backend(y, backend), to_backend(idx, backend),
+                                           to_backend(w, backend), res.handle)
+            want = expected_combine(x, masked_everyone(everyone, [late], local)[RANK][1], w)
+            assert_close_bf16(to_host(c.combined_x), want, "combine without the late rank")
+            buffer._impl.check_errors()
+    except Exception as e:  # noqa: BLE001 - every rank must reach the clean below
+        error = e
+    finally:
+        buffer._impl.timeout_ns, ll.shrink = saved, False
+    buffer.low_latency_clean_mask_buffer()
+    buffer.clean_low_latency_buffer()
+    from mpi4py import MPI
+    all_right = COMM.allreduce(error is None, op=MPI.LAND)
+    assert all_right, f"rank {RANK}: {error!r}"
+    res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                      use_fp8=False)
+    check_dispatch(res, everyone, m, h, local, False, False, False)

@@ -206,3 +206,15 @@ def test_size_hint_is_enough_for_every_channel_count():
             t_max = sizing.max_tokens_for(nbytes, ranks, 1024, 4)
             for channels in range(1, sizing.MAX_CHANNELS):
                 assert t_max // channels >= -(-tokens // channels)
+
+
+def test_mask_calls_reject_bad_arguments(buffer, backend):
+    with pytest.raises(cupyep.InvalidInputError, match="rank_to_mask"):
+        buffer.low_latency_update_mask_buffer(SIZE, True)
+    with pytest.raises(cupyep.InvalidInputError, match="rank_to_mask"):
+        buffer.low_latency_update_mask_buffer(-1, True)
+    with pytest.raises(cupyep.InvalidInputError, match="mask_status"):
+        buffer.low_latency_query_mask_buffer(to_backend(np.zeros(SIZE + 1, np.int32), backend))
+    status = to_backend(np.full(SIZE, 7, np.int32), backend)
+    assert not buffer.low_latency_query_mask_buffer(status).any()
+    assert not to_host(status).any()  # filled in place

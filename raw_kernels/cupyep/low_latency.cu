@@ -85,9 +85,23 @@ __device__ __forceinline__ void set_peer_flag(char* const* peers, char* local_ba
     }
 }
 
-// Spin until a 64-bit flag is non-zero; 0 (after reporting) on timeout.
+// Rank masking: mask [R] int32 in device memory, 1 = left out. A rank whose
+// own entry is set is out of the exchange altogether: it sends nothing and
+// waits for nothing. Each block takes a snapshot at its start, so one call
+// sees one mask (a timeout in shrink mode masks a peer for later calls, and
+// for the rest of the call in the block that saw it).
+__device__ __forceinline__ void load_mask(const int* mask, int rank, int num_ranks, int* s_mask) {
+    __syncthreads();
+    const volatile int* m = mask;  // other blocks may set entries during the call
+    const bool self = m[rank] != 0;
+    for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) s_mask[r] = self || m[r] != 0;
+    __syncthreads();
+}
+
+// Spin until a 64-bit flag is non-zero; 0 on timeout, after reporting it,
+// or with shrink (mask != nullptr) after masking the peer instead.
 __device__ __forceinline__ long long wait_nonzero(const long long* flag, long long timeout_ns, int* err,
-                                                  int phase, int peer, int channel) {
+                                                  int phase, int peer, int channel, int* shrink_mask = nullptr) {
     long long v = ld_acquire_sys(flag);
     if (v != 0) return v;
     const unsigned long long start = global_timer_ns();
@@ -96,7 +110,10 @@ __device__ __forceinline__ long long wait_nonzero(const long long* flag, long lo
         if (v != 0) return v;
         if ((spins & 63) == 63 &&
             (global_timer_ns() - start > (unsigned long long)timeout_ns || *(volatile int*)err != 0)) {
-            report_error(err, 1, phase, peer, channel);
+            if (shrink_mask != nullptr && *(volatile int*)err == 0)
+                atomicExch(shrink_mask + peer, 1);
+            else
+                report_error(err, 1, phase, peer, channel);
             return 0;
         }
     }
@@ -213,12 +230,15 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                      long long off_flags, long long off_area, long long off_send, int* finish_count,
                      void* recv_x, void* recv_scales, int* recv_count, int* src_info,
                      long long* layout_range, int* recv_k, int* cumulative_expert_stats,
-                     long long* wait_stats, int phases, int* err, long long timeout_ns) {
+                     long long* wait_stats, int* mask, int shrink, int phases, int* err,
+                     long long timeout_ns) {
     constexpr int kMsg = ll_message_bytes(kHidden, kFp8);
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     // Consecutive tasks go to different SMs.
     const int spread_warp = warp * gridDim.x + blockIdx.x, num_warps = gridDim.x * kLLWarps;
     const int num_local = num_experts / num_ranks;
+    __shared__ int s_mask[kLLMaxRanks];
+    load_mask(mask, rank, num_ranks, s_mask);
 
     if (phases & 1) {
         __shared__ int s_entries[kLLStagedEntries];
@@ -240,7 +260,7 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         char* msg = nullptr;
         auto open_message = [&](int t, int k) -> char* {
             const int e = entries[t * num_topk + k];
-            if (e < 0) return nullptr;  // dropped, or sent with an earlier k
+            if (e < 0 || s_mask[e / num_local]) return nullptr;  // dropped, masked, or sent with an earlier k
             const int slot = entries.count(t * num_topk, e, lane);
             msg_dst = e / num_local;
             msg_expert = e;
@@ -286,7 +306,9 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         for (int e = spread_warp; e < num_experts; e += num_warps) {
             const int count = entries.count(num_entries, e, lane);
             const int dst = e / num_local, local_expert = e % num_local;
-            if (lane == 0) {
+            if (lane == 0 && s_mask[dst]) {
+                finish_count[e] = 0;  // nothing was sent to a masked rank
+            } else if (lane == 0) {
                 const unsigned long long start = global_timer_ns();
                 bool ok = true;
                 while (ld_acquire_gpu(finish_count + e) < count) {
@@ -322,8 +344,12 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         for (int le = blockIdx.x * kGroups + group; le < num_local; le += gridDim.x * kGroups) {
             for (int s = gtid; s < num_ranks; s += kGroupThreads) {
                 long long* flag = reinterpret_cast<long long*>(local_base + off_flags) + le * num_ranks + s;
-                const long long v = wait_nonzero(flag, timeout_ns, err, kPhaseLowLatencyDispatchRecv, s, le);
-                *flag = 0;  // this thread is its only reader
+                long long v = 0;
+                if (!s_mask[s]) {
+                    v = wait_nonzero(flag, timeout_ns, err, kPhaseLowLatencyDispatchRecv, s, le,
+                                     shrink ? mask : nullptr);
+                    *flag = 0;  // this thread is its only reader
+                }
                 s_count[s] = v > 0 ? static_cast<int>(v - 1) : 0;
                 if (wait_stats != nullptr)
                     atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + s), global_timer_ns() - start);
@@ -396,12 +422,14 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                     int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
                     int num_ranks, char* local_base, char* const* peers, int force_put,
                     int zero_copy, long long off_flags, long long off_area, long long off_send,
-                    int num_groups, int* blocks_done, __nv_bfloat16* out, int phases, int* err,
-                    long long timeout_ns) {
+                    int num_groups, int* blocks_done, __nv_bfloat16* out, int* mask, int shrink,
+                    int phases, int* err, long long timeout_ns) {
     constexpr int kRowBytes = kHidden * 2;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int num_local = num_experts / num_ranks;
     const int rows_per_expert = num_ranks * max_tokens;
+    __shared__ int s_mask[kLLMaxRanks];
+    load_mask(mask, rank, num_ranks, s_mask);
 
     if (phases & 1) {
         const int warps_per_group = kLLWarps / num_groups;
@@ -409,6 +437,7 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
         if (group < num_groups) {
             for (int p = blockIdx.x * num_groups + group; p < num_experts; p += gridDim.x * num_groups) {
                 const int le = p / num_ranks, dst = p % num_ranks;
+                if (s_mask[dst]) continue;  // uniform across the group: no barrier skipped by part of it
                 const long long range = layout_range[le * num_ranks + dst];
                 const int begin = static_cast<int>(range >> 32), count = static_cast<int>(range & 0xffffffff);
                 const bool put = use_put(peers, dst, force_put);
@@ -439,7 +468,11 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
     if (phases & 2) {
         long long* flags = reinterpret_cast<long long*>(local_base + off_flags);
         for (int e = threadIdx.x; e < num_experts; e += blockDim.x)
-            wait_nonzero(flags + e, timeout_ns, err, kPhaseLowLatencyCombineRecv, e / num_local, e % num_local);
+            if (!s_mask[e / num_local])
+                wait_nonzero(flags + e, timeout_ns, err, kPhaseLowLatencyCombineRecv, e / num_local,
+                             e % num_local, shrink ? mask : nullptr);
+        // Ranks masked by a timeout just now are left out of this block's sums.
+        if (shrink) load_mask(mask, rank, num_ranks, s_mask);
         __syncthreads();
         // The last block to have read every flag zeroes them (blocks_done [1],
         // zero between calls). The fence orders this block's reads first.
@@ -466,8 +499,8 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                 const int k = threadIdx.x;
                 const IdxT* idx = topk_idx + (long long)t * num_topk;
                 const int e = static_cast<int>(idx[k]);
-                int first = e < 0 ? -1 : k;  // a repeated expert sent its row once, in its first slot
-                for (int j = 0; j < k && e >= 0; ++j)
+                int first = e < 0 || s_mask[e / num_local] ? -1 : k;  // a repeated expert sent its row once, in its first slot
+                for (int j = 0; j < k && first >= 0; ++j)
                     if (static_cast<int>(idx[j]) == e) { first = j; break; }
                 s_slot[k] = first;
                 s_weight[k] = topk_weights[(long long)t * num_topk + k];

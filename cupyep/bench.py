@@ -1,0 +1,215 @@
+"""``python -m cupyep.bench``: normal and low-latency benchmarks against tokens per rank.
+
+    mpirun -n 2 python -m cupyep.bench [--plot cupyep-bench.png] [--iters 20]
+
+Protocol of DESIGN.md, hidden 7168. Normal kernels: top-8 of 256 experts,
+random routing, 24 SMs; bandwidth = bytes of the received rows counted as BF16
+(times (1 + 4/128) / 2 for FP8), self rows included, over the median time of a
+call (CUDA events around each call; dispatch includes its host synchronisation).
+Low-latency kernels: top-8 of 288 experts; latency per call, calls queued
+behind a spin kernel so the events time the kernels, not Python. NCCL
+baseline (torch ``all_to_all_single`` of the same rows after an
+``index_select``) where torch is installed. Rank 0 prints the slowest rank's
+numbers and, with matplotlib installed, writes a PNG of bandwidth and latency
+against tokens per rank. Needs GPUs (the GPU backend).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import numpy as np
+
+from . import Buffer, Config, Group, fp8, low_latency_size_hint, nvl_size_hint
+from .jit import KernelSpec, launch
+
+_SPIN = KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns")
+
+
+def queued_times(step, iters: int) -> float:
+    """Median GPU time (us) of ``step`` over ``iters`` calls queued back to back
+    behind a spin kernel (so the host's launch rate does not enter)."""
+    import cupy
+    launch(_SPIN, (1,), (1,), (np.int64(400_000 * iters),))
+    marks = [cupy.cuda.Event()]
+    marks[0].record()
+    for _ in range(iters):
+        step()
+        marks.append(cupy.cuda.Event())
+        marks[-1].record()
+    marks[-1].synchronize()
+    return statistics.median(cupy.cuda.get_elapsed_time(a, b) * 1e3 for a, b in zip(marks, marks[1:]))
+
+
+def event_times(step, iters: int) -> float:
+    """Median time (us) of ``step`` between CUDA events, one call at a time."""
+    import cupy
+    times = []
+    for _ in range(iters):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
+    return statistics.median(times)
+
+
+def _slowest(group, us: float) -> float:
+    from mpi4py import MPI
+    return group.comm.allreduce(us, op=MPI.MAX)
+
+
+def _inputs(rng, tokens, hidden, experts, topk):
+    import cupy
+    x = rng.standard_normal((tokens, hidden)).astype(fp8.bfloat16)
+    idx = np.argsort(rng.random((tokens, experts)), axis=1)[:, :topk].astype(np.int64)
+    w = rng.random((tokens, topk)).astype(np.float32)
+    return (cupy.asarray(x.view(np.uint16)).view(fp8.bfloat16), cupy.asarray(idx), cupy.asarray(w), x, idx)
+
+
+def _nccl(group, x, idx_host, num_experts, iters):
+    """NCCL baseline time (us) for moving one row per (token, destination rank)."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:
+        return float("nan")
+    from .torch_comm import init_torch_distributed
+    init_torch_distributed(group.comm, "nccl")
+    local = num_experts // group.size
+    in_rank = np.zeros((idx_host.shape[0], group.size), bool)
+    for k in range(idx_host.shape[1]):
+        in_rank[np.arange(idx_host.shape[0]), idx_host[:, k] // local] = True
+    order = [np.flatnonzero(in_rank[:, j]) for j in range(group.size)]
+    x_t = torch.from_dlpack(x)
+    index = torch.as_tensor(np.concatenate(order), device=x_t.device)
+    send = [len(o) for o in order]
+    recv = group.comm.alltoall(send)
+    out = torch.empty(sum(recv), x_t.shape[1], dtype=x_t.dtype, device=x_t.device)
+    return event_times(lambda: dist.all_to_all_single(out, x_t.index_select(0, index), recv, send), iters)
+
+
+def run(group, args):
+    """Rows of results, one dict per (kind, tokens per rank), slowest rank's times."""
+    import cupy
+    rng = np.random.default_rng(group.rank)
+    hidden, rows = args.hidden, []
+    max_t = max(args.normal_tokens)
+    buf = Buffer(group, num_nvl_bytes=nvl_size_hint(hidden, max_t, group.size, 8),
+                 num_rdma_bytes=low_latency_size_hint(max(args.ll_tokens), hidden, group.size, 288),
+                 low_latency_mode=True, backend="gpu")
+    cfg = Config(num_sms=args.sms)
+    for t in args.normal_tokens:
+        x, idx, w, _, idx_host = _inputs(rng, t, hidden, 256, 8)
+        xq = fp8.per_token_cast_to_fp8(cupy.asnumpy(x.view(np.uint16)).view(fp8.bfloat16))
+        xq = (cupy.asarray(xq[0].view(np.uint8)), cupy.asarray(xq[1]))
+        d = buf.dispatch(x, idx, w, num_experts=256, config=cfg)
+        n = int(d.recv_x.shape[0])
+        for _ in range(args.warmup):
+            buf.combine(d.recv_x, d.handle, d.recv_topk_weights, config=cfg)
+        group.barrier()
+        t_bf16 = event_times(lambda: buf.dispatch(x, idx, w, num_experts=256, config=cfg), args.iters)
+        t_fp8 = event_times(lambda: buf.dispatch(xq, idx, w, num_experts=256, config=cfg), args.iters)
+        t_comb = event_times(lambda: buf.combine(d.recv_x, d.handle, d.recv_topk_weights, config=cfg),
+                             args.iters)
+        t_nccl = _nccl(group, x, idx_host, 256, args.iters)
+        gb = lambda nbytes, us: _slowest_bw(group, nbytes, us)  # noqa: E731
+        bf16_bytes = n * hidden * 2
+        rows.append(dict(kind="normal", tokens=t, fp8_dispatch=gb(bf16_bytes * (1 + 4 / 128) / 2, t_fp8),
+                         bf16_dispatch=gb(bf16_bytes, t_bf16), combine=gb(bf16_bytes, t_comb),
+                         nccl=gb(bf16_bytes, t_nccl)))
+    for t in args.ll_tokens:
+        x, idx, w, _, idx_host = _inputs(rng, t, hidden, 288, 8)
+        m = max(args.ll_tokens)
+        y = cupy.ones((288 // group.size, group.size * m, hidden), fp8.bfloat16)
+        state = {}
+        for _ in range(args.warmup):
+            buf.low_latency_combine(y, idx, w, buf.low_latency_dispatch(x, idx, m, 288).handle)
+        cupy.cuda.Device().synchronize()
+        group.barrier()
+
+        def dispatch():
+            state["d"] = buf.low_latency_dispatch(x, idx, m, 288, use_fp8=True)
+
+        t_d = queued_times(dispatch, args.iters)
+        t_c = queued_times(lambda: buf.low_latency_combine(y, idx, w, state["d"].handle), args.iters)
+        rows.append(dict(kind="low_latency", tokens=t, dispatch_us=_slowest(group, t_d),
+                         combine_us=_slowest(group, t_c),
+                         nccl_us=_slowest(group, _nccl(group, x, idx_host, 288, args.iters))))
+    cupy.cuda.Device().synchronize()
+    buf.destroy()
+    return rows
+
+
+def _slowest_bw(group, nbytes, us):
+    """GB/s of the slowest rank (its time, its bytes)."""
+    from mpi4py import MPI
+    return group.comm.allreduce(nbytes / us / 1e3 if us == us else float("nan"), op=MPI.MIN)
+
+
+def table(rows) -> str:
+    out = ["normal kernels (GB/s, slowest rank)",
+           f"{'tokens':>7} | {'FP8 dispatch':>12} | {'BF16 dispatch':>13} | {'combine':>8} | {'NCCL':>6}"]
+    out += [f"{r['tokens']:>7} | {r['fp8_dispatch']:>12.1f} | {r['bf16_dispatch']:>13.1f} | "
+            f"{r['combine']:>8.1f} | {r['nccl']:>6.1f}" for r in rows if r["kind"] == "normal"]
+    out += ["low-latency kernels (us, slowest rank)",
+            f"{'tokens':>7} | {'dispatch':>9} | {'combine':>8} | {'NCCL':>6}"]
+    out += [f"{r['tokens']:>7} | {r['dispatch_us']:>9.1f} | {r['combine_us']:>8.1f} | {r['nccl_us']:>6.1f}"
+            for r in rows if r["kind"] == "low_latency"]
+    return "\n".join(out)
+
+
+def plot(rows, path: str, title: str) -> bool:
+    """Two panels: bandwidth and latency against tokens per rank. False
+    without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    normal = [r for r in rows if r["kind"] == "normal"]
+    for key, label in (("fp8_dispatch", "FP8 dispatch"), ("bf16_dispatch", "BF16 dispatch"),
+                       ("combine", "BF16 combine"), ("nccl", "NCCL baseline")):
+        a.plot([r["tokens"] for r in normal], [r[key] for r in normal], "o-", label=label)
+    a.set(xlabel="tokens per rank", ylabel="GB/s", title="normal kernels", xscale="log")
+    ll = [r for r in rows if r["kind"] == "low_latency"]
+    for key, label in (("dispatch_us", "dispatch"), ("combine_us", "combine"), ("nccl_us", "NCCL baseline")):
+        b.plot([r["tokens"] for r in ll], [r[key] for r in ll], "o-", label=label)
+    b.set(xlabel="tokens per rank", ylabel="us", title="low-latency kernels", xscale="log")
+    for ax in (a, b):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m cupyep.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--normal-tokens", type=int, nargs="*", default=[512, 1024, 2048, 4096])
+    ap.add_argument("--ll-tokens", type=int, nargs="*", default=[16, 32, 64, 128])
+    ap.add_argument("--sms", type=int, default=24)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--plot", default="cupyep-bench.png", help="PNG path ('' for none)")
+    args = ap.parse_args(argv)
+    group = Group()
+    import cupy
+    rows = run(group, args)
+    if group.rank == 0:
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        title = f"cupyep, {group.size} x {name}, hidden {args.hidden}, {args.sms} SMs (normal)"
+        print(title)
+        print(table(rows))
+        if args.plot:
+            print(f"plot: {args.plot}" if plot(rows, args.plot, title) else "plot: skipped (no matplotlib)")
+    group.destroy()
+
+
+if __name__ == "__main__":
+    main()
