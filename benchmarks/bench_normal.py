@@ -17,6 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep import fp8  # noqa: E402
+from cupyep.bench import queued_times  # noqa: E402
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def nccl_baseline(group, x_t, topk_idx, iters, warmup):
         dist.all_to_all_single(out, x_t.index_select(0, index), recv_splits, send_splits)
 
     t = timed(run, iters, warmup)
-    return t, out.numel() * 2
+    return t, queued_times(run, iters), out.numel() * 2
 
 
 def peer_store_ceiling(buf, num_sms, iters, warmup):
@@ -130,6 +131,37 @@ def main():
                 "combine": (t_comb, bf16_bytes / t_comb / 1e3),
                 "cached": (t_cached, bf16_bytes / t_cached / 1e3)}
 
+    def measure_kernels(sms):
+        """The same calls queued behind a spin kernel: GPU time only, as a
+        kernel profiler reports it (dispatch in worst-token mode, which has
+        no host synchronisation)."""
+        base = cupyep.default_config(r)
+        cfg = cupyep.Config(num_sms=sms, num_warps=args.warps or base.num_warps,
+                            chunk_tokens=args.chunk or base.chunk_tokens,
+                            num_combine_warps=args.warps or base.num_combine_warps)
+        d = buf.dispatch(x, idx, w, layout=layout, config=cfg)
+        n = d.recv_x.shape[0]
+        bf16_bytes = n * args.hidden * 2
+        worst = args.tokens * r
+        for _ in range(args.warmup):
+            buf.dispatch(x, idx, w, layout=layout, config=cfg, num_worst_tokens=worst)
+        cupy.cuda.Device().synchronize()
+        group.barrier()
+        out = {}
+        for key, fn, nbytes in (
+                ("bf16", lambda: buf.dispatch(x, idx, w, layout=layout, config=cfg, num_worst_tokens=worst),
+                 bf16_bytes),
+                ("fp8", lambda: buf.dispatch(xq, idx, w, layout=layout, config=cfg, num_worst_tokens=worst),
+                 bf16_bytes * (1 + 4 / 128) / 2),
+                ("combine", lambda: buf.combine(d.recv_x, d.handle, config=cfg), bf16_bytes),
+                ("cached", lambda: buf.dispatch(x, handle=d.handle), bf16_bytes)):
+            t = queued_times(fn, args.iters)
+            out[key] = (t, nbytes / t / 1e3)
+            cupy.cuda.Device().synchronize()
+            group.barrier()
+        return out
+
+    kernels_only = measure_kernels(args.sms)
     head = measure(args.sms)
     sweep = {s: measure(s) for s in args.sweep if s != args.sms}
     sweep[args.sms] = head
@@ -138,10 +170,10 @@ def main():
     if not args.no_nccl:
         import torch
         x_t = torch.from_dlpack(x)
-        t, nbytes = nccl_baseline(group, x_t, torch.from_dlpack(idx), args.iters, args.warmup)
-        nccl = (t, nbytes / t / 1e3)
+        t, tq, nbytes = nccl_baseline(group, x_t, torch.from_dlpack(idx), args.iters, args.warmup)
+        nccl = (t, nbytes / t / 1e3, tq, nbytes / tq / 1e3)
 
-    rows = group.comm.gather((head, sweep, ceilings, nccl), root=0)
+    rows = group.comm.gather((head, sweep, ceilings, nccl, kernels_only), root=0)
     if group.rank == 0:
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
@@ -157,12 +189,17 @@ def main():
         for s in sorted(sweep):
             cells = [f"{slowest_t(k, s):8.1f} us {worst(k, s):7.1f} GB/s" for k in ("fp8", "bf16", "combine", "cached")]
             print(f"{s:>4} | " + " | ".join(cells))
+        cells = [f"{max(rw[4][k][0] for rw in rows):8.1f} us {min(rw[4][k][1] for rw in rows):7.1f} GB/s"
+                 for k in ("fp8", "bf16", "combine", "cached")]
+        print(f"{args.sms:>4} | " + " | ".join(cells) + "   (kernels only: calls queued behind a spin kernel; "
+              "dispatch in worst-token mode)")
         for s in (args.sms, 132):
             print(f"peer-store ceiling, {s} blocks, every rank into all peers: "
                   f"{min(rw[2][s] for rw in rows):.1f} GB/s out per GPU")
         if nccl is not None:
             print(f"NCCL baseline (index_select + all_to_all_single): "
-                  f"{max(rw[3][0] for rw in rows):.1f} us, {min(rw[3][1] for rw in rows):.1f} GB/s")
+                  f"{max(rw[3][0] for rw in rows):.1f} us, {min(rw[3][1] for rw in rows):.1f} GB/s; "
+                  f"queued: {max(rw[3][2] for rw in rows):.1f} us, {min(rw[3][3] for rw in rows):.1f} GB/s")
     buf.destroy()
     if not args.no_nccl:
         import torch.distributed as dist
