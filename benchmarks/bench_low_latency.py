@@ -80,6 +80,19 @@ def measure(buf, group, x, idx, w, args):
     res = dict(zip(("dispatch", "combine"), gpu_times([d_step, c_step], args.iters)))
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
+    res["combine_logfmt"] = gpu_times([d_step, lambda: buf.low_latency_combine(
+        y, idx, w, state["d"].handle, use_logfmt=True)], args.iters)[1]
+    # LogFMT's error against the BF16 combine, on random expert outputs
+    bits = cupy.random.standard_normal(y.shape, np.float32).view(np.uint32)
+    y_rand = (bits >> 16).astype(np.uint16).view(fp8.bfloat16)  # truncated to bf16
+    del bits
+    as_f32 = lambda a: (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)  # noqa: E731
+    exact = as_f32(buf.low_latency_combine(y_rand, idx, w, dispatch().handle).combined_x)
+    coded = as_f32(buf.low_latency_combine(y_rand, idx, w, dispatch().handle, use_logfmt=True).combined_x)
+    del y_rand
+    res["logfmt_error"] = float(cupy.abs(coded - exact).max() / cupy.abs(exact).max())
+    cupy.cuda.Device().synchronize()
+    group.comm.Barrier()
     res.update(zip(("send_dispatch", "recv_dispatch", "send_combine", "recv_combine"),
                    gpu_times([d_send, lambda: state["d"].hook(), c_send, lambda: state["c"].hook()],
                              args.iters)))
@@ -194,7 +207,8 @@ def main():
         print(f"\ncupyep low-latency kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
               f"top-{args.topk} of {args.experts} experts, FP8 dispatch, BF16 combine "
               f"(median of {args.iters}, slowest rank)")
-        keys = [("dispatch", "dispatch"), ("combine", "combine"), ("graph_pair", "graph: dispatch+combine"),
+        keys = [("dispatch", "dispatch"), ("combine", "combine"), ("combine_logfmt", "combine (LogFMT)"),
+                ("graph_pair", "graph: dispatch+combine"),
                 ("send_dispatch", "hook: dispatch send"), ("recv_dispatch", "hook: dispatch recv"),
                 ("send_combine", "hook: combine send"), ("recv_combine", "hook: combine recv"),
                 ("host_dispatch", "host cost: dispatch call"), ("host_combine", "host cost: combine call"),
@@ -203,6 +217,8 @@ def main():
         for key, label in keys:
             cells = "".join(f"{max(rw[0][tr][key] for rw in rows):11.1f} us" for tr in args.transports)
             print(f"{label:28}{cells}")
+        print("LogFMT combine, max |error| / max |BF16 combine| on random normal expert outputs: " +
+              ", ".join(f"{tr} {max(rw[0][tr]['logfmt_error'] for rw in rows):.2e}" for tr in args.transports))
         if nccl is not None:
             print(f"NCCL baseline (index_select + all_to_all_single, bf16 rows per (token, expert), queued): "
                   f"{max(rw[1] for rw in rows):.1f} us")

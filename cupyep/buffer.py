@@ -314,8 +314,8 @@ class Buffer:
         return native
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *,
-                            out=None, async_finish: bool = False,
-                            return_recv_hook: bool = False) -> LowLatencyCombineResult:
+                            out=None, async_finish: bool = False, return_recv_hook: bool = False,
+                            use_logfmt: bool = False) -> LowLatencyCombineResult:
         """Decode-time combine: weighted sum in top-k order.
 
         Args:
@@ -326,6 +326,9 @@ class Buffer:
                 the dispatch that made ``handle``.
             handle: the :class:`LowLatencyHandle`.
             out: optional [T, H] bf16 array for the result.
+            use_logfmt: send the rows LogFMT-10 encoded (:mod:`cupyep.logfmt`,
+                88 bytes per 64 channels instead of 128; lossy, hidden
+                divisible by 256).
 
         Returns:
             :class:`LowLatencyCombineResult` in the caller's framework.
@@ -352,8 +355,10 @@ class Buffer:
             if out_native.shape[1] != handle.hidden:
                 raise InvalidInputError(f"out must be [{handle.num_tokens}, {handle.hidden}], "
                                         f"got {tuple(out_native.shape)}")
+        if use_logfmt and handle.hidden % 256:
+            raise InvalidInputError(f"use_logfmt needs a hidden size divisible by 256, got {handle.hidden}")
         res = self._impl.low_latency_combine(data, idx, w, handle, out_native, async_finish,
-                                             return_recv_hook)
+                                             return_recv_hook, bool(use_logfmt))
         combined = out if out is not None else self._from_native(res["combined_x"], fw)
         return LowLatencyCombineResult(combined, res.get("event"), res.get("hook"))
 

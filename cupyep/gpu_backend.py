@@ -308,8 +308,9 @@ class GpuBackend:
                                 async_finish, return_recv_hook, cumulative_stats, wait_stats)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, out, async_finish,
-                            return_recv_hook):
-        return self.ll.combine(x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook)
+                            return_recv_hook, use_logfmt=False):
+        return self.ll.combine(x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
+                               use_logfmt)
 
     def next_low_latency_combine_buffer(self, handle):
         return self.ll.next_combine_buffer(handle)

@@ -212,7 +212,8 @@ class GpuLowLatency:
             launch_recv(cupy.cuda.get_current_stream())
         return hook
 
-    def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook):
+    def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
+                use_logfmt=False):
         be = self.be
         r = be.num_ranks
         st: GpuLowLatencyState = handle.state
@@ -235,6 +236,7 @@ class GpuLowLatency:
                 "dispatch and before any other low-latency call")
         groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
         fn = self._kernel("low_latency_combine", ("kHidden", lay.hidden),
+                          ("kLogFmt", "true" if use_logfmt else "false"),
                           ("IdxT", "long long" if topk_idx.dtype == np.int64 else "int"))
 
         def run(phases, stream):

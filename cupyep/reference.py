@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import fp8
+from . import fp8, logfmt
 from .errors import InvalidInputError
 from .types import DispatchLayout
 
@@ -350,7 +350,8 @@ def low_latency_dispatch(comm, x, topk_idx, num_max_dispatch_tokens_per_rank, nu
             "routing": LowLatencyRouting(recv_counts)}
 
 
-def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRouting, mask=None):
+def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRouting, mask=None,
+                        use_logfmt=False):
     """Low-latency combine on one rank.
 
     Args:
@@ -358,6 +359,8 @@ def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRout
         topk_idx, topk_weights: [T, K] of the dispatch being reversed.
         routing: tables of that dispatch.
         mask: optional [R] int: experts of masked ranks add nothing.
+        use_logfmt: rows travel LogFMT-10 encoded (cupyep.logfmt): the sum
+            takes the decoded values.
 
     Returns:
         [T, H] bf16: out[t] = sum over valid k, in k order, of
@@ -382,7 +385,8 @@ def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRout
             off = 0
             for e in range(local):
                 toks = tokens_for_expert(idx, j * local + e)
-                rows = back[j][off:off + len(toks)].astype(np.float32)
+                rows = back[j][off:off + len(toks)]
+                rows = logfmt.quantize(rows) if use_logfmt else rows.astype(np.float32)
                 off += len(toks)
                 hit = idx[toks, k] == j * local + e
                 contrib[toks[hit]] = rows[hit]

@@ -62,9 +62,9 @@ class ReferenceBackend:
         return out
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, out, async_finish,
-                            return_recv_hook):
+                            return_recv_hook, use_logfmt=False):
         res = reference.low_latency_combine(self.comm, x, topk_idx, topk_weights, handle.state,
-                                            mask=self.mask)
+                                            mask=self.mask, use_logfmt=use_logfmt)
         if out is not None:
             out[...] = res
             res = out

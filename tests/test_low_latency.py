@@ -328,3 +328,36 @@ def test_shrink_masks_a_rank_that_times_out(buffer, backend, rng):
     res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
                                       use_fp8=False)
     check_dispatch(res, everyone, m, h, local, False, False, False)
+
+
+@pytest.mark.parametrize("hidden", [2048, 7168])
+def test_logfmt_combine(buffer, backend, rng, hidden):
+    """use_logfmt: the sum of the LogFMT-decoded expert rows (cupyep.logfmt);
+    its error against the BF16 combine stays within the format's resolution."""
+    from cupyep import logfmt
+    m, local, k = 32, 3, min(8, 3 * SIZE)
+    num_experts = local * SIZE
+    x = random_rows(rng, 24, hidden)
+    idx = random_topk(rng, 24, num_experts, k, drop=0.1)
+    w = rng.random(idx.shape).astype(np.float32)
+    everyone = gather(x, idx)
+    res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                      use_fp8=False)
+    y = check_dispatch(res, everyone, m, h=hidden, local=local, use_fp8=False, round_scale=False, ue8m0=False)
+    c = buffer.low_latency_combine(to_backend(y, backend), to_backend(idx, backend), to_backend(w, backend),
+                                   res.handle, use_logfmt=True)
+    got = to_host(c.combined_x).astype(np.float32)
+    want = np.zeros(got.shape, np.float32)
+    for kk in range(k):
+        e = idx[:, kk]
+        scale = np.array([expert_scale(v) for v in np.where(e >= 0, e, 0)], np.float32)
+        rows = logfmt.quantize((x.astype(np.float32) * scale[:, None]).astype(fp8.bfloat16))
+        want = want + np.where(e >= 0, w[:, kk], 0).astype(np.float32)[:, None] * rows
+    peak = max(float(np.abs(want).max()), 1e-30)
+    if backend == "reference":
+        assert_close_bf16(got, want, "logfmt combine")
+    else:  # log2f/exp2f may move a code by one step
+        assert float(np.abs(got - want).max()) / peak < 1e-2, "logfmt combine against cupyep.logfmt"
+    exact = expected_combine(x, idx, w)
+    err = float(np.abs(got - exact).max()) / max(float(np.abs(exact).max()), 1e-30)
+    assert err < 2e-2, f"LogFMT error against the BF16 combine: {err:.2e}"

@@ -218,3 +218,14 @@ def test_mask_calls_reject_bad_arguments(buffer, backend):
     status = to_backend(np.full(SIZE, 7, np.int32), backend)
     assert not buffer.low_latency_query_mask_buffer(status).any()
     assert not to_host(status).any()  # filled in place
+
+
+def test_logfmt_needs_hidden_divisible_by_256(buffer, backend, rng):
+    x = random_rows(rng, 4, 640)
+    idx = random_topk(rng, 4, 2 * SIZE, 2)
+    w = np.ones(idx.shape, np.float32)
+    d = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), 8, 2 * SIZE, use_fp8=False)
+    y = to_backend(np.zeros((2, SIZE * 8, 640), fp8.bfloat16), backend)
+    with pytest.raises(cupyep.InvalidInputError, match="use_logfmt"):
+        buffer.low_latency_combine(y, to_backend(idx, backend), to_backend(w, backend), d.handle, use_logfmt=True)
+    buffer.low_latency_combine(y, to_backend(idx, backend), to_backend(w, backend), d.handle)  # still usable
