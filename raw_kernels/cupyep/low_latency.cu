@@ -409,12 +409,133 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
     }
 }
 
+__device__ __forceinline__ int4 pack_bf16x8_rn(const float* acc) {
+    int4 o;
+    unsigned* ow = reinterpret_cast<unsigned*>(&o);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j]));
+        const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j + 1]));
+        ow[j] = lo | (hi << 16);
+    }
+    return o;
+}
+
+// ----------------------------------------------------------------------------
+// LogFMT-10 (defined in cupyep/logfmt.py): per 64 channels, fp32 log2 of the
+// largest and of the smallest non-zero magnitude (clipped to 32 octaves
+// below), then per 8 channels 10 bytes: 8 sign bits and eight 9-bit codes.
+// The fp32 steps use _rn intrinsics so that no FMA contraction moves them
+// away from the NumPy definition.
+constexpr int kLogFmtGroupBytes = 88;
+constexpr int kLogFmtStepBytes = 4 * kLogFmtGroupBytes;  // 256 channels: one int4 of bf16 per lane
+constexpr float kLogFmtRange = 32.f;
+constexpr float kLogFmtSteps = 510.f;  // codes 1..511
+
+__host__ __device__ constexpr int logfmt_row_bytes(int hidden) { return hidden / 64 * kLogFmtGroupBytes; }
+
+// A warp encodes a bf16 row into dst (16-byte aligned), a 256-channel step at
+// a time through buf (kLogFmtStepBytes of shared memory, 16-byte aligned).
+// Loads are coherent: in zero-copy mode dst is the row itself, and a step
+// writes only bytes that earlier steps have read.
+template <int kHidden>
+__device__ __forceinline__ void logfmt_encode_row(char* dst, const int4* src, char* buf, int lane) {
+    static_assert(kHidden % 256 == 0, "LogFMT needs a hidden size divisible by 256");
+    constexpr int kSteps = kHidden / 256, kBatch = 4;  // a batch's loads are in flight together
+    for (int s0 = 0; s0 < kSteps; s0 += kBatch) {
+        int4 raw[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+            if (s0 + b < kSteps) raw[b] = src[(s0 + b) * kWarpSize + lane];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+            const int step_idx = s0 + b;
+            if (step_idx >= kSteps) break;
+            float f[8];
+            bf16x8_to_float(raw[b], f);
+            float amax = 0.f, amin = __int_as_float(0x7f800000);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float m = fabsf(f[j]);
+                amax = fmaxf(amax, m);
+                if (m > 0.f) amin = fminf(amin, m);
+            }
+#pragma unroll
+            for (int o = 1; o < 8; o <<= 1) {  // the 8 lanes of one 64-channel group
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+                amin = fminf(amin, __shfl_xor_sync(0xffffffffu, amin, o));
+            }
+            const float log_amax = log2f(amax);
+            const float log_amin = fmaxf(log2f(amin), __fsub_rn(log_amax, kLogFmtRange));
+            const float step = __fdiv_rn(__fsub_rn(log_amax, log_amin), kLogFmtSteps);
+            unsigned long long lo = 0;  // bits 0-7 signs, then codes at 8 + 9j (code 6 straddles)
+            unsigned hi = 0;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float m = fabsf(f[j]);
+                unsigned code = 0;
+                if (m > 0.f) {
+                    const float pos = step > 0.f ? __fdiv_rn(__fsub_rn(log2f(m), log_amin), step) : 0.f;
+                    code = static_cast<unsigned>(fminf(fmaxf(rintf(pos), 0.f), kLogFmtSteps)) + 1;
+                }
+                lo |= static_cast<unsigned long long>(f[j] < 0.f) << j;
+                if (j < 6) lo |= static_cast<unsigned long long>(code) << (8 + 9 * j);
+                else if (j == 6) { lo |= static_cast<unsigned long long>(code & 3) << 62; hi |= code >> 2; }
+                else hi |= code << 7;
+            }
+            char* group = buf + (lane / 8) * kLogFmtGroupBytes;
+            if (lane % 8 == 0) *reinterpret_cast<float2*>(group) = make_float2(log_amax, log_amin);
+            unsigned short* payload = reinterpret_cast<unsigned short*>(group + 8 + (lane % 8) * 10);
+#pragma unroll
+            for (int w = 0; w < 4; ++w) payload[w] = static_cast<unsigned short>(lo >> (16 * w));
+            payload[4] = static_cast<unsigned short>(hi);
+            __syncwarp();
+            if (lane < kLogFmtStepBytes / 16)
+                st_na(reinterpret_cast<int4*>(dst + step_idx * kLogFmtStepBytes) + lane,
+                      reinterpret_cast<const int4*>(buf)[lane]);
+            __syncwarp();
+        }
+    }
+}
+
+// Channels 8u .. 8u+7 of an encoded row: the group's logs and 10 bytes.
+struct LogFmt8 {
+    float2 logs;
+    unsigned short payload[5];
+    __device__ __forceinline__ void load(const char* row, int u) {
+        const char* group = row + (u / 8) * kLogFmtGroupBytes;
+        logs = *reinterpret_cast<const float2*>(group);
+        const unsigned short* p = reinterpret_cast<const unsigned short*>(group + 8 + (u % 8) * 10);
+#pragma unroll
+        for (int w = 0; w < 5; ++w) payload[w] = p[w];
+    }
+};
+
+// ... decoded to fp32.
+__device__ __forceinline__ void logfmt_decode8(const LogFmt8& in, float* f) {
+    const float2 logs = in.logs;
+    unsigned long long lo = 0;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) lo |= static_cast<unsigned long long>(in.payload[w]) << (16 * w);
+    const unsigned hi = in.payload[4];
+    const float step = __fdiv_rn(__fsub_rn(logs.x, logs.y), kLogFmtSteps);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        unsigned code;
+        if (j < 6) code = static_cast<unsigned>(lo >> (8 + 9 * j)) & 511u;
+        else if (j == 6) code = static_cast<unsigned>(lo >> 62) | ((hi & 127u) << 2);
+        else code = (hi >> 7) & 511u;
+        const float v = code == 0 ? 0.f : exp2f(__fadd_rn(logs.y, __fmul_rn(static_cast<float>(code - 1), step)));
+        f[j] = (lo >> j) & 1 ? -v : v;
+    }
+}
+
 // ----------------------------------------------------------------------------
 // Combine. x [L][R*M][H] bf16 expert outputs in the dispatched layout (it may
 // be the send area itself: zero_copy); src_info, recv_k, layout_range from the
 // dispatch; topk_idx/topk_weights [T][K] of this rank's tokens; out [T][H].
 // num_groups warp groups per block each own one (local expert, destination).
-template <int kHidden, typename IdxT>
+template <int kHidden, bool kLogFmt, typename IdxT>
 __global__ void __launch_bounds__(kLLThreads, 1)
 low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
                     const int* __restrict__ recv_k, const long long* __restrict__ layout_range,
@@ -432,6 +553,9 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
     load_mask(mask, rank, num_ranks, s_mask);
 
     if (phases & 1) {
+        // Rows travel encoded (kLogFmt) or as they are.
+        constexpr int kSendBytes = kLogFmt ? logfmt_row_bytes(kHidden) : kRowBytes;
+        __shared__ __align__(16) char s_logfmt[kLogFmt ? kLLWarps * kLogFmtStepBytes : 16];
         const int warps_per_group = kLLWarps / num_groups;
         const int group = warp / warps_per_group, wig = warp % warps_per_group;
         if (group < num_groups) {
@@ -446,7 +570,12 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                     const long long off =
                         off_area + ((long long)src_info[row] * kLLMaxTopk + recv_k[row]) * kRowBytes;
                     const int4* src = reinterpret_cast<const int4*>(x + row * kHidden);
-                    if (put) {
+                    if constexpr (kLogFmt) {
+                        char* staged = local_base + off_send + row * kRowBytes;
+                        logfmt_encode_row<kHidden>(put ? staged : peers[dst] + off, src,
+                                                   s_logfmt + warp * kLogFmtStepBytes, lane);
+                        if (put) warp_put(local_base, off, staged, kSendBytes, dst);
+                    } else if (put) {
                         char* staged = local_base + off_send + row * kRowBytes;
                         if (!zero_copy) warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(staged), src, lane);
                         __syncwarp();
@@ -507,7 +636,29 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
             }
             __syncthreads();
             const char* token_rows = area + (long long)t * kLLMaxTopk * kRowBytes;
-            for (int c = threadIdx.x; c < kUnits; c += blockDim.x) {
+            for (int c = threadIdx.x; c < kUnits && kLogFmt; c += blockDim.x) {
+                float acc[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+                constexpr int kBatch = 4;  // rows whose loads are in flight together
+                for (int k0 = 0; k0 < num_topk; k0 += kBatch) {
+                    LogFmt8 in[kBatch];
+#pragma unroll
+                    for (int b = 0; b < kBatch; ++b)
+                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
+                            in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c);
+#pragma unroll
+                    for (int b = 0; b < kBatch; ++b) {
+                        if (k0 + b >= num_topk || s_slot[k0 + b] < 0) continue;
+                        float f[8];
+                        logfmt_decode8(in[b], f);
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(s_weight[k0 + b], f[j]));
+                    }
+                }
+                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8_rn(acc);
+            }
+            for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {
                 int4 v[kLLMaxTopk];
 #pragma unroll
                 for (int k = 0; k < kLLMaxTopk; ++k)
@@ -525,15 +676,7 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                         for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(s_weight[k], f[j]));
                     }
                 }
-                int4 o;
-                unsigned* ow = reinterpret_cast<unsigned*>(&o);
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j]));
-                    const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j + 1]));
-                    ow[j] = lo | (hi << 16);
-                }
-                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = o;
+                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8_rn(acc);
             }
             __syncthreads();  // s_slot is rewritten for the block's next token
         }
