@@ -315,7 +315,8 @@ class Buffer:
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *,
                             out=None, async_finish: bool = False, return_recv_hook: bool = False,
-                            use_logfmt: bool = False) -> LowLatencyCombineResult:
+                            use_logfmt: bool = False,
+                            combine_wait_recv_cost_stats=None) -> LowLatencyCombineResult:
         """Decode-time combine: weighted sum in top-k order.
 
         Args:
@@ -329,6 +330,8 @@ class Buffer:
             use_logfmt: send the rows LogFMT-10 encoded (:mod:`cupyep.logfmt`,
                 88 bytes per 64 channels instead of 128; lossy, hidden
                 divisible by 256).
+            combine_wait_recv_cost_stats: [R] int64, optional (GPU); each call
+                adds the nanoseconds its receive half waited for each rank's rows.
 
         Returns:
             :class:`LowLatencyCombineResult` in the caller's framework.
@@ -357,8 +360,10 @@ class Buffer:
                                         f"got {tuple(out_native.shape)}")
         if use_logfmt and handle.hidden % 256:
             raise InvalidInputError(f"use_logfmt needs a hidden size divisible by 256, got {handle.hidden}")
+        waits = self._stats(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", "int64",
+                            self.num_ranks)
         res = self._impl.low_latency_combine(data, idx, w, handle, out_native, async_finish,
-                                             return_recv_hook, bool(use_logfmt))
+                                             return_recv_hook, bool(use_logfmt), waits)
         combined = out if out is not None else self._from_native(res["combined_x"], fw)
         return LowLatencyCombineResult(combined, res.get("event"), res.get("hook"))
 

@@ -8,8 +8,8 @@ arguments and method signatures and return what DeepEP returns, as torch
 tensors. Differences (README, "DeepEP compatibility"): handles are opaque
 cupyep objects, not tuples of tensors; ``Config`` keeps only the SM count
 (chunk sizes belong to DeepEP's ring buffers, which cupyep does not use);
-Combine wait statistics and the inter-node path raise
-``cupyep.InvalidInputError`` until cupyep provides them; low-latency receive
+buffers for the inter-node path raise ``cupyep.InvalidInputError`` until
+cupyep provides it; low-latency receive
 tensors follow cupyep's contract (rows ordered by source rank and token).
 """
 from __future__ import annotations
@@ -62,10 +62,6 @@ class Config:
         base = _config.default_config(num_ranks)
         return _config.Config(num_sms=self.num_sms, num_warps=base.num_warps,
                               chunk_tokens=base.chunk_tokens, num_combine_warps=base.num_combine_warps)
-
-
-def _unsupported(what: str):
-    raise InvalidInputError(f"{what} is not supported by cupyep yet")
 
 
 class Buffer:
@@ -208,13 +204,12 @@ class Buffer:
                             zero_copy: bool = False, async_finish: bool = False,
                             return_recv_hook: bool = False, out=None, combine_wait_recv_cost_stats=None):
         """Returns (combined_x, event, hook)."""
-        if combine_wait_recv_cost_stats is not None:
-            _unsupported("combine_wait_recv_cost_stats")
         if zero_copy:  # the expert outputs are already in the send buffer
             x = self._buffer.get_next_low_latency_combine_buffer(handle)
         res = self._buffer.low_latency_combine(x, topk_idx, topk_weights, handle, out=out,
                                                async_finish=async_finish, return_recv_hook=return_recv_hook,
-                                               use_logfmt=use_logfmt)
+                                               use_logfmt=use_logfmt,
+                                               combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
         return res.combined_x, _event(res.event), res.hook
 
     # ---- rank masking -------------------------------------------------------- #

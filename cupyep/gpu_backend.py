@@ -308,9 +308,9 @@ class GpuBackend:
                                 async_finish, return_recv_hook, cumulative_stats, wait_stats)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, out, async_finish,
-                            return_recv_hook, use_logfmt=False):
+                            return_recv_hook, use_logfmt=False, wait_stats=None):
         return self.ll.combine(x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
-                               use_logfmt)
+                               use_logfmt, wait_stats)
 
     def next_low_latency_combine_buffer(self, handle):
         return self.ll.next_combine_buffer(handle)

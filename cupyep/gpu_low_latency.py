@@ -213,7 +213,7 @@ class GpuLowLatency:
         return hook
 
     def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
-                use_logfmt=False):
+                use_logfmt=False, wait_stats=None):
         be = self.be
         r = be.num_ranks
         st: GpuLowLatencyState = handle.state
@@ -247,7 +247,7 @@ class GpuLowLatency:
                     np.int32(self.transport == "nvshmem"), np.int32(zero_copy),
                     np.int64(off["combine_flags"]), np.int64(off["combine_area"]),
                     np.int64(off["send_area"]), np.int32(groups), self._blocks_done[half:half + 1],
-                    out, self.mask, np.int32(self.shrink), np.int32(phases),
+                    out, _ptr(wait_stats), self.mask, np.int32(self.shrink), np.int32(phases),
                     np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream)
 
         hook = self._send_then_receive(run, stream, return_recv_hook)

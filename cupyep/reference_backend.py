@@ -62,7 +62,7 @@ class ReferenceBackend:
         return out
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, out, async_finish,
-                            return_recv_hook, use_logfmt=False):
+                            return_recv_hook, use_logfmt=False, wait_stats=None):
         res = reference.low_latency_combine(self.comm, x, topk_idx, topk_weights, handle.state,
                                             mask=self.mask, use_logfmt=use_logfmt)
         if out is not None:

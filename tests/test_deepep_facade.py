@@ -93,8 +93,10 @@ def test_low_latency_like_deepep(torch_world, buffer, backend, inputs):
     recv_bf16, _, handle_bf16, _, _ = buffer.low_latency_dispatch(x, topk_idx, m, num_experts, use_fp8=False)
     # experts: identity on the bf16 rows, written straight into the send buffer
     buffer.get_next_low_latency_combine_buffer(handle_bf16)[...] = recv_bf16
+    waits = torch.zeros(SIZE, dtype=torch.int64, device=x.device)
     combined_x, event, hook = buffer.low_latency_combine(recv_bf16, topk_idx, topk_weights, handle_bf16,
-                                                         zero_copy=True, return_recv_hook=True)
+                                                         zero_copy=True, return_recv_hook=True,
+                                                         combine_wait_recv_cost_stats=waits)
     hook()
     # rank masking, as DeepEP's shrink mode exposes it
     status = torch.ones(SIZE, dtype=torch.int32, device=x.device)

@@ -119,6 +119,8 @@ def test_low_latency_hooks_zero_copy_out_and_stats(buffer, backend, transport, r
     m, h, num_experts, k = 64, 5120, 6 * SIZE, 8
     local = num_experts // SIZE
     stats = to_backend(np.zeros(local, np.int32), backend)
+    dispatch_waits = to_backend(np.zeros(SIZE, np.int64), backend)
+    combine_waits = to_backend(np.zeros(SIZE, np.int64), backend)
     for _ in range(2):
         x = random_rows(rng, m, h)
         idx = random_topk(rng, m, num_experts, k, drop=0.1)
@@ -126,7 +128,8 @@ def test_low_latency_hooks_zero_copy_out_and_stats(buffer, backend, transport, r
         everyone = gather(x, idx)
         res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m,
                                           num_experts, use_fp8=True, return_recv_hook=True,
-                                          cumulative_local_expert_recv_stats=stats)
+                                          cumulative_local_expert_recv_stats=stats,
+                                          dispatch_wait_recv_cost_stats=dispatch_waits)
         assert res.hook is not None
         res.hook()
         y = check_dispatch(res, everyone, m, h, local, True, False, False)
@@ -135,11 +138,18 @@ def test_low_latency_hooks_zero_copy_out_and_stats(buffer, backend, transport, r
         send_buf[...] = to_backend(y, backend)
         out = to_backend(np.zeros((m, h), fp8.bfloat16), backend)
         comb = buffer.low_latency_combine(send_buf, to_backend(idx, backend), to_backend(w, backend),
-                                          res.handle, out=out, return_recv_hook=True)
+                                          res.handle, out=out, return_recv_hook=True,
+                                          combine_wait_recv_cost_stats=combine_waits)
         comb.hook()
         assert comb.combined_x is out
         assert_close_bf16(to_host(out), expected_combine(x, idx, w), "combined_x through hooks")
     assert (to_host(stats) >= 0).all() and to_host(stats).sum() > 0
+    # nanoseconds waited per source rank, accumulated in place (nothing waits
+    # on the reference backend; on the GPU a wait may be shorter than the timer's tick)
+    for waits in (dispatch_waits, combine_waits):
+        got = to_host(waits)
+        assert got.dtype == np.int64 and got.shape == (SIZE,) and (got >= 0).all()
+        assert backend == "gpu" or not got.any()
 
 
 @pytest.mark.gpu

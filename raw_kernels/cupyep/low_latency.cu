@@ -543,8 +543,8 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                     int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
                     int num_ranks, char* local_base, char* const* peers, int force_put,
                     int zero_copy, long long off_flags, long long off_area, long long off_send,
-                    int num_groups, int* blocks_done, __nv_bfloat16* out, int* mask, int shrink,
-                    int phases, int* err, long long timeout_ns) {
+                    int num_groups, int* blocks_done, __nv_bfloat16* out, long long* wait_stats,
+                    int* mask, int shrink, int phases, int* err, long long timeout_ns) {
     constexpr int kRowBytes = kHidden * 2;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int num_local = num_experts / num_ranks;
@@ -596,10 +596,17 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
 
     if (phases & 2) {
         long long* flags = reinterpret_cast<long long*>(local_base + off_flags);
-        for (int e = threadIdx.x; e < num_experts; e += blockDim.x)
-            if (!s_mask[e / num_local])
-                wait_nonzero(flags + e, timeout_ns, err, kPhaseLowLatencyCombineRecv, e / num_local,
-                             e % num_local, shrink ? mask : nullptr);
+        const unsigned long long start = global_timer_ns();
+        for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+            if (s_mask[e / num_local]) continue;
+            wait_nonzero(flags + e, timeout_ns, err, kPhaseLowLatencyCombineRecv, e / num_local,
+                         e % num_local, shrink ? mask : nullptr);
+            // Every block waits for every flag; block 0 alone adds its waits
+            // (per owner rank, summed over its experts).
+            if (wait_stats != nullptr && blockIdx.x == 0)
+                atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + e / num_local),
+                          global_timer_ns() - start);
+        }
         // Ranks masked by a timeout just now are left out of this block's sums.
         if (shrink) load_mask(mask, rank, num_ranks, s_mask);
         __syncthreads();
