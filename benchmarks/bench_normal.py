@@ -9,7 +9,6 @@ events; median of --iters calls after warm-up.
 """
 import argparse
 import os
-import statistics
 import sys
 
 import numpy as np
@@ -17,23 +16,15 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep import fp8  # noqa: E402
-from cupyep.bench import queued_times  # noqa: E402
+from cupyep.bench import event_times, queued_times  # noqa: E402
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
 
 def timed(fn, iters, warmup):
-    import cupy
+    """Median time (us) of one call between CUDA events, after warm-up."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        a, b = cupy.cuda.Event(), cupy.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)  # us
-    return statistics.median(times)
+    return event_times(fn, iters)
 
 
 def nccl_baseline(group, x_t, topk_idx, iters, warmup):
@@ -113,11 +104,14 @@ def main():
     xq = (cupy.asarray(q_np.view(np.uint8)), cupy.asarray(s_np))
     layout = buf.get_dispatch_layout(idx, args.experts)
 
-    def measure(sms):
+    def config(sms):
         base = cupyep.default_config(r)
-        cfg = cupyep.Config(num_sms=sms, num_warps=args.warps or base.num_warps,
-                            chunk_tokens=args.chunk or base.chunk_tokens,
-                            num_combine_warps=args.warps or base.num_combine_warps)
+        return cupyep.Config(num_sms=sms, num_warps=args.warps or base.num_warps,
+                             chunk_tokens=args.chunk or base.chunk_tokens,
+                             num_combine_warps=args.warps or base.num_combine_warps)
+
+    def measure(sms):
+        cfg = config(sms)
         d = buf.dispatch(x, idx, w, layout=layout, config=cfg)
         n = d.recv_x.shape[0]
         bf16_bytes = n * args.hidden * 2
@@ -135,10 +129,7 @@ def main():
         """The same calls queued behind a spin kernel: GPU time only, as a
         kernel profiler reports it (dispatch in worst-token mode, which has
         no host synchronisation)."""
-        base = cupyep.default_config(r)
-        cfg = cupyep.Config(num_sms=sms, num_warps=args.warps or base.num_warps,
-                            chunk_tokens=args.chunk or base.chunk_tokens,
-                            num_combine_warps=args.warps or base.num_combine_warps)
+        cfg = config(sms)
         d = buf.dispatch(x, idx, w, layout=layout, config=cfg)
         n = d.recv_x.shape[0]
         bf16_bytes = n * args.hidden * 2

@@ -220,24 +220,25 @@ def test_mask_calls_reject_bad_arguments(buffer, backend):
     assert not to_host(status).any()  # filled in place
 
 
-def test_logfmt_needs_hidden_divisible_by_256(buffer, backend, rng):
-    x = random_rows(rng, 4, 640)
+def low_latency_combine_args(buffer, backend, rng, hidden):
+    """(x, topk_idx, topk_weights, handle) of a small low-latency combine."""
+    x = random_rows(rng, 4, hidden)
     idx = random_topk(rng, 4, 2 * SIZE, 2)
     w = np.ones(idx.shape, np.float32)
     d = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), 8, 2 * SIZE, use_fp8=False)
-    y = to_backend(np.zeros((2, SIZE * 8, 640), fp8.bfloat16), backend)
+    y = to_backend(np.zeros((2, SIZE * 8, hidden), fp8.bfloat16), backend)
+    return y, to_backend(idx, backend), to_backend(w, backend), d.handle
+
+
+def test_logfmt_needs_hidden_divisible_by_256(buffer, backend, rng):
+    args = low_latency_combine_args(buffer, backend, rng, 640)
     with pytest.raises(cupyep.InvalidInputError, match="use_logfmt"):
-        buffer.low_latency_combine(y, to_backend(idx, backend), to_backend(w, backend), d.handle, use_logfmt=True)
-    buffer.low_latency_combine(y, to_backend(idx, backend), to_backend(w, backend), d.handle)  # still usable
+        buffer.low_latency_combine(*args, use_logfmt=True)
+    buffer.low_latency_combine(*args)  # still usable
 
 
 def test_combine_wait_stats_must_be_int64_per_rank(buffer, backend, rng):
-    x = random_rows(rng, 4, 512)
-    idx = random_topk(rng, 4, 2 * SIZE, 2)
-    w = np.ones(idx.shape, np.float32)
-    d = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), 8, 2 * SIZE, use_fp8=False)
-    y = to_backend(np.zeros((2, SIZE * 8, 512), fp8.bfloat16), backend)
-    args = (y, to_backend(idx, backend), to_backend(w, backend), d.handle)
+    args = low_latency_combine_args(buffer, backend, rng, 512)
     with pytest.raises(cupyep.InvalidInputError, match="combine_wait_recv_cost_stats"):
         buffer.low_latency_combine(*args, combine_wait_recv_cost_stats=to_backend(np.zeros(SIZE, np.int32), backend))
     buffer.low_latency_combine(*args)  # still usable
