@@ -23,7 +23,7 @@ from cupyep import fp8  # noqa: E402
 
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
-from bench_normal import timed  # noqa: E402
+from cupyep.bench import teardown  # noqa: E402
 
 
 SPIN = KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns")
@@ -166,7 +166,8 @@ def nccl_baseline(group, x, idx, args, iters, warmup):
 
     def run():
         dist.all_to_all_single(out, x_t.index_select(0, rows), recv_splits, send_splits)
-    timed(run, warmup, 1)  # warm up
+    for _ in range(warmup):
+        run()
     return gpu_times([run], iters)[0]  # queued like cupyep's calls
 
 
@@ -222,11 +223,7 @@ def main():
         if nccl is not None:
             print(f"NCCL baseline (index_select + all_to_all_single, bf16 rows per (token, expert), queued): "
                   f"{max(rw[1] for rw in rows):.1f} us")
-    buf.destroy()
-    if not args.no_nccl:
-        import torch.distributed as dist
-        dist.destroy_process_group()
-    group.destroy()
+    teardown(buf, group)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep import fp8  # noqa: E402
-from cupyep.bench import event_times, queued_times  # noqa: E402
+from cupyep.bench import event_times, nccl_dispatch, queued_times, teardown  # noqa: E402
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
 
@@ -27,28 +27,10 @@ def timed(fn, iters, warmup):
     return event_times(fn, iters)
 
 
-def nccl_baseline(group, x_t, topk_idx, iters, warmup):
-    """torch all_to_all_single after an index_select (the naive dispatch)."""
-    import torch
-    import torch.distributed as dist
-    from cupyep.torch_comm import init_torch_distributed
-    init_torch_distributed(group.comm, "nccl")
-    r = group.size
-    local = 256 // r
-    ranks = (topk_idx // local)
-    in_rank = torch.zeros(topk_idx.shape[0], r, dtype=torch.bool, device=x_t.device)
-    in_rank.scatter_(1, ranks.clamp(min=0), True)
-    order = [torch.nonzero(in_rank[:, j]).squeeze(1) for j in range(r)]
-    index = torch.cat(order)
-    send_splits = [len(o) for o in order]
-    recv_splits = group.comm.alltoall(send_splits)
-    out = torch.empty(sum(recv_splits), x_t.shape[1], dtype=x_t.dtype, device=x_t.device)
-
-    def run():
-        dist.all_to_all_single(out, x_t.index_select(0, index), recv_splits, send_splits)
-
-    t = timed(run, iters, warmup)
-    return t, queued_times(run, iters), out.numel() * 2
+def nccl_baseline(group, x, topk_idx_host, num_experts, iters, warmup):
+    """(time per call, time queued, bytes received) of the NCCL dispatch baseline."""
+    run, nbytes = nccl_dispatch(group, x, topk_idx_host, num_experts)
+    return timed(run, iters, warmup), queued_times(run, iters), nbytes
 
 
 def peer_store_ceiling(buf, num_sms, iters, warmup):
@@ -159,9 +141,7 @@ def main():
     ceilings = {s: peer_store_ceiling(buf, s, args.iters, args.warmup) for s in (args.sms, 132)}
     nccl = None
     if not args.no_nccl:
-        import torch
-        x_t = torch.from_dlpack(x)
-        t, tq, nbytes = nccl_baseline(group, x_t, torch.from_dlpack(idx), args.iters, args.warmup)
+        t, tq, nbytes = nccl_baseline(group, x, idx_np, args.experts, args.iters, args.warmup)
         nccl = (t, nbytes / t / 1e3, tq, nbytes / tq / 1e3)
 
     rows = group.comm.gather((head, sweep, ceilings, nccl, kernels_only), root=0)
@@ -191,11 +171,7 @@ def main():
             print(f"NCCL baseline (index_select + all_to_all_single): "
                   f"{max(rw[3][0] for rw in rows):.1f} us, {min(rw[3][1] for rw in rows):.1f} GB/s; "
                   f"queued: {max(rw[3][2] for rw in rows):.1f} us, {min(rw[3][3] for rw in rows):.1f} GB/s")
-    buf.destroy()
-    if not args.no_nccl:
-        import torch.distributed as dist
-        dist.destroy_process_group()
-    group.destroy()
+    teardown(buf, group)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def _slowest(group, us: float) -> float:
 
 
 def _inputs(rng, tokens, hidden, experts, topk):
+    """(x, topk_idx, topk_weights) on the GPU, then x and topk_idx on the host."""
     import cupy
     x = rng.standard_normal((tokens, hidden)).astype(fp8.bfloat16)
     idx = np.argsort(rng.random((tokens, experts)), axis=1)[:, :topk].astype(np.int64)
@@ -68,26 +69,49 @@ def _inputs(rng, tokens, hidden, experts, topk):
     return (cupy.asarray(x.view(np.uint16)).view(fp8.bfloat16), cupy.asarray(idx), cupy.asarray(w), x, idx)
 
 
-def _nccl(group, x, idx_host, num_experts, iters):
-    """NCCL baseline time (us) for moving one row per (token, destination rank)."""
+def nccl_dispatch(group, x, topk_idx_host, num_experts):
+    """The NCCL baseline step: torch ``all_to_all_single`` of one row per
+    (token, destination rank) after an ``index_select``.
+
+    Returns (step, bytes received here), or (None, 0) without torch.
+    """
     try:
         import torch
         import torch.distributed as dist
     except ImportError:
-        return float("nan")
+        return None, 0
     from .torch_comm import init_torch_distributed
     init_torch_distributed(group.comm, "nccl")
     local = num_experts // group.size
-    in_rank = np.zeros((idx_host.shape[0], group.size), bool)
-    for k in range(idx_host.shape[1]):
-        in_rank[np.arange(idx_host.shape[0]), idx_host[:, k] // local] = True
+    in_rank = np.zeros((topk_idx_host.shape[0], group.size), bool)
+    for k in range(topk_idx_host.shape[1]):
+        valid = topk_idx_host[:, k] >= 0
+        in_rank[np.flatnonzero(valid), topk_idx_host[valid, k] // local] = True
     order = [np.flatnonzero(in_rank[:, j]) for j in range(group.size)]
     x_t = torch.from_dlpack(x)
     index = torch.as_tensor(np.concatenate(order), device=x_t.device)
     send = [len(o) for o in order]
     recv = group.comm.alltoall(send)
     out = torch.empty(sum(recv), x_t.shape[1], dtype=x_t.dtype, device=x_t.device)
-    return event_times(lambda: dist.all_to_all_single(out, x_t.index_select(0, index), recv, send), iters)
+    return (lambda: dist.all_to_all_single(out, x_t.index_select(0, index), recv, send)), out.numel() * 2
+
+
+def _nccl(group, x, idx_host, num_experts, iters):
+    """NCCL baseline time (us), nan without torch."""
+    step, _ = nccl_dispatch(group, x, idx_host, num_experts)
+    return float("nan") if step is None else event_times(step, iters)
+
+
+def teardown(buf, group):
+    """Free the buffer, torch.distributed if a baseline started it, and the group."""
+    buf.destroy()
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except ImportError:
+        pass
+    group.destroy()
 
 
 def run(group, args):
@@ -101,9 +125,9 @@ def run(group, args):
                  low_latency_mode=True, backend="gpu")
     cfg = Config(num_sms=args.sms)
     for t in args.normal_tokens:
-        x, idx, w, _, idx_host = _inputs(rng, t, hidden, 256, 8)
-        xq = fp8.per_token_cast_to_fp8(cupy.asnumpy(x.view(np.uint16)).view(fp8.bfloat16))
-        xq = (cupy.asarray(xq[0].view(np.uint8)), cupy.asarray(xq[1]))
+        x, idx, w, x_host, idx_host = _inputs(rng, t, hidden, 256, 8)
+        q, scales = fp8.per_token_cast_to_fp8(x_host)
+        xq = (cupy.asarray(q.view(np.uint8)), cupy.asarray(scales))
         d = buf.dispatch(x, idx, w, num_experts=256, config=cfg)
         n = int(d.recv_x.shape[0])
         for _ in range(args.warmup):
@@ -138,8 +162,7 @@ def run(group, args):
                          combine_us=_slowest(group, t_c),
                          nccl_us=_slowest(group, _nccl(group, x, idx_host, 288, args.iters))))
     cupy.cuda.Device().synchronize()
-    buf.destroy()
-    return rows
+    return buf, rows
 
 
 def _slowest_bw(group, nbytes, us):
@@ -200,7 +223,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     group = Group()
     import cupy
-    rows = run(group, args)
+    buf, rows = run(group, args)
     if group.rank == 0:
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         title = f"cupyep, {group.size} x {name}, hidden {args.hidden}, {args.sms} SMs (normal)"
@@ -208,7 +231,7 @@ def main(argv=None):
         print(table(rows))
         if args.plot:
             print(f"plot: {args.plot}" if plot(rows, args.plot, title) else "plot: skipped (no matplotlib)")
-    group.destroy()
+    teardown(buf, group)
 
 
 if __name__ == "__main__":

@@ -273,16 +273,20 @@ def tokens_for_expert(topk_idx: np.ndarray, expert: int) -> np.ndarray:
     return np.flatnonzero((topk_idx == expert).any(axis=1))
 
 
-def masked_topk(topk_idx, mask, rank, num_local):
-    """topk_idx with -1 where the expert's rank is masked (everywhere when
-    this rank itself is masked: it is out of the exchange)."""
+def left_out(mask, rank, size) -> np.ndarray:
+    """[R] bool: ranks this rank leaves out of low-latency calls (all of them
+    when it masks itself: it is out of the exchange)."""
+    if mask is None:
+        return np.zeros(size, bool)
+    return np.asarray(mask, bool) | bool(mask[rank])
+
+
+def masked_topk(topk_idx, out: np.ndarray, num_local: int) -> np.ndarray:
+    """topk_idx (int64) with -1 where the expert's rank is left out (``out`` [R] bool)."""
     idx = topk_idx.astype(np.int64)
-    if mask is None or not np.any(mask):
+    if not out.any():
         return idx
-    if mask[rank]:
-        return np.full_like(idx, -1)
-    owner_masked = np.asarray(mask, bool)[np.clip(idx, 0, None) // num_local]
-    return np.where((idx >= 0) & owner_masked, -1, idx)
+    return np.where((idx >= 0) & out[np.clip(idx, 0, None) // num_local], -1, idx)
 
 
 def low_latency_dispatch(comm, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
@@ -296,8 +300,8 @@ def low_latency_dispatch(comm, x, topk_idx, num_max_dispatch_tokens_per_rank, nu
         num_experts: E.
         use_fp8: cast to e4m3 with per-128 scales before sending.
         round_scale: power-of-two scales. use_ue8m0: pack scales as UE8M0.
-        mask: optional [R] int, 1 = rank left out (see masked_topk); rows
-            from a masked source are dropped.
+        mask: optional [R] int, 1 = rank left out (see left_out); its
+            experts get nothing and rows from it are dropped.
 
     Returns:
         dict of recv_x [L, R*M, H], recv_x_scales, recv_count [L] int32,
@@ -308,14 +312,14 @@ def low_latency_dispatch(comm, x, topk_idx, num_max_dispatch_tokens_per_rank, nu
     m = num_max_dispatch_tokens_per_rank
     local = num_experts // size
     hidden = x.shape[1]
-    idx = masked_topk(topk_idx, mask, comm.Get_rank(), local)
+    dropped = left_out(mask, comm.Get_rank(), size)
+    idx = masked_topk(topk_idx, dropped, local)
     if use_fp8:
         q, scales = fp8.per_token_cast_to_fp8(x, round_scale=round_scale or use_ue8m0)
     per_dest_tokens = [[tokens_for_expert(idx, j * local + e) for e in range(local)]
                        for j in range(size)]
     counts = comm.alltoall([[len(t) for t in per_dest_tokens[j]] for j in range(size)])
     recv_counts = np.array(counts, np.int64).T  # [L, R]
-    dropped = np.zeros(size, bool) if mask is None else np.asarray(mask, bool) | bool(mask[comm.Get_rank()])
     sel = [np.concatenate(per_dest_tokens[j] + [np.empty(0, np.int64)]) for j in range(size)]
     if use_fp8:
         rows = exchange_rows(comm, [q[s] for s in sel], (hidden,), q.dtype)
@@ -368,7 +372,8 @@ def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRout
     """
     size = comm.Get_size()
     local, _, hidden = x.shape
-    idx = masked_topk(topk_idx, mask, comm.Get_rank(), local)
+    dropped = left_out(mask, comm.Get_rank(), size)
+    idx = masked_topk(topk_idx, dropped, local)
     t = idx.shape[0]
     begins = np.concatenate([np.zeros((local, 1), np.int64),
                              np.cumsum(routing.recv_counts, axis=1)], axis=1)
@@ -380,7 +385,7 @@ def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRout
         contrib = np.zeros((t, hidden), np.float32)
         valid = idx[:, k] >= 0
         for j in range(size):
-            if mask is not None and (mask[j] or mask[comm.Get_rank()]):
+            if dropped[j]:
                 continue
             off = 0
             for e in range(local):

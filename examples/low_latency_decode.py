@@ -10,6 +10,7 @@ single-process computation of the same layer. On the GPU the last steps replay
 one CUDA graph of dispatch, experts and combine with new inputs.
 """
 import argparse
+import functools
 
 import numpy as np
 
@@ -71,10 +72,9 @@ extern "C" __global__ void experts(const unsigned char* q, const float* scales, 
 """
 
 
-def _experts_kernel(xp, _cache={}):
-    if "k" not in _cache:
-        _cache["k"] = xp.RawKernel(_EXPERTS_SRC, "experts")
-    return _cache["k"]
+@functools.lru_cache(maxsize=None)
+def _experts_kernel(xp):
+    return xp.RawKernel(_EXPERTS_SRC, "experts")
 
 
 def expected(x, topk_idx, topk_w, all_weights):

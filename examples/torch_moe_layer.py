@@ -15,7 +15,6 @@ process from every rank's tokens.
 """
 import argparse
 
-import numpy as np
 
 import cupyep
 
