@@ -1,11 +1,16 @@
 """Normal dispatch/combine bandwidth, with the NCCL baseline and the NVLink ceiling.
 
     mpirun -n 4 python benchmarks/bench_normal.py [--sms 24] [--sweep 8 16 24 32 48]
+    mpirun -n 4 python benchmarks/bench_normal.py --ranks-per-node 2   # inter-node path, 2 x 2
 
 Protocol (DESIGN.md): 4096 tokens per rank, hidden 7168, top-8 of 256 experts,
 random routing. Bandwidth = bytes of the received rows counted as BF16 (times
 (1 + 4/128) / 2 for FP8), self rows included, over the time of one call; CUDA
-events; median of --iters calls after warm-up.
+events; median of --iters calls after warm-up. With --ranks-per-node the
+buffer runs the inter-node path and the headline row also reports its two
+legs as DeepEP does: RDMA bytes = (token, node) pairs this rank sends (own
+node included) times the BF16 row, NVL bytes = the received rows as above.
+On one host the "RDMA" leg is NVSHMEM puts over NVLink.
 """
 import argparse
 import os
@@ -68,14 +73,19 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-nccl", action="store_true")
+    ap.add_argument("--ranks-per-node", type=int, default=None,
+                    help="emulate nodes of this many ranks (inter-node path)")
     args = ap.parse_args()
 
     import cupy
-    group = cupyep.Group()
+    group = cupyep.Group(num_ranks_per_node=args.ranks_per_node)
     r = group.size
     nvl = max(cupyep.nvl_size_hint(args.hidden, args.tokens + 64, r, args.topk),
               cupyep.sizing.control_bytes(r) + r * (64 << 20))
-    buf = cupyep.Buffer(group, num_nvl_bytes=nvl, backend="gpu")
+    rdma = 0
+    if group.num_nodes > 1:
+        rdma = cupyep.rdma_size_hint(args.hidden, args.tokens + 64, r, group.num_ranks_per_node, args.topk)
+    buf = cupyep.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, backend="gpu")
     rng = np.random.default_rng(group.rank)
     x_np = rng.standard_normal((args.tokens, args.hidden)).astype(fp8.bfloat16)
     idx_np = np.argsort(rng.random((args.tokens, args.experts)), axis=1)[:, :args.topk].astype(np.int64)
@@ -85,6 +95,8 @@ def main():
     q_np, s_np = fp8.per_token_cast_to_fp8(x_np)
     xq = (cupy.asarray(q_np.view(np.uint8)), cupy.asarray(s_np))
     layout = buf.get_dispatch_layout(idx, args.experts)
+    node_of = idx_np // (args.experts // group.num_nodes)
+    rdma_bytes = sum(int((node_of == m).any(axis=1).sum()) for m in range(group.num_nodes)) * args.hidden * 2
 
     def config(sms):
         base = cupyep.default_config(r)
@@ -144,9 +156,12 @@ def main():
         t, tq, nbytes = nccl_baseline(group, x, idx_np, args.experts, args.iters, args.warmup)
         nccl = (t, nbytes / t / 1e3, tq, nbytes / tq / 1e3)
 
-    rows = group.comm.gather((head, sweep, ceilings, nccl, kernels_only), root=0)
+    rows = group.comm.gather((head, sweep, ceilings, nccl, kernels_only, rdma_bytes), root=0)
     if group.rank == 0:
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        if group.num_nodes > 1:
+            print(f"\ninter-node path: {group.num_nodes} nodes x {group.num_ranks_per_node} ranks emulated on "
+                  "one host (the inter-node leg is NVSHMEM puts over NVLink)")
         print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
               f"chunk_tokens={args.chunk or cupyep.default_config(r).chunk_tokens}, "
               f"warps {args.warps or cupyep.default_config(r).num_warps}/"
@@ -164,6 +179,13 @@ def main():
                  for k in ("fp8", "bf16", "combine", "cached")]
         print(f"{args.sms:>4} | " + " | ".join(cells) + "   (kernels only: calls queued behind a spin kernel; "
               "dispatch in worst-token mode)")
+        if group.num_nodes > 1:
+            # RDMA leg: the slowest rank's (token, node) bytes over its own time.
+            legs = []
+            for k, scale in (("fp8", (1 + 4 / 128) / 2), ("bf16", 1.0), ("combine", 1.0)):
+                rdma_bw = min(rw[5] * scale / rw[4][k][0] / 1e3 for rw in rows)
+                legs.append(f"{k} RDMA {rdma_bw:.1f} GB/s, NVL {min(rw[4][k][1] for rw in rows):.1f} GB/s")
+            print(f"{args.sms:>4} | legs (kernels only): " + "; ".join(legs))
         for s in (args.sms, 132):
             print(f"peer-store ceiling, {s} blocks, every rank into all peers: "
                   f"{min(rw[2][s] for rw in rows):.1f} GB/s out per GPU")

@@ -5,7 +5,8 @@
 #   RANKS="2 4" rank counts for the tests; BENCH_RANKS / LL_BENCH_RANKS: for
 #   bench_normal / bench_low_latency (BENCH_ARGS / LL_BENCH_ARGS);
 #   EXAMPLE_RANKS: every example with --backend gpu; STRESS_RANKS (STRESS_ARGS):
-#   benchmarks/stress.py on the GPU backend; JIT_RANKS: benchmarks/bench_jit.py
+#   benchmarks/stress.py on the GPU backend; JIT_RANKS: benchmarks/bench_jit.py;
+#   INTER_BENCH_RANKS: bench_normal on two emulated nodes (BENCH_ARGS too)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${LOG_DIR:-gpu-logs}; mkdir -p "$LOG_DIR"
@@ -40,6 +41,10 @@ done
 for n in ${BENCH_RANKS:-}; do
   echo "== bench_normal at $n ranks"
   timeout ${BENCH_TIMEOUT:-240} $MPIRUN -n $n python3 benchmarks/bench_normal.py ${BENCH_ARGS:-} 2>&1 | tee "$LOG_DIR/bench-normal-n$n.log" | tail -30
+done
+for n in ${INTER_BENCH_RANKS:-}; do
+  echo "== bench_normal inter-node (2 x $((n / 2))) at $n ranks"
+  timeout ${BENCH_TIMEOUT:-240} $MPIRUN -n $n python3 benchmarks/bench_normal.py --ranks-per-node $((n / 2)) ${BENCH_ARGS:-} 2>&1 | tee "$LOG_DIR/bench-internode-n$n.log" | tail -30
 done
 for n in ${LL_BENCH_RANKS:-}; do
   echo "== bench_low_latency at $n ranks"

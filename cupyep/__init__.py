@@ -15,7 +15,7 @@ from .errors import (BackendUnavailableError, BufferTooSmallError, CommTimeoutEr
                      CupyepError, GroupDestroyedError, InvalidInputError)
 from .group import Group, gpu_available
 from .low_latency import low_latency_size_hint
-from .sizing import nvl_size_hint
+from .sizing import nvl_size_hint, rdma_size_hint
 from .types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResult,
                     LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle)
 
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Buffer", "Config", "default_config", "Group", "gpu_available",
-    "nvl_size_hint", "low_latency_size_hint",
+    "nvl_size_hint", "rdma_size_hint", "low_latency_size_hint",
     "CupyepError", "InvalidInputError", "BufferTooSmallError", "CommTimeoutError",
     "GroupDestroyedError", "BackendUnavailableError",
     "DispatchLayout", "DispatchHandle", "DispatchResult", "CombineResult",

@@ -33,11 +33,24 @@ class Buffer:
         enable_shrink: a low-latency wait that times out masks the late rank
             (see :meth:`low_latency_query_mask_buffer`) and the call goes on
             without it, instead of raising CommTimeoutError.
+        max_nodes_per_token: group-limited routing: each token's experts
+            must lie on at most this many nodes (None: no limit). A dispatch
+            whose layout breaks it raises InvalidInputError on every rank.
+
+    Across nodes (``group.num_nodes > 1``) normal kernels also use
+    ``num_rdma_bytes`` (:func:`cupyep.rdma_size_hint`), the memory
+    low-latency calls use: call :meth:`clean_low_latency_buffer` when
+    switching between the two kinds of call.
     """
 
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
-                 low_latency_mode: bool = False, backend: str = "auto", enable_shrink: bool = False):
+                 low_latency_mode: bool = False, backend: str = "auto", enable_shrink: bool = False,
+                 max_nodes_per_token: Optional[int] = None):
         self.group = group if isinstance(group, Group) else Group(group)
+        if max_nodes_per_token is not None and not 1 <= int(max_nodes_per_token) <= self.group.num_nodes:
+            raise InvalidInputError(f"max_nodes_per_token must be in [1, {self.group.num_nodes}] "
+                                    f"(the number of nodes), got {max_nodes_per_token}")
+        self.max_nodes_per_token = max_nodes_per_token
         self.buffer_id = next(_buffer_ids)
         if backend == "auto":
             backend = "gpu" if gpu_available() else "reference"
@@ -45,11 +58,11 @@ class Buffer:
             require_gpu()
             from .gpu_backend import GpuBackend
             self._impl = GpuBackend(self.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
-                                    enable_shrink)
+                                    enable_shrink, max_nodes_per_token or 0)
             self._to_native, self._from_native = interop.to_cupy, interop.from_cupy
         elif backend == "reference":
             from .reference_backend import ReferenceBackend
-            self._impl = ReferenceBackend(self.group)
+            self._impl = ReferenceBackend(self.group, max_nodes_per_token or 0)
             self._to_native, self._from_native = interop.to_numpy, interop.from_numpy
         else:
             raise InvalidInputError(f"backend must be 'auto', 'gpu' or 'reference', got {backend!r}")

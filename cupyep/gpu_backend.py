@@ -15,7 +15,7 @@ import numpy as np
 
 from . import sizing
 from .config import Config, default_config
-from .errors import BufferTooSmallError, CommTimeoutError, CupyepError, InvalidInputError
+from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
 from .events import EventOverlap, as_cupy_event
 from .fp8 import FP8_GROUP, bfloat16
 from .jit import KernelSpec, launch
@@ -43,6 +43,10 @@ class GpuRouting:
     recv_channel_offset: [R * C + 1] int32 prefix of rows per (source, channel).
     num_channels, num_warps: the launch shape the slots were laid out for.
     layout: the NvlLayout in use (host copy) and its device array.
+    Across nodes also: rdma_pos [T, N] int32 slot of each token in each
+    node's RDMA region (-1 if not sent), rdma_recv_count [N * C] int32
+    messages this rank forwarded per (source node, channel), fwd_slots
+    [N * T_MAX * P] int32 where each went, rdma_layout_dev.
     """
     send_pos: object
     recv_channel_offset: object
@@ -50,20 +54,22 @@ class GpuRouting:
     num_warps: int
     layout: sizing.NvlLayout
     layout_dev: object
+    rdma_pos: object = None
+    rdma_recv_count: object = None
+    fwd_slots: object = None
+    rdma_layout_dev: object = None
 
 
 class GpuBackend:
     """Runs :class:`cupyep.Buffer` calls with CUDA kernels on one GPU per rank."""
 
     def __init__(self, group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool,
-                 enable_shrink: bool = False):
+                 enable_shrink: bool = False, max_nodes_per_token: int = 0):
         import cupy
         self.group = group
         self.num_ranks = group.size
         self.rank = group.rank
-        if group.num_nodes > 1:
-            raise CupyepError("the inter-node path is not available yet: use num_ranks_per_node "
-                              "equal to the number of ranks on the host")
+        self.max_nodes_per_token = int(max_nodes_per_token or 0)
         if self.num_ranks > 64:
             raise InvalidInputError("at most 64 ranks share one NVLink buffer")
         self.num_nvl_bytes = max(int(num_nvl_bytes), sizing.control_bytes(self.num_ranks))
@@ -74,7 +80,7 @@ class GpuBackend:
         self.err_dev = cupy.zeros(8, np.int32)
         self.err_dev[6:8] = cupy.asarray(np.array([err_host_ptr], np.uint64).view(np.int32))
         self._err_ptr = self.err_dev.data.ptr
-        self.info_host, self._info_ptr, self._info_mem = mapped_host_ints(sizing.MAX_LOCAL_EXPERTS + 2)
+        self.info_host, self._info_ptr, self._info_mem = mapped_host_ints(sizing.MAX_LOCAL_EXPERTS + 3)
         self.blocks_done = cupy.zeros(1, np.int32)
         self.layout_error = cupy.zeros(1, np.int32)
         self.stream = cupy.cuda.Stream(non_blocking=True)
@@ -84,6 +90,10 @@ class GpuBackend:
         self._layouts = {}
         from .gpu_low_latency import GpuLowLatency
         self.ll = GpuLowLatency(self, num_rdma_bytes, shrink=enable_shrink)
+        self.inter = None
+        if group.num_nodes > 1:
+            from .gpu_internode import GpuInternode
+            self.inter = GpuInternode(self)
         self.rt.sync_barrier()
 
     # ------------------------------------------------------------------ #
@@ -105,6 +115,10 @@ class GpuBackend:
         self.err_dev[:6] = 0
         if kind == 1:
             raise CommTimeoutError(self.rank, PHASES.get(phase, str(phase)), peer, channel)
+        if kind == 3:
+            raise InvalidInputError(
+                f"rank {self.rank}: topk_idx of token {channel} in a low-latency dispatch holds an expert id "
+                "outside [-1, num_experts); the entry was dropped (reported at the next call)")
         raise InvalidInputError(
             f"rank {self.rank}: more rows arrived in {PHASES.get(phase, phase)} than the output holds "
             f"(from rank {peer}, channel {channel}); raise num_worst_tokens")
@@ -135,7 +149,7 @@ class GpuBackend:
         if cfg.num_channels > sizing.MAX_CHANNELS - 1:
             raise InvalidInputError(f"num_sms={cfg.num_sms} is above the {2 * (sizing.MAX_CHANNELS - 1)} "
                                     "the kernels can use")
-        if cfg.num_warps < self.num_ranks:
+        if self.inter is None and cfg.num_warps < self.num_ranks:
             raise InvalidInputError(f"num_warps={cfg.num_warps} must be at least the number of ranks "
                                     f"({self.num_ranks})")
         return cfg
@@ -172,7 +186,7 @@ class GpuBackend:
             launch(spec, (grid,), (256,),
                    (topk_idx, np.int32(t), np.int32(num_experts), np.int32(r),
                     np.int32(self.group.num_ranks_per_node), per_rank, _ptr(per_node), per_expert,
-                    in_rank, self.layout_error),
+                    in_rank, np.int32(self.max_nodes_per_token), self.layout_error),
                    shared_mem=4 * (num_experts + r + nodes))
         return DispatchLayout(per_rank, per_node, per_expert, in_rank, num_experts)
 
@@ -188,29 +202,43 @@ class GpuBackend:
         if local > sizing.MAX_LOCAL_EXPERTS:
             raise InvalidInputError(f"at most {sizing.MAX_LOCAL_EXPERTS} experts per rank")
         lay, lay_dev = self._layout(hidden, k, c, t)
+        rdma_dev = None
+        if self.inter is not None:
+            _, rdma_dev = self.inter.layout(hidden, k, c, t)
+            self.inter.claim()
         if topk_idx is None:
             per_expert = None
         cur = self._begin(previous_event)
 
-        send_pos = cupy.empty((t, r), np.int32)
         offsets = cupy.empty(r * c + 1, np.int32)
         expert_counts = cupy.zeros(max(local, 1), np.int32)
         parity = self._notify_calls % 2
         self._notify_calls += 1
-        spec = self._spec("intranode.cu", "notify_dispatch", ("kNumRanks", r))
-        launch(spec, (c + 1,), (_BLOCK_NOTIFY,),
-               (is_token_in_rank, np.int32(t), np.int32(c), _ptr(per_expert), np.int32(local),
-                np.int32(expert_alignment), send_pos, self.nvl.peers, lay_dev, np.int32(self.rank),
-                np.int32(self._next_seq()), np.int32(parity), self.blocks_done, offsets,
-                expert_counts, np.uint64(self._info_ptr), self.layout_error, np.uint64(self._err_ptr),
-                np.int64(self.timeout_ns)), stream=self.stream)
+        rdma_pos = rdma_recv_count = None
+        if self.inter is not None:
+            send_pos, rdma_pos, rdma_recv_count = self.inter.notify(
+                is_token_in_rank, t, c, per_expert, local, expert_alignment, lay_dev, rdma_dev, parity,
+                offsets, expert_counts)
+        else:
+            send_pos = cupy.empty((t, r), np.int32)
+            spec = self._spec("intranode.cu", "notify_dispatch", ("kNumRanks", r))
+            launch(spec, (c + 1,), (_BLOCK_NOTIFY,),
+                   (is_token_in_rank, np.int32(t), np.int32(c), _ptr(per_expert), np.int32(local),
+                    np.int32(expert_alignment), send_pos, self.nvl.peers, lay_dev, np.int32(self.rank),
+                    np.int32(self._next_seq()), np.int32(parity), self.blocks_done, offsets,
+                    expert_counts, np.uint64(self._info_ptr), self.layout_error, np.uint64(self._err_ptr),
+                    np.int64(self.timeout_ns)), stream=self.stream)
         if num_worst_tokens:
             n_rows, num_recv = num_worst_tokens, -1
             counts = expert_counts[:local] if topk_idx is not None else None
         else:
             self.stream.synchronize()
             self.check_errors()
-            bad = int(self.info_host[1 + local])
+            bad, code = int(self.info_host[1 + local]), int(self.info_host[2 + local])
+            if bad and code == 3:
+                raise InvalidInputError(
+                    f"rank {bad - 1}: a token's experts span more than max_nodes_per_token="
+                    f"{self.max_nodes_per_token} nodes (group-limited routing)")
             if bad:
                 raise InvalidInputError(
                     f"expert id outside [-1, {num_experts}) in topk_idx on rank {bad - 1}")
@@ -229,10 +257,19 @@ class GpuBackend:
                 if k:
                     recv_idx.fill(-1)
                     recv_w.fill(0)
-        self._launch_dispatch(cfg, x, scales, topk_idx, topk_weights, send_pos, t, lay_dev,
-                              offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src)
+        if self.inter is None:
+            routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev)
+            self._launch_dispatch(cfg, x, scales, topk_idx, topk_weights, send_pos, t, lay_dev,
+                                  offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src)
+        else:
+            rlay = self.inter.layout(hidden, k, c, t)[0]
+            fwd_slots = cupy.empty(self.group.num_nodes * rlay.max_tokens * self.group.num_ranks_per_node,
+                                   np.int32)
+            routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev, rdma_pos,
+                                 rdma_recv_count, fwd_slots, rdma_dev)
+            self.inter.dispatch(cfg, routing, x, scales, topk_idx, topk_weights, is_token_in_rank, t,
+                                local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src, True)
         event = self._end(cur, async_finish)
-        routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev)
         return {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_topk_idx": recv_idx,
                 "recv_topk_weights": recv_w, "num_recv_tokens_per_expert": counts,
                 "recv_src_idx": recv_src, "num_recv_tokens": num_recv, "routing": routing,
@@ -264,12 +301,19 @@ class GpuBackend:
         g: GpuRouting = handle.state
         chunk = (config or default_config(self.num_ranks)).chunk_tokens
         cfg = Config(num_sms=2 * g.num_channels, num_warps=g.num_warps, chunk_tokens=chunk)
+        if self.inter is not None:
+            self.inter.claim()
         cur = self._begin(previous_event)
         n_rows = handle.num_worst_tokens or handle.num_recv_tokens
         fp8 = scales is not None
         recv_x = cupy.empty((n_rows, x.shape[1]), np.uint8 if fp8 else bfloat16)
         recv_s = cupy.empty((n_rows, x.shape[1] // FP8_GROUP), np.float32) if fp8 else None
         recv_src = cupy.empty(n_rows, np.int32)
+        if self.inter is not None:
+            self.inter.barrier(g.rdma_layout_dev)
+            self.inter.dispatch(cfg, g, x, scales, None, None, handle.is_token_in_rank, handle.num_tokens,
+                                0, n_rows, recv_x, recv_s, None, None, recv_src, False)
+            return recv_x, recv_s, self._end(cur, async_finish)
         self._barrier(g.layout_dev)
         self._launch_dispatch(cfg, x, scales, None, None, g.send_pos, handle.num_tokens,
                               g.layout_dev, g.recv_channel_offset, 0, n_rows, recv_x, recv_s,
@@ -280,20 +324,26 @@ class GpuBackend:
         import cupy
         g: GpuRouting = handle.state
         cfg = config or default_config(self.num_ranks)
+        if self.inter is None and cfg.num_combine_warps < self.num_ranks:
+            raise InvalidInputError(f"num_combine_warps={cfg.num_combine_warps} must be at least the "
+                                    f"number of ranks ({self.num_ranks})")
         t, hidden = handle.num_tokens, handle.hidden
         k = 0 if topk_weights is None else topk_weights.shape[1]
         lay_dev = g.layout_dev
+        if self.inter is not None:
+            self.inter.claim()
         cur = self._begin(previous_event)
         out = cupy.empty((t, hidden), bfloat16)
         out_w = cupy.empty((t, k), np.float32) if k else None
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
+        if self.inter is not None:
+            self.inter.barrier(g.rdma_layout_dev)
+            self.inter.combine(cfg, g, x, topk_weights, t, b0, b1, out, out_w)
+            return out, out_w, self._end(cur, async_finish)
         self._barrier(lay_dev)
         spec = self._spec("intranode.cu", "combine", ("kNumRanks", self.num_ranks),
                           ("kHiddenInt4", hidden * 2 // 16), ("kNumTopk", k))
-        if cfg.num_combine_warps < self.num_ranks:
-            raise InvalidInputError(f"num_combine_warps={cfg.num_combine_warps} must be at least the "
-                                    f"number of ranks ({self.num_ranks})")
         launch(spec, (2 * g.num_channels,), (32 * cfg.num_combine_warps,),
                (x, _ptr(topk_weights), g.send_pos, g.recv_channel_offset, np.int32(t),
                 np.int32(g.num_channels), np.int32(cfg.chunk_tokens), self.nvl.peers, lay_dev, np.int32(self.rank), _ptr(b0),

@@ -57,6 +57,7 @@ class GpuLowLatency:
         self.num_rdma_bytes = int(num_rdma_bytes)
         self.sym = backend.rt.alloc(self.num_rdma_bytes) if self.num_rdma_bytes else None
         self.calls = 0
+        self.user = None  # "low-latency" or "normal inter-node": see claim()
         self._kept = {}
         self._finish = {}
         self._kernels = {}
@@ -67,6 +68,15 @@ class GpuLowLatency:
         self.num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.transport = "auto"
         self.set_transport(os.environ.get("CUPYEP_LL_TRANSPORT", transport))
+
+    def claim(self, user: str) -> None:
+        """Low-latency and inter-node normal calls share the RDMA memory; a
+        switch needs clean_low_latency_buffer() in between (flags differ)."""
+        if self.user not in (None, user):
+            raise InvalidInputError(
+                f"this Buffer's RDMA memory last served {self.user} calls; call "
+                f"clean_low_latency_buffer() (collective) before {user} calls")
+        self.user = user
 
     def set_transport(self, transport: str) -> None:
         if transport not in TRANSPORTS:
@@ -150,6 +160,7 @@ class GpuLowLatency:
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
         lay = self._layout(m, hidden, num_experts)
+        self.claim("low-latency")
         local = num_experts // r
         be.check_errors()
         stream = self._stream(async_finish)
@@ -214,6 +225,7 @@ class GpuLowLatency:
 
     def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
                 use_logfmt=False, wait_stats=None):
+        self.claim("low-latency")
         be = self.be
         r = be.num_ranks
         st: GpuLowLatencyState = handle.state
@@ -274,6 +286,7 @@ class GpuLowLatency:
             c.fill(0)
         self._blocks_done.fill(0)
         self.calls = 0
+        self.user = None
         cupy.cuda.Device().synchronize()
         self.be.group.comm.Barrier()
 

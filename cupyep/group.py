@@ -46,6 +46,11 @@ class Group:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.local_rank, self.local_size = self._host_local()
+        sizes = set(self.comm.allgather(self.local_size))
+        if len(sizes) > 1:
+            raise InvalidInputError(
+                f"hosts run different numbers of ranks ({sorted(sizes)}): every node must have the "
+                "same number of ranks")
         rpn = self.local_size if num_ranks_per_node is None else int(num_ranks_per_node)
         if rpn <= 0 or self.size % rpn:
             raise InvalidInputError(

@@ -51,6 +51,30 @@ def low_latency_specs(nvshmem=False):
     ]
 
 
+def internode_specs():
+    """Inter-node kernels (always NVSHMEM-linked): 2 x 1, 2 x 2 and 4 x 2 layouts."""
+    specs = []
+    for r, p in ((2, 1), (4, 2), (8, 2)):
+        specs += [
+            _k("internode.cu", "rdma_barrier", ("kNumRanks", r), nvshmem=True),
+            _k("internode.cu", "notify_dispatch", ("kNumRanks", r), ("kRanksPerNode", p), nvshmem=True),
+            _k("internode.cu", "dispatch", ("kNumRanks", r), ("kRanksPerNode", p), ("kHiddenInt4", 896),
+               ("kNumScales", 0), ("kNumTopk", 8), ("IdxT", "long long"), nvshmem=True),
+            _k("internode.cu", "combine", ("kNumRanks", r), ("kRanksPerNode", p), ("kHiddenInt4", 896),
+               ("kNumTopk", 8), nvshmem=True),
+        ]
+    specs += [
+        _k("internode.cu", "dispatch", ("kNumRanks", 4), ("kRanksPerNode", 2), ("kHiddenInt4", 448),
+           ("kNumScales", 56), ("kNumTopk", 8), ("IdxT", "int"), nvshmem=True),
+        _k("internode.cu", "dispatch", ("kNumRanks", 4), ("kRanksPerNode", 2), ("kHiddenInt4", 320),
+           ("kNumScales", 0), ("kNumTopk", 0), ("IdxT", "long long"), nvshmem=True),
+        _k("internode.cu", "combine", ("kNumRanks", 4), ("kRanksPerNode", 2), ("kHiddenInt4", 320),
+           ("kNumTopk", 0), nvshmem=True),
+    ]
+    return specs
+
+
 def nvshmem_specs():
     """Kernels linked with NVSHMEM's device library."""
-    return [_k("nvshmem_probe.cu", "put_signal_probe", nvshmem=True)] + low_latency_specs(nvshmem=True)
+    return ([_k("nvshmem_probe.cu", "put_signal_probe", nvshmem=True)] + low_latency_specs(nvshmem=True)
+            + internode_specs())

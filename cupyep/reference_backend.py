@@ -14,8 +14,9 @@ from .low_latency import TRANSPORTS
 class ReferenceBackend:
     """Runs every Buffer call with :mod:`cupyep.reference`; no GPU needed."""
 
-    def __init__(self, group):
+    def __init__(self, group, max_nodes_per_token: int = 0):
         self.group = group
+        self.max_nodes_per_token = max_nodes_per_token
         self._calls = itertools.count()
         self._next_combine = None
         self.mask = np.zeros(group.size, np.int32)  # 1 = rank left out of low-latency calls
@@ -26,8 +27,12 @@ class ReferenceBackend:
 
     def get_dispatch_layout(self, topk_idx, num_experts):
         validation.check_expert_range_host(topk_idx, num_experts)
-        return reference.get_dispatch_layout(topk_idx, num_experts, self.group.size,
-                                             self.group.num_ranks_per_node)
+        lay = reference.get_dispatch_layout(topk_idx, num_experts, self.group.size,
+                                            self.group.num_ranks_per_node)
+        if self.max_nodes_per_token:
+            validation.check_node_limit(lay.is_token_in_rank, self.group.num_ranks_per_node,
+                                        self.max_nodes_per_token)
+        return lay
 
     def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert,
                  num_experts, expert_alignment, num_worst_tokens, config, previous_event,

@@ -109,3 +109,88 @@ def check_fits(num_nvl_bytes: int, num_ranks: int, hidden: int, num_topk: int,
             f"top-{num_topk}, {num_ranks} ranks; {num_tokens} need num_nvl_bytes >= {need} "
             f"(cupyep.nvl_size_hint)")
     return nvl_layout(num_ranks, hidden, max(num_topk, 1), t_max)
+
+
+# --------------------------------------------------------------------------- #
+# Inter-node (RDMA) buffer
+# --------------------------------------------------------------------------- #
+# Symmetric RDMA buffer of inter-node normal kernels, the same on every rank
+# (N nodes, P ranks per node; u64 words are written with NVSHMEM signals)::
+#
+#     control   sync [R] u64 | node counts [2][N][C_MAX] u64 |
+#               rank counts [2][R][C_MAX] u64 | expert counts [2][R][L_MAX] u64 |
+#               dispatch tails [N][C_MAX] u64 | combine tails [N][C_MAX] u64
+#     data      recv [N][T_MAX] messages | send [N][T_MAX] messages
+#
+# A dispatch message is one token for one node: row | fp32 scales | src_idx
+# i32 | is_token_in_rank bits [ceil(R/32)] u32 | top-k ids i32 [K] | weights
+# f32 [K]; a combine message is a bf16 row | weights f32 [K]. Message n of
+# source node s's channel c sits in recv region s, slot c * (T_MAX // C) + n.
+
+
+@dataclass(frozen=True)
+class RdmaLayout:
+    """Offsets (bytes from the RDMA buffer start) for one (R, P, H, K, T_MAX)."""
+    num_ranks: int
+    num_nodes: int
+    max_tokens: int
+    message_stride: int
+    sync: int
+    node_counts: int
+    rank_counts: int
+    expert_counts: int
+    dispatch_tail: int
+    combine_tail: int
+    recv: int
+    send: int
+    end: int
+
+
+def rdma_message_bytes(num_ranks: int, hidden: int, num_topk: int) -> int:
+    """Largest message (bf16 row): what one slot holds."""
+    words = (num_ranks + 31) // 32
+    raw = 2 * hidden + 4 * (hidden // 128) + 4 + 4 * words + 8 * num_topk
+    return _align(raw, 16)
+
+
+def rdma_control_bytes(num_ranks: int, num_nodes: int) -> int:
+    words = num_ranks + 2 * num_nodes * MAX_CHANNELS + 2 * num_ranks * MAX_CHANNELS \
+        + 2 * num_ranks * MAX_LOCAL_EXPERTS + 2 * num_nodes * MAX_CHANNELS
+    return _align(8 * words)
+
+
+def rdma_layout(num_ranks: int, num_nodes: int, hidden: int, num_topk: int, max_tokens: int) -> RdmaLayout:
+    r, n = num_ranks, num_nodes
+    sync = 0
+    node_counts = sync + 8 * r
+    rank_counts = node_counts + 8 * 2 * n * MAX_CHANNELS
+    expert_counts = rank_counts + 8 * 2 * r * MAX_CHANNELS
+    dispatch_tail = expert_counts + 8 * 2 * r * MAX_LOCAL_EXPERTS
+    combine_tail = dispatch_tail + 8 * n * MAX_CHANNELS
+    stride = rdma_message_bytes(r, hidden, max(num_topk, 1))
+    recv = rdma_control_bytes(r, n)
+    send = _align(recv + n * max_tokens * stride)
+    end = _align(send + n * max_tokens * stride)
+    return RdmaLayout(r, n, max_tokens, stride, sync, node_counts, rank_counts, expert_counts,
+                      dispatch_tail, combine_tail, recv, send, end)
+
+
+def rdma_size_hint(hidden: int, num_max_tokens_per_rank: int, num_ranks: int, num_ranks_per_node: int,
+                   num_topk: int = 8) -> int:
+    """Bytes of ``num_rdma_bytes`` for inter-node normal kernels.
+
+    Args:
+        hidden: H. num_max_tokens_per_rank: the most tokens one rank sends.
+        num_ranks: R. num_ranks_per_node: P (R // P nodes). num_topk: largest K.
+    """
+    nodes = num_ranks // num_ranks_per_node
+    return rdma_layout(num_ranks, nodes, hidden, max(num_topk, 1), num_max_tokens_per_rank + MAX_CHANNELS).end
+
+
+def rdma_max_tokens(num_rdma_bytes: int, num_ranks: int, num_nodes: int, hidden: int, num_topk: int) -> int:
+    """The most tokens per rank an RDMA buffer of ``num_rdma_bytes`` can dispatch."""
+    stride = rdma_message_bytes(num_ranks, hidden, max(num_topk, 1))
+    t = max(0, (num_rdma_bytes - rdma_control_bytes(num_ranks, num_nodes) - 2 * ALIGN) // (2 * num_nodes * stride))
+    while t > 0 and rdma_layout(num_ranks, num_nodes, hidden, num_topk, t).end > num_rdma_bytes:
+        t -= 1
+    return t

@@ -90,6 +90,16 @@ def check_expert_range_host(topk_idx: np.ndarray, num_experts: int) -> None:
             f"expert id {int(bad.flat[0])} in topk_idx is outside [-1, {num_experts})")
 
 
+def check_node_limit(is_token_in_rank: np.ndarray, num_ranks_per_node: int, max_nodes: int) -> None:
+    """Group-limited routing: no token may reach more than ``max_nodes`` nodes."""
+    t, r = is_token_in_rank.shape
+    nodes = is_token_in_rank.reshape(t, r // num_ranks_per_node, num_ranks_per_node).any(axis=2).sum(axis=1)
+    if t and nodes.max() > max_nodes:
+        raise InvalidInputError(
+            f"token {int(np.argmax(nodes > max_nodes))}'s experts span {int(nodes.max())} nodes, more than "
+            f"max_nodes_per_token={max_nodes} (group-limited routing)")
+
+
 def check_is_token_in_rank(is_token_in_rank, num_tokens: int, num_ranks: int) -> None:
     if is_token_in_rank.dtype != np.bool_ or tuple(is_token_in_rank.shape) != (num_tokens, num_ranks):
         raise InvalidInputError(

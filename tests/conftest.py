@@ -70,6 +70,32 @@ def buffer(group, backend):
     return _BUFFERS[backend]
 
 
+INTERNODE_RANKS_PER_NODE = max(1, SIZE // 2)  # 2 ranks as 2 x 1, 4 as 2 x 2, 8 as 2 x 4
+
+
+@pytest.fixture(scope="session")
+def internode_group():
+    """The same ranks split into two emulated nodes (shares NVSHMEM with `group`)."""
+    if SIZE < 2 or SIZE % 2:
+        pytest.skip("the inter-node path needs an even number of ranks (two nodes)")
+    g = cupyep.Group(num_ranks_per_node=INTERNODE_RANKS_PER_NODE)
+    yield g
+    g.destroy()
+
+
+@pytest.fixture
+def internode_buffer(internode_group, backend, group):
+    """One inter-node buffer per backend for the session (`group` first: it
+    owns NVSHMEM, so it must outlive this one)."""
+    key = ("internode", backend)
+    if key not in _BUFFERS:
+        nvl = int(os.environ.get("CUPYEP_TEST_NVL_BYTES", 256 << 20))
+        rdma = int(os.environ.get("CUPYEP_TEST_INTERNODE_RDMA_BYTES", 256 << 20))
+        _BUFFERS[key] = cupyep.Buffer(internode_group, num_nvl_bytes=nvl, num_rdma_bytes=rdma,
+                                      backend=backend)
+    return _BUFFERS[key]
+
+
 def pytest_sessionfinish(session, exitstatus):
     # A failed kernel can leave the device unusable; report it here without
     # hiding the test summary that pytest prints after this hook.

@@ -94,11 +94,12 @@ def expected_dispatch(all_inputs, num_experts, rank=RANK):
             np.array(src, np.int32))
 
 
-def assert_close_bf16(actual, expected, what):
+def assert_close_bf16(actual, expected, what, roundings=1):
+    """Within `roundings` bf16 roundings (one ulp each) of an fp32 expectation."""
     a = actual.astype(np.float32)
     e = expected.astype(np.float32)
     assert not np.isnan(a).any(), f"{what}: NaN in output"
-    tol = np.abs(e) * 2.0 ** -7 + 1e-6
+    tol = np.abs(e) * roundings * 2.0 ** -7 + 1e-6
     bad = np.abs(a - e) > tol
     assert not bad.any(), (f"{what}: {bad.sum()} elements differ beyond bf16 rounding, "
                            f"first at {np.argwhere(bad)[0]}: {a[bad][0]} vs {e[bad][0]}")

@@ -115,6 +115,24 @@ def test_low_latency_bad_arguments(buffer, backend, good, rng):
     assert tuple(out.combined_x.shape) == x.shape
 
 
+def test_low_latency_expert_out_of_range(buffer, backend, good):
+    """An id outside [-1, E) is never followed out of bounds: the reference
+    raises at once, the GPU drops the entry and raises at the next call."""
+    x, idx, w, e = good
+    t = x.shape[0]
+    xb, ib, wb = to_backend(x, backend), to_backend(idx, backend), to_backend(w, backend)
+    for value in (e, -2, 1 << 40):
+        bad = idx.copy()
+        bad[3, 1] = value
+        bb = to_backend(bad, backend)
+        with pytest.raises(cupyep.InvalidInputError, match="outside"):
+            res = buffer.low_latency_dispatch(xb, bb, t, e, use_fp8=False)
+            buffer.low_latency_combine(res.recv_x, bb, wb, res.handle)
+    res = buffer.low_latency_dispatch(xb, ib, t, e, use_fp8=False)
+    out = buffer.low_latency_combine(res.recv_x, ib, wb, res.handle)
+    assert tuple(out.combined_x.shape) == x.shape
+
+
 def test_low_latency_stale_zero_copy_view(buffer, backend, good):
     """A send-buffer view taken before another low-latency call is refused."""
     if backend != "gpu":

@@ -110,6 +110,25 @@ __device__ __forceinline__ void warp_copy_coherent(int4* dst, const int4* src, i
     warp_copy<kNumInt4, false>(dst, src, lane);
 }
 
+// ---- bf16 rows ------------------------------------------------------------
+__device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        acc[2 * i] += f.x;
+        acc[2 * i + 1] += f.y;
+    }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+    int4 v;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    return v;
+}
+
 // ---- errors ---------------------------------------------------------------
 // error word, in device memory: [0] set to 1 by the first failure, [1] phase,
 // [2] peer rank, [3] channel / expert, [4] kind (1 timeout, 2 bad input),
@@ -135,11 +154,13 @@ __device__ __forceinline__ void report_error(int* err, int kind, int phase, int 
     }
 }
 
-// Spin until *flag >= target. Returns the last value read, or -1 (after
-// reporting) when timeout_ns passes or another thread already failed.
-__device__ __forceinline__ int wait_at_least(const int* flag, int target, long long timeout_ns,
-                                             int* err, int phase, int peer, int channel) {
-    int v = ld_acquire_sys(flag);
+// Spin until *flag >= target (int or 64-bit flag). Returns the last value
+// read, or -1 (after reporting) when timeout_ns passes or another thread
+// already failed.
+template <typename T>
+__device__ __forceinline__ T wait_at_least(const T* flag, T target, long long timeout_ns,
+                                           int* err, int phase, int peer, int channel) {
+    T v = ld_acquire_sys(flag);
     if (v >= target) return v;
     const unsigned long long start = global_timer_ns();
     for (int spins = 0;; ++spins) {
@@ -151,6 +172,15 @@ __device__ __forceinline__ int wait_at_least(const int* flag, int target, long l
             return -1;
         }
     }
+}
+
+// Barrier among num_threads threads (whole warps) of a block: named barrier
+// id (1..15; 0 is __syncthreads), or __syncwarp for a single warp.
+__device__ __forceinline__ void sync_warps(int id, int num_threads) {
+    if (num_threads == kWarpSize)
+        __syncwarp();
+    else
+        asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
 }
 
 // Channel c of n tokens split into num_channels contiguous ranges.

@@ -10,6 +10,7 @@
 // the same slots backwards.
 #include "cupyep/common.cuh"
 #include "cupyep/nvl_layout.cuh"
+#include "cupyep/nvl_receive.cuh"
 
 namespace cupyep {
 
@@ -45,7 +46,8 @@ __global__ void barrier(char* const* peers, const NvlLayout* layout, int rank, i
 // recv_channel_offset: [R * num_channels + 1] exclusive prefix in (source,
 // channel) order; recv_expert_counts: [L] padded to expert_alignment;
 // host_info (host-mapped): [0] rows received, [1 + l] padded count of expert l,
-// [1 + L] 1 + the first rank whose layout saw a bad expert id (0: none).
+// [1 + L] 1 + the first rank whose layout saw bad routing (0: none), [2 + L]
+// what it saw (2: an expert id out of range, 3: more nodes than allowed).
 template <int kNumRanks>
 __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int num_tokens,
                                 int num_channels, const int* __restrict__ num_tokens_per_expert,
@@ -123,10 +125,14 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
             }
         recv_channel_offset[kNumRanks * num_channels] = total;
         host_info[0] = total;
-        int bad_rank = 0;
+        int bad_rank = 0, bad_code = 0;
         for (int s = kNumRanks - 1; s >= 0; --s)
-            if (counts[s * kMaxChannels + kMaxChannels - 1] != 0) bad_rank = s + 1;
+            if (counts[s * kMaxChannels + kMaxChannels - 1] != 0) {
+                bad_rank = s + 1;
+                bad_code = counts[s * kMaxChannels + kMaxChannels - 1];
+            }
         host_info[1 + num_local_experts] = bad_rank;
+        host_info[2 + num_local_experts] = bad_code;
     }
     if (num_tokens_per_expert != nullptr) {
         const int* experts = at<int>(peers[rank], experts_base);
@@ -213,65 +219,10 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
     }
 
     // ---------------- receiver ----------------
-    const int warps_per_source = num_warps / kNumRanks;
-    const int s = warp / warps_per_source, sub = warp % warps_per_source;
-    char* local = peers[rank];
-    if (s < kNumRanks) {
-        const int first = recv_channel_offset[s * num_channels + c];
-        const int count = recv_channel_offset[s * num_channels + c + 1] - first;
-        int* tail = at<int>(local, lay.dispatch_tail) + s * kMaxChannels + c;
-        int seen = 0;
-        const int lo = rank * num_local_experts;
-        for (int n = sub; n < count; n += warps_per_source) {
-            if (seen <= n) {
-                int v = 0;
-                if (lane == 0) v = wait_at_least(tail, n + 1, timeout_ns, err, kPhaseDispatchRecv, s, c);
-                seen = __shfl_sync(0xffffffffu, v, 0);
-                if (seen < 0) break;
-            }
-            const long long out = first + n;
-            if (out >= num_recv_capacity) {
-                if (lane == 0) report_error(err, 2, kPhaseDispatchRecv, s, c);
-                break;
-            }
-            const long long row = (long long)s * lay.max_tokens + slot_base + n;
-            warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,
-                                            at<int4>(local, lay.rows + row * kRowBytes), lane);
-            for (int i = lane; i < kNumScales; i += kWarpSize)
-                recv_x_scales[out * kNumScales + i] = at<float>(local, lay.scales)[row * kNumScales + i];
-            if (lane == 0) recv_src_idx[out] = at<int>(local, lay.src_idx)[row];
-            if (lane < kNumTopk) {
-                const int e = at<int>(local, lay.topk_idx)[row * kNumTopk + lane];
-                const bool mine = e >= lo && e < lo + num_local_experts;
-                recv_topk_idx[out * kNumTopk + lane] = mine ? e - lo : -1;
-                recv_topk_weights[out * kNumTopk + lane] =
-                    mine ? at<float>(local, lay.topk_weights)[row * kNumTopk + lane] : 0.f;
-            }
-        }
-    }
-    // Every row of (s, c) has been read: reset the tails for the next call.
-    // Peers write them again only after the next barrier.
-    __syncthreads();
-    if (threadIdx.x < kNumRanks)
-        at<int>(local, lay.dispatch_tail)[threadIdx.x * kMaxChannels + c] = 0;
-}
-
-__device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(h[i]);
-        acc[2 * i] += f.x;
-        acc[2 * i + 1] += f.y;
-    }
-}
-
-__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
-    int4 v;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    return v;
+    receive_channel<kNumRanks, kHiddenInt4, kNumScales, kNumTopk>(
+        lay, peers[rank], c, num_channels, recv_channel_offset, rank * num_local_experts,
+        num_local_experts, num_recv_capacity, recv_x, recv_x_scales, recv_topk_idx,
+        recv_topk_weights, recv_src_idx, err, timeout_ns);
 }
 
 // Grid: 2 * num_channels (the dispatch's channels). Even blocks send the

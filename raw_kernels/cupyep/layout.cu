@@ -6,13 +6,14 @@ namespace cupyep {
 
 // Grid: enough blocks to cover the tokens; shared memory: (E + R + nodes) ints.
 // The count outputs must be zeroed before the launch. A bad expert id sets
-// error[0] (checked by the next host synchronisation).
+// error[0] to 2, a token whose experts span more than max_nodes_per_token
+// nodes (when > 0: group-limited routing) to 3; the next dispatch reports it.
 template <typename IdxT, int kNumTopk>
 __global__ void get_dispatch_layout(const IdxT* __restrict__ topk_idx, int num_tokens,
                                     int num_experts, int num_ranks, int num_ranks_per_node,
                                     int* num_tokens_per_rank, int* num_tokens_per_node,
                                     int* num_tokens_per_expert, bool* is_token_in_rank,
-                                    int* error) {
+                                    int max_nodes_per_token, int* error) {
     extern __shared__ int smem_counts[];
     const int num_nodes = num_ranks / num_ranks_per_node;
     int* s_expert = smem_counts;
@@ -48,6 +49,7 @@ __global__ void get_dispatch_layout(const IdxT* __restrict__ topk_idx, int num_t
         if (num_tokens_per_node != nullptr)
             for (int n = 0; n < num_nodes; ++n)
                 if ((node_mask >> n) & 1ull) atomicAdd(s_node + n, 1);
+        if (max_nodes_per_token > 0 && __popcll(node_mask) > max_nodes_per_token) atomicExch(error, 3);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < num_experts; i += blockDim.x)

@@ -120,15 +120,18 @@ __device__ __forceinline__ long long wait_nonzero(const long long* flag, long lo
 }
 
 // Top-k entries of the dispatch, flattened [T*K]: the expert of entry i, or
-// -1 where it is dropped or repeats an expert earlier in its token's row (a
-// repeated expert gets one message, under its first k).
+// -1 where it is dropped, out of range (reported separately) or repeats an
+// expert earlier in its token's row (a repeated expert gets one message,
+// under its first k).
 template <typename IdxT>
-__device__ __forceinline__ int entry_expert(const IdxT* idx, int i, int num_topk) {
+__device__ __forceinline__ int entry_expert(const IdxT* idx, int i, int num_topk, int num_experts) {
     const IdxT* row = idx + (i / num_topk) * (long long)num_topk;
-    const int k = i % num_topk, e = static_cast<int>(row[k]);
-    for (int j = 0; j < k && e >= 0; ++j)
-        if (static_cast<int>(row[j]) == e) return -1;
-    return e < 0 ? -1 : e;
+    const long long id = static_cast<long long>(row[i % num_topk]);
+    if (id < 0 || id >= num_experts) return -1;
+    const int k = i % num_topk, e = static_cast<int>(id);
+    for (int j = 0; j < k; ++j)
+        if (static_cast<long long>(row[j]) == id) return -1;
+    return e;
 }
 
 // The entries, staged once per block in shared memory when they fit: the
@@ -141,8 +144,9 @@ struct TopkEntries {
     const IdxT* idx;
     const int* staged;  // nullptr: read idx
     int num_topk;
+    int num_experts;
     __device__ __forceinline__ int operator[](int i) const {
-        return staged != nullptr ? staged[i] : entry_expert(idx, i, num_topk);
+        return staged != nullptr ? staged[i] : entry_expert(idx, i, num_topk, num_experts);
     }
     // Entries before `end` naming expert e: tokens before end / K that chose e.
     __device__ __forceinline__ int count(int end, int e, int lane) const {
@@ -246,10 +250,17 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         const bool staged = num_entries <= kLLStagedEntries;
         if (staged) {
             for (int i = threadIdx.x; i < num_entries; i += blockDim.x)
-                s_entries[i] = entry_expert(topk_idx, i, num_topk);
+                s_entries[i] = entry_expert(topk_idx, i, num_topk, num_experts);
             __syncthreads();
         }
-        const TopkEntries<IdxT> entries{topk_idx, staged ? s_entries : nullptr, num_topk};
+        // Ids outside [-1, E) are dropped above; block 0 reports them (kind 3:
+        // bad input), raised by the next call on this rank.
+        if (blockIdx.x == 0)
+            for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
+                const long long id = static_cast<long long>(topk_idx[i]);
+                if (id < -1 || id >= num_experts) report_error(err, 3, kPhaseLowLatencySend, rank, i / num_topk);
+            }
+        const TopkEntries<IdxT> entries{topk_idx, staged ? s_entries : nullptr, num_topk, num_experts};
         // Messages: one per distinct (token, expert), into slot = the number
         // of earlier tokens that chose the expert. open_message writes the
         // header and returns where the payload goes (nullptr: nothing to send);
@@ -634,8 +645,10 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
             if (threadIdx.x < num_topk) {
                 const int k = threadIdx.x;
                 const IdxT* idx = topk_idx + (long long)t * num_topk;
-                const int e = static_cast<int>(idx[k]);
-                int first = e < 0 || s_mask[e / num_local] ? -1 : k;  // a repeated expert sent its row once, in its first slot
+                const long long id = static_cast<long long>(idx[k]);
+                const int e = static_cast<int>(id);
+                // Out of range: dropped by the dispatch. A repeated expert sent its row once, in its first slot.
+                int first = id < 0 || id >= num_experts || s_mask[e / num_local] ? -1 : k;
                 for (int j = 0; j < k && first >= 0; ++j)
                     if (static_cast<int>(idx[j]) == e) { first = j; break; }
                 s_slot[k] = first;

@@ -1,0 +1,143 @@
+"""Normal dispatch and combine across nodes on the GPU.
+
+Kernels: raw_kernels/cupyep/internode.cu (always linked with NVSHMEM). A token
+crosses to each node that needs it once, by an NVSHMEM put to the rank with
+the same local index there, which forwards it over NVLink; combine reduces
+inside the node first and sends one row back per node. The RDMA buffer is the
+Buffer's ``num_rdma_bytes`` allocation (shared with low-latency calls: clean
+it with ``clean_low_latency_buffer`` when switching); the NVLink buffer is the
+one intranode kernels use.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import sizing
+from .errors import BufferTooSmallError, InvalidInputError
+from .jit import KernelSpec, launch
+
+_BLOCK_NOTIFY = 256
+
+
+def _ptr(a) -> np.uint64:
+    return np.uint64(0 if a is None else a.data.ptr)
+
+
+class GpuInternode:
+    """Inter-node state of one GpuBackend: RDMA layouts and the barrier sequence."""
+
+    def __init__(self, backend):
+        be = backend
+        self.be = be
+        self.num_nodes = be.group.num_nodes
+        self.ranks_per_node = be.group.num_ranks_per_node
+        if self.ranks_per_node > 32:
+            raise InvalidInputError("inter-node kernels support at most 32 ranks per node")
+        self._layouts = {}
+        self._seq = 0
+
+    def _spec(self, name, *targs):
+        return KernelSpec("cupyep/internode.cu", f"cupyep::{name}",
+                          (("kNumRanks", self.be.num_ranks),) + tuple(targs), True)
+
+    def _sym(self):
+        ll = self.be.ll
+        if ll.sym is None:
+            raise BufferTooSmallError(
+                "inter-node dispatch needs num_rdma_bytes (cupyep.rdma_size_hint(hidden, tokens, "
+                f"ranks={self.be.num_ranks}, ranks_per_node={self.ranks_per_node}))")
+        return ll.sym
+
+    def layout(self, hidden: int, num_topk: int, num_channels: int, num_tokens: int):
+        """(RdmaLayout, its device array) for a call, or BufferTooSmallError."""
+        r, n = self.be.num_ranks, self.num_nodes
+        key = (hidden, num_topk, num_channels)
+        hit = self._layouts.get(key)
+        if hit is None:
+            import cupy
+            nbytes = self.be.ll.num_rdma_bytes
+            t_max = sizing.rdma_max_tokens(nbytes, r, n, hidden, num_topk)
+            lay = sizing.rdma_layout(r, n, hidden, max(num_topk, 1), t_max)
+            spc = t_max // num_channels
+            arr = np.array([lay.sync, lay.node_counts, lay.rank_counts, lay.expert_counts,
+                            lay.dispatch_tail, lay.combine_tail, lay.recv, lay.send, lay.max_tokens,
+                            spc, lay.message_stride], np.int64)
+            hit = (lay, cupy.asarray(arr), spc)
+            self._layouts[key] = hit
+        lay, dev, spc = hit
+        self._sym()
+        if math.ceil(num_tokens / num_channels) > spc:
+            need = sizing.rdma_size_hint(hidden, num_tokens, r, self.ranks_per_node, num_topk)
+            raise BufferTooSmallError(
+                f"num_rdma_bytes={self.be.ll.num_rdma_bytes} holds {spc * num_channels} tokens per rank "
+                f"at hidden={hidden}, top-{num_topk}; {num_tokens} need num_rdma_bytes >= {need} "
+                "(cupyep.rdma_size_hint)")
+        return lay, dev
+
+    def claim(self):
+        """The RDMA memory serves normal calls until the next clean."""
+        self.be.ll.claim("normal inter-node")
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def notify(self, is_token_in_rank, num_tokens, num_channels, per_expert, num_local_experts,
+               expert_alignment, nvl_dev, rdma_dev, parity, offsets, expert_counts):
+        """Launch notify_dispatch; returns (send_pos [T, R], rdma_pos [T, N], rdma_recv_count [N*C])."""
+        import cupy
+        be = self.be
+        send_pos = cupy.empty((num_tokens, be.num_ranks), np.int32)
+        rdma_pos = cupy.empty((num_tokens, self.num_nodes), np.int32)
+        rdma_recv_count = cupy.empty(self.num_nodes * num_channels, np.int32)
+        spec = self._spec("notify_dispatch", ("kRanksPerNode", self.ranks_per_node))
+        launch(spec, (num_channels + 1,), (_BLOCK_NOTIFY,),
+               (is_token_in_rank, np.int32(num_tokens), np.int32(num_channels), _ptr(per_expert),
+                np.int32(num_local_experts), np.int32(expert_alignment), send_pos, rdma_pos,
+                nvl_dev, np.uint64(self._sym().ptr), rdma_dev, np.int32(be.rank),
+                np.int64(self._next_seq()), np.int32(parity), be.blocks_done, offsets, rdma_recv_count,
+                expert_counts, np.uint64(be._info_ptr), be.layout_error, np.uint64(be._err_ptr),
+                np.int64(be.timeout_ns)), stream=be.stream)
+        return send_pos, rdma_pos, rdma_recv_count
+
+    def dispatch(self, cfg, routing, x, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens,
+                 local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src, record_slots: bool):
+        """Launch the dispatch kernel (2 * C blocks) on the communication stream."""
+        be = self.be
+        k = 0 if topk_idx is None else topk_idx.shape[1]
+        idx_t = "long long" if topk_idx is None or topk_idx.dtype == np.int64 else "int"
+        spec = self._spec("dispatch", ("kRanksPerNode", self.ranks_per_node),
+                          ("kHiddenInt4", x.shape[1] * x.dtype.itemsize // 16),
+                          ("kNumScales", 0 if scales is None else scales.shape[1]),
+                          ("kNumTopk", k), ("IdxT", idx_t))
+        launch(spec, (2 * routing.num_channels,), (32 * cfg.num_warps,),
+               (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), is_token_in_rank,
+                routing.rdma_pos, np.int32(num_tokens), np.int32(routing.num_channels), be.nvl.peers,
+                routing.layout_dev, np.uint64(self._sym().ptr), routing.rdma_layout_dev,
+                routing.recv_channel_offset, routing.rdma_recv_count,
+                routing.fwd_slots if record_slots else np.uint64(0), np.int32(be.rank), np.int32(local),
+                np.int32(n_rows), np.int32(cfg.chunk_tokens), recv_x, _ptr(recv_s), _ptr(recv_idx),
+                _ptr(recv_w), recv_src, np.uint64(be._err_ptr), np.int64(be.timeout_ns)),
+               stream=be.stream)
+
+    def barrier(self, rdma_dev):
+        be = self.be
+        threads = max(32, (be.num_ranks + 31) // 32 * 32)
+        launch(self._spec("rdma_barrier"), (1,), (threads,),
+               (np.uint64(self._sym().ptr), rdma_dev, np.int32(be.rank), np.int64(self._next_seq()),
+                np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream=be.stream)
+
+    def combine(self, cfg, routing, x, topk_weights, num_tokens, b0, b1, out, out_w):
+        be = self.be
+        k = 0 if topk_weights is None else topk_weights.shape[1]
+        spec = self._spec("combine", ("kRanksPerNode", self.ranks_per_node),
+                          ("kHiddenInt4", x.shape[1] * 2 // 16), ("kNumTopk", k))
+        launch(spec, (2 * routing.num_channels,), (32 * cfg.num_combine_warps,),
+               (x, _ptr(topk_weights), routing.rdma_pos, routing.recv_channel_offset,
+                routing.rdma_recv_count, routing.fwd_slots, np.int32(num_tokens),
+                np.int32(routing.num_channels), np.int32(cfg.chunk_tokens), be.nvl.peers,
+                routing.layout_dev, np.uint64(self._sym().ptr), routing.rdma_layout_dev,
+                np.int32(be.rank), _ptr(b0), _ptr(b1), out, _ptr(out_w), np.uint64(be._err_ptr),
+                np.int64(be.timeout_ns)), stream=be.stream)

@@ -1,0 +1,75 @@
+// The receiving half of normal dispatch, shared by the intranode and the
+// inter-node kernels: rows that arrived in this rank's NVLink buffer are
+// copied to the outputs in (source rank, slot) order.
+#pragma once
+
+#include "cupyep/common.cuh"
+#include "cupyep/nvl_layout.cuh"
+
+namespace cupyep {
+
+// One block receives channel c from every source rank. Region s of the
+// buffer holds source s's rows; the writer of region s (the source itself
+// inside a node, its forwarder across nodes) publishes how many rows of
+// (s, c) are complete in dispatch_tail[s][c] with a release store.
+// Warps split over sources (several per source when there are more warps
+// than ranks). Received top-k ids become local ids (-1 elsewhere, weight 0).
+template <int kNumRanks, int kHiddenInt4, int kNumScales, int kNumTopk>
+__device__ __forceinline__ void receive_channel(
+        const NvlLayout& lay, char* local, int c, int num_channels,
+        const int* __restrict__ recv_channel_offset, int first_local_expert, int num_local_experts,
+        int num_recv_capacity, int4* recv_x, float* recv_x_scales, long long* recv_topk_idx,
+        float* recv_topk_weights, int* recv_src_idx, int* err, long long timeout_ns) {
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int num_warps = blockDim.x / kWarpSize;
+    const int slot_base = c * static_cast<int>(lay.slots_per_channel);
+    constexpr long long kRowBytes = kHiddenInt4 * 16ll;
+    const int warps_per_source = max(1, num_warps / kNumRanks);
+    const int groups = num_warps / warps_per_source;
+    const int g = warp / warps_per_source, sub = warp % warps_per_source;
+    const int lo = first_local_expert;
+    bool failed = false;
+    for (int s = g; g < groups && s < kNumRanks && !failed; s += groups) {
+        const int first = recv_channel_offset[s * num_channels + c];
+        const int count = recv_channel_offset[s * num_channels + c + 1] - first;
+        int* tail = at<int>(local, lay.dispatch_tail) + s * kMaxChannels + c;
+        int seen = 0;
+        for (int n = sub; n < count; n += warps_per_source) {
+            if (seen <= n) {
+                int v = 0;
+                if (lane == 0) v = wait_at_least(tail, n + 1, timeout_ns, err, kPhaseDispatchRecv, s, c);
+                seen = __shfl_sync(0xffffffffu, v, 0);
+                if (seen < 0) {
+                    failed = true;
+                    break;
+                }
+            }
+            const long long out = first + n;
+            if (out >= num_recv_capacity) {
+                if (lane == 0) report_error(err, 2, kPhaseDispatchRecv, s, c);
+                failed = true;
+                break;
+            }
+            const long long row = (long long)s * lay.max_tokens + slot_base + n;
+            warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,
+                                            at<int4>(local, lay.rows + row * kRowBytes), lane);
+            for (int i = lane; i < kNumScales; i += kWarpSize)
+                recv_x_scales[out * kNumScales + i] = at<float>(local, lay.scales)[row * kNumScales + i];
+            if (lane == 0) recv_src_idx[out] = at<int>(local, lay.src_idx)[row];
+            if (lane < kNumTopk) {
+                const int e = at<int>(local, lay.topk_idx)[row * kNumTopk + lane];
+                const bool mine = e >= lo && e < lo + num_local_experts;
+                recv_topk_idx[out * kNumTopk + lane] = mine ? e - lo : -1;
+                recv_topk_weights[out * kNumTopk + lane] =
+                    mine ? at<float>(local, lay.topk_weights)[row * kNumTopk + lane] : 0.f;
+            }
+        }
+    }
+    // Every row of (s, c) has been read: reset the tails for the next call.
+    // Writers store them again only after the next barrier.
+    __syncthreads();
+    for (int s = threadIdx.x; s < kNumRanks; s += blockDim.x)
+        at<int>(local, lay.dispatch_tail)[s * kMaxChannels + c] = 0;
+}
+
+}  // namespace cupyep
