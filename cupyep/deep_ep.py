@@ -8,8 +8,8 @@ arguments and method signatures and return what DeepEP returns, as torch
 tensors. Differences (README, "DeepEP compatibility"): handles are opaque
 cupyep objects, not tuples of tensors; ``Config`` keeps only the SM count
 (chunk sizes belong to DeepEP's ring buffers, which cupyep does not use);
-buffers for the inter-node path raise ``cupyep.InvalidInputError`` until
-cupyep provides it; low-latency receive
+a group spanning several nodes runs cupyep's inter-node kernels (not yet
+tested through this facade); low-latency receive
 tensors follow cupyep's contract (rows ordered by source rank and token).
 """
 from __future__ import annotations

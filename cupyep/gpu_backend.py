@@ -19,6 +19,7 @@ from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
 from .events import EventOverlap, as_cupy_event
 from .fp8 import FP8_GROUP, bfloat16
 from .jit import KernelSpec, launch
+from .gpu_low_latency import _capturing
 from .runtime import mapped_host_ints
 
 PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
@@ -85,8 +86,11 @@ class GpuBackend:
         self.layout_error = cupy.zeros(1, np.int32)
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.timeout_ns = int(float(os.environ.get("CUPYEP_TIMEOUT_S", "20")) * 1e9)
-        self._seq = 0
-        self._notify_calls = 0
+        # Barrier sequence and notify parity, advanced by the kernels themselves
+        # so that CUDA graph replays count as calls.
+        self.counters = cupy.zeros(2, np.int32)
+        self._kept = {}
+        self._capturing = False
         self._layouts = {}
         from .gpu_low_latency import GpuLowLatency
         self.ll = GpuLowLatency(self, num_rdma_bytes, shrink=enable_shrink)
@@ -100,9 +104,21 @@ class GpuBackend:
     def _spec(self, source, name, *targs):
         return KernelSpec(f"cupyep/{source}", f"cupyep::{name}", tuple(targs))
 
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
+    def _empty(self, key, shape, dtype, zero=False):
+        """A new array; while the caller's stream is being captured into a
+        CUDA graph, one the buffer keeps (per key, shape and dtype) so that
+        replays write memory that stays valid. A graph may hold one call of
+        each kind and shape; run each shape once outside capture first."""
+        import cupy
+        if not self._capturing:
+            return cupy.zeros(shape, dtype) if zero else cupy.empty(shape, dtype)
+        k = (key, tuple(shape), np.dtype(dtype).str)
+        a = self._kept.get(k)
+        if a is None:
+            a = self._kept[k] = cupy.empty(shape, dtype)
+        if zero:
+            a.fill(0)
+        return a
 
     def check_errors(self):
         """Raise what a kernel reported (timeouts, overflow) and clear it."""
@@ -158,6 +174,7 @@ class GpuBackend:
         import cupy
         self.check_errors()
         cur = cupy.cuda.get_current_stream()
+        self._capturing = _capturing(cur)
         ev = as_cupy_event(previous_event)
         self.stream.wait_event(ev if ev is not None else cur.record())
         return cur
@@ -175,10 +192,11 @@ class GpuBackend:
         from .types import DispatchLayout
         t, k = topk_idx.shape
         r, nodes = self.num_ranks, self.group.num_nodes
-        per_rank = cupy.zeros(r, np.int32)
-        per_expert = cupy.zeros(num_experts, np.int32)
-        per_node = cupy.zeros(nodes, np.int32) if nodes > 1 else None
-        in_rank = cupy.empty((t, r), np.bool_)
+        self._capturing = _capturing(cupy.cuda.get_current_stream())
+        per_rank = self._empty("per_rank", r, np.int32, zero=True)
+        per_expert = self._empty("per_expert", num_experts, np.int32, zero=True)
+        per_node = self._empty("per_node", nodes, np.int32, zero=True) if nodes > 1 else None
+        in_rank = self._empty("in_rank", (t, r), np.bool_)
         if t:
             spec = self._spec("layout.cu", "get_dispatch_layout", ("IdxT", _idx_type(topk_idx)),
                               ("kNumTopk", k))
@@ -193,7 +211,6 @@ class GpuBackend:
     def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert,
                  num_experts, expert_alignment, num_worst_tokens, config, previous_event,
                  async_finish):
-        import cupy
         cfg = self._config(config)
         r, c = self.num_ranks, cfg.num_channels
         t, hidden = x.shape
@@ -210,22 +227,20 @@ class GpuBackend:
             per_expert = None
         cur = self._begin(previous_event)
 
-        offsets = cupy.empty(r * c + 1, np.int32)
-        expert_counts = cupy.zeros(max(local, 1), np.int32)
-        parity = self._notify_calls % 2
-        self._notify_calls += 1
+        offsets = self._empty("offsets", r * c + 1, np.int32)
+        expert_counts = self._empty("expert_counts", max(local, 1), np.int32, zero=True)
         rdma_pos = rdma_recv_count = None
         if self.inter is not None:
             send_pos, rdma_pos, rdma_recv_count = self.inter.notify(
-                is_token_in_rank, t, c, per_expert, local, expert_alignment, lay_dev, rdma_dev, parity,
+                is_token_in_rank, t, c, per_expert, local, expert_alignment, lay_dev, rdma_dev,
                 offsets, expert_counts)
         else:
-            send_pos = cupy.empty((t, r), np.int32)
+            send_pos = self._empty("send_pos", (t, r), np.int32)
             spec = self._spec("intranode.cu", "notify_dispatch", ("kNumRanks", r))
             launch(spec, (c + 1,), (_BLOCK_NOTIFY,),
                    (is_token_in_rank, np.int32(t), np.int32(c), _ptr(per_expert), np.int32(local),
                     np.int32(expert_alignment), send_pos, self.nvl.peers, lay_dev, np.int32(self.rank),
-                    np.int32(self._next_seq()), np.int32(parity), self.blocks_done, offsets,
+                    self.counters, self.blocks_done, offsets,
                     expert_counts, np.uint64(self._info_ptr), self.layout_error, np.uint64(self._err_ptr),
                     np.int64(self.timeout_ns)), stream=self.stream)
         if num_worst_tokens:
@@ -246,11 +261,11 @@ class GpuBackend:
             counts = [int(v) for v in self.info_host[1:1 + local]] if topk_idx is not None else None
 
         fp8 = scales is not None
-        recv_x = cupy.empty((n_rows, hidden), np.uint8 if fp8 else bfloat16)
-        recv_s = cupy.empty((n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
-        recv_idx = cupy.empty((n_rows, k), np.int64) if k else None
-        recv_w = cupy.empty((n_rows, k), np.float32) if k else None
-        recv_src = cupy.empty(n_rows, np.int32)
+        recv_x = self._empty("recv_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
+        recv_s = self._empty("recv_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
+        recv_idx = self._empty("recv_idx", (n_rows, k), np.int64) if k else None
+        recv_w = self._empty("recv_w", (n_rows, k), np.float32) if k else None
+        recv_src = self._empty("recv_src", n_rows, np.int32)
         if num_worst_tokens:
             with self.stream:
                 recv_src.fill(-1)
@@ -263,8 +278,8 @@ class GpuBackend:
                                   offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src)
         else:
             rlay = self.inter.layout(hidden, k, c, t)[0]
-            fwd_slots = cupy.empty(self.group.num_nodes * rlay.max_tokens * self.group.num_ranks_per_node,
-                                   np.int32)
+            fwd_slots = self._empty("fwd_slots", self.group.num_nodes * rlay.max_tokens *
+                                    self.group.num_ranks_per_node, np.int32)
             routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev, rdma_pos,
                                  rdma_recv_count, fwd_slots, rdma_dev)
             self.inter.dispatch(cfg, routing, x, scales, topk_idx, topk_weights, is_token_in_rank, t,
@@ -292,12 +307,10 @@ class GpuBackend:
 
     def _barrier(self, lay_dev):
         spec = self._spec("intranode.cu", "barrier", ("kNumRanks", self.num_ranks))
-        launch(spec, (1,), (32,), (self.nvl.peers, lay_dev, np.int32(self.rank),
-                                   np.int32(self._next_seq()), np.uint64(self._err_ptr),
-                                   np.int64(self.timeout_ns)), stream=self.stream)
+        launch(spec, (1,), (32,), (self.nvl.peers, lay_dev, np.int32(self.rank), self.counters,
+                                   np.uint64(self._err_ptr), np.int64(self.timeout_ns)), stream=self.stream)
 
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
-        import cupy
         g: GpuRouting = handle.state
         chunk = (config or default_config(self.num_ranks)).chunk_tokens
         cfg = Config(num_sms=2 * g.num_channels, num_warps=g.num_warps, chunk_tokens=chunk)
@@ -306,9 +319,9 @@ class GpuBackend:
         cur = self._begin(previous_event)
         n_rows = handle.num_worst_tokens or handle.num_recv_tokens
         fp8 = scales is not None
-        recv_x = cupy.empty((n_rows, x.shape[1]), np.uint8 if fp8 else bfloat16)
-        recv_s = cupy.empty((n_rows, x.shape[1] // FP8_GROUP), np.float32) if fp8 else None
-        recv_src = cupy.empty(n_rows, np.int32)
+        recv_x = self._empty("cached_x", (n_rows, x.shape[1]), np.uint8 if fp8 else bfloat16)
+        recv_s = self._empty("cached_s", (n_rows, x.shape[1] // FP8_GROUP), np.float32) if fp8 else None
+        recv_src = self._empty("cached_src", n_rows, np.int32)
         if self.inter is not None:
             self.inter.barrier(g.rdma_layout_dev)
             self.inter.dispatch(cfg, g, x, scales, None, None, handle.is_token_in_rank, handle.num_tokens,
@@ -321,7 +334,6 @@ class GpuBackend:
         return recv_x, recv_s, self._end(cur, async_finish)
 
     def combine(self, handle, x, topk_weights, bias, config, previous_event, async_finish):
-        import cupy
         g: GpuRouting = handle.state
         cfg = config or default_config(self.num_ranks)
         if self.inter is None and cfg.num_combine_warps < self.num_ranks:
@@ -333,8 +345,8 @@ class GpuBackend:
         if self.inter is not None:
             self.inter.claim()
         cur = self._begin(previous_event)
-        out = cupy.empty((t, hidden), bfloat16)
-        out_w = cupy.empty((t, k), np.float32) if k else None
+        out = self._empty("out", (t, hidden), bfloat16)
+        out_w = self._empty("out_w", (t, k), np.float32) if k else None
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
         if self.inter is not None:

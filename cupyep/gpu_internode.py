@@ -26,7 +26,7 @@ def _ptr(a) -> np.uint64:
 
 
 class GpuInternode:
-    """Inter-node state of one GpuBackend: RDMA layouts and the barrier sequence."""
+    """Inter-node state of one GpuBackend: RDMA layouts."""
 
     def __init__(self, backend):
         be = backend
@@ -36,7 +36,6 @@ class GpuInternode:
         if self.ranks_per_node > 32:
             raise InvalidInputError("inter-node kernels support at most 32 ranks per node")
         self._layouts = {}
-        self._seq = 0
 
     def _spec(self, name, *targs):
         return KernelSpec("cupyep/internode.cu", f"cupyep::{name}",
@@ -80,24 +79,19 @@ class GpuInternode:
         """The RDMA memory serves normal calls until the next clean."""
         self.be.ll.claim("normal inter-node")
 
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
-
     def notify(self, is_token_in_rank, num_tokens, num_channels, per_expert, num_local_experts,
-               expert_alignment, nvl_dev, rdma_dev, parity, offsets, expert_counts):
+               expert_alignment, nvl_dev, rdma_dev, offsets, expert_counts):
         """Launch notify_dispatch; returns (send_pos [T, R], rdma_pos [T, N], rdma_recv_count [N*C])."""
-        import cupy
         be = self.be
-        send_pos = cupy.empty((num_tokens, be.num_ranks), np.int32)
-        rdma_pos = cupy.empty((num_tokens, self.num_nodes), np.int32)
-        rdma_recv_count = cupy.empty(self.num_nodes * num_channels, np.int32)
+        send_pos = be._empty("send_pos", (num_tokens, be.num_ranks), np.int32)
+        rdma_pos = be._empty("rdma_pos", (num_tokens, self.num_nodes), np.int32)
+        rdma_recv_count = be._empty("rdma_recv_count", self.num_nodes * num_channels, np.int32)
         spec = self._spec("notify_dispatch", ("kRanksPerNode", self.ranks_per_node))
         launch(spec, (num_channels + 1,), (_BLOCK_NOTIFY,),
                (is_token_in_rank, np.int32(num_tokens), np.int32(num_channels), _ptr(per_expert),
                 np.int32(num_local_experts), np.int32(expert_alignment), send_pos, rdma_pos,
                 nvl_dev, np.uint64(self._sym().ptr), rdma_dev, np.int32(be.rank),
-                np.int64(self._next_seq()), np.int32(parity), be.blocks_done, offsets, rdma_recv_count,
+                be.counters, be.blocks_done, offsets, rdma_recv_count,
                 expert_counts, np.uint64(be._info_ptr), be.layout_error, np.uint64(be._err_ptr),
                 np.int64(be.timeout_ns)), stream=be.stream)
         return send_pos, rdma_pos, rdma_recv_count
@@ -126,7 +120,7 @@ class GpuInternode:
         be = self.be
         threads = max(32, (be.num_ranks + 31) // 32 * 32)
         launch(self._spec("rdma_barrier"), (1,), (threads,),
-               (np.uint64(self._sym().ptr), rdma_dev, np.int32(be.rank), np.int64(self._next_seq()),
+               (np.uint64(self._sym().ptr), rdma_dev, np.int32(be.rank), be.counters,
                 np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream=be.stream)
 
     def combine(self, cfg, routing, x, topk_weights, num_tokens, b0, b1, out, out_w):

@@ -36,12 +36,21 @@ class Group:
         num_ranks_per_node: ranks in one NVLink domain. Default: the ranks
             sharing this host. A smaller value makes one host act as several
             nodes (4 GPUs as 2 x 2) to exercise the inter-node path.
+        ib_service_level: InfiniBand service level (0-15) of this process's
+            NVSHMEM traffic (sets NVSHMEM_IB_SL before NVSHMEM starts). Give
+            normal-kernel and low-latency jobs different levels, mapped to
+            different virtual lanes by the fabric, to isolate their traffic;
+            NVSHMEM keeps one level per process.
 
     Attributes:
         rank, size, local_rank, local_size, num_ranks_per_node, num_nodes.
     """
 
-    def __init__(self, comm=None, num_ranks_per_node: int | None = None):
+    def __init__(self, comm=None, num_ranks_per_node: int | None = None,
+                 ib_service_level: int | None = None):
+        if ib_service_level is not None and not 0 <= int(ib_service_level) <= 15:
+            raise InvalidInputError(f"ib_service_level must be in [0, 15], got {ib_service_level}")
+        self.ib_service_level = ib_service_level
         self.comm = _as_comm(comm)
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()

@@ -86,6 +86,13 @@ class GpuRuntime:
         global _nvshmem_users
         import nvshmem.core as nvshmem
         self._nvshmem = nvshmem
+        sl = self.group.ib_service_level
+        if sl is not None:
+            running = os.environ.get("NVSHMEM_IB_SL")
+            if _nvshmem_users and running != str(sl):
+                raise CupyepError(f"NVSHMEM already runs here with NVSHMEM_IB_SL={running}; one process has "
+                                  f"one InfiniBand service level (asked for {sl})")
+            os.environ["NVSHMEM_IB_SL"] = str(sl)
         if _nvshmem_users:
             pe, npes = nvshmem.my_pe(), nvshmem.n_pes()
             if (pe, npes) != (self.rank, self.size):

@@ -184,3 +184,68 @@ def test_deterministic(normal_buffer, backend, rng):
         c = buffer.combine(d.recv_x, d.handle)
         outs.append((bits(to_host(d.recv_x)).copy(), bits(to_host(c.combined_x)).copy()))
     assert (outs[0][0] == outs[1][0]).all() and (outs[0][1] == outs[1][1]).all()
+
+
+def test_worst_token_mode_in_cuda_graph(normal_buffer, backend, rng):
+    """Layout, worst-token dispatch and combine captured in one CUDA graph and
+    replayed 20 times with new tokens and routing; every replay checked."""
+    if backend != "gpu":
+        pytest.skip("CUDA graphs need the GPU backend")
+    import cupy
+    from mpi4py import MPI
+
+    from conftest import COMM
+    buffer = normal_buffer
+    t, h, k, num_experts = 48, 1024, 4, 4 * SIZE
+    worst = t * SIZE
+    x_dev = cupy.empty((t, h), fp8.bfloat16)
+    idx_dev = cupy.empty((t, k), np.int64)
+    w_dev = cupy.empty((t, k), np.float32)
+
+    def fill():
+        x = random_rows(rng, t, h)
+        idx = random_topk(rng, t, num_experts, k, drop=0.1)
+        w = rng.random(idx.shape).astype(np.float32) + 0.5
+        x_dev[...] = to_backend(x, backend)
+        idx_dev[...] = cupy.asarray(idx)
+        w_dev[...] = cupy.asarray(w)
+        return x, idx, w
+
+    def step():
+        lay = buffer.get_dispatch_layout(idx_dev, num_experts)
+        d = buffer.dispatch(x_dev, idx_dev, w_dev, layout=lay, num_worst_tokens=worst)
+        return d, buffer.combine(d.recv_x, d.handle, d.recv_topk_weights)
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        fill()
+        step()  # compiles kernels before capture
+        stream.synchronize()
+        COMM.Barrier()
+        stream.begin_capture()
+        d, c = step()
+        graph = stream.end_capture()
+    for i in range(20):
+        with stream:
+            x, idx, w = fill()
+            graph.launch(stream)
+            stream.synchronize()
+        everyone = gather(x, idx, w)
+        error = None
+        try:  # every rank checks, then all agree before the next replay
+            buffer._impl.check_errors()
+            rows, ids, ws, src = expected_dispatch(everyone, num_experts)
+            n = rows.shape[0]
+            assert (bits(to_host(d.recv_x)[:n]) == bits(rows)).all(), f"rows of replay {i}"
+            assert (to_host(d.recv_topk_idx)[:n] == ids).all() and (to_host(d.recv_topk_idx)[n:] == -1).all()
+            assert (to_host(d.recv_topk_weights)[:n] == ws).all()
+            assert (to_host(d.handle.recv_src_idx)[:n] == src).all()
+            local = num_experts // SIZE
+            in_rank = np.stack([((idx >= r * local) & (idx < (r + 1) * local)).any(1) for r in range(SIZE)], 1)
+            want = x.astype(np.float32) * in_rank.sum(1, keepdims=True)
+            assert_close_bf16(to_host(c.combined_x), want, f"combined_x of replay {i}", _roundings(buffer))
+            np.testing.assert_array_equal(to_host(c.combined_topk_weights), np.where(idx >= 0, w, 0))
+        except Exception as e:  # noqa: BLE001 - reported below, after the vote
+            error = e
+        if COMM.allreduce(error is not None, op=MPI.LOR):
+            raise AssertionError(f"replay {i} failed on some rank; here: {error!r}")

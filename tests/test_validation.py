@@ -264,3 +264,8 @@ def test_combine_wait_stats_must_be_int64_per_rank(buffer, backend, rng):
     with pytest.raises(cupyep.InvalidInputError, match="combine_wait_recv_cost_stats"):
         buffer.low_latency_combine(*args, combine_wait_recv_cost_stats=to_backend(np.zeros(SIZE, np.int32), backend))
     buffer.low_latency_combine(*args)  # still usable
+
+
+def test_bad_ib_service_level(group):
+    with pytest.raises(cupyep.InvalidInputError, match="ib_service_level"):
+        cupyep.Group(group.comm, ib_service_level=16)

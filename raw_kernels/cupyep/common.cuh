@@ -183,6 +183,21 @@ __device__ __forceinline__ void sync_warps(int id, int num_threads) {
         asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
 }
 
+// Call counters of a buffer, kept on the device so that a CUDA graph
+// replay advances them like a new call: counters[0] the barrier sequence,
+// counters[1] the notify calls (parity of the count buffers). Kernels on one
+// stream touch them one after another, and one block per kernel at a time.
+__device__ __forceinline__ int next_barrier_seq(int* counters) {
+    __shared__ int s_seq;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s_seq = counters[0] + 1;
+        counters[0] = s_seq;
+    }
+    __syncthreads();
+    return s_seq;
+}
+
 // Channel c of n tokens split into num_channels contiguous ranges.
 __device__ __forceinline__ void channel_range(int num_tokens, int num_channels, int c,
                                               int& begin, int& end) {

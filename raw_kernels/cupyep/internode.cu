@@ -84,7 +84,8 @@ __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) 
 // sees our sequence number.
 template <int kNumRanks>
 __device__ __forceinline__ void rdma_barrier_block(char* rdma, const RdmaLayout& lay, int rank,
-                                                   long long seq, int* err, long long timeout_ns) {
+                                                   int* counters, int* err, long long timeout_ns) {
+    const long long seq = next_barrier_seq(counters);
     __threadfence_system();
     nvshmem_quiet();
     for (int j = threadIdx.x; j < kNumRanks; j += blockDim.x) {
@@ -95,10 +96,10 @@ __device__ __forceinline__ void rdma_barrier_block(char* rdma, const RdmaLayout&
 }
 
 template <int kNumRanks>
-__global__ void rdma_barrier(char* rdma, const RdmaLayout* layout, int rank, long long seq, int* err,
+__global__ void rdma_barrier(char* rdma, const RdmaLayout* layout, int rank, int* counters, int* err,
                              long long timeout_ns) {
     const RdmaLayout lay = *layout;
-    rdma_barrier_block<kNumRanks>(rdma, lay, rank, seq, err, timeout_ns);
+    rdma_barrier_block<kNumRanks>(rdma, lay, rank, counters, err, timeout_ns);
 }
 
 // Grid: num_channels + 1 blocks. Block c numbers channel c's tokens per
@@ -114,7 +115,7 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
                                 int num_channels, const int* __restrict__ num_tokens_per_expert,
                                 int num_local_experts, int expert_alignment, int* send_pos,
                                 int* rdma_pos, const NvlLayout* nvl_layout, char* rdma,
-                                const RdmaLayout* rdma_layout, int rank, long long seq, int parity,
+                                const RdmaLayout* rdma_layout, int rank, int* counters,
                                 int* blocks_done, int* recv_channel_offset, int* rdma_recv_count,
                                 int* recv_expert_counts, int* host_info, int* layout_error,
                                 int* err, long long timeout_ns) {
@@ -124,6 +125,7 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
     const int node = rank / kRanksPerNode, local_rank = rank % kRanksPerNode;
+    const int parity = counters[1] & 1;  // advanced by the last block, after all arrived
     const long long rank_counts = lay.rank_counts + 8ll * parity * kNumRanks * kMaxChannels;
     const long long node_counts = lay.node_counts + 8ll * parity * kNumNodes * kMaxChannels;
     const long long expert_counts = lay.expert_counts + 8ll * parity * kNumRanks * kMaxLocalExperts;
@@ -199,7 +201,8 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
     }
     __syncthreads();
     if (!s_last) return;
-    rdma_barrier_block<kNumRanks>(rdma, lay, rank, seq, err, timeout_ns);
+    rdma_barrier_block<kNumRanks>(rdma, lay, rank, counters, err, timeout_ns);
+    if (threadIdx.x == 0) counters[1] += 1;
 
     const long long* counts = rdma_word(rdma, rank_counts);
     if (threadIdx.x == 0) {

@@ -16,10 +16,11 @@ namespace cupyep {
 
 // Cross-rank barrier: one block of kNumRanks threads. Everything this rank's
 // earlier kernels did (including reads of its own buffer) is complete when
-// a peer sees our sequence number.
+// a peer sees our sequence number (counters: see next_barrier_seq).
 template <int kNumRanks>
 __device__ __forceinline__ void barrier_block(char* const* peers, const NvlLayout& lay, int rank,
-                                              int seq, int* err, long long timeout_ns) {
+                                              int* counters, int* err, long long timeout_ns) {
+    const int seq = next_barrier_seq(counters);
     const int j = threadIdx.x;
     if (j < kNumRanks) {
         // Make prior kernels' remote stores visible system-wide before the
@@ -32,10 +33,10 @@ __device__ __forceinline__ void barrier_block(char* const* peers, const NvlLayou
 }
 
 template <int kNumRanks>
-__global__ void barrier(char* const* peers, const NvlLayout* layout, int rank, int seq, int* err,
+__global__ void barrier(char* const* peers, const NvlLayout* layout, int rank, int* counters, int* err,
                         long long timeout_ns) {
     const NvlLayout lay = *layout;
-    barrier_block<kNumRanks>(peers, lay, rank, seq, err, timeout_ns);
+    barrier_block<kNumRanks>(peers, lay, rank, counters, err, timeout_ns);
 }
 
 // Grid: num_channels + 1 blocks. Blocks c < num_channels number the tokens of
@@ -52,13 +53,15 @@ template <int kNumRanks>
 __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int num_tokens,
                                 int num_channels, const int* __restrict__ num_tokens_per_expert,
                                 int num_local_experts, int expert_alignment, int* send_pos,
-                                char* const* peers, const NvlLayout* layout, int rank, int seq,
-                                int parity, int* blocks_done, int* recv_channel_offset,
+                                char* const* peers, const NvlLayout* layout, int rank,
+                                int* counters, int* blocks_done, int* recv_channel_offset,
                                 int* recv_expert_counts, int* host_info, int* layout_error,
                                 int* err, long long timeout_ns) {
     const NvlLayout lay = *layout;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
+    // Read by every block before the last one advances it (after all arrived).
+    const int parity = counters[1] & 1;
     const long long counts_base = lay.channel_counts + 4ll * parity * kNumRanks * kMaxChannels;
     const long long experts_base = lay.expert_counts + 4ll * parity * kNumRanks * kMaxLocalExperts;
 
@@ -111,7 +114,8 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
     }
     __syncthreads();
     if (!s_last) return;
-    barrier_block<kNumRanks>(peers, lay, rank, seq, err, timeout_ns);
+    barrier_block<kNumRanks>(peers, lay, rank, counters, err, timeout_ns);
+    if (threadIdx.x == 0) counters[1] += 1;
 
     // Peers' counts are visible: each thread d < R acquired peer d's flag and
     // the block barrier above extends that to every thread.
