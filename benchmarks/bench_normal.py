@@ -99,7 +99,7 @@ def main():
     rdma_bytes = sum(int((node_of == m).any(axis=1).sum()) for m in range(group.num_nodes)) * args.hidden * 2
 
     def config(sms):
-        base = cupyep.default_config(r)
+        base = cupyep.default_config(r, group.num_nodes)
         return cupyep.Config(num_sms=sms, num_warps=args.warps or base.num_warps,
                              chunk_tokens=args.chunk or base.chunk_tokens,
                              num_combine_warps=args.warps or base.num_combine_warps)
@@ -163,9 +163,9 @@ def main():
             print(f"\ninter-node path: {group.num_nodes} nodes x {group.num_ranks_per_node} ranks emulated on "
                   "one host (the inter-node leg is NVSHMEM puts over NVLink)")
         print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
-              f"chunk_tokens={args.chunk or cupyep.default_config(r).chunk_tokens}, "
-              f"warps {args.warps or cupyep.default_config(r).num_warps}/"
-              f"{args.warps or cupyep.default_config(r).num_combine_warps} (dispatch/combine), "
+              f"chunk_tokens={args.chunk or cupyep.default_config(r, group.num_nodes).chunk_tokens}, "
+              f"warps {args.warps or cupyep.default_config(r, group.num_nodes).num_warps}/"
+              f"{args.warps or cupyep.default_config(r, group.num_nodes).num_combine_warps} (dispatch/combine), "
               f"top-{args.topk} of {args.experts} experts (median of {args.iters}, rank 0 "
               f"received {head['n']} rows)")
         worst = lambda key, s: min(rw[1][s][key][1] for rw in rows)  # noqa: E731

@@ -112,7 +112,8 @@ class GpuBackend:
         import cupy
         if not self._capturing:
             return cupy.zeros(shape, dtype) if zero else cupy.empty(shape, dtype)
-        k = (key, tuple(shape), np.dtype(dtype).str)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        k = (key, shape, np.dtype(dtype).str)
         a = self._kept.get(k)
         if a is None:
             a = self._kept[k] = cupy.empty(shape, dtype)
@@ -161,7 +162,7 @@ class GpuBackend:
         return lay, dev
 
     def _config(self, config):
-        cfg = config or default_config(self.num_ranks)
+        cfg = config or default_config(self.num_ranks, self.group.num_nodes)
         if cfg.num_channels > sizing.MAX_CHANNELS - 1:
             raise InvalidInputError(f"num_sms={cfg.num_sms} is above the {2 * (sizing.MAX_CHANNELS - 1)} "
                                     "the kernels can use")
@@ -312,7 +313,7 @@ class GpuBackend:
 
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
         g: GpuRouting = handle.state
-        chunk = (config or default_config(self.num_ranks)).chunk_tokens
+        chunk = (config or default_config(self.num_ranks, self.group.num_nodes)).chunk_tokens
         cfg = Config(num_sms=2 * g.num_channels, num_warps=g.num_warps, chunk_tokens=chunk)
         if self.inter is not None:
             self.inter.claim()
@@ -335,7 +336,7 @@ class GpuBackend:
 
     def combine(self, handle, x, topk_weights, bias, config, previous_event, async_finish):
         g: GpuRouting = handle.state
-        cfg = config or default_config(self.num_ranks)
+        cfg = config or default_config(self.num_ranks, self.group.num_nodes)
         if self.inter is None and cfg.num_combine_warps < self.num_ranks:
             raise InvalidInputError(f"num_combine_warps={cfg.num_combine_warps} must be at least the "
                                     f"number of ranks ({self.num_ranks})")
