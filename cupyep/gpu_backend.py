@@ -123,19 +123,19 @@ class GpuBackend:
 
     def check_errors(self):
         """Raise what a kernel reported (timeouts, overflow) and clear it."""
-        if self.err_host[0] == 0:
+        if self.err_host[0] == 0 and self.err_host[5] == 0:
             return
-        phase, peer, channel, kind = (int(v) for v in self.err_host[1:5])
+        phase, peer, channel, kind, bad_token = (int(v) for v in self.err_host[1:6])
         import cupy
         cupy.cuda.Device().synchronize()  # the failed kernels have exited
         self.err_host[:] = 0
         self.err_dev[:6] = 0
         if kind == 1:
             raise CommTimeoutError(self.rank, PHASES.get(phase, str(phase)), peer, channel)
-        if kind == 3:
+        if bad_token and not kind:
             raise InvalidInputError(
-                f"rank {self.rank}: topk_idx of token {channel} in a low-latency dispatch holds an expert id "
-                "outside [-1, num_experts); the entry was dropped (reported at the next call)")
+                f"rank {self.rank}: topk_idx of token {bad_token - 1} in a low-latency dispatch holds an "
+                "expert id outside [-1, num_experts); the entry was dropped (reported at the next call)")
         raise InvalidInputError(
             f"rank {self.rank}: more rows arrived in {PHASES.get(phase, phase)} than the output holds "
             f"(from rank {peer}, channel {channel}); raise num_worst_tokens")

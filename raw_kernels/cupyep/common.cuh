@@ -131,8 +131,9 @@ __device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
 
 // ---- errors ---------------------------------------------------------------
 // error word, in device memory: [0] set to 1 by the first failure, [1] phase,
-// [2] peer rank, [3] channel / expert, [4] kind (1 timeout, 2 bad input),
-// [6..7] address of a host-mapped mirror that receives the same five ints.
+// [2] peer rank, [3] channel / expert, [4] kind (1 timeout, 2 too many rows),
+// [5] 1 + the item of a dropped bad input (report_bad_input),
+// [6..7] address of a host-mapped mirror that receives the same six ints.
 // Spinning threads poll the device copy (an L2 hit); only a failure touches
 // host memory, so waits never put PCIe reads in front of NVLink traffic.
 __device__ __forceinline__ void report_error(int* err, int kind, int phase, int peer, int channel) {
@@ -151,6 +152,19 @@ __device__ __forceinline__ void report_error(int* err, int kind, int phase, int 
             mirror[0] = 1;
         }
         __threadfence_system();
+    }
+}
+
+// Bad input seen inside a kernel that goes on without it (the entry is
+// dropped): err[5] = 1 + item, mirrored to host memory. Unlike report_error
+// it does not set err[0], so no wait gives up and the call completes.
+__device__ __forceinline__ void report_bad_input(int* err, int item) {
+    if (atomicCAS(err + 5, 0, item + 1) == 0) {
+        volatile int* mirror = *reinterpret_cast<int* const*>(err + 6);
+        if (mirror != nullptr) {
+            mirror[5] = item + 1;
+            __threadfence_system();
+        }
     }
 }
 

@@ -253,12 +253,12 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                 s_entries[i] = entry_expert(topk_idx, i, num_topk, num_experts);
             __syncthreads();
         }
-        // Ids outside [-1, E) are dropped above; block 0 reports them (kind 3:
-        // bad input), raised by the next call on this rank.
+        // Ids outside [-1, E) are dropped above; block 0 reports them, raised
+        // by the next call on this rank (the exchange itself completes).
         if (blockIdx.x == 0)
             for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
                 const long long id = static_cast<long long>(topk_idx[i]);
-                if (id < -1 || id >= num_experts) report_error(err, 3, kPhaseLowLatencySend, rank, i / num_topk);
+                if (id < -1 || id >= num_experts) report_bad_input(err, i / num_topk);
             }
         const TopkEntries<IdxT> entries{topk_idx, staged ? s_entries : nullptr, num_topk, num_experts};
         // Messages: one per distinct (token, expert), into slot = the number
