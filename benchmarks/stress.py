@@ -1,6 +1,7 @@
 """Stress: many iterations of random routing through one buffer, checked against the reference.
 
     mpirun -n 4 python benchmarks/stress.py --iters 10000 [--backend gpu] [--check-every 100]
+    mpirun -n 4 python benchmarks/stress.py --ranks-per-node 2 ...   # inter-node path, normal calls only
 
 Iterations alternate normal (dispatch + combine) and low-latency (dispatch +
 combine) use of one buffer. Each draws tokens per rank from 0 to the maximum,
@@ -37,9 +38,9 @@ def bits(a):
     return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 
-def close_bf16(a, b):
+def close_bf16(a, b, roundings=1):
     a, b = a.astype(np.float32), b.astype(np.float32)
-    return bool(np.all(np.abs(a - b) <= np.abs(b) * 2.0 ** -7 + 1e-6))
+    return bool(np.all(np.abs(a - b) <= np.abs(b) * roundings * 2.0 ** -7 + 1e-6))
 
 
 def draw(rng, shared, args, num_experts, size):
@@ -70,14 +71,21 @@ def main():
     ap.add_argument("--experts-per-rank", type=int, default=4)
     ap.add_argument("--max-topk", type=int, default=8)
     ap.add_argument("--memory-slack-mb", type=float, default=64.0)
+    ap.add_argument("--ranks-per-node", type=int, default=None,
+                    help="emulate nodes of this many ranks: inter-node path, normal calls only "
+                         "(they share the low-latency memory)")
     args = ap.parse_args()
 
-    group = cupyep.Group()
+    group = cupyep.Group(num_ranks_per_node=args.ranks_per_node)
+    internode = group.num_nodes > 1
+    roundings = 2 if internode and group.num_ranks_per_node > 1 else 1
     rank, size = group.rank, group.size
     num_experts = args.experts_per_rank * size
     m, h = args.max_tokens, args.hidden
     buf = cupyep.Buffer(group, num_nvl_bytes=cupyep.nvl_size_hint(h, m, size, args.max_topk),
-                        num_rdma_bytes=cupyep.low_latency_size_hint(m, h, size, num_experts),
+                        num_rdma_bytes=max(cupyep.low_latency_size_hint(m, h, size, num_experts),
+                                           cupyep.rdma_size_hint(h, m, size, group.num_ranks_per_node,
+                                                                 args.max_topk) if internode else 0),
                         low_latency_mode=True, backend=args.backend)
     ref = cupyep.Buffer(group, backend="reference")
     gpu = buf.backend == "gpu"
@@ -97,7 +105,7 @@ def main():
     for i in range(args.iters):
         x, idx, w = draw(rng, shared, args, num_experts, size)
         check = (i + 1) % args.check_every == 0 or i == args.iters - 1
-        low_latency = i % 2 == 1
+        low_latency = i % 2 == 1 and not internode
         try:
             if low_latency:
                 use_fp8 = bool(shared.integers(0, 2))
@@ -126,7 +134,7 @@ def main():
                           and (host(d.recv_topk_idx) == rd.recv_topk_idx).all()
                           and (host(d.recv_topk_weights) == rd.recv_topk_weights).all()
                           and list(d.num_recv_tokens_per_expert) == list(rd.num_recv_tokens_per_expert)
-                          and close_bf16(host(c.combined_x), rc.combined_x))
+                          and close_bf16(host(c.combined_x), rc.combined_x, roundings))
                     if not ok:
                         failures.append(f"iteration {i}: normal result differs from the reference")
         except cupyep.CupyepError as e:
@@ -148,8 +156,10 @@ def main():
         for r, fs in enumerate(all_failures):
             for f in fs[:5]:
                 print(f"rank {r}: {f}")
-        print(f"stress on {size} ranks ({buf.backend} backend): {i + 1} iterations "
-              f"({(i + 2) // 2} normal, {(i + 1) // 2} low-latency), {checks} checked against the "
+        n_ll = 0 if internode else (i + 1) // 2
+        where = f", {group.num_nodes} nodes x {group.num_ranks_per_node}" if internode else ""
+        print(f"stress on {size} ranks{where} ({buf.backend} backend): {i + 1} iterations "
+              f"({i + 1 - n_ll} normal, {n_ll} low-latency), {checks} checked against the "
               f"reference, {sum(len(f) for f in all_failures)} failures, {elapsed:.1f} s; memory growth "
               f"rank 0 resident {growth[0]:+.1f} MiB, GPU pool {growth[1]:+.1f} MiB -> {'OK' if ok else 'FAILED'}")
     buf.destroy()
