@@ -130,12 +130,14 @@ def _dispatch_combine(buffer, backend, rng, case, roundings=1):
     out = buffer.combine(to_backend(y, backend), res.handle, to_backend(recv_w, backend), bias_arg)
 
     want = np.zeros((t, h), np.float32)
+    parts = np.zeros((t, h), np.float32)  # bounds the magnitude of per-node partial sums
     for j in range(SIZE):
         scaled = (x.astype(np.float32) * (j + 1)).astype(fp8.bfloat16).astype(np.float32)
         want[want_in_rank[:, j]] += scaled[want_in_rank[:, j]]
+        parts[want_in_rank[:, j]] += np.abs(scaled[want_in_rank[:, j]])
     for b in biases:
         want += b.astype(np.float32)
-    assert_close_bf16(to_host(out.combined_x), want, "combined_x", roundings)
+    assert_close_bf16(to_host(out.combined_x), want, "combined_x", roundings, parts)
     want_w = np.where(idx >= 0, w, 0).astype(np.float32)
     np.testing.assert_allclose(to_host(out.combined_topk_weights), want_w, rtol=1e-6)
 
