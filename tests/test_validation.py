@@ -269,3 +269,13 @@ def test_combine_wait_stats_must_be_int64_per_rank(buffer, backend, rng):
 def test_bad_ib_service_level(group):
     with pytest.raises(cupyep.InvalidInputError, match="ib_service_level"):
         cupyep.Group(group.comm, ib_service_level=16)
+
+
+def test_mixed_topology_is_refused(group, monkeypatch):
+    """Hosts with different numbers of ranks cannot form equal nodes: every rank raises."""
+    if SIZE < 2:
+        pytest.skip("needs two ranks")
+    from conftest import RANK
+    monkeypatch.setattr(cupyep.Group, "_host_local", lambda self: (0, 1 if RANK == 0 else 2))
+    with pytest.raises(cupyep.InvalidInputError, match="different numbers of ranks"):
+        cupyep.Group(group.comm)
