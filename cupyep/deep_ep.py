@@ -58,8 +58,8 @@ class Config:
         self.num_max_rdma_chunked_send_tokens = num_max_rdma_chunked_send_tokens
         self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
 
-    def to_cupyep(self, num_ranks: int) -> _config.Config:
-        base = _config.default_config(num_ranks)
+    def to_cupyep(self, num_ranks: int, num_nodes: int = 1) -> _config.Config:
+        base = _config.default_config(num_ranks, num_nodes)
         return _config.Config(num_sms=self.num_sms, num_warps=base.num_warps,
                               chunk_tokens=base.chunk_tokens, num_combine_warps=base.num_combine_warps)
 
@@ -135,7 +135,7 @@ class Buffer:
 
     # ---- normal kernels ------------------------------------------------------ #
     def _config(self, config: Optional[Config]):
-        return (config or Config(Buffer.num_sms)).to_cupyep(self.group_size)
+        return (config or Config(Buffer.num_sms)).to_cupyep(self.group_size, self.group.num_nodes)
 
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event=None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
