@@ -251,3 +251,31 @@ def test_worst_token_mode_in_cuda_graph(normal_buffer, backend, rng):
             error = e
         if COMM.allreduce(error is not None, op=MPI.LOR):
             raise AssertionError(f"replay {i} failed on some rank; here: {error!r}")
+
+
+def test_events_order_and_async_finish(normal_buffer, backend, rng):
+    """previous_event orders a call after work on another stream; with
+    async_finish the call returns an event and the caller waits on it."""
+    if backend != "gpu":
+        pytest.skip("events exist on the GPU backend only")
+    import cupy
+    buffer = normal_buffer
+    num_experts = 4 * SIZE
+    x = random_rows(rng, 64, 1024)
+    idx = random_topk(rng, 64, num_experts, 4, drop=0.1)
+    w = rng.random(idx.shape).astype(np.float32) + 0.5
+    producer = cupy.cuda.Stream(non_blocking=True)
+    with producer:  # the input is written on another stream; the event orders dispatch after it
+        xb = cupy.empty((64, 1024), fp8.bfloat16)
+        xb[...] = to_backend(x, backend)
+        ready = producer.record()
+    d = buffer.dispatch(xb, to_backend(idx, backend), to_backend(w, backend), num_experts=num_experts,
+                        previous_event=ready, async_finish=True)
+    assert d.event is not None
+    d.event.current_stream_wait()
+    c = buffer.combine(d.recv_x, d.handle, d.recv_topk_weights, previous_event=d.event, async_finish=True)
+    c.event.current_stream_wait()
+    rows, ids, _, _ = expected_dispatch(gather(x, idx, w), num_experts)
+    assert (bits(to_host(d.recv_x)) == bits(rows)).all()
+    assert (to_host(d.recv_topk_idx) == ids).all()
+    np.testing.assert_array_equal(to_host(c.combined_topk_weights), np.where(idx >= 0, w, 0))
