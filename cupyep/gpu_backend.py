@@ -19,7 +19,7 @@ from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
 from .events import EventOverlap, as_cupy_event
 from .fp8 import FP8_GROUP, bfloat16
 from .jit import KernelSpec, launch
-from .gpu_low_latency import _capturing
+from .capture import KeptArrays, is_capturing
 from .runtime import mapped_host_ints
 
 PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
@@ -89,8 +89,8 @@ class GpuBackend:
         # Barrier sequence and notify parity, advanced by the kernels themselves
         # so that CUDA graph replays count as calls.
         self.counters = cupy.zeros(2, np.int32)
-        self._kept = {}
-        self._capturing = False
+        self._kept = KeptArrays()
+        self._capturing = False  # of the call in progress (set by _begin / get_dispatch_layout)
         self._layouts = {}
         from .gpu_low_latency import GpuLowLatency
         self.ll = GpuLowLatency(self, num_rdma_bytes, shrink=enable_shrink)
@@ -105,21 +105,8 @@ class GpuBackend:
         return KernelSpec(f"cupyep/{source}", f"cupyep::{name}", tuple(targs))
 
     def _empty(self, key, shape, dtype, zero=False):
-        """A new array; while the caller's stream is being captured into a
-        CUDA graph, one the buffer keeps (per key, shape and dtype) so that
-        replays write memory that stays valid. A graph may hold one call of
-        each kind and shape; run each shape once outside capture first."""
-        import cupy
-        if not self._capturing:
-            return cupy.zeros(shape, dtype) if zero else cupy.empty(shape, dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        k = (key, shape, np.dtype(dtype).str)
-        a = self._kept.get(k)
-        if a is None:
-            a = self._kept[k] = cupy.empty(shape, dtype)
-        if zero:
-            a.fill(0)
-        return a
+        """An output of the call in progress (cupyep.capture: kept while capturing)."""
+        return self._kept.get(key, shape, dtype, self._capturing, zero)
 
     def check_errors(self):
         """Raise what a kernel reported (timeouts, overflow) and clear it."""
@@ -175,7 +162,7 @@ class GpuBackend:
         import cupy
         self.check_errors()
         cur = cupy.cuda.get_current_stream()
-        self._capturing = _capturing(cur)
+        self._capturing = is_capturing(cur)
         ev = as_cupy_event(previous_event)
         self.stream.wait_event(ev if ev is not None else cur.record())
         return cur
@@ -193,7 +180,7 @@ class GpuBackend:
         from .types import DispatchLayout
         t, k = topk_idx.shape
         r, nodes = self.num_ranks, self.group.num_nodes
-        self._capturing = _capturing(cupy.cuda.get_current_stream())
+        self._capturing = is_capturing(cupy.cuda.get_current_stream())
         per_rank = self._empty("per_rank", r, np.int32, zero=True)
         per_expert = self._empty("per_expert", num_experts, np.int32, zero=True)
         per_node = self._empty("per_node", nodes, np.int32, zero=True) if nodes > 1 else None
@@ -220,9 +207,9 @@ class GpuBackend:
         if local > sizing.MAX_LOCAL_EXPERTS:
             raise InvalidInputError(f"at most {sizing.MAX_LOCAL_EXPERTS} experts per rank")
         lay, lay_dev = self._layout(hidden, k, c, t)
-        rdma_dev = None
+        rdma_lay = rdma_dev = None
         if self.inter is not None:
-            _, rdma_dev = self.inter.layout(hidden, k, c, t)
+            rdma_lay, rdma_dev = self.inter.layout(hidden, k, c, t)
             self.inter.claim()
         if topk_idx is None:
             per_expert = None
@@ -278,8 +265,7 @@ class GpuBackend:
             self._launch_dispatch(cfg, x, scales, topk_idx, topk_weights, send_pos, t, lay_dev,
                                   offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src)
         else:
-            rlay = self.inter.layout(hidden, k, c, t)[0]
-            fwd_slots = self._empty("fwd_slots", self.group.num_nodes * rlay.max_tokens *
+            fwd_slots = self._empty("fwd_slots", self.group.num_nodes * rdma_lay.max_tokens *
                                     self.group.num_ranks_per_node, np.int32)
             routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev, rdma_pos,
                                  rdma_recv_count, fwd_slots, rdma_dev)

@@ -24,6 +24,7 @@ import numpy as np
 from .errors import CupyepError, InvalidInputError
 from .events import EventOverlap
 from .fp8 import FP8_GROUP, bfloat16
+from .capture import KeptArrays, is_capturing
 from .jit import KernelSpec, get_kernel
 from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 
@@ -41,13 +42,6 @@ def _ptr(a) -> np.uint64:
     return np.uint64(0 if a is None else a.data.ptr)
 
 
-def _capturing(stream) -> bool:
-    try:
-        return bool(stream.is_capturing())
-    except Exception:
-        return False
-
-
 class GpuLowLatency:
     """Low-latency state of one GpuBackend: the symmetric buffer and call count."""
 
@@ -58,7 +52,7 @@ class GpuLowLatency:
         self.sym = backend.rt.alloc(self.num_rdma_bytes) if self.num_rdma_bytes else None
         self.calls = 0
         self.user = None  # "low-latency" or "normal inter-node": see claim()
-        self._kept = {}
+        self._kept = KeptArrays()
         self._finish = {}
         self._kernels = {}
         self._blocks_done = cupy.zeros(2, np.int32)
@@ -105,13 +99,7 @@ class GpuLowLatency:
 
     def _array(self, key, shape, dtype, capturing):
         """Fresh per call; a kept per-half array while capturing a graph."""
-        import cupy
-        if not capturing:
-            return cupy.empty(shape, dtype)
-        a = self._kept.get(key)
-        if a is None:
-            a = self._kept[key] = cupy.empty(shape, dtype)
-        return a
+        return self._kept.get(key, shape, dtype, capturing)
 
     def _finish_counter(self, num_experts):
         import cupy
@@ -164,7 +152,7 @@ class GpuLowLatency:
         local = num_experts // r
         be.check_errors()
         stream = self._stream(async_finish)
-        capturing = _capturing(stream)
+        capturing = is_capturing(stream)
         half = self._next_half()
         off = lay.offsets(half)
         rows = r * m
@@ -235,7 +223,7 @@ class GpuLowLatency:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
         be.check_errors()
         stream = self._stream(async_finish)
-        capturing = _capturing(stream)
+        capturing = is_capturing(stream)
         half = self._next_half()
         off = lay.offsets(half)
         if out is None:
