@@ -77,27 +77,43 @@ __device__ __forceinline__ void st_na(int4* p, const int4& v) {
                  ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
 }
 
-// A warp copies kNumInt4 16-byte words. Each lane issues kCopyBatch loads
-// before its first store, so a warp keeps 32 * kCopyBatch * 16 bytes in
-// flight (latency, not bandwidth, bounds one warp). kReadOnlySrc: the source
-// is an input that nothing writes during the kernel, so the non-coherent path
-// is safe; otherwise (data another GPU wrote, after an acquire) plain
-// coherent loads.
+// A warp copies kNumInt4 16-byte words in batches: each lane issues up to
+// kCopyBatch loads before its first store, so a warp keeps 32 * kCopyBatch *
+// 16 bytes in flight and a row costs ceil(kNumInt4 / (32 * kCopyBatch)) load
+// latencies (latency, not bandwidth, bounds one warp). The last batch is
+// predicated rather than copied word by word, which would cost one latency
+// per word. kReadOnlySrc: the source is an input that nothing writes during
+// the kernel, so the non-coherent path is safe; otherwise (data another GPU
+// wrote, after an acquire) plain coherent loads.
 constexpr int kCopyBatch = 8;
+
+// One batch: each lane loads kSteps words (first + lane, + 32, ...), then
+// stores them. kChecked: skip words at or past `limit`.
+template <int kSteps, bool kChecked, bool kReadOnlySrc>
+__device__ __forceinline__ void warp_copy_batch(int4* dst, const int4* src, int first, int limit, int lane) {
+    int4 v[kSteps];
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j) {
+        const int i = first + j * kWarpSize + lane;
+        if (!kChecked || i < limit) v[j] = kReadOnlySrc ? ld_nc(src + i) : src[i];
+    }
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j) {
+        const int i = first + j * kWarpSize + lane;
+        if (!kChecked || i < limit) st_na(dst + i, v[j]);
+    }
+}
 
 template <int kNumInt4, bool kReadOnlySrc>
 __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int lane) {
-    auto load = [src](int i) { return kReadOnlySrc ? ld_nc(src + i) : src[i]; };
     constexpr int kStride = kWarpSize * kCopyBatch;
-    int i = lane;
-    for (; i + (kCopyBatch - 1) * kWarpSize < kNumInt4; i += kStride) {
-        int4 v[kCopyBatch];
-#pragma unroll
-        for (int j = 0; j < kCopyBatch; ++j) v[j] = load(i + j * kWarpSize);
-#pragma unroll
-        for (int j = 0; j < kCopyBatch; ++j) st_na(dst + i + j * kWarpSize, v[j]);
-    }
-    for (; i < kNumInt4; i += kWarpSize) st_na(dst + i, load(i));
+    constexpr int kFull = kNumInt4 / kStride;  // whole batches
+    constexpr int kRestSteps = (kNumInt4 % kStride + kWarpSize - 1) / kWarpSize;
+    for (int b = 0; b < kFull; ++b)
+        warp_copy_batch<kCopyBatch, false, kReadOnlySrc>(dst, src, b * kStride, kNumInt4, lane);
+    if constexpr (kRestSteps > 0)
+        warp_copy_batch<kRestSteps, kNumInt4 % kWarpSize != 0, kReadOnlySrc>(dst, src, kFull * kStride,
+                                                                             kNumInt4, lane);
 }
 
 template <int kNumInt4>

@@ -181,23 +181,21 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
         const int round_tokens = num_warps * chunk_tokens;
         for (int round = begin; round < end; round += round_tokens) {
             for (int t = round + warp; t < min(round + round_tokens, end); t += num_warps) {
+                // The token's slots and metadata are loaded once, together, for
+                // every destination: each dependent load costs a full latency.
+                int slot[kNumRanks];
+#pragma unroll
+                for (int d = 0; d < kNumRanks; ++d) slot[d] = send_pos[(long long)t * kNumRanks + d];
+                const RowMeta<kNumScales, kNumTopk> meta =
+                    RowMeta<kNumScales, kNumTopk>::load_input(x_scales, topk_idx, topk_weights, t, lane);
 #pragma unroll
                 for (int d = 0; d < kNumRanks; ++d) {
-                    const int slot = send_pos[(long long)t * kNumRanks + d];
-                    if (slot < 0) continue;
+                    if (slot[d] < 0) continue;
                     char* base = peers[d];
-                    const long long row = (long long)rank * lay.max_tokens + slot;
+                    const long long row = (long long)rank * lay.max_tokens + slot[d];
                     warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),
                                               x + (long long)t * kHiddenInt4, lane);
-                    for (int i = lane; i < kNumScales; i += kWarpSize)
-                        at<float>(base, lay.scales)[row * kNumScales + i] = x_scales[(long long)t * kNumScales + i];
-                    if (lane == 0) at<int>(base, lay.src_idx)[row] = t;
-                    if (lane < kNumTopk) {
-                        at<int>(base, lay.topk_idx)[row * kNumTopk + lane] =
-                            static_cast<int>(topk_idx[(long long)t * kNumTopk + lane]);
-                        at<float>(base, lay.topk_weights)[row * kNumTopk + lane] =
-                            topk_weights != nullptr ? topk_weights[(long long)t * kNumTopk + lane] : 0.f;
-                    }
+                    meta.store(base, lay, row, lane);
                 }
             }
             // All warps' row stores of this round happen-before the release
@@ -264,11 +262,11 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
                 for (int n = round + sub; n < min(round + round_rows, count); n += warps_per_dest) {
                     char* base = peers[d];
                     const long long row = (long long)rank * lay.max_tokens + slot_base + n;
+                    // Loaded before the copy so that the two latencies overlap.
+                    const float w = lane < kNumTopk ? topk_weights[(long long)(first + n) * kNumTopk + lane] : 0.f;
                     warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),
                                               x + (long long)(first + n) * kHiddenInt4, lane);
-                    if (lane < kNumTopk)
-                        at<float>(base, lay.topk_weights)[row * kNumTopk + lane] =
-                            topk_weights[(long long)(first + n) * kNumTopk + lane];
+                    if (lane < kNumTopk) at<float>(base, lay.topk_weights)[row * kNumTopk + lane] = w;
                 }
             }
             // Row stores of the round happen-before the release (see dispatch).
@@ -298,8 +296,9 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
     for (int t = begin + warp; t < end && !failed; t += num_warps) {
         int slot[kNumRanks];
 #pragma unroll
+        for (int r = 0; r < kNumRanks; ++r) slot[r] = send_pos[(long long)t * kNumRanks + r];
+#pragma unroll
         for (int r = 0; r < kNumRanks; ++r) {
-            slot[r] = send_pos[(long long)t * kNumRanks + r];
             const int n = slot[r] - slot_base;
             if (slot[r] >= 0 && seen[r] <= n) {
                 int v = 0;
@@ -311,21 +310,32 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
             }
         }
         if (failed) break;
-#pragma unroll 2
-        for (int i = lane; i < kHiddenInt4; i += kWarpSize) {
-            // Load every rank's word first so the loads are in flight together.
-            int4 words[kNumRanks];
+        // kBatch words of every rank's row per lane per step, all loaded
+        // before the first is summed: about kCopyBatch loads in flight.
+        constexpr int kBatch = kNumRanks >= 4 ? 1 : 4 / kNumRanks;
+        constexpr bool kExact = kHiddenInt4 % (kWarpSize * kBatch) == 0;  // no word past the row
+        for (int i0 = lane; i0 < kHiddenInt4; i0 += kWarpSize * kBatch) {
+            int4 words[kBatch][kNumRanks];
 #pragma unroll
-            for (int r = 0; r < kNumRanks; ++r)
-                if (slot[r] >= 0)
-                    words[r] = at<int4>(local, lay.rows + ((long long)r * lay.max_tokens + slot[r]) * kRowBytes)[i];
-            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int b = 0; b < kBatch; ++b) {
+                const int i = i0 + b * kWarpSize;
 #pragma unroll
-            for (int r = 0; r < kNumRanks; ++r)
-                if (slot[r] >= 0) accumulate_bf16x8(acc, words[r]);
-            if (bias0 != nullptr) accumulate_bf16x8(acc, ld_nc(bias0 + (long long)t * kHiddenInt4 + i));
-            if (bias1 != nullptr) accumulate_bf16x8(acc, ld_nc(bias1 + (long long)t * kHiddenInt4 + i));
-            out[(long long)t * kHiddenInt4 + i] = pack_bf16x8(acc);
+                for (int r = 0; r < kNumRanks; ++r)
+                    if (slot[r] >= 0 && (kExact || i < kHiddenInt4))
+                        words[b][r] = at<int4>(local, lay.rows + ((long long)r * lay.max_tokens + slot[r]) * kRowBytes)[i];
+            }
+#pragma unroll
+            for (int b = 0; b < kBatch; ++b) {
+                const int i = i0 + b * kWarpSize;
+                if (!kExact && i >= kHiddenInt4) continue;
+                float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int r = 0; r < kNumRanks; ++r)
+                    if (slot[r] >= 0) accumulate_bf16x8(acc, words[b][r]);
+                if (bias0 != nullptr) accumulate_bf16x8(acc, ld_nc(bias0 + (long long)t * kHiddenInt4 + i));
+                if (bias1 != nullptr) accumulate_bf16x8(acc, ld_nc(bias1 + (long long)t * kHiddenInt4 + i));
+                st_na(out + (long long)t * kHiddenInt4 + i, pack_bf16x8(acc));
+            }
         }
         if (lane < kNumTopk) {
             float w = 0.f;

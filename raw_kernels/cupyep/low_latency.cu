@@ -12,8 +12,8 @@
 //
 // Dispatch: one message per distinct (token, expert), into slot = number of
 // earlier tokens of this rank that chose that expert, so rows keep
-// source-token order without atomics. FP8: a warp casts a token once into
-// registers and sends its messages; BF16: a warp per (token, k) copies the row. A warp per expert then waits until
+// source-token order without atomics. A warp per (token, k) writes one
+// message (FP8: cast from the bf16 row as it goes). A warp per expert then waits until
 // every message for it is written (a local counter) and publishes the count.
 // The receive half waits for the counts of its local experts and packs rows
 // in source-rank order. Combine: a warp group per (local expert, destination)
@@ -165,25 +165,37 @@ __device__ __forceinline__ void bf16x8_to_float(const int4& v, float* f) {
     }
 }
 
-// A token cast to e4m3 once, held in registers by one warp, then stored as
-// the payload of each of its messages. Lanes own 16 channels per step; 8
-// lanes make one 128-channel group, whose scale lane 8j keeps.
+// A warp casts a bf16 row to e4m3 and stores it as a message payload (e4m3
+// row, then fp32 scales). Lanes own 16 channels per step; 8 lanes make one
+// 128-channel group, whose scale lane 8j stores. The loads of kBatch steps
+// are issued before any of them is converted, so a row costs
+// kSteps / kBatch load latencies rather than one per step.
 template <int kHidden, bool kRoundScale>
-struct Fp8Token {
+__device__ __forceinline__ void fp8_cast_store(const __nv_bfloat16* row, char* payload, int lane) {
     static_assert(kHidden % kFp8Group == 0, "FP8 needs a hidden size divisible by 128");
-    static constexpr int kUnits = kHidden / 16;
-    static constexpr int kSteps = (kUnits + kWarpSize - 1) / kWarpSize;
-    int4 q[kSteps];
-    float scale[kSteps];
-
-    __device__ __forceinline__ void cast(const __nv_bfloat16* row, int lane) {
-        const int4* src = reinterpret_cast<const int4*>(row);
+    constexpr int kUnits = kHidden / 16;
+    constexpr int kSteps = (kUnits + kWarpSize - 1) / kWarpSize;
+    constexpr int kBatch = 4;
+    const int4* src = reinterpret_cast<const int4*>(row);
+    int4* data = reinterpret_cast<int4*>(payload);
+    float* scales = reinterpret_cast<float*>(payload + kHidden);
 #pragma unroll
-        for (int i = 0; i < kSteps; ++i) {  // unrolled: the loads can all be in flight
-            const int u = lane + i * kWarpSize;
+    for (int i0 = 0; i0 < kSteps; i0 += kBatch) {
+        int4 raw[kBatch][2];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+            const int u = lane + (i0 + b) * kWarpSize;
+            const bool in = i0 + b < kSteps && u < kUnits;
+            raw[b][0] = in ? ld_nc(src + 2 * u) : make_int4(0, 0, 0, 0);
+            raw[b][1] = in ? ld_nc(src + 2 * u + 1) : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+            if (i0 + b >= kSteps) break;
+            const int u = lane + (i0 + b) * kWarpSize;
             float f[16];
-            bf16x8_to_float(u < kUnits ? ld_nc(src + 2 * u) : make_int4(0, 0, 0, 0), f);
-            bf16x8_to_float(u < kUnits ? ld_nc(src + 2 * u + 1) : make_int4(0, 0, 0, 0), f + 8);
+            bf16x8_to_float(raw[b][0], f);
+            bf16x8_to_float(raw[b][1], f + 8);
             float amax = 0.f;
 #pragma unroll
             for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(f[j]));
@@ -191,29 +203,20 @@ struct Fp8Token {
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-            scale[i] = fp8_scale(amax, kRoundScale);
-            const float inv = __frcp_rn(scale[i]);
-            q[i].x = (int)fp8x4(f[0], f[1], f[2], f[3], inv);
-            q[i].y = (int)fp8x4(f[4], f[5], f[6], f[7], inv);
-            q[i].z = (int)fp8x4(f[8], f[9], f[10], f[11], inv);
-            q[i].w = (int)fp8x4(f[12], f[13], f[14], f[15], inv);
-        }
-    }
-
-    // Payload of one message: e4m3 row, then fp32 scales.
-    __device__ __forceinline__ void store(char* payload, int lane) const {
-        int4* data = reinterpret_cast<int4*>(payload);
-        float* scales = reinterpret_cast<float*>(payload + kHidden);
-#pragma unroll
-        for (int i = 0; i < kSteps; ++i) {
-            const int u = lane + i * kWarpSize;
+            const float scale = fp8_scale(amax, kRoundScale);
+            const float inv = __frcp_rn(scale);
+            int4 q;
+            q.x = (int)fp8x4(f[0], f[1], f[2], f[3], inv);
+            q.y = (int)fp8x4(f[4], f[5], f[6], f[7], inv);
+            q.z = (int)fp8x4(f[8], f[9], f[10], f[11], inv);
+            q.w = (int)fp8x4(f[12], f[13], f[14], f[15], inv);
             if (u < kUnits) {
-                st_na(data + u, q[i]);
-                if ((lane & 7) == 0) scales[u / 8] = scale[i];
+                st_na(data + u, q);
+                if ((lane & 7) == 0) scales[u / 8] = scale;
             }
         }
     }
-};
+}
 
 // ----------------------------------------------------------------------------
 // Dispatch. phases: 1 send, 2 receive, 3 both (the receive half waits for
@@ -249,8 +252,29 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         const int num_entries = num_tokens * num_topk;
         const bool staged = num_entries <= kLLStagedEntries;
         if (staged) {
-            for (int i = threadIdx.x; i < num_entries; i += blockDim.x)
-                s_entries[i] = entry_expert(topk_idx, i, num_topk, num_experts);
+            // Raw ids first (one coalesced load per entry), then each entry
+            // is compared with the earlier ones of its token in shared
+            // memory: loading them from global memory made a chain of
+            // dependent latencies. Bit q of `repeated`: entry threadIdx.x +
+            // q * blockDim.x names an expert its token chose before.
+            static_assert(kLLStagedEntries / kLLThreads <= 32, "one bit per staged entry of a thread");
+            for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
+                const long long id = static_cast<long long>(topk_idx[i]);
+                s_entries[i] = id < 0 || id >= num_experts ? -1 : static_cast<int>(id);
+            }
+            __syncthreads();
+            unsigned repeated = 0;
+            for (int i = threadIdx.x, q = 0; i < num_entries; i += blockDim.x, ++q) {
+                const int e = s_entries[i];
+                for (int j = i - i % num_topk; j < i && e >= 0; ++j)
+                    if (s_entries[j] == e) {
+                        repeated |= 1u << q;
+                        break;
+                    }
+            }
+            __syncthreads();
+            for (int i = threadIdx.x, q = 0; i < num_entries; i += blockDim.x, ++q)
+                if ((repeated >> q) & 1u) s_entries[i] = -1;
             __syncthreads();
         }
         // Ids outside [-1, E) are dropped above; block 0 reports them, raised
@@ -297,9 +321,7 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                 const int t = task / num_topk;
                 char* payload = open_message(t, task % num_topk);
                 if (payload == nullptr) continue;
-                Fp8Token<kHidden, kRoundScale> tok;
-                tok.cast(x + (long long)t * kHidden, lane);
-                tok.store(payload, lane);
+                fp8_cast_store<kHidden, kRoundScale>(x + (long long)t * kHidden, payload, lane);
                 close_message();
             }
         } else {
@@ -385,32 +407,57 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                 while (row >= s_begin[s + 1]) ++s;
                 const int i = row - s_begin[s];
                 const char* msg = local_base + off_area + (((long long)le * num_ranks + s) * max_tokens + i) * kMsg;
-                if (lane == 0) {
-                    const int2 head = *reinterpret_cast<const int2*>(msg);
-                    src_info[out_base + row] = head.x;
-                    recv_k[out_base + row] = head.y;
-                }
+                // Header and scales are loaded before the payload is copied and
+                // stored after it, so that every load of the row is in flight
+                // before the first store (stores could alias later loads).
+                const int2 head = lane == 0 ? *reinterpret_cast<const int2*>(msg) : make_int2(0, 0);
+                constexpr int kScales = kFp8 ? kHidden / kFp8Group : 0;
+                constexpr int kScaleSteps = (kScales + kWarpSize - 1) / kWarpSize;
+                float scale[kScaleSteps > 0 ? kScaleSteps : 1];
+                const float* scales = reinterpret_cast<const float*>(msg + 16 + kHidden);
+#pragma unroll
+                for (int j = 0; j < kScaleSteps; ++j)
+                    scale[j] = lane + j * kWarpSize < kScales ? scales[lane + j * kWarpSize] : 0.f;
                 const int4* payload = reinterpret_cast<const int4*>(msg + 16);
                 if constexpr (kFp8) {
                     warp_copy_coherent<kHidden / 16>(
                         reinterpret_cast<int4*>(static_cast<char*>(recv_x) + (out_base + row) * kHidden), payload, lane);
-                    const float* scales = reinterpret_cast<const float*>(msg + 16 + kHidden);
                     if constexpr (kUe8m0) {
                         constexpr int kWords = kHidden / 512;
                         int* out = static_cast<int*>(recv_scales) + (out_base + row) * kWords;
-                        for (int j = lane; j < kWords; j += kWarpSize)
-                            out[j] = (int)(ue8m0_byte(scales[4 * j]) | (ue8m0_byte(scales[4 * j + 1]) << 8) |
-                                           (ue8m0_byte(scales[4 * j + 2]) << 16) |
-                                           (ue8m0_byte(scales[4 * j + 3]) << 24));
+                        if constexpr (kWords <= kWarpSize) {
+                            // Lane w packs scales 4w .. 4w + 3 from the lanes holding them.
+                            unsigned word = 0;
+#pragma unroll
+                            for (int q = 0; q < 4; ++q) {
+                                const int idx = 4 * lane + q;
+#pragma unroll
+                                for (int j = 0; j < kScaleSteps; ++j) {
+                                    const float v = __shfl_sync(0xffffffffu, scale[j], idx % kWarpSize);
+                                    if (idx / kWarpSize == j) word |= ue8m0_byte(v) << (8 * q);
+                                }
+                            }
+                            if (lane < kWords) out[lane] = (int)word;
+                        } else {
+                            for (int j = lane; j < kWords; j += kWarpSize)
+                                out[j] = (int)(ue8m0_byte(scales[4 * j]) | (ue8m0_byte(scales[4 * j + 1]) << 8) |
+                                               (ue8m0_byte(scales[4 * j + 2]) << 16) |
+                                               (ue8m0_byte(scales[4 * j + 3]) << 24));
+                        }
                     } else {
-                        constexpr int kScales = kHidden / kFp8Group;
                         float* out = static_cast<float*>(recv_scales) + (out_base + row) * kScales;
-                        for (int j = lane; j < kScales; j += kWarpSize) out[j] = scales[j];
+#pragma unroll
+                        for (int j = 0; j < kScaleSteps; ++j)
+                            if (lane + j * kWarpSize < kScales) out[lane + j * kWarpSize] = scale[j];
                     }
                 } else {
                     warp_copy_coherent<kHidden * 2 / 16>(
                         reinterpret_cast<int4*>(static_cast<char*>(recv_x) + (out_base + row) * kHidden * 2),
                         payload, lane);
+                }
+                if (lane == 0) {
+                    src_info[out_base + row] = head.x;
+                    recv_k[out_base + row] = head.y;
                 }
             }
             for (int row = total + gtid; row < rows_per_expert; row += kGroupThreads)

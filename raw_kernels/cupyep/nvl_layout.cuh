@@ -27,4 +27,71 @@ __device__ __forceinline__ T* at(char* base, long long offset) {
     return reinterpret_cast<T*>(base + offset);
 }
 
+// The metadata of one row in a warp's registers, loaded with independent
+// loads before the row is copied so that their latencies overlap the copy's:
+// FP8 scales (lane i holds scales i, i + 32, ...), the source token index
+// (lane 0) and top-k id and weight (lane k < kNumTopk).
+template <int kNumScales, int kNumTopk>
+struct RowMeta {
+    static constexpr int kScaleSteps = (kNumScales + 31) / 32;
+    float scale[kScaleSteps > 0 ? kScaleSteps : 1];
+    int src;
+    int topk;
+    float weight;
+
+    // Token t of the caller's inputs (x_scales / topk_idx / topk_weights may
+    // be null where the call has none).
+    template <typename IdxT>
+    static __device__ __forceinline__ RowMeta load_input(const float* x_scales, const IdxT* topk_idx,
+                                                         const float* topk_weights, int t, int lane) {
+        RowMeta m;
+#pragma unroll
+        for (int j = 0; j < kScaleSteps; ++j) {
+            const int i = lane + 32 * j;
+            m.scale[j] = i < kNumScales ? x_scales[(long long)t * kNumScales + i] : 0.f;
+        }
+        m.src = t;
+        m.topk = -1;
+        m.weight = 0.f;
+        if (lane < kNumTopk) {
+            m.topk = static_cast<int>(topk_idx[(long long)t * kNumTopk + lane]);
+            if (topk_weights != nullptr) m.weight = topk_weights[(long long)t * kNumTopk + lane];
+        }
+        return m;
+    }
+
+    // Row `row` of a buffer (coherent loads: a peer wrote it).
+    static __device__ __forceinline__ RowMeta load_slot(char* base, const NvlLayout& lay, long long row,
+                                                        int lane) {
+        RowMeta m;
+#pragma unroll
+        for (int j = 0; j < kScaleSteps; ++j) {
+            const int i = lane + 32 * j;
+            m.scale[j] = i < kNumScales ? at<float>(base, lay.scales)[row * kNumScales + i] : 0.f;
+        }
+        m.src = lane == 0 ? at<int>(base, lay.src_idx)[row] : 0;
+        m.topk = -1;
+        m.weight = 0.f;
+        if (lane < kNumTopk) {
+            m.topk = at<int>(base, lay.topk_idx)[row * kNumTopk + lane];
+            m.weight = at<float>(base, lay.topk_weights)[row * kNumTopk + lane];
+        }
+        return m;
+    }
+
+    // Into row `row` of a buffer (a peer's, through its NVLink mapping).
+    __device__ __forceinline__ void store(char* base, const NvlLayout& lay, long long row, int lane) const {
+#pragma unroll
+        for (int j = 0; j < kScaleSteps; ++j) {
+            const int i = lane + 32 * j;
+            if (i < kNumScales) at<float>(base, lay.scales)[row * kNumScales + i] = scale[j];
+        }
+        if (lane == 0) at<int>(base, lay.src_idx)[row] = src;
+        if (lane < kNumTopk) {
+            at<int>(base, lay.topk_idx)[row * kNumTopk + lane] = topk;
+            at<float>(base, lay.topk_weights)[row * kNumTopk + lane] = weight;
+        }
+    }
+};
+
 }  // namespace cupyep

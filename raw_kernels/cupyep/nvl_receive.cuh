@@ -51,17 +51,19 @@ __device__ __forceinline__ void receive_channel(
                 break;
             }
             const long long row = (long long)s * lay.max_tokens + slot_base + n;
+            const RowMeta<kNumScales, kNumTopk> meta = RowMeta<kNumScales, kNumTopk>::load_slot(local, lay, row, lane);
             warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,
                                             at<int4>(local, lay.rows + row * kRowBytes), lane);
-            for (int i = lane; i < kNumScales; i += kWarpSize)
-                recv_x_scales[out * kNumScales + i] = at<float>(local, lay.scales)[row * kNumScales + i];
-            if (lane == 0) recv_src_idx[out] = at<int>(local, lay.src_idx)[row];
+#pragma unroll
+            for (int j = 0; j < meta.kScaleSteps; ++j) {
+                const int i = lane + 32 * j;
+                if (i < kNumScales) recv_x_scales[out * kNumScales + i] = meta.scale[j];
+            }
+            if (lane == 0) recv_src_idx[out] = meta.src;
             if (lane < kNumTopk) {
-                const int e = at<int>(local, lay.topk_idx)[row * kNumTopk + lane];
-                const bool mine = e >= lo && e < lo + num_local_experts;
-                recv_topk_idx[out * kNumTopk + lane] = mine ? e - lo : -1;
-                recv_topk_weights[out * kNumTopk + lane] =
-                    mine ? at<float>(local, lay.topk_weights)[row * kNumTopk + lane] : 0.f;
+                const bool mine = meta.topk >= lo && meta.topk < lo + num_local_experts;
+                recv_topk_idx[out * kNumTopk + lane] = mine ? meta.topk - lo : -1;
+                recv_topk_weights[out * kNumTopk + lane] = mine ? meta.weight : 0.f;
             }
         }
     }

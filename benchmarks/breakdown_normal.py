@@ -1,0 +1,164 @@
+"""Where the time of intranode dispatch and combine goes: kernel variants that
+leave one stage out, timed against the full kernel in one run.
+
+    mpirun -n 4 python benchmarks/breakdown_normal.py [--base DIR] [--sms 24]
+
+Each variant is intranode.cu with its headers inlined (from this checkout, or
+from DIR, e.g. an older checkout's raw_kernels/cupyep, as the "base" row) and
+one stage removed by a text edit; the results of a variant are wrong by
+construction, only its time matters. Rows:
+
+    full            the kernels as they are
+    base            the kernels of --base (if given)
+    recv_no_rows    dispatch receivers copy metadata, not rows
+    send_no_rows    dispatch senders store metadata and progress, not rows
+    no_rows         both (synchronisation and metadata only)
+    recv_wait_only  dispatch receivers only wait for the progress counters
+    comb_recv_wait  combine receivers wait for every row, sum nothing
+    comb_send_no_rows  combine senders publish progress without the rows
+
+Times: cached dispatch (barrier + dispatch kernel, BF16 and FP8) and combine
+(barrier + combine kernel), queued behind a spin kernel (GPU time only),
+median of --iters, slowest rank. Protocol of bench_normal.py.
+"""
+import argparse
+import os
+import re
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cupyep  # noqa: E402
+from cupyep import fp8, jit  # noqa: E402
+from cupyep.bench import queued_times, teardown  # noqa: E402
+
+_INCLUDE = re.compile(r'^#include "cupyep/([^"]+)"\s*$', re.M)
+
+# (old, new) text edits of the inlined source; each `old` must occur once.
+_SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),\n"
+             "                                              x + (long long)t * kHiddenInt4, lane);")
+_RECV_ROW = ("warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,\n"
+             "                                            at<int4>(local, lay.rows + row * kRowBytes), lane);")
+_RECV_OUT = "            const long long out = first + n;\n"
+_COMB_RECV = "        if (failed) break;\n        // kBatch words"
+_COMB_SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),\n"
+                  "                                              x + (long long)(first + n) * kHiddenInt4, lane);")
+VARIANTS = {
+    "recv_no_rows": [(_RECV_ROW, "")],
+    "send_no_rows": [(_SEND_ROW, "")],
+    "no_rows": [(_RECV_ROW, ""), (_SEND_ROW, "")],
+    "recv_wait_only": [(_RECV_OUT, "            continue;\n" + _RECV_OUT)],
+    "comb_recv_wait": [(_COMB_RECV, "        if (failed) break;\n        continue;\n        // kBatch words")],
+    "comb_send_no_rows": [(_COMB_SEND_ROW, "")],
+}
+
+
+def inline(src_dir: str, name: str, seen=None) -> str:
+    """The file with every "cupyep/..." include replaced by its text, once."""
+    seen = set() if seen is None else seen
+    with open(os.path.join(src_dir, name)) as f:
+        text = f.read().replace("#pragma once", "")
+
+    def sub(m):
+        if m.group(1) in seen:
+            return ""
+        seen.add(m.group(1))
+        return inline(src_dir, m.group(1), seen)
+    return _INCLUDE.sub(sub, text)
+
+
+def write_variants(base_dir):
+    """Write every variant into raw_kernels/cupyep/; returns {row: source name}."""
+    here = os.path.join(jit.kernel_dir(), "cupyep")
+    full = inline(here, "intranode.cu")
+    texts = {"full": full}
+    if base_dir:
+        texts["base"] = inline(base_dir, "intranode.cu")
+    for name, edits in VARIANTS.items():
+        text = full
+        for old, new in edits:
+            assert text.count(old) == 1, f"variant {name}: edit anchor found {text.count(old)} times"
+            text = text.replace(old, new)
+        texts[name] = text
+    names = {}
+    for row, text in texts.items():
+        names[row] = f"breakdown_{row}.cu"
+        with open(os.path.join(here, names[row]), "w") as f:
+            f.write(text)
+    return names
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--sms", type=int, default=24)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--base", default=None, help="raw_kernels/cupyep of another checkout")
+    args = ap.parse_args()
+
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    names = None
+    if comm.rank == 0:
+        names = write_variants(args.base)
+    names = comm.bcast(names, root=0)
+    jit.sources_digest.cache_clear()
+    import cupy
+    try:
+        group = cupyep.Group()
+        r = group.size
+        nvl = cupyep.nvl_size_hint(args.hidden, args.tokens + 64, r, args.topk)
+        buf = cupyep.Buffer(group, num_nvl_bytes=nvl, backend="gpu")
+        rng = np.random.default_rng(group.rank + 100)
+        x_np = rng.standard_normal((args.tokens, args.hidden)).astype(fp8.bfloat16)
+        idx_np = np.argsort(rng.random((args.tokens, args.experts)), axis=1)[:, :args.topk].astype(np.int64)
+        x = cupy.asarray(x_np.view(np.uint16)).view(fp8.bfloat16)
+        idx = cupy.asarray(idx_np)
+        w = cupy.asarray(rng.random(idx_np.shape).astype(np.float32))
+        q_np, s_np = fp8.per_token_cast_to_fp8(x_np)
+        xq = (cupy.asarray(q_np.view(np.uint8)), cupy.asarray(s_np))
+        cfg = cupyep.Config(num_sms=args.sms)
+        d = buf.dispatch(x, idx, w, num_experts=args.experts, config=cfg)
+        n = int(d.recv_x.shape[0])
+        nbytes = n * args.hidden * 2
+        impl = buf._impl
+        real_spec = impl._spec
+        results = {}
+        for row, source in names.items():
+            impl._spec = lambda src, name, *t, _s=source: real_spec(_s if src == "intranode.cu" else src, name, *t)
+            steps = {"bf16": lambda: buf.dispatch(x, handle=d.handle),
+                     "fp8": lambda: buf.dispatch(xq, handle=d.handle),
+                     "combine": lambda: buf.combine(d.recv_x, d.handle, config=cfg)}
+            for key, step in steps.items():
+                step()  # compile, warm up
+                cupy.cuda.Device().synchronize()
+                group.barrier()
+                t = queued_times(step, args.iters)
+                cupy.cuda.Device().synchronize()
+                group.barrier()
+                results[(row, key)] = group.comm.allreduce(t, op=MPI.MAX)
+        impl._spec = real_spec
+        if group.rank == 0:
+            name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+            print(f"\nbreakdown, {r} x {name}, {args.sms} SMs, {args.tokens} tokens x {args.hidden}, "
+                  f"top-{args.topk} of {args.experts}, rank 0 received {n} rows; us (GB/s as bench_normal), "
+                  "slowest rank, kernels only")
+            print(f"{'variant':>18} | {'BF16 cached':>20} | {'FP8 cached':>20} | {'combine':>20}")
+            scale = {"bf16": 1.0, "fp8": (1 + 4 / 128) / 2, "combine": 1.0}
+            for row in names:
+                cells = [f"{results[(row, k)]:8.1f} us {nbytes * scale[k] / results[(row, k)] / 1e3:6.1f}"
+                         for k in ("bf16", "fp8", "combine")]
+                print(f"{row:>18} | " + " | ".join(cells))
+        teardown(buf, group)
+    finally:
+        if comm.rank == 0:
+            for source in names.values():
+                os.remove(os.path.join(jit.kernel_dir(), "cupyep", source))
+
+
+if __name__ == "__main__":
+    main()
