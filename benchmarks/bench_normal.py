@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--sweep", type=int, nargs="*", default=[8, 16, 24, 32, 48])
     ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")
     ap.add_argument("--warps", type=int, default=None, help="Config.num_warps (default: tuned)")
+    ap.add_argument("--combine-warps", type=int, default=None, help="Config.num_combine_warps (default: tuned)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-nccl", action="store_true")
@@ -102,7 +103,7 @@ def main():
         base = cupyep.default_config(r, group.num_nodes)
         return cupyep.Config(num_sms=sms, num_warps=args.warps or base.num_warps,
                              chunk_tokens=args.chunk or base.chunk_tokens,
-                             num_combine_warps=args.warps or base.num_combine_warps)
+                             num_combine_warps=args.combine_warps or base.num_combine_warps)
 
     def measure(sms):
         cfg = config(sms)
@@ -165,7 +166,7 @@ def main():
         print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
               f"chunk_tokens={args.chunk or cupyep.default_config(r, group.num_nodes).chunk_tokens}, "
               f"warps {args.warps or cupyep.default_config(r, group.num_nodes).num_warps}/"
-              f"{args.warps or cupyep.default_config(r, group.num_nodes).num_combine_warps} (dispatch/combine), "
+              f"{args.combine_warps or cupyep.default_config(r, group.num_nodes).num_combine_warps} (dispatch/combine), "
               f"top-{args.topk} of {args.experts} experts (median of {args.iters}, rank 0 "
               f"received {head['n']} rows)")
         worst = lambda key, s: min(rw[1][s][key][1] for rw in rows)  # noqa: E731

@@ -1,7 +1,8 @@
 """Where the time of intranode dispatch and combine goes: kernel variants that
 leave one stage out, timed against the full kernel in one run.
 
-    mpirun -n 4 python benchmarks/breakdown_normal.py [--base DIR] [--sms 24]
+    mpirun -n 4 python benchmarks/breakdown_normal.py [--base DIR] [--sms 24] [--chunk 1]
+        [--rows full base ...]
 
 Each variant is intranode.cu with its headers inlined (from this checkout, or
 from DIR, e.g. an older checkout's raw_kernels/cupyep, as the "base" row) and
@@ -45,12 +46,12 @@ _COMB_RECV = "        if (failed) break;\n        // kBatch words"
 _COMB_SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),\n"
                   "                                              x + (long long)(first + n) * kHiddenInt4, lane);")
 VARIANTS = {
-    "recv_no_rows": [(_RECV_ROW, "")],
-    "send_no_rows": [(_SEND_ROW, "")],
-    "no_rows": [(_RECV_ROW, ""), (_SEND_ROW, "")],
+    "recv_no_rows": [(_RECV_ROW, ";")],
+    "send_no_rows": [(_SEND_ROW, ";")],
+    "no_rows": [(_RECV_ROW, ";"), (_SEND_ROW, ";")],
     "recv_wait_only": [(_RECV_OUT, "            continue;\n" + _RECV_OUT)],
     "comb_recv_wait": [(_COMB_RECV, "        if (failed) break;\n        continue;\n        // kBatch words")],
-    "comb_send_no_rows": [(_COMB_SEND_ROW, "")],
+    "comb_send_no_rows": [(_COMB_SEND_ROW, ";")],
 }
 
 
@@ -68,8 +69,9 @@ def inline(src_dir: str, name: str, seen=None) -> str:
     return _INCLUDE.sub(sub, text)
 
 
-def write_variants(base_dir):
-    """Write every variant into raw_kernels/cupyep/; returns {row: source name}."""
+def write_variants(base_dir, rows=None):
+    """Write the variants (all, or those named in rows) into raw_kernels/cupyep/;
+    returns {row: source name}."""
     here = os.path.join(jit.kernel_dir(), "cupyep")
     full = inline(here, "intranode.cu")
     texts = {"full": full}
@@ -83,6 +85,8 @@ def write_variants(base_dir):
         texts[name] = text
     names = {}
     for row, text in texts.items():
+        if rows and row not in rows:
+            continue
         names[row] = f"breakdown_{row}.cu"
         with open(os.path.join(here, names[row]), "w") as f:
             f.write(text)
@@ -97,6 +101,8 @@ def main():
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--sms", type=int, default=24)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")
+    ap.add_argument("--rows", nargs="*", default=None, help="only these variants (default: all)")
     ap.add_argument("--base", default=None, help="raw_kernels/cupyep of another checkout")
     args = ap.parse_args()
 
@@ -104,7 +110,7 @@ def main():
     comm = MPI.COMM_WORLD
     names = None
     if comm.rank == 0:
-        names = write_variants(args.base)
+        names = write_variants(args.base, args.rows)
     names = comm.bcast(names, root=0)
     jit.sources_digest.cache_clear()
     import cupy
@@ -121,7 +127,10 @@ def main():
         w = cupy.asarray(rng.random(idx_np.shape).astype(np.float32))
         q_np, s_np = fp8.per_token_cast_to_fp8(x_np)
         xq = (cupy.asarray(q_np.view(np.uint8)), cupy.asarray(s_np))
-        cfg = cupyep.Config(num_sms=args.sms)
+        base_cfg = cupyep.default_config(r)
+        cfg = cupyep.Config(num_sms=args.sms, num_warps=base_cfg.num_warps,
+                            chunk_tokens=args.chunk or base_cfg.chunk_tokens,
+                            num_combine_warps=base_cfg.num_combine_warps)
         d = buf.dispatch(x, idx, w, num_experts=args.experts, config=cfg)
         n = int(d.recv_x.shape[0])
         nbytes = n * args.hidden * 2
@@ -130,8 +139,8 @@ def main():
         results = {}
         for row, source in names.items():
             impl._spec = lambda src, name, *t, _s=source: real_spec(_s if src == "intranode.cu" else src, name, *t)
-            steps = {"bf16": lambda: buf.dispatch(x, handle=d.handle),
-                     "fp8": lambda: buf.dispatch(xq, handle=d.handle),
+            steps = {"bf16": lambda: buf.dispatch(x, handle=d.handle, config=cfg),
+                     "fp8": lambda: buf.dispatch(xq, handle=d.handle, config=cfg),
                      "combine": lambda: buf.combine(d.recv_x, d.handle, config=cfg)}
             for key, step in steps.items():
                 step()  # compile, warm up
@@ -144,7 +153,8 @@ def main():
         impl._spec = real_spec
         if group.rank == 0:
             name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-            print(f"\nbreakdown, {r} x {name}, {args.sms} SMs, {args.tokens} tokens x {args.hidden}, "
+            print(f"\nbreakdown, {r} x {name}, {args.sms} SMs, chunk_tokens={cfg.chunk_tokens}, "
+                  f"{args.tokens} tokens x {args.hidden}, "
                   f"top-{args.topk} of {args.experts}, rank 0 received {n} rows; us (GB/s as bench_normal), "
                   "slowest rank, kernels only")
             print(f"{'variant':>18} | {'BF16 cached':>20} | {'FP8 cached':>20} | {'combine':>20}")

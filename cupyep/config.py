@@ -20,7 +20,7 @@ class Config:
     """
     num_sms: int = 24
     num_warps: int = 16
-    chunk_tokens: int = 8
+    chunk_tokens: int = 1
     num_combine_warps: int = 32
 
     def __post_init__(self):
@@ -42,9 +42,13 @@ class Config:
 def default_config(num_ranks: int, num_nodes: int = 1) -> Config:
     """Defaults (measured on 2 and 4 H200s, benchmarks/RESULTS.md).
 
-    Dispatch was fastest with 16 warps and 8-token chunks; combine with 32
-    warps. Across nodes dispatch blocks hold senders and forwarders, half
-    the warps each: 32 warps (16 + 16) were 1.4x faster than 16 on 2 x 1.
+    Inside a node, dispatch was fastest with 16 warps and 1-token chunks
+    (receivers start on a round as soon as senders publish it; 8-token
+    chunks left the last 128-token round's copy after the senders finished)
+    and combine with 32 warps. Across nodes dispatch blocks hold senders and
+    forwarders, half the warps each: 32 warps (16 + 16) were 1.4x faster than
+    16 on 2 x 1 (chunks of 8, not yet tuned there).
     """
-    warps = 32 if num_nodes > 1 else 16
-    return Config(num_sms=24, num_warps=warps, chunk_tokens=8, num_combine_warps=32)
+    if num_nodes > 1:
+        return Config(num_sms=24, num_warps=32, chunk_tokens=8, num_combine_warps=32)
+    return Config(num_sms=24, num_warps=16, chunk_tokens=1, num_combine_warps=32)
