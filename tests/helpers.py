@@ -107,3 +107,46 @@ def assert_close_bf16(actual, expected, what, roundings=1, partial_magnitude=Non
     bad = np.abs(a - e) > tol
     assert not bad.any(), (f"{what}: {bad.sum()} elements differ beyond bf16 rounding, "
                            f"first at {np.argwhere(bad)[0]}: {a[bad][0]} vs {e[bad][0]}")
+
+
+def capture_graph(fill, step):
+    """fill() and step() once outside capture (compiles kernels, fills the
+    memory pool), then step() captured on a new stream.
+
+    Returns (graph, stream, what the captured step() returned).
+    """
+    import cupy
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        fill()
+        step()
+        stream.synchronize()
+        COMM.Barrier()
+        stream.begin_capture()
+        outputs = step()
+        graph = stream.end_capture()
+    return graph, stream, outputs
+
+
+def replay_and_check(graph, stream, fill, check, replays):
+    """Replay the graph with new inputs; every rank checks every replay, and
+    the ranks agree on the verdict before the next replay (a rank that
+    failed alone would leave the others waiting in the next exchange).
+
+    fill() writes new inputs into the graph's arrays and returns them;
+    check(i, inputs) raises if replay i is wrong (a collective in it runs
+    before anything that can raise).
+    """
+    from mpi4py import MPI
+    for i in range(replays):
+        with stream:
+            inputs = fill()
+            graph.launch(stream)
+            stream.synchronize()
+        error = None
+        try:
+            check(i, inputs)
+        except Exception as e:  # noqa: BLE001 - reported below, after the vote
+            error = e
+        if COMM.allreduce(error is not None, op=MPI.LOR):
+            raise AssertionError(f"replay {i} failed on some rank; here: {error!r}")

@@ -5,7 +5,8 @@ import pytest
 from cupyep import fp8
 
 from conftest import COMM, RANK, SIZE
-from helpers import assert_close_bf16, bits, gather, random_rows, random_topk, to_backend, to_host
+from helpers import (assert_close_bf16, bits, capture_graph, gather, random_rows, random_topk,
+                     replay_and_check, to_backend, to_host)
 
 
 def expert_scale(e):
@@ -181,32 +182,17 @@ def test_low_latency_cuda_graph_replays(buffer, backend, transport, rng):
         c = buffer.low_latency_combine(y, idx_dev, w_dev, d.handle)
         return d, c
 
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        fill()
-        step()  # compiles kernels and fills the pool before capture
-        stream.synchronize()
-        COMM.Barrier()
-        stream.begin_capture()
-        d, c = step()
-        graph = stream.end_capture()
-    from mpi4py import MPI
-    for i in range(100):
-        with stream:
-            x, idx, w = fill()
-            graph.launch(stream)
-            stream.synchronize()
+    graph, stream, (d, c) = capture_graph(fill, step)
+
+    def check(i, inputs):
+        x, idx, w = inputs
         everyone = gather(x, idx)
-        error = None
-        try:  # every rank checks, then all agree before the next replay
-            buffer._impl.check_errors()
-            check_dispatch(d, everyone, m, h, local, False, False, False)
-            assert_close_bf16(to_host(c.combined_x), expected_combine(x, idx, w, lambda e: 1.0),
-                              f"combined_x of replay {i}")
-        except Exception as e:  # noqa: BLE001 - reported below, after the vote
-            error = e
-        if COMM.allreduce(error is not None, op=MPI.LOR):
-            raise AssertionError(f"replay {i} failed on some rank; here: {error!r}")
+        buffer._impl.check_errors()
+        check_dispatch(d, everyone, m, h, local, False, False, False)
+        assert_close_bf16(to_host(c.combined_x), expected_combine(x, idx, w, lambda e: 1.0),
+                          f"combined_x of replay {i}")
+
+    replay_and_check(graph, stream, fill, check, 100)
 
 
 @pytest.mark.gpu

@@ -7,8 +7,8 @@ import pytest
 from cupyep import fp8
 
 from conftest import RANK, SIZE
-from helpers import (assert_close_bf16, bits, expected_dispatch, gather, random_rows,
-                     random_topk, to_backend, to_host)
+from helpers import (assert_close_bf16, bits, capture_graph, expected_dispatch, gather, random_rows,
+                     random_topk, replay_and_check, to_backend, to_host)
 
 
 @dataclass(frozen=True)
@@ -194,9 +194,6 @@ def test_worst_token_mode_in_cuda_graph(normal_buffer, backend, rng):
     if backend != "gpu":
         pytest.skip("CUDA graphs need the GPU backend")
     import cupy
-    from mpi4py import MPI
-
-    from conftest import COMM
     buffer = normal_buffer
     t, h, k, num_experts = 48, 1024, 4, 4 * SIZE
     worst = t * SIZE
@@ -218,39 +215,25 @@ def test_worst_token_mode_in_cuda_graph(normal_buffer, backend, rng):
         d = buffer.dispatch(x_dev, idx_dev, w_dev, layout=lay, num_worst_tokens=worst)
         return d, buffer.combine(d.recv_x, d.handle, d.recv_topk_weights)
 
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        fill()
-        step()  # compiles kernels before capture
-        stream.synchronize()
-        COMM.Barrier()
-        stream.begin_capture()
-        d, c = step()
-        graph = stream.end_capture()
-    for i in range(20):
-        with stream:
-            x, idx, w = fill()
-            graph.launch(stream)
-            stream.synchronize()
+    graph, stream, (d, c) = capture_graph(fill, step)
+
+    def check(i, inputs):
+        x, idx, w = inputs
         everyone = gather(x, idx, w)
-        error = None
-        try:  # every rank checks, then all agree before the next replay
-            buffer._impl.check_errors()
-            rows, ids, ws, src = expected_dispatch(everyone, num_experts)
-            n = rows.shape[0]
-            assert (bits(to_host(d.recv_x)[:n]) == bits(rows)).all(), f"rows of replay {i}"
-            assert (to_host(d.recv_topk_idx)[:n] == ids).all() and (to_host(d.recv_topk_idx)[n:] == -1).all()
-            assert (to_host(d.recv_topk_weights)[:n] == ws).all()
-            assert (to_host(d.handle.recv_src_idx)[:n] == src).all()
-            local = num_experts // SIZE
-            in_rank = np.stack([((idx >= r * local) & (idx < (r + 1) * local)).any(1) for r in range(SIZE)], 1)
-            want = x.astype(np.float32) * in_rank.sum(1, keepdims=True)
-            assert_close_bf16(to_host(c.combined_x), want, f"combined_x of replay {i}", _roundings(buffer))
-            np.testing.assert_array_equal(to_host(c.combined_topk_weights), np.where(idx >= 0, w, 0))
-        except Exception as e:  # noqa: BLE001 - reported below, after the vote
-            error = e
-        if COMM.allreduce(error is not None, op=MPI.LOR):
-            raise AssertionError(f"replay {i} failed on some rank; here: {error!r}")
+        buffer._impl.check_errors()
+        rows, ids, ws, src = expected_dispatch(everyone, num_experts)
+        n = rows.shape[0]
+        assert (bits(to_host(d.recv_x)[:n]) == bits(rows)).all(), f"rows of replay {i}"
+        assert (to_host(d.recv_topk_idx)[:n] == ids).all() and (to_host(d.recv_topk_idx)[n:] == -1).all()
+        assert (to_host(d.recv_topk_weights)[:n] == ws).all()
+        assert (to_host(d.handle.recv_src_idx)[:n] == src).all()
+        local = num_experts // SIZE
+        in_rank = np.stack([((idx >= r * local) & (idx < (r + 1) * local)).any(1) for r in range(SIZE)], 1)
+        want = x.astype(np.float32) * in_rank.sum(1, keepdims=True)
+        assert_close_bf16(to_host(c.combined_x), want, f"combined_x of replay {i}", _roundings(buffer))
+        np.testing.assert_array_equal(to_host(c.combined_topk_weights), np.where(idx >= 0, w, 0))
+
+    replay_and_check(graph, stream, fill, check, 20)
 
 
 def test_events_order_and_async_finish(normal_buffer, backend, rng):

@@ -127,16 +127,25 @@ __device__ __forceinline__ void warp_copy_coherent(int4* dst, const int4* src, i
 }
 
 // ---- bf16 rows ------------------------------------------------------------
-__device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+// Eight bf16 values (one 16-byte word) to fp32, exactly (bf16 is the high
+// half of an fp32).
+__device__ __forceinline__ void bf16x8_to_float(const int4& v, float* f) {
+    const unsigned w[4] = {(unsigned)v.x, (unsigned)v.y, (unsigned)v.z, (unsigned)v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(h[i]);
-        acc[2 * i] += f.x;
-        acc[2 * i + 1] += f.y;
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
 
+__device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v) {
+    float f[8];
+    bf16x8_to_float(v, f);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] += f[i];
+}
+
+// Eight fp32 values to bf16, rounded to nearest even.
 __device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
     int4 v;
     __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
@@ -144,6 +153,57 @@ __device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
     for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
     return v;
 }
+
+// A warp sums kNumRows bf16 rows of kNumInt4 words in fp32, in row order
+// (rows[j] null: absent), then bias0 and bias1 (null: none), and stores the
+// bf16 result into dst. Each lane loads kBatch words of every row before it
+// sums them, so about 4 loads per lane are in flight (more spill registers
+// at 1024 threads); one word at a time made every word a full latency.
+// The rows are plain (coherent) loads: peers wrote them, after an acquire.
+template <int kNumInt4, int kNumRows>
+__device__ __forceinline__ void warp_sum_rows(int4* dst, const int4* const (&rows)[kNumRows],
+                                              const int4* bias0, const int4* bias1, int lane) {
+    constexpr int kBatch = kNumRows >= 4 ? 1 : 4 / kNumRows;
+    constexpr bool kExact = kNumInt4 % (kWarpSize * kBatch) == 0;  // no word past the row
+    for (int i0 = lane; i0 < kNumInt4; i0 += kWarpSize * kBatch) {
+        int4 words[kBatch][kNumRows];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+            const int i = i0 + b * kWarpSize;
+#pragma unroll
+            for (int j = 0; j < kNumRows; ++j)
+                if (rows[j] != nullptr && (kExact || i < kNumInt4)) words[b][j] = rows[j][i];
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+            const int i = i0 + b * kWarpSize;
+            if (!kExact && i >= kNumInt4) continue;
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int j = 0; j < kNumRows; ++j)
+                if (rows[j] != nullptr) accumulate_bf16x8(acc, words[b][j]);
+            if (bias0 != nullptr) accumulate_bf16x8(acc, ld_nc(bias0 + i));
+            if (bias1 != nullptr) accumulate_bf16x8(acc, ld_nc(bias1 + i));
+            st_na(dst + i, pack_bf16x8(acc));
+        }
+    }
+}
+
+// ---- warp groups ----------------------------------------------------------
+// num_warps warps split into equal groups over num_items items: several
+// warps per item when there are more warps than items, else one warp per
+// group and several items per group. Group g takes items g, g + num_groups,
+// ...; warp `sub` of a group takes every size-th unit of an item's work.
+// Warps past the last whole group (group >= num_groups) have no item.
+struct WarpGroups {
+    int size, num_groups, group, sub;
+    __device__ __forceinline__ WarpGroups(int warp, int num_warps, int num_items) {
+        size = max(1, num_warps / num_items);
+        num_groups = num_warps / size;
+        group = warp / size;
+        sub = warp % size;
+    }
+};
 
 // ---- errors ---------------------------------------------------------------
 // error word, in device memory: [0] set to 1 by the first failure, [1] phase,

@@ -344,12 +344,9 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
     }
 
     // ---------------- forwarder: node m's messages to our node's ranks ----------------
-    const int fw = warp - num_senders, num_fw = num_warps - num_senders;
-    const int warps_per_node = max(1, num_fw / kNumNodes);
-    const int groups = num_fw / warps_per_node;
-    const int g = fw / warps_per_node, sub = fw % warps_per_node;
-    if (g >= groups) return;
-    for (int m = g; m < kNumNodes; m += groups) {
+    const WarpGroups wg(warp - num_senders, num_warps - num_senders, kNumNodes);  // groups over nodes
+    if (wg.group >= wg.num_groups) return;
+    for (int m = wg.group; m < kNumNodes; m += wg.num_groups) {
         const int s = m * kRanksPerNode + local_rank;  // the source rank
         const int count = rdma_recv_count[m * num_channels + c];
         long long* tail = rdma_word(rdma, lay.dispatch_tail) + m * kMaxChannels + c;
@@ -381,10 +378,10 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
                 const bool in = ok && ((bits[r / 32] >> (r % 32)) & 1u);
                 mask[q] = __ballot_sync(0xffffffffu, in);
                 slot[q] = in ? nvl_base + sent[q] + __popc(mask[q] & lanemask_lt(lane)) : -1;
-                if (fwd_slots != nullptr && sub == 0 && ok)
+                if (fwd_slots != nullptr && wg.sub == 0 && ok)
                     fwd_slots[(region + b + lane) * kRanksPerNode + q] = slot[q];
             }
-            for (int i = sub; i < nb; i += warps_per_node) {
+            for (int i = wg.sub; i < nb; i += wg.size) {
                 const char* msg = rdma + lay.recv + (region + b + i) * stride;
 #pragma unroll
                 for (int q = 0; q < kRanksPerNode; ++q) {
@@ -409,8 +406,8 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
 #pragma unroll
             for (int q = 0; q < kRanksPerNode; ++q) sent[q] += __popc(mask[q]);
             // The group's row stores happen-before the release below.
-            sync_warps(2 + g, warps_per_node * kWarpSize);
-            if (sub == 0 && lane < kRanksPerNode) {
+            sync_warps(2 + wg.group, wg.size * kWarpSize);
+            if (wg.sub == 0 && lane < kRanksPerNode) {
                 int now = 0;
 #pragma unroll
                 for (int q = 0; q < kRanksPerNode; ++q)
@@ -422,7 +419,7 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
             }
         }
         // Every wait on this tail is behind the group's last barrier.
-        if (sub == 0 && lane == 0) *reinterpret_cast<volatile long long*>(tail) = 0;
+        if (wg.sub == 0 && lane == 0) *reinterpret_cast<volatile long long*>(tail) = 0;
     }
 }
 
@@ -481,17 +478,14 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
                 }
             }
             if (failed) break;
-            for (int i = lane; i < kHiddenInt4; i += kWarpSize) {
-                float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            const int4* rows[kNumNodes];
 #pragma unroll
-                for (int m = 0; m < kNumNodes; ++m)
-                    if (pos[m] >= 0)
-                        accumulate_bf16x8(acc, reinterpret_cast<const int4*>(
-                            rdma + lay.recv + ((long long)m * lay.max_tokens + pos[m]) * stride)[i]);
-                if (bias0 != nullptr) accumulate_bf16x8(acc, ld_nc(bias0 + (long long)t * kHiddenInt4 + i));
-                if (bias1 != nullptr) accumulate_bf16x8(acc, ld_nc(bias1 + (long long)t * kHiddenInt4 + i));
-                out[(long long)t * kHiddenInt4 + i] = pack_bf16x8(acc);
-            }
+            for (int m = 0; m < kNumNodes; ++m)
+                rows[m] = pos[m] < 0 ? nullptr : reinterpret_cast<const int4*>(
+                    rdma + lay.recv + ((long long)m * lay.max_tokens + pos[m]) * stride);
+            const long long row_off = (long long)t * kHiddenInt4;
+            warp_sum_rows<kHiddenInt4, kNumNodes>(out + row_off, rows, bias0 != nullptr ? bias0 + row_off : nullptr,
+                                                  bias1 != nullptr ? bias1 + row_off : nullptr, lane);
             if (lane < kNumTopk) {
                 float w = 0.f;
 #pragma unroll
@@ -513,22 +507,20 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
         // ---------------- rows back to their source's forwarder ----------------
         // Forwarder of source s in our node: local index s % P; its region
         // for our rows of s: (s's node) * P + our local index.
-        const int warps_per_source = max(1, num_senders / kNumRanks);
-        const int groups = num_senders / warps_per_source;
-        const int g = warp / warps_per_source, sub = warp % warps_per_source;
+        const WarpGroups wg(warp, num_senders, kNumRanks);  // groups over sources
         int max_count = 0;
         for (int s = 0; s < kNumRanks; ++s)
             max_count = max(max_count, recv_channel_offset[s * num_channels + c + 1] -
                                            recv_channel_offset[s * num_channels + c]);
         int published = 0;  // owned by thread s < R
-        const int round_rows = warps_per_source * chunk_tokens;
+        const int round_rows = wg.size * chunk_tokens;
         for (int round = 0; round < max_count; round += round_rows) {
-            for (int s = g; g < groups && s < kNumRanks; s += groups) {
+            for (int s = wg.group; wg.group < wg.num_groups && s < kNumRanks; s += wg.num_groups) {
                 const int first = recv_channel_offset[s * num_channels + c];
                 const int count = recv_channel_offset[s * num_channels + c + 1] - first;
                 char* dst = peers[node * kRanksPerNode + s % kRanksPerNode];
                 const long long region = (long long)(s / kRanksPerNode) * kRanksPerNode + local_rank;
-                for (int n = round + sub; n < min(round + round_rows, count); n += warps_per_source) {
+                for (int n = round + wg.sub; n < min(round + round_rows, count); n += wg.size) {
                     const long long row = region * nvl.max_tokens + nvl_base + n;
                     warp_copy_nc<kHiddenInt4>(at<int4>(dst, nvl.rows + row * kRowBytes),
                                               x + (long long)(first + n) * kHiddenInt4, lane);
@@ -556,12 +548,9 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
     }
 
     // ---------------- forwarder: sum our node's rows, one put per message ----------------
-    const int fw = warp - num_senders, num_fw = num_warps - num_senders;
-    const int warps_per_node = max(1, num_fw / kNumNodes);
-    const int groups = num_fw / warps_per_node;
-    const int g = fw / warps_per_node, sub = fw % warps_per_node;
-    if (g >= groups) return;
-    for (int m = g; m < kNumNodes; m += groups) {
+    const WarpGroups wg(warp - num_senders, num_warps - num_senders, kNumNodes);  // groups over nodes
+    if (wg.group >= wg.num_groups) return;
+    for (int m = wg.group; m < kNumNodes; m += wg.num_groups) {
         const int s = m * kRanksPerNode + local_rank;
         const int count = rdma_recv_count[m * num_channels + c];
         const long long region = (long long)m * lay.max_tokens + rdma_base;
@@ -570,7 +559,7 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
         for (int q = 0; q < kRanksPerNode; ++q) seen[q] = 0;
         for (int b = 0; b < count; b += kWarpSize) {
             const int nb = min(kWarpSize, count - b);
-            for (int i = sub; i < nb; i += warps_per_node) {
+            for (int i = wg.sub; i < nb; i += wg.size) {
                 int slot[kRanksPerNode];
                 bool ok = true;
 #pragma unroll
@@ -588,15 +577,12 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
                 }
                 if (!ok) continue;  // a timeout was reported; the group still meets below
                 char* msg = rdma + lay.send + (region + b + i) * stride;
-                for (int k = lane; k < kHiddenInt4; k += kWarpSize) {
-                    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+                const int4* rows[kRanksPerNode];
 #pragma unroll
-                    for (int q = 0; q < kRanksPerNode; ++q)
-                        if (slot[q] >= 0)
-                            accumulate_bf16x8(acc, at<int4>(local, nvl.rows + ((long long)(m * kRanksPerNode + q) *
-                                                                                   nvl.max_tokens + slot[q]) * kRowBytes)[k]);
-                    reinterpret_cast<int4*>(msg)[k] = pack_bf16x8(acc);
-                }
+                for (int q = 0; q < kRanksPerNode; ++q)
+                    rows[q] = slot[q] < 0 ? nullptr : at<int4>(local, nvl.rows + ((long long)(m * kRanksPerNode + q) *
+                                                                                   nvl.max_tokens + slot[q]) * kRowBytes);
+                warp_sum_rows<kHiddenInt4, kRanksPerNode>(reinterpret_cast<int4*>(msg), rows, nullptr, nullptr, lane);
                 if (lane < kNumTopk) {
                     float w = 0.f;
 #pragma unroll
@@ -612,12 +598,12 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
             }
             __syncwarp();
             if (lane == 0) nvshmem_quiet();
-            sync_warps(2 + g, warps_per_node * kWarpSize);
-            if (sub == 0 && lane == 0)
+            sync_warps(2 + wg.group, wg.size * kWarpSize);
+            if (wg.sub == 0 && lane == 0)
                 signal_set(rdma, lay.combine_tail + 8ll * (node * kMaxChannels + c), b + nb, s);
         }
         // Every wait on these tails is behind the group's last barrier.
-        if (sub == 0 && lane < kRanksPerNode)
+        if (wg.sub == 0 && lane < kRanksPerNode)
             at<int>(local, nvl.combine_tail)[(m * kRanksPerNode + lane) * kMaxChannels + c] = 0;
     }
 }

@@ -247,19 +247,19 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
 
     if (blockIdx.x % 2 == 0) {
         // ---------------- sender: rows back to their source ----------------
-        const int warps_per_dest = num_warps / kNumRanks;
-        const int d = warp / warps_per_dest, sub = warp % warps_per_dest;
+        const WarpGroups wg(warp, num_warps, kNumRanks);  // a group per destination
+        const int d = wg.group;
         int max_count = 0;
         for (int r = 0; r < kNumRanks; ++r)
             max_count = max(max_count, recv_channel_offset[r * num_channels + c + 1] -
                                            recv_channel_offset[r * num_channels + c]);
         int published = 0;  // owned by thread r < kNumRanks
-        const int round_rows = warps_per_dest * chunk_tokens;
+        const int round_rows = wg.size * chunk_tokens;
         for (int round = 0; round < max_count; round += round_rows) {
             if (d < kNumRanks) {
                 const int first = recv_channel_offset[d * num_channels + c];
                 const int count = recv_channel_offset[d * num_channels + c + 1] - first;
-                for (int n = round + sub; n < min(round + round_rows, count); n += warps_per_dest) {
+                for (int n = round + wg.sub; n < min(round + round_rows, count); n += wg.size) {
                     char* base = peers[d];
                     const long long row = (long long)rank * lay.max_tokens + slot_base + n;
                     // Loaded before the copy so that the two latencies overlap.
@@ -310,33 +310,14 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
             }
         }
         if (failed) break;
-        // kBatch words of every rank's row per lane per step, all loaded
-        // before the first is summed: about kCopyBatch loads in flight.
-        constexpr int kBatch = kNumRanks >= 4 ? 1 : 4 / kNumRanks;
-        constexpr bool kExact = kHiddenInt4 % (kWarpSize * kBatch) == 0;  // no word past the row
-        for (int i0 = lane; i0 < kHiddenInt4; i0 += kWarpSize * kBatch) {
-            int4 words[kBatch][kNumRanks];
+        const int4* rows[kNumRanks];
 #pragma unroll
-            for (int b = 0; b < kBatch; ++b) {
-                const int i = i0 + b * kWarpSize;
-#pragma unroll
-                for (int r = 0; r < kNumRanks; ++r)
-                    if (slot[r] >= 0 && (kExact || i < kHiddenInt4))
-                        words[b][r] = at<int4>(local, lay.rows + ((long long)r * lay.max_tokens + slot[r]) * kRowBytes)[i];
-            }
-#pragma unroll
-            for (int b = 0; b < kBatch; ++b) {
-                const int i = i0 + b * kWarpSize;
-                if (!kExact && i >= kHiddenInt4) continue;
-                float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                for (int r = 0; r < kNumRanks; ++r)
-                    if (slot[r] >= 0) accumulate_bf16x8(acc, words[b][r]);
-                if (bias0 != nullptr) accumulate_bf16x8(acc, ld_nc(bias0 + (long long)t * kHiddenInt4 + i));
-                if (bias1 != nullptr) accumulate_bf16x8(acc, ld_nc(bias1 + (long long)t * kHiddenInt4 + i));
-                st_na(out + (long long)t * kHiddenInt4 + i, pack_bf16x8(acc));
-            }
-        }
+        for (int r = 0; r < kNumRanks; ++r)
+            rows[r] = slot[r] < 0 ? nullptr
+                                  : at<int4>(local, lay.rows + ((long long)r * lay.max_tokens + slot[r]) * kRowBytes);
+        const long long row_off = (long long)t * kHiddenInt4;
+        warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows, bias0 != nullptr ? bias0 + row_off : nullptr,
+                                              bias1 != nullptr ? bias1 + row_off : nullptr, lane);
         if (lane < kNumTopk) {
             float w = 0.f;
 #pragma unroll

@@ -156,14 +156,6 @@ struct TopkEntries {
     }
 };
 
-__device__ __forceinline__ void bf16x8_to_float(const int4& v, float* f) {
-    const unsigned w[4] = {(unsigned)v.x, (unsigned)v.y, (unsigned)v.z, (unsigned)v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
 
 // A warp casts a bf16 row to e4m3 and stores it as a message payload (e4m3
 // row, then fp32 scales). Lanes own 16 channels per step; 8 lanes make one
@@ -370,7 +362,7 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         int* s_begin = s_begin_all[group];
         int* s_count = s_count_all[group];
         auto group_sync = [group]() {
-            asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "r"(kGroupThreads) : "memory");
+            sync_warps(group + 1, kGroupThreads);
         };
         const int rows_per_expert = num_ranks * max_tokens;
         const unsigned long long start = global_timer_ns();
@@ -467,17 +459,6 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
     }
 }
 
-__device__ __forceinline__ int4 pack_bf16x8_rn(const float* acc) {
-    int4 o;
-    unsigned* ow = reinterpret_cast<unsigned*>(&o);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j]));
-        const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * j + 1]));
-        ow[j] = lo | (hi << 16);
-    }
-    return o;
-}
 
 // ----------------------------------------------------------------------------
 // LogFMT-10 (defined in cupyep/logfmt.py): per 64 channels, fp32 log2 of the
@@ -644,7 +625,7 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                 }
                 warp_complete(put, lane);
                 // Every warp of the group is done with (le, dst).
-                asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "r"(warps_per_group * kWarpSize) : "memory");
+                sync_warps(group + 1, warps_per_group * kWarpSize);
                 if (wig == 0 && lane == 0) {
                     set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst, 1, put);
                 }
@@ -723,7 +704,7 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                         for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(s_weight[k0 + b], f[j]));
                     }
                 }
-                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8_rn(acc);
+                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
             }
             for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {
                 int4 v[kLLMaxTopk];
@@ -743,7 +724,7 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                         for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(s_weight[k], f[j]));
                     }
                 }
-                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8_rn(acc);
+                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
             }
             __syncthreads();  // s_slot is rewritten for the block's next token
         }

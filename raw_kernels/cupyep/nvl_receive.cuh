@@ -24,17 +24,15 @@ __device__ __forceinline__ void receive_channel(
     const int num_warps = blockDim.x / kWarpSize;
     const int slot_base = c * static_cast<int>(lay.slots_per_channel);
     constexpr long long kRowBytes = kHiddenInt4 * 16ll;
-    const int warps_per_source = max(1, num_warps / kNumRanks);
-    const int groups = num_warps / warps_per_source;
-    const int g = warp / warps_per_source, sub = warp % warps_per_source;
+    const WarpGroups wg(warp, num_warps, kNumRanks);  // groups over sources
     const int lo = first_local_expert;
     bool failed = false;
-    for (int s = g; g < groups && s < kNumRanks && !failed; s += groups) {
+    for (int s = wg.group; wg.group < wg.num_groups && s < kNumRanks && !failed; s += wg.num_groups) {
         const int first = recv_channel_offset[s * num_channels + c];
         const int count = recv_channel_offset[s * num_channels + c + 1] - first;
         int* tail = at<int>(local, lay.dispatch_tail) + s * kMaxChannels + c;
         int seen = 0;
-        for (int n = sub; n < count; n += warps_per_source) {
+        for (int n = wg.sub; n < count; n += wg.size) {
             if (seen <= n) {
                 int v = 0;
                 if (lane == 0) v = wait_at_least(tail, n + 1, timeout_ns, err, kPhaseDispatchRecv, s, c);
