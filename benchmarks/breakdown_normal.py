@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep import fp8, jit  # noqa: E402
-from cupyep.bench import queued_times, teardown  # noqa: E402
+from cupyep.bench import queued_times, random_inputs, teardown  # noqa: E402
 
 _INCLUDE = re.compile(r'^#include "cupyep/([^"]+)"\s*$', re.M)
 
@@ -120,11 +120,7 @@ def main():
         nvl = cupyep.nvl_size_hint(args.hidden, args.tokens + 64, r, args.topk)
         buf = cupyep.Buffer(group, num_nvl_bytes=nvl, backend="gpu")
         rng = np.random.default_rng(group.rank + 100)
-        x_np = rng.standard_normal((args.tokens, args.hidden)).astype(fp8.bfloat16)
-        idx_np = np.argsort(rng.random((args.tokens, args.experts)), axis=1)[:, :args.topk].astype(np.int64)
-        x = cupy.asarray(x_np.view(np.uint16)).view(fp8.bfloat16)
-        idx = cupy.asarray(idx_np)
-        w = cupy.asarray(rng.random(idx_np.shape).astype(np.float32))
+        x, idx, w, x_np, _ = random_inputs(rng, args.tokens, args.hidden, args.experts, args.topk)
         q_np, s_np = fp8.per_token_cast_to_fp8(x_np)
         xq = (cupy.asarray(q_np.view(np.uint8)), cupy.asarray(s_np))
         base_cfg = cupyep.default_config(r)

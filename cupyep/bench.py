@@ -60,7 +60,7 @@ def _slowest(group, us: float) -> float:
     return group.comm.allreduce(us, op=MPI.MAX)
 
 
-def _inputs(rng, tokens, hidden, experts, topk):
+def random_inputs(rng, tokens, hidden, experts, topk):
     """(x, topk_idx, topk_weights) on the GPU, then x and topk_idx on the host."""
     import cupy
     x = rng.standard_normal((tokens, hidden)).astype(fp8.bfloat16)
@@ -125,7 +125,7 @@ def run(group, args):
                  low_latency_mode=True, backend="gpu")
     cfg = Config(num_sms=args.sms)
     for t in args.normal_tokens:
-        x, idx, w, x_host, idx_host = _inputs(rng, t, hidden, 256, 8)
+        x, idx, w, x_host, idx_host = random_inputs(rng, t, hidden, 256, 8)
         q, scales = fp8.per_token_cast_to_fp8(x_host)
         xq = (cupy.asarray(q.view(np.uint8)), cupy.asarray(scales))
         d = buf.dispatch(x, idx, w, num_experts=256, config=cfg)
@@ -144,7 +144,7 @@ def run(group, args):
                          bf16_dispatch=gb(bf16_bytes, t_bf16), combine=gb(bf16_bytes, t_comb),
                          nccl=gb(bf16_bytes, t_nccl)))
     for t in args.ll_tokens:
-        x, idx, w, _, idx_host = _inputs(rng, t, hidden, 288, 8)
+        x, idx, w, _, idx_host = random_inputs(rng, t, hidden, 288, 8)
         m = max(args.ll_tokens)
         y = cupy.ones((288 // group.size, group.size * m, hidden), fp8.bfloat16)
         state = {}
