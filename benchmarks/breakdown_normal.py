@@ -69,22 +69,29 @@ def inline(src_dir: str, name: str, seen=None) -> str:
     return _INCLUDE.sub(sub, text)
 
 
-def write_variants(base_dir, rows=None):
-    """Write the variants (all, or those named in rows) into raw_kernels/cupyep/;
-    returns {row: source name}."""
-    here = os.path.join(jit.kernel_dir(), "cupyep")
-    full = inline(here, "intranode.cu")
+def variant_sources(base_dir=None):
+    """{row: source text} of every variant; raises if an edit's anchor is
+    not found exactly once (the kernels changed under it)."""
+    full = inline(os.path.join(jit.kernel_dir(), "cupyep"), "intranode.cu")
     texts = {"full": full}
     if base_dir:
         texts["base"] = inline(base_dir, "intranode.cu")
     for name, edits in VARIANTS.items():
         text = full
         for old, new in edits:
-            assert text.count(old) == 1, f"variant {name}: edit anchor found {text.count(old)} times"
+            if text.count(old) != 1:
+                raise ValueError(f"variant {name}: edit anchor found {text.count(old)} times in intranode.cu")
             text = text.replace(old, new)
         texts[name] = text
+    return texts
+
+
+def write_variants(base_dir, rows=None):
+    """Write the variants (all, or those named in rows) into raw_kernels/cupyep/;
+    returns {row: source name}."""
+    here = os.path.join(jit.kernel_dir(), "cupyep")
     names = {}
-    for row, text in texts.items():
+    for row, text in variant_sources(base_dir).items():
         if rows and row not in rows:
             continue
         names[row] = f"breakdown_{row}.cu"
