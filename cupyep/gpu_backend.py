@@ -18,22 +18,13 @@ from .config import Config, default_config
 from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
 from .events import EventOverlap, as_cupy_event
 from .fp8 import FP8_GROUP, bfloat16
-from .jit import KernelSpec, launch
+from .jit import KernelSpec, device_ptr as _ptr, index_type, launch
 from .capture import KeptArrays, is_capturing
 from .runtime import mapped_host_ints
 
 PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
           4: "low_latency_dispatch.recv", 5: "low_latency_combine.recv", 6: "low_latency.send"}
-_BLOCK_NOTIFY = 256
-
-
-def _idx_type(arr) -> str:
-    return "long long" if arr.dtype == np.int64 else "int"
-
-
-def _ptr(a) -> np.uint64:
-    """Device address of an array, or a null pointer for None."""
-    return np.uint64(0 if a is None else a.data.ptr)
+NOTIFY_THREADS = 256  # per block of the notify kernels
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,7 +177,7 @@ class GpuBackend:
         per_node = self._empty("per_node", nodes, np.int32, zero=True) if nodes > 1 else None
         in_rank = self._empty("in_rank", (t, r), np.bool_)
         if t:
-            spec = self._spec("layout.cu", "get_dispatch_layout", ("IdxT", _idx_type(topk_idx)),
+            spec = self._spec("layout.cu", "get_dispatch_layout", ("IdxT", index_type(topk_idx)),
                               ("kNumTopk", k))
             grid = min(max(1, (t + 255) // 256), 132)
             launch(spec, (grid,), (256,),
@@ -225,7 +216,7 @@ class GpuBackend:
         else:
             send_pos = self._empty("send_pos", (t, r), np.int32)
             spec = self._spec("intranode.cu", "notify_dispatch", ("kNumRanks", r))
-            launch(spec, (c + 1,), (_BLOCK_NOTIFY,),
+            launch(spec, (c + 1,), (NOTIFY_THREADS,),
                    (is_token_in_rank, np.int32(t), np.int32(c), _ptr(per_expert), np.int32(local),
                     np.int32(expert_alignment), send_pos, self.nvl.peers, lay_dev, np.int32(self.rank),
                     self.counters, self.blocks_done, offsets,
@@ -285,7 +276,7 @@ class GpuBackend:
         spec = self._spec("intranode.cu", "dispatch", ("kNumRanks", self.num_ranks),
                           ("kHiddenInt4", hidden_bytes // 16),
                           ("kNumScales", 0 if scales is None else scales.shape[1]),
-                          ("kNumTopk", k), ("IdxT", "long long" if topk_idx is None else _idx_type(topk_idx)))
+                          ("kNumTopk", k), ("IdxT", index_type(topk_idx)))
         launch(spec, (2 * cfg.num_channels,), (32 * cfg.num_warps,),
                (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), send_pos, np.int32(num_tokens),
                 np.int32(cfg.num_channels), self.nvl.peers, lay_dev, offsets, np.int32(self.rank),

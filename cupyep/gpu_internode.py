@@ -16,13 +16,9 @@ import numpy as np
 
 from . import sizing
 from .errors import BufferTooSmallError, InvalidInputError
-from .jit import KernelSpec, launch
+from .gpu_backend import NOTIFY_THREADS
+from .jit import KernelSpec, device_ptr as _ptr, index_type, launch
 
-_BLOCK_NOTIFY = 256
-
-
-def _ptr(a) -> np.uint64:
-    return np.uint64(0 if a is None else a.data.ptr)
 
 
 class GpuInternode:
@@ -87,7 +83,7 @@ class GpuInternode:
         rdma_pos = be._empty("rdma_pos", (num_tokens, self.num_nodes), np.int32)
         rdma_recv_count = be._empty("rdma_recv_count", self.num_nodes * num_channels, np.int32)
         spec = self._spec("notify_dispatch", ("kRanksPerNode", self.ranks_per_node))
-        launch(spec, (num_channels + 1,), (_BLOCK_NOTIFY,),
+        launch(spec, (num_channels + 1,), (NOTIFY_THREADS,),
                (is_token_in_rank, np.int32(num_tokens), np.int32(num_channels), _ptr(per_expert),
                 np.int32(num_local_experts), np.int32(expert_alignment), send_pos, rdma_pos,
                 nvl_dev, np.uint64(self._sym().ptr), rdma_dev, np.int32(be.rank),
@@ -101,11 +97,10 @@ class GpuInternode:
         """Launch the dispatch kernel (2 * C blocks) on the communication stream."""
         be = self.be
         k = 0 if topk_idx is None else topk_idx.shape[1]
-        idx_t = "long long" if topk_idx is None or topk_idx.dtype == np.int64 else "int"
         spec = self._spec("dispatch", ("kRanksPerNode", self.ranks_per_node),
                           ("kHiddenInt4", x.shape[1] * x.dtype.itemsize // 16),
                           ("kNumScales", 0 if scales is None else scales.shape[1]),
-                          ("kNumTopk", k), ("IdxT", idx_t))
+                          ("kNumTopk", k), ("IdxT", index_type(topk_idx)))
         launch(spec, (2 * routing.num_channels,), (32 * cfg.num_warps,),
                (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), is_token_in_rank,
                 routing.rdma_pos, np.int32(num_tokens), np.int32(routing.num_channels), be.nvl.peers,

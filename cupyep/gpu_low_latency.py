@@ -25,7 +25,7 @@ from .errors import CupyepError, InvalidInputError
 from .events import EventOverlap
 from .fp8 import FP8_GROUP, bfloat16
 from .capture import KeptArrays, is_capturing
-from .jit import KernelSpec, get_kernel
+from .jit import KernelSpec, device_ptr as _ptr, get_kernel, index_type
 from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 
 _THREADS = 512  # kLLThreads in low_latency.cu
@@ -36,10 +36,6 @@ class GpuLowLatencyState:
     """Kept in a LowLatencyHandle: what combine needs from its dispatch."""
     recv_k: object          # [L, R*M] int32 top-k slot of each received row at its source
     layout: LowLatencyLayout
-
-
-def _ptr(a) -> np.uint64:
-    return np.uint64(0 if a is None else a.data.ptr)
 
 
 class GpuLowLatency:
@@ -169,7 +165,7 @@ class GpuLowLatency:
         fl = lambda v: "true" if v else "false"  # noqa: E731
         fn = self._kernel("low_latency_dispatch", ("kHidden", hidden), ("kFp8", fl(use_fp8)),
                           ("kRoundScale", fl(round_scale or use_ue8m0)), ("kUe8m0", fl(use_ue8m0)),
-                          ("IdxT", "long long" if topk_idx.dtype == np.int64 else "int"))
+                          ("IdxT", index_type(topk_idx)))
         finish = self._finish_counter(num_experts)
 
         def run(phases, stream):
@@ -237,7 +233,7 @@ class GpuLowLatency:
         groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
         fn = self._kernel("low_latency_combine", ("kHidden", lay.hidden),
                           ("kLogFmt", "true" if use_logfmt else "false"),
-                          ("IdxT", "long long" if topk_idx.dtype == np.int64 else "int"))
+                          ("IdxT", index_type(topk_idx)))
 
         def run(phases, stream):
             self._launch(fn,

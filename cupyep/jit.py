@@ -264,6 +264,18 @@ def get_kernel(spec: KernelSpec):
     return _loaded[(spec, dev)]
 
 
+def device_ptr(a):
+    """Kernel argument: the device address of an array, or a null pointer for None."""
+    import numpy as np
+    return np.uint64(0 if a is None else a.data.ptr)
+
+
+def index_type(arr) -> str:
+    """C++ type of an int64 or int32 index array (a template argument)."""
+    import numpy as np
+    return "long long" if arr is None or arr.dtype == np.int64 else "int"
+
+
 def launch(spec: KernelSpec, grid, block, args, shared_mem: int = 0, stream=None):
     """Launch ``spec`` on ``stream`` (default: the current CuPy stream)."""
     fn, _ = get_kernel(spec)
