@@ -23,7 +23,7 @@ from cupyep import fp8  # noqa: E402
 
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
-from cupyep.bench import teardown  # noqa: E402
+from cupyep.bench import add_protocol_args, teardown  # noqa: E402
 
 
 SPIN = KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns")
@@ -173,10 +173,7 @@ def nccl_baseline(group, x, idx, args, iters, warmup):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--hidden", type=int, default=7168)
-    ap.add_argument("--experts", type=int, default=288)
-    ap.add_argument("--topk", type=int, default=8)
+    add_protocol_args(ap, tokens=128, experts=288)
     ap.add_argument("--transports", nargs="*", default=["auto", "nvshmem"])
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)

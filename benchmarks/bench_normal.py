@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep import fp8  # noqa: E402
-from cupyep.bench import event_times, nccl_dispatch, queued_times, teardown  # noqa: E402
+from cupyep.bench import add_protocol_args, event_times, nccl_dispatch, queued_times, teardown  # noqa: E402
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
 
@@ -62,10 +62,7 @@ def peer_store_ceiling(buf, num_sms, iters, warmup):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=7168)
-    ap.add_argument("--experts", type=int, default=256)
-    ap.add_argument("--topk", type=int, default=8)
+    add_protocol_args(ap, tokens=4096, experts=256)
     ap.add_argument("--sms", type=int, default=24)
     ap.add_argument("--sweep", type=int, nargs="*", default=[8, 16, 24, 32, 48])
     ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")

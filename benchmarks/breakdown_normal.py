@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep import fp8, jit  # noqa: E402
-from cupyep.bench import queued_times, random_inputs, teardown  # noqa: E402
+from cupyep.bench import add_protocol_args, queued_times, random_inputs, teardown  # noqa: E402
 
 _INCLUDE = re.compile(r'^#include "cupyep/([^"]+)"\s*$', re.M)
 
@@ -102,10 +102,7 @@ def write_variants(base_dir, rows=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=7168)
-    ap.add_argument("--experts", type=int, default=256)
-    ap.add_argument("--topk", type=int, default=8)
+    add_protocol_args(ap, tokens=4096, experts=256)
     ap.add_argument("--sms", type=int, default=24)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")

@@ -60,6 +60,14 @@ def _slowest(group, us: float) -> float:
     return group.comm.allreduce(us, op=MPI.MAX)
 
 
+def add_protocol_args(ap, tokens: int, experts: int) -> None:
+    """--tokens (per rank), --hidden, --experts, --topk with DESIGN.md's values."""
+    ap.add_argument("--tokens", type=int, default=tokens)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--experts", type=int, default=experts)
+    ap.add_argument("--topk", type=int, default=8)
+
+
 def random_inputs(rng, tokens, hidden, experts, topk):
     """(x, topk_idx, topk_weights) on the GPU, then x and topk_idx on the host."""
     import cupy
