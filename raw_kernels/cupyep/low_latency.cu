@@ -12,9 +12,10 @@
 //
 // Dispatch: one message per distinct (token, expert), into slot = number of
 // earlier tokens of this rank that chose that expert, so rows keep
-// source-token order without atomics. A warp per (token, k) writes one
-// message (FP8: cast from the bf16 row as it goes). A warp per expert then waits until
-// every message for it is written (a local counter) and publishes the count.
+// source-token order without atomics. A block per token loads its row once
+// (FP8: casts it) and stores it into each of the token's messages. A warp per
+// expert then waits until every message for it is written (a local counter)
+// and publishes the count.
 // The receive half waits for the counts of its local experts and packs rows
 // in source-rank order. Combine: a warp group per (local expert, destination)
 // writes rows into [token][k] slots of the destination and sets the flag; the
@@ -93,8 +94,11 @@ __device__ __forceinline__ void set_peer_flag(char* const* peers, char* local_ba
 __device__ __forceinline__ void load_mask(const int* mask, int rank, int num_ranks, int* s_mask) {
     __syncthreads();
     const volatile int* m = mask;  // other blocks may set entries during the call
-    const bool self = m[rank] != 0;
-    for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) s_mask[r] = self || m[r] != 0;
+    // Both loads are issued before either is used: one latency, not two.
+    for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) {
+        const int self = m[rank], peer = m[r];
+        s_mask[r] = (self | peer) != 0;
+    }
     __syncthreads();
 }
 
@@ -157,57 +161,16 @@ struct TopkEntries {
 };
 
 
-// A warp casts a bf16 row to e4m3 and stores it as a message payload (e4m3
-// row, then fp32 scales). Lanes own 16 channels per step; 8 lanes make one
-// 128-channel group, whose scale lane 8j stores. The loads of kBatch steps
-// are issued before any of them is converted, so a row costs
-// kSteps / kBatch load latencies rather than one per step.
-template <int kHidden, bool kRoundScale>
-__device__ __forceinline__ void fp8_cast_store(const __nv_bfloat16* row, char* payload, int lane) {
-    static_assert(kHidden % kFp8Group == 0, "FP8 needs a hidden size divisible by 128");
-    constexpr int kUnits = kHidden / 16;
-    constexpr int kSteps = (kUnits + kWarpSize - 1) / kWarpSize;
-    constexpr int kBatch = 4;
-    const int4* src = reinterpret_cast<const int4*>(row);
-    int4* data = reinterpret_cast<int4*>(payload);
-    float* scales = reinterpret_cast<float*>(payload + kHidden);
-#pragma unroll
-    for (int i0 = 0; i0 < kSteps; i0 += kBatch) {
-        int4 raw[kBatch][2];
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-            const int u = lane + (i0 + b) * kWarpSize;
-            const bool in = i0 + b < kSteps && u < kUnits;
-            raw[b][0] = in ? ld_nc(src + 2 * u) : make_int4(0, 0, 0, 0);
-            raw[b][1] = in ? ld_nc(src + 2 * u + 1) : make_int4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-            if (i0 + b >= kSteps) break;
-            const int u = lane + (i0 + b) * kWarpSize;
-            float f[16];
-            bf16x8_to_float(raw[b][0], f);
-            bf16x8_to_float(raw[b][1], f + 8);
-            float amax = 0.f;
-#pragma unroll
-            for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(f[j]));
-            // whole 8-lane groups are inside the row or outside it
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-            const float scale = fp8_scale(amax, kRoundScale);
-            const float inv = __frcp_rn(scale);
-            int4 q;
-            q.x = (int)fp8x4(f[0], f[1], f[2], f[3], inv);
-            q.y = (int)fp8x4(f[4], f[5], f[6], f[7], inv);
-            q.z = (int)fp8x4(f[8], f[9], f[10], f[11], inv);
-            q.w = (int)fp8x4(f[12], f[13], f[14], f[15], inv);
-            if (u < kUnits) {
-                st_na(data + u, q);
-                if ((lane & 7) == 0) scales[u / 8] = scale;
-            }
-        }
-    }
+// A warp copies a received row in one batch of loads where it fits in
+// registers (16 words per lane: FP8 rows up to 8192 channels), else in
+// warp_copy's batches: a batch costs a load latency.
+template <int kNumInt4>
+__device__ __forceinline__ void warp_copy_row_coherent(int4* dst, const int4* src, int lane) {
+    constexpr int kSteps = (kNumInt4 + kWarpSize - 1) / kWarpSize;
+    if constexpr (kSteps <= 16)
+        warp_copy_batch<kSteps, kNumInt4 % kWarpSize != 0, false>(dst, src, 0, kNumInt4, lane);
+    else
+        warp_copy_coherent<kNumInt4>(dst, src, lane);
 }
 
 // ----------------------------------------------------------------------------
@@ -236,10 +199,39 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
     // Consecutive tasks go to different SMs.
     const int spread_warp = warp * gridDim.x + blockIdx.x, num_warps = gridDim.x * kLLWarps;
     const int num_local = num_experts / num_ranks;
+    // Send half, a block per token: each thread loads its units of the row
+    // once (one load round for hidden up to 8192 with FP8, 4096 in BF16),
+    // casts them, and stores them into every message of the token.
+    constexpr int kChannels = kFp8 ? 16 : 8;  // per unit: one int4 stored
+    constexpr int kLoads = kFp8 ? 2 : 1;      // int4 of bf16 loaded per unit
+    constexpr int kUnits = kHidden / kChannels;
+    constexpr int kSteps = (kUnits + kLLThreads - 1) / kLLThreads;
+    static_assert(kHidden % kChannels == 0, "hidden must be a multiple of 8 (16 with FP8)");
+    int4 raw[kSteps][kLoads];
+    auto load_row = [&](int t) {
+        const int4* src = reinterpret_cast<const int4*>(x + (long long)t * kHidden);
+#pragma unroll
+        for (int j = 0; j < kSteps; ++j) {
+            const int u = threadIdx.x + j * kLLThreads;
+#pragma unroll
+            for (int q = 0; q < kLoads; ++q)
+                raw[j][q] = u < kUnits ? ld_nc(src + kLoads * u + q) : make_int4(0, 0, 0, 0);
+        }
+    };
+    // The block's first row is in flight during the mask, the top-k staging
+    // and the counts below: these were serial latencies before any store.
+    if ((phases & 1) && blockIdx.x < num_tokens) load_row(blockIdx.x);
     __shared__ int s_mask[kLLMaxRanks];
     load_mask(mask, rank, num_ranks, s_mask);
 
     if (phases & 1) {
+        __shared__ char* s_peers[kLLMaxRanks];
+        for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) s_peers[r] = peers[r];
+        // Messages per expert, for the flags below: warp w publishes expert
+        // w * gridDim.x + blockIdx.x first, and the block counts those
+        // experts' entries together while the row loads are in flight.
+        __shared__ int s_first_count[kLLWarps];
+        if (threadIdx.x < kLLWarps) s_first_count[threadIdx.x] = 0;
         __shared__ int s_entries[kLLStagedEntries];
         const int num_entries = num_tokens * num_topk;
         const bool staged = num_entries <= kLLStagedEntries;
@@ -267,69 +259,106 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
             __syncthreads();
             for (int i = threadIdx.x, q = 0; i < num_entries; i += blockDim.x, ++q)
                 if ((repeated >> q) & 1u) s_entries[i] = -1;
-            __syncthreads();
         }
-        // Ids outside [-1, E) are dropped above; block 0 reports them, raised
-        // by the next call on this rank (the exchange itself completes).
-        if (blockIdx.x == 0)
-            for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
-                const long long id = static_cast<long long>(topk_idx[i]);
-                if (id < -1 || id >= num_experts) report_bad_input(err, i / num_topk);
-            }
+        __syncthreads();
         const TopkEntries<IdxT> entries{topk_idx, staged ? s_entries : nullptr, num_topk, num_experts};
+        for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
+            const int e = entries[i];
+            if (e >= 0 && e % gridDim.x == blockIdx.x && e / gridDim.x < kLLWarps)
+                atomicAdd(s_first_count + e / gridDim.x, 1);
+        }
         // Messages: one per distinct (token, expert), into slot = the number
-        // of earlier tokens that chose the expert. open_message writes the
-        // header and returns where the payload goes (nullptr: nothing to send);
-        // close_message puts it if needed and counts it as written.
-        long long msg_off = 0;
-        int msg_dst = 0, msg_expert = 0;
-        bool msg_put = false;
-        char* msg = nullptr;
-        auto open_message = [&](int t, int k) -> char* {
-            const int e = entries[t * num_topk + k];
-            if (e < 0 || s_mask[e / num_local]) return nullptr;  // dropped, masked, or sent with an earlier k
-            const int slot = entries.count(t * num_topk, e, lane);
-            msg_dst = e / num_local;
-            msg_expert = e;
-            msg_off = off_area + (((long long)(e % num_local) * num_ranks + rank) * max_tokens + slot) * kMsg;
-            msg_put = use_put(peers, msg_dst, force_put);
-            msg = msg_put ? local_base + off_send + ((long long)t * num_topk + k) * kMsg : peers[msg_dst] + msg_off;
-            if (lane == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, k, 0, 0);
-            return msg + 16;
-        };
-        auto close_message = [&]() {
-            if (msg_put) {
-                __syncwarp();
-                warp_put(local_base, msg_off, msg, kMsg, msg_dst);
+        // of earlier tokens that chose the expert.
+        __shared__ int s_expert[kLLMaxTopk];      // -1: no message for this k
+        __shared__ int s_slot[kLLMaxTopk];
+        __shared__ long long s_msg_off[kLLMaxTopk];
+        __shared__ char* s_msg[kLLMaxTopk];       // where message k is written
+        for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+            if (t != blockIdx.x) load_row(t);
+            __syncthreads();  // the previous token's s_* are read no more
+            if (threadIdx.x < num_topk) {
+                const int e = entries[t * num_topk + threadIdx.x];
+                // dropped, repeated (sent with an earlier k) or masked: no message
+                s_expert[threadIdx.x] = e < 0 || s_mask[e / num_local] ? -1 : e;
+                s_slot[threadIdx.x] = 0;
             }
-            warp_complete(msg_put, lane);
-            if (lane == 0) red_add_release_gpu(finish_count + msg_expert, 1);
-        };
-        if constexpr (kFp8) {
-            // A warp per (token, k): each casts the token itself. Casting once
-            // per token and sending the K messages from one warp was slower:
-            // a message's latency then counts K times in series.
-            for (int task = spread_warp; task < num_tokens * num_topk; task += num_warps) {
-                const int t = task / num_topk;
-                char* payload = open_message(t, task % num_topk);
-                if (payload == nullptr) continue;
-                fp8_cast_store<kHidden, kRoundScale>(x + (long long)t * kHidden, payload, lane);
-                close_message();
+            __syncthreads();
+            {
+                int mine[kLLMaxTopk];
+#pragma unroll
+                for (int k = 0; k < kLLMaxTopk; ++k) mine[k] = k < num_topk ? s_expert[k] : -1;
+                for (int i = threadIdx.x; i < t * num_topk; i += kLLThreads) {
+                    const int e = entries[i];
+#pragma unroll
+                    for (int k = 0; k < kLLMaxTopk; ++k)
+                        if (e >= 0 && e == mine[k]) atomicAdd(s_slot + k, 1);
+                }
             }
-        } else {
-            // A warp per (token, k): the bf16 row is copied as it is.
-            for (int task = spread_warp; task < num_tokens * num_topk; task += num_warps) {
-                const int t = task / num_topk;
-                char* payload = open_message(t, task % num_topk);
-                if (payload == nullptr) continue;
-                warp_copy_nc<kHidden * 2 / 16>(reinterpret_cast<int4*>(payload),
-                                               reinterpret_cast<const int4*>(x + (long long)t * kHidden), lane);
-                close_message();
+            __syncthreads();
+            if (threadIdx.x < num_topk && s_expert[threadIdx.x] >= 0) {
+                const int k = threadIdx.x, e = s_expert[k], dst = e / num_local;
+                const long long off =
+                    off_area + (((long long)(e % num_local) * num_ranks + rank) * max_tokens + s_slot[k]) * kMsg;
+                char* msg = use_put(s_peers, dst, force_put)
+                                ? local_base + off_send + ((long long)t * num_topk + k) * kMsg
+                                : s_peers[dst] + off;
+                *reinterpret_cast<int4*>(msg) = make_int4(t, k, 0, 0);
+                s_msg_off[k] = off;
+                s_msg[k] = msg;
+            }
+            __syncthreads();
+            int4 out[kSteps];
+            float scale[kSteps];
+#pragma unroll
+            for (int j = 0; j < kSteps; ++j) {
+                if constexpr (kFp8) {
+                    // whole 8-thread groups (128 channels) are inside the row or outside it
+                    float f[16];
+                    bf16x8_to_float(raw[j][0], f);
+                    bf16x8_to_float(raw[j][1], f + 8);
+                    float amax = 0.f;
+#pragma unroll
+                    for (int c = 0; c < 16; ++c) amax = fmaxf(amax, fabsf(f[c]));
+                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+                    scale[j] = fp8_scale(amax, kRoundScale);
+                    const float inv = __frcp_rn(scale[j]);
+                    out[j].x = (int)fp8x4(f[0], f[1], f[2], f[3], inv);
+                    out[j].y = (int)fp8x4(f[4], f[5], f[6], f[7], inv);
+                    out[j].z = (int)fp8x4(f[8], f[9], f[10], f[11], inv);
+                    out[j].w = (int)fp8x4(f[12], f[13], f[14], f[15], inv);
+                } else {
+                    out[j] = raw[j][0];
+                    scale[j] = 0.f;
+                }
+            }
+            for (int k = 0; k < num_topk; ++k) {
+                if (s_expert[k] < 0) continue;
+                char* payload = s_msg[k] + 16;
+#pragma unroll
+                for (int j = 0; j < kSteps; ++j) {
+                    const int u = threadIdx.x + j * kLLThreads;
+                    if (u >= kUnits) break;
+                    st_na(reinterpret_cast<int4*>(payload) + u, out[j]);
+                    if (kFp8 && u % 8 == 0) reinterpret_cast<float*>(payload + kHidden)[u / 8] = scale[j];
+                }
+            }
+            // The barrier orders every thread's stores before warp k's
+            // release add (cumulative: it covers what the barrier ordered).
+            __syncthreads();
+            if (warp < num_topk && s_expert[warp] >= 0) {
+                const int e = s_expert[warp], dst = e / num_local;
+                const bool put = use_put(s_peers, dst, force_put);
+                if (put) warp_put(local_base, s_msg_off[warp], s_msg[warp], kMsg, dst);
+                warp_complete(put, lane);
+                if (lane == 0) red_add_release_gpu(finish_count + e, 1);
             }
         }
+        __syncthreads();  // s_first_count is complete
         // Counts: after every message for expert e is written, tell its owner.
         for (int e = spread_warp; e < num_experts; e += num_warps) {
-            const int count = entries.count(num_entries, e, lane);
+            const int count = e == spread_warp ? s_first_count[warp] : entries.count(num_entries, e, lane);
             const int dst = e / num_local, local_expert = e % num_local;
             if (lane == 0 && s_mask[dst]) {
                 finish_count[e] = 0;  // nothing was sent to a masked rank
@@ -345,11 +374,18 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                 }
                 finish_count[e] = 0;  // every add for this call has landed
                 if (ok)
-                    set_peer_flag(peers, local_base, off_flags + 8ll * (local_expert * num_ranks + rank),
-                                  dst, count + 1ll, use_put(peers, dst, force_put));
+                    set_peer_flag(s_peers, local_base, off_flags + 8ll * (local_expert * num_ranks + rank),
+                                  dst, count + 1ll, use_put(s_peers, dst, force_put));
             }
             __syncwarp();
         }
+        // Ids outside [-1, E) were dropped; block 0 reports them, raised by
+        // the next call on this rank (the exchange itself completes).
+        if (blockIdx.x == 0)
+            for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
+                const long long id = static_cast<long long>(topk_idx[i]);
+                if (id < -1 || id >= num_experts) report_bad_input(err, i / num_topk);
+            }
     }
 
     if (phases & 2) {
@@ -412,7 +448,7 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                     scale[j] = lane + j * kWarpSize < kScales ? scales[lane + j * kWarpSize] : 0.f;
                 const int4* payload = reinterpret_cast<const int4*>(msg + 16);
                 if constexpr (kFp8) {
-                    warp_copy_coherent<kHidden / 16>(
+                    warp_copy_row_coherent<kHidden / 16>(
                         reinterpret_cast<int4*>(static_cast<char*>(recv_x) + (out_base + row) * kHidden), payload, lane);
                     if constexpr (kUe8m0) {
                         constexpr int kWords = kHidden / 512;
@@ -634,6 +670,13 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
     }
 
     if (phases & 2) {
+        // The block's first token's ids and weights load while the flags are awaited.
+        long long first_id = -1;
+        float first_weight = 0.f;
+        if (threadIdx.x < num_topk && blockIdx.x < num_tokens) {
+            first_id = static_cast<long long>(topk_idx[(long long)blockIdx.x * num_topk + threadIdx.x]);
+            first_weight = topk_weights[(long long)blockIdx.x * num_topk + threadIdx.x];
+        }
         long long* flags = reinterpret_cast<long long*>(local_base + off_flags);
         const unsigned long long start = global_timer_ns();
         for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
@@ -650,17 +693,13 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
         if (shrink) load_mask(mask, rank, num_ranks, s_mask);
         __syncthreads();
         // The last block to have read every flag zeroes them (blocks_done [1],
-        // zero between calls). The fence orders this block's reads first.
-        __shared__ int s_last;
+        // zero between calls), after its sums: the ticket is taken now and
+        // read then, so its round trip overlaps them. The fence orders this
+        // block's flag reads before the ticket.
+        int ticket = 0;
         if (threadIdx.x == 0) {
             __threadfence();
-            s_last = atomicAdd(blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
-        }
-        __syncthreads();
-        if (s_last) {
-            __threadfence();
-            for (int e = threadIdx.x; e < num_experts; e += blockDim.x) flags[e] = 0;
-            if (threadIdx.x == 0) *blocks_done = 0;
+            ticket = atomicAdd(blocks_done, 1);
         }
         // A block per token: its slots and weights go to shared memory once,
         // then each thread sums 8 channels over every k with all the rows'
@@ -673,14 +712,14 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
             if (threadIdx.x < num_topk) {
                 const int k = threadIdx.x;
                 const IdxT* idx = topk_idx + (long long)t * num_topk;
-                const long long id = static_cast<long long>(idx[k]);
+                const long long id = t == blockIdx.x ? first_id : static_cast<long long>(idx[k]);
                 const int e = static_cast<int>(id);
                 // Out of range: dropped by the dispatch. A repeated expert sent its row once, in its first slot.
                 int first = id < 0 || id >= num_experts || s_mask[e / num_local] ? -1 : k;
                 for (int j = 0; j < k && first >= 0; ++j)
                     if (static_cast<int>(idx[j]) == e) { first = j; break; }
                 s_slot[k] = first;
-                s_weight[k] = topk_weights[(long long)t * num_topk + k];
+                s_weight[k] = t == blockIdx.x ? first_weight : topk_weights[(long long)t * num_topk + k];
             }
             __syncthreads();
             const char* token_rows = area + (long long)t * kLLMaxTopk * kRowBytes;
@@ -727,6 +766,14 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                 reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
             }
             __syncthreads();  // s_slot is rewritten for the block's next token
+        }
+        __shared__ int s_last;
+        if (threadIdx.x == 0) s_last = ticket == static_cast<int>(gridDim.x) - 1;
+        __syncthreads();
+        if (s_last) {
+            __threadfence();
+            for (int e = threadIdx.x; e < num_experts; e += blockDim.x) flags[e] = 0;
+            if (threadIdx.x == 0) *blocks_done = 0;
         }
     }
 }
