@@ -24,17 +24,14 @@ median of --iters, slowest rank. Protocol of bench_normal.py.
 """
 import argparse
 import os
-import re
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8, jit  # noqa: E402
+from cupyep import fp8, jit, kernel_variants  # noqa: E402
 from cupyep.bench import add_protocol_args, queued_times, random_inputs, teardown  # noqa: E402
-
-_INCLUDE = re.compile(r'^#include "cupyep/([^"]+)"\s*$', re.M)
 
 # (old, new) text edits of the inlined source; each `old` must occur once.
 _SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),\n"
@@ -55,49 +52,9 @@ VARIANTS = {
 }
 
 
-def inline(src_dir: str, name: str, seen=None) -> str:
-    """The file with every "cupyep/..." include replaced by its text, once."""
-    seen = set() if seen is None else seen
-    with open(os.path.join(src_dir, name)) as f:
-        text = f.read().replace("#pragma once", "")
-
-    def sub(m):
-        if m.group(1) in seen:
-            return ""
-        seen.add(m.group(1))
-        return inline(src_dir, m.group(1), seen)
-    return _INCLUDE.sub(sub, text)
-
-
 def variant_sources(base_dir=None):
-    """{row: source text} of every variant; raises if an edit's anchor is
-    not found exactly once (the kernels changed under it)."""
-    full = inline(os.path.join(jit.kernel_dir(), "cupyep"), "intranode.cu")
-    texts = {"full": full}
-    if base_dir:
-        texts["base"] = inline(base_dir, "intranode.cu")
-    for name, edits in VARIANTS.items():
-        text = full
-        for old, new in edits:
-            if text.count(old) != 1:
-                raise ValueError(f"variant {name}: edit anchor found {text.count(old)} times in intranode.cu")
-            text = text.replace(old, new)
-        texts[name] = text
-    return texts
-
-
-def write_variants(base_dir, rows=None):
-    """Write the variants (all, or those named in rows) into raw_kernels/cupyep/;
-    returns {row: source name}."""
-    here = os.path.join(jit.kernel_dir(), "cupyep")
-    names = {}
-    for row, text in variant_sources(base_dir).items():
-        if rows and row not in rows:
-            continue
-        names[row] = f"breakdown_{row}.cu"
-        with open(os.path.join(here, names[row]), "w") as f:
-            f.write(text)
-    return names
+    """{row: source text} of every variant (see cupyep.kernel_variants)."""
+    return kernel_variants.variant_sources("intranode.cu", VARIANTS, base_dir)
 
 
 def main():
@@ -114,7 +71,7 @@ def main():
     comm = MPI.COMM_WORLD
     names = None
     if comm.rank == 0:
-        names = write_variants(args.base, args.rows)
+        names = kernel_variants.write_variants("intranode.cu", VARIANTS, args.base, args.rows)
     names = comm.bcast(names, root=0)
     jit.sources_digest.cache_clear()
     import cupy
@@ -138,7 +95,8 @@ def main():
         real_spec = impl._spec
         results = {}
         for row, source in names.items():
-            impl._spec = lambda src, name, *t, _s=source: real_spec(_s if src == "intranode.cu" else src, name, *t)
+            impl._spec = lambda src, name, *t, _s=source: real_spec(
+                _s.split("/", 1)[1] if src == "intranode.cu" else src, name, *t)
             steps = {"bf16": lambda: buf.dispatch(x, handle=d.handle, config=cfg),
                      "fp8": lambda: buf.dispatch(xq, handle=d.handle, config=cfg),
                      "combine": lambda: buf.combine(d.recv_x, d.handle, config=cfg)}
@@ -166,8 +124,7 @@ def main():
         teardown(buf, group)
     finally:
         if comm.rank == 0:
-            for source in names.values():
-                os.remove(os.path.join(jit.kernel_dir(), "cupyep", source))
+            kernel_variants.remove_variants(names)
 
 
 if __name__ == "__main__":

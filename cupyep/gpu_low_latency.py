@@ -51,6 +51,7 @@ class GpuLowLatency:
         self._kept = KeptArrays()
         self._finish = {}
         self._kernels = {}
+        self.source = "cupyep/low_latency.cu"  # the kernels' source (breakdown benchmarks swap variants in)
         self._blocks_done = cupy.zeros(2, np.int32)
         # [R] int32, 1 = rank left out; with shrink a timed-out wait sets it.
         self.mask = cupy.zeros(backend.num_ranks, np.int32)
@@ -106,10 +107,10 @@ class GpuLowLatency:
 
     def _kernel(self, name, *targs):
         """The loaded kernel (cached here: this lookup is on every call's path)."""
-        key = (name, targs, self._nvshmem_build)
+        key = (self.source, name, targs, self._nvshmem_build)
         fn = self._kernels.get(key)
         if fn is None:
-            fn = get_kernel(KernelSpec("cupyep/low_latency.cu", f"cupyep::{name}", tuple(targs),
+            fn = get_kernel(KernelSpec(self.source, f"cupyep::{name}", tuple(targs),
                                        self._nvshmem_build))[0]
             self._kernels[key] = fn
         return fn

@@ -1,19 +1,28 @@
-"""benchmarks/breakdown_normal.py: every kernel variant is built from the
-current kernels (its text edits still find their anchors) and each removes
+"""benchmarks/breakdown_*.py: every kernel variant is built from the current
+kernels (its text edits still find their anchors) and each removes
 something. The timing itself needs GPUs."""
 import importlib.util
 import os
+import sys
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "breakdown_normal.py")
+_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+# kernel file, and a text each kernel's inlined source holds
+_CASES = {"breakdown_normal": ("receive_channel", "__global__ void __launch_bounds__(1024, 1)\ncombine("),
+          "breakdown_low_latency": ("low_latency_dispatch(", "low_latency_combine(")}
 
 
-@pytest.fixture(scope="module")
-def breakdown():
-    spec = importlib.util.spec_from_file_location("breakdown_normal", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+@pytest.fixture(scope="module", params=sorted(_CASES))
+def breakdown(request):
+    sys.path.insert(0, _BENCH)  # breakdown_low_latency imports bench_low_latency
+    try:
+        spec = importlib.util.spec_from_file_location(request.param, os.path.join(_BENCH, request.param + ".py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(_BENCH)
+    module.expected_text = _CASES[request.param]
     return module
 
 
@@ -22,7 +31,8 @@ def test_every_variant_applies_to_the_current_kernels(breakdown):
     assert set(texts) == {"full"} | set(breakdown.VARIANTS)
     full = texts["full"]
     assert '#include "cupyep/' not in full  # headers inlined
-    assert "receive_channel" in full and "__global__ void __launch_bounds__(1024, 1)\ncombine(" in full
+    for text in breakdown.expected_text:
+        assert text in full
     for name in breakdown.VARIANTS:
         assert texts[name] != full, name
 

@@ -1,0 +1,137 @@
+"""Where the time of low-latency dispatch and combine goes: kernel variants
+that leave one stage out, timed against the full kernels in one run.
+
+    mpirun -n 2 python benchmarks/breakdown_low_latency.py [--base DIR] [--rows full base ...]
+        [--transport auto]
+
+Each variant is low_latency.cu with its headers inlined (from this checkout,
+or from DIR, e.g. an older checkout's raw_kernels/cupyep, as the "base" row)
+and one stage removed by a text edit; its results are wrong by construction,
+only its time matters. Rows:
+
+    full           the kernels as they are
+    base           the kernels of --base (if given)
+    empty          both kernels launch and return (the launch floor)
+    no_payload     dispatch messages carry their header only (no row bytes)
+    no_recv_rows   dispatch receivers wait and lay out, but copy no rows
+    comb_no_rows   combine senders set their flags without the rows
+    comb_no_sum    combine receivers wait for every flag, sum nothing
+    no_count_wait  dispatch count warps publish without waiting for the
+                   messages (last: it leaves counters off by the late adds,
+                   so rows after it are timed on wrong data)
+
+Times: dispatch and combine (one launch each), and the send and receive
+halves of hook mode, queued behind a spin kernel (GPU time only), median of
+--iters, slowest rank. Protocol of bench_low_latency.py.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cupyep  # noqa: E402
+from cupyep import fp8, jit, kernel_variants  # noqa: E402
+from cupyep.bench import add_protocol_args, teardown  # noqa: E402
+from bench_low_latency import gpu_times  # noqa: E402
+
+_PAYLOAD = ("                    st_na(reinterpret_cast<int4*>(payload) + u, out[j]);\n"
+            "                    if (kFp8 && u % 8 == 0) reinterpret_cast<float*>(payload + kHidden)[u / 8] = scale[j];\n")
+_RECV_ROW = "                const int i = row - s_begin[s];\n"
+_COUNT_WAIT = "while (ld_acquire_gpu(finish_count + e) < count) {"
+_COMB_SEND_ROW = "warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(peers[dst] + off), src, lane);"
+_COMB_SUM = "for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {"
+_PHASES = ["    if (phases & 1) {\n        __shared__ char* s_peers",
+           "    if (phases & 2) {\n        // Two groups of warps",
+           "    if (phases & 1) {\n        // Rows travel encoded",
+           "    if (phases & 2) {\n        // The block's first token"]
+VARIANTS = {
+    "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
+    "no_payload": [(_PAYLOAD, "                    (void)payload;\n")],
+    "no_recv_rows": [(_RECV_ROW, _RECV_ROW + "                if (i >= 0) continue;\n")],
+    "comb_no_rows": [(_COMB_SEND_ROW, ";")],
+    "comb_no_sum": [(_COMB_SUM, _COMB_SUM.replace("c < kUnits", "c < 0"))],
+    "no_count_wait": [(_COUNT_WAIT, "while (false) {")],
+}
+
+
+def variant_sources(base_dir=None):
+    """{row: source text} of every variant (see cupyep.kernel_variants)."""
+    return kernel_variants.variant_sources("low_latency.cu", VARIANTS, base_dir)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    add_protocol_args(ap, tokens=128, experts=288)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--transport", default="auto", choices=["auto", "nvshmem"])
+    ap.add_argument("--rows", nargs="*", default=None, help="only these variants (default: all)")
+    ap.add_argument("--base", default=None, help="raw_kernels/cupyep of another checkout")
+    args = ap.parse_args()
+
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    paths = None
+    if comm.rank == 0:
+        paths = kernel_variants.write_variants("low_latency.cu", VARIANTS, args.base, args.rows)
+    paths = comm.bcast(paths, root=0)
+    jit.sources_digest.cache_clear()
+    import cupy
+    try:
+        group = cupyep.Group()
+        r = group.size
+        rdma = cupyep.low_latency_size_hint(args.tokens, args.hidden, r, args.experts)
+        buf = cupyep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, backend="gpu")
+        buf.set_low_latency_transport(args.transport)
+        rng = np.random.default_rng(group.rank)
+        x_np = rng.standard_normal((args.tokens, args.hidden)).astype(fp8.bfloat16)
+        idx_np = np.argsort(rng.random((args.tokens, args.experts)), axis=1)[:, :args.topk].astype(np.int64)
+        x = cupy.asarray(x_np.view(np.uint16)).view(fp8.bfloat16)
+        idx = cupy.asarray(idx_np)
+        w = cupy.asarray(rng.random(idx_np.shape).astype(np.float32))
+        y = cupy.ones((args.experts // r, r * args.tokens, args.hidden), fp8.bfloat16)
+        m, e = args.tokens, args.experts
+        dispatch = lambda **kw: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True, **kw)  # noqa: E731
+        combine = lambda h, **kw: buf.low_latency_combine(y, idx, w, h, **kw)  # noqa: E731
+        state = {}
+
+        def d_step(**kw):
+            state["d"] = dispatch(**kw)
+
+        def c_step(**kw):
+            state["c"] = combine(state["d"].handle, **kw)
+
+        steps = [d_step, c_step, lambda: d_step(return_recv_hook=True), lambda: state["d"].hook(),
+                 lambda: c_step(return_recv_hook=True), lambda: state["c"].hook()]
+        ll = buf._impl.ll
+        results = {}
+        for row, path in paths.items():
+            ll.source = path
+            for _ in range(args.warmup):  # compiles, then warms up
+                combine(dispatch().handle)
+            cupy.cuda.Device().synchronize()
+            group.barrier()
+            times = gpu_times(steps, args.iters)
+            cupy.cuda.Device().synchronize()
+            group.barrier()
+            results[row] = np.max(group.comm.allgather(times), axis=0)  # slowest rank, per column
+        ll.source = "cupyep/low_latency.cu"
+        if group.rank == 0:
+            name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+            print(f"\nlow-latency breakdown, {r} x {name}, {args.transport}, {args.tokens} tokens x "
+                  f"{args.hidden}, top-{args.topk} of {args.experts}, FP8 dispatch; us, slowest rank, "
+                  f"median of {args.iters}")
+            heads = ["dispatch", "combine", "d send", "d recv", "c send", "c recv"]
+            print(f"{'variant':>14} | " + " | ".join(f"{h:>8}" for h in heads))
+            for row in paths:
+                print(f"{row:>14} | " + " | ".join(f"{v:8.1f}" for v in results[row]))
+        teardown(buf, group)
+    finally:
+        if comm.rank == 0:
+            kernel_variants.remove_variants(paths)
+
+
+if __name__ == "__main__":
+    main()
