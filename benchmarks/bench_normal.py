@@ -65,6 +65,10 @@ def main():
     add_protocol_args(ap, tokens=4096, experts=256)
     ap.add_argument("--sms", type=int, default=24)
     ap.add_argument("--sweep", type=int, nargs="*", default=[8, 16, 24, 32, 48])
+    ap.add_argument("--kernels-sms", type=int, nargs="*", default=None,
+                    help="SM counts timed kernels only (default: --sms)")
+    ap.add_argument("--ceiling-blocks", type=int, nargs="*", default=None,
+                    help="block counts of the peer-store ceiling (default: --sms and 132)")
     ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")
     ap.add_argument("--warps", type=int, default=None, help="Config.num_warps (default: tuned)")
     ap.add_argument("--combine-warps", type=int, default=None, help="Config.num_combine_warps (default: tuned)")
@@ -144,11 +148,13 @@ def main():
             group.barrier()
         return out
 
-    kernels_only = measure_kernels(args.sms)
+    kernels_sms = sorted(set(args.kernels_sms or [args.sms]))
+    kernels_only = {s: measure_kernels(s) for s in kernels_sms}
     head = measure(args.sms)
     sweep = {s: measure(s) for s in args.sweep if s != args.sms}
     sweep[args.sms] = head
-    ceilings = {s: peer_store_ceiling(buf, s, args.iters, args.warmup) for s in (args.sms, 132)}
+    ceiling_blocks = sorted(set(args.ceiling_blocks or [args.sms, 132]))
+    ceilings = {s: peer_store_ceiling(buf, s, args.iters, args.warmup) for s in ceiling_blocks}
     nccl = None
     if not args.no_nccl:
         t, tq, nbytes = nccl_baseline(group, x, idx_np, args.experts, args.iters, args.warmup)
@@ -173,18 +179,19 @@ def main():
         for s in sorted(sweep):
             cells = [f"{slowest_t(k, s):8.1f} us {worst(k, s):7.1f} GB/s" for k in ("fp8", "bf16", "combine", "cached")]
             print(f"{s:>4} | " + " | ".join(cells))
-        cells = [f"{max(rw[4][k][0] for rw in rows):8.1f} us {min(rw[4][k][1] for rw in rows):7.1f} GB/s"
-                 for k in ("fp8", "bf16", "combine", "cached")]
-        print(f"{args.sms:>4} | " + " | ".join(cells) + "   (kernels only: calls queued behind a spin kernel; "
-              "dispatch in worst-token mode)")
+        for s in kernels_sms:
+            cells = [f"{max(rw[4][s][k][0] for rw in rows):8.1f} us {min(rw[4][s][k][1] for rw in rows):7.1f} GB/s"
+                     for k in ("fp8", "bf16", "combine", "cached")]
+            print(f"{s:>4} | " + " | ".join(cells) + "   (kernels only: calls queued behind a spin kernel; "
+                  "dispatch in worst-token mode)")
         if group.num_nodes > 1:
             # RDMA leg: the slowest rank's (token, node) bytes over its own time.
             legs = []
             for k, scale in (("fp8", (1 + 4 / 128) / 2), ("bf16", 1.0), ("combine", 1.0)):
-                rdma_bw = min(rw[5] * scale / rw[4][k][0] / 1e3 for rw in rows)
-                legs.append(f"{k} RDMA {rdma_bw:.1f} GB/s, NVL {min(rw[4][k][1] for rw in rows):.1f} GB/s")
+                rdma_bw = min(rw[5] * scale / rw[4][args.sms][k][0] / 1e3 for rw in rows)
+                legs.append(f"{k} RDMA {rdma_bw:.1f} GB/s, NVL {min(rw[4][args.sms][k][1] for rw in rows):.1f} GB/s")
             print(f"{args.sms:>4} | legs (kernels only): " + "; ".join(legs))
-        for s in (args.sms, 132):
+        for s in ceiling_blocks:
             print(f"peer-store ceiling, {s} blocks, every rank into all peers: "
                   f"{min(rw[2][s] for rw in rows):.1f} GB/s out per GPU")
         if nccl is not None:
