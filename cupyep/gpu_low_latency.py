@@ -26,7 +26,7 @@ from .events import EventOverlap
 from .fp8 import FP8_GROUP, bfloat16
 from .capture import KeptArrays, is_capturing
 from .jit import KernelSpec, device_ptr as _ptr, get_kernel, index_type
-from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
+from .low_latency import LL_MAX_EXPERTS, TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 
 _THREADS = 512  # kLLThreads in low_latency.cu
 
@@ -53,6 +53,8 @@ class GpuLowLatency:
         self._kernels = {}
         self.source = "cupyep/low_latency.cu"  # the kernels' source (breakdown benchmarks swap variants in)
         self._blocks_done = cupy.zeros(2, np.int32)
+        # per half: how many of an expert's receiving groups are done reading its dispatch flags
+        self._recv_done = cupy.zeros((2, LL_MAX_EXPERTS), np.int32)
         # [R] int32, 1 = rank left out; with shrink a timed-out wait sets it.
         self.mask = cupy.zeros(backend.num_ranks, np.int32)
         self.shrink = bool(shrink)
@@ -175,7 +177,7 @@ class GpuLowLatency:
                     np.int32(be.rank), np.int32(r), np.uint64(self.sym.ptr), self.sym.peers,
                     np.int32(self.transport == "nvshmem"), np.int64(off["dispatch_flags"]),
                     np.int64(off["dispatch_area"]), np.int64(off["send_area"]), finish,
-                    recv_x, _ptr(recv_s), recv_count, src_info, layout_range, recv_k,
+                    self._recv_done[half], recv_x, _ptr(recv_s), recv_count, src_info, layout_range, recv_k,
                     _ptr(cumulative_stats), _ptr(wait_stats), self.mask, np.int32(self.shrink),
                     np.int32(phases),
                     np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream)
@@ -270,6 +272,7 @@ class GpuLowLatency:
         for c in self._finish.values():
             c.fill(0)
         self._blocks_done.fill(0)
+        self._recv_done.fill(0)
         self.calls = 0
         self.user = None
         cupy.cuda.Device().synchronize()
