@@ -23,7 +23,7 @@ from cupyep import fp8  # noqa: E402
 
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
-from cupyep.bench import add_protocol_args, teardown  # noqa: E402
+from cupyep.bench import add_protocol_args, random_inputs, teardown  # noqa: E402
 
 
 SPIN = KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns")
@@ -187,11 +187,7 @@ def main():
     rdma = cupyep.low_latency_size_hint(args.tokens, args.hidden, r, args.experts)
     buf = cupyep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, backend="gpu")
     rng = np.random.default_rng(group.rank)
-    x_np = rng.standard_normal((args.tokens, args.hidden)).astype(fp8.bfloat16)
-    idx_np = np.argsort(rng.random((args.tokens, args.experts)), axis=1)[:, :args.topk].astype(np.int64)
-    x = cupy.asarray(x_np.view(np.uint16)).view(fp8.bfloat16)
-    idx = cupy.asarray(idx_np)
-    w = cupy.asarray(rng.random(idx_np.shape).astype(np.float32))
+    x, idx, w, _, _ = random_inputs(rng, args.tokens, args.hidden, args.experts, args.topk)
 
     results = {}
     for tr in args.transports:

@@ -32,8 +32,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8, jit, kernel_variants  # noqa: E402
-from cupyep.bench import add_protocol_args, teardown  # noqa: E402
+from cupyep import fp8, kernel_variants  # noqa: E402
+from cupyep.bench import add_protocol_args, random_inputs, teardown  # noqa: E402
 from bench_low_latency import gpu_times  # noqa: E402
 
 _PAYLOAD = ("                    st_na(reinterpret_cast<int4*>(payload) + u, out[j]);\n"
@@ -67,30 +67,19 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--transport", default="auto", choices=["auto", "nvshmem"])
-    ap.add_argument("--rows", nargs="*", default=None, help="only these variants (default: all)")
-    ap.add_argument("--base", default=None, help="raw_kernels/cupyep of another checkout")
+    kernel_variants.add_args(ap)
     args = ap.parse_args()
 
     from mpi4py import MPI
-    comm = MPI.COMM_WORLD
-    paths = None
-    if comm.rank == 0:
-        paths = kernel_variants.write_variants("low_latency.cu", VARIANTS, args.base, args.rows)
-    paths = comm.bcast(paths, root=0)
-    jit.sources_digest.cache_clear()
     import cupy
-    try:
+    with kernel_variants.on_disk(MPI.COMM_WORLD, "low_latency.cu", VARIANTS, args.base, args.rows) as paths:
         group = cupyep.Group()
         r = group.size
         rdma = cupyep.low_latency_size_hint(args.tokens, args.hidden, r, args.experts)
         buf = cupyep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, backend="gpu")
         buf.set_low_latency_transport(args.transport)
         rng = np.random.default_rng(group.rank)
-        x_np = rng.standard_normal((args.tokens, args.hidden)).astype(fp8.bfloat16)
-        idx_np = np.argsort(rng.random((args.tokens, args.experts)), axis=1)[:, :args.topk].astype(np.int64)
-        x = cupy.asarray(x_np.view(np.uint16)).view(fp8.bfloat16)
-        idx = cupy.asarray(idx_np)
-        w = cupy.asarray(rng.random(idx_np.shape).astype(np.float32))
+        x, idx, w, _, _ = random_inputs(rng, args.tokens, args.hidden, args.experts, args.topk)
         y = cupy.ones((args.experts // r, r * args.tokens, args.hidden), fp8.bfloat16)
         m, e = args.tokens, args.experts
         dispatch = lambda **kw: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True, **kw)  # noqa: E731
@@ -128,9 +117,6 @@ def main():
             for row in paths:
                 print(f"{row:>14} | " + " | ".join(f"{v:8.1f}" for v in results[row]))
         teardown(buf, group)
-    finally:
-        if comm.rank == 0:
-            kernel_variants.remove_variants(paths)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8, jit, kernel_variants  # noqa: E402
+from cupyep import fp8, kernel_variants  # noqa: E402
 from cupyep.bench import add_protocol_args, queued_times, random_inputs, teardown  # noqa: E402
 
 # (old, new) text edits of the inlined source; each `old` must occur once.
@@ -63,19 +63,12 @@ def main():
     ap.add_argument("--sms", type=int, default=24)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")
-    ap.add_argument("--rows", nargs="*", default=None, help="only these variants (default: all)")
-    ap.add_argument("--base", default=None, help="raw_kernels/cupyep of another checkout")
+    kernel_variants.add_args(ap)
     args = ap.parse_args()
 
     from mpi4py import MPI
-    comm = MPI.COMM_WORLD
-    names = None
-    if comm.rank == 0:
-        names = kernel_variants.write_variants("intranode.cu", VARIANTS, args.base, args.rows)
-    names = comm.bcast(names, root=0)
-    jit.sources_digest.cache_clear()
     import cupy
-    try:
+    with kernel_variants.on_disk(MPI.COMM_WORLD, "intranode.cu", VARIANTS, args.base, args.rows) as names:
         group = cupyep.Group()
         r = group.size
         nvl = cupyep.nvl_size_hint(args.hidden, args.tokens + 64, r, args.topk)
@@ -122,9 +115,6 @@ def main():
                          for k in ("bf16", "fp8", "combine")]
                 print(f"{row:>18} | " + " | ".join(cells))
         teardown(buf, group)
-    finally:
-        if comm.rank == 0:
-            kernel_variants.remove_variants(names)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Variants are written next to the real kernels (so the JIT finds them under
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -73,3 +74,33 @@ def remove_variants(paths: Dict[str, str]) -> None:
             os.remove(os.path.join(jit.kernel_dir(), path))
         except FileNotFoundError:
             pass
+
+
+def add_args(ap) -> None:
+    """--rows (only these variants) and --base (another checkout's kernels)."""
+    ap.add_argument("--rows", nargs="*", default=None, help="only these variants (default: all)")
+    ap.add_argument("--base", default=None, help="raw_kernels/cupyep of another checkout")
+
+
+@contextlib.contextmanager
+def on_disk(comm, name: str, variants: Dict[str, Edits], base_dir: Optional[str] = None,
+            rows: Optional[Sequence[str]] = None):
+    """Rank 0 of ``comm`` (mpi4py) writes the sources, every rank gets
+    {row: path} (the kernels' digest is recomputed with them); rank 0
+    removes them on exit. Collective: every rank of ``comm`` enters."""
+    paths, error = None, None
+    if comm.rank == 0:
+        try:
+            paths = write_variants(name, variants, base_dir, rows)
+        except (ValueError, OSError) as e:  # raised on every rank, not only here
+            error = f"{type(e).__name__}: {e}"
+    paths, error = comm.bcast((paths, error), root=0)
+    if error:
+        raise ValueError(f"kernel variants not written: {error}")
+    try:
+        jit.sources_digest.cache_clear()
+        yield paths
+    finally:
+        if comm.rank == 0 and paths:
+            remove_variants(paths)
+        jit.sources_digest.cache_clear()

@@ -41,3 +41,27 @@ def test_a_stale_anchor_is_reported(breakdown, monkeypatch):
     monkeypatch.setitem(breakdown.VARIANTS, "stale", [("text no kernel contains", "")])
     with pytest.raises(ValueError, match="stale"):
         breakdown.variant_sources()
+
+
+def test_variants_are_on_disk_inside_the_block_only():
+    from mpi4py import MPI
+
+    from cupyep import jit, kernel_variants
+    variants = {"edited": [("// Cross-rank barrier: one block", "// edited")]}
+    comm = MPI.COMM_WORLD
+    with kernel_variants.on_disk(comm, "intranode.cu", variants) as paths:
+        assert set(paths) == {"full", "edited"}
+        here = [os.path.exists(os.path.join(jit.kernel_dir(), p)) for p in paths.values()]
+        comm.Barrier()
+    comm.Barrier()  # rank 0 has removed them
+    gone = [not os.path.exists(os.path.join(jit.kernel_dir(), p)) for p in paths.values()]
+    assert comm.allreduce(all(here) and all(gone), op=MPI.LAND)
+
+
+def test_a_stale_anchor_raises_on_every_rank():
+    from mpi4py import MPI
+
+    from cupyep import kernel_variants
+    with pytest.raises(ValueError, match="stale"):
+        with kernel_variants.on_disk(MPI.COMM_WORLD, "intranode.cu", {"stale": [("no such text", "")]}):
+            pass
