@@ -109,6 +109,28 @@ def assert_close_bf16(actual, expected, what, roundings=1, partial_magnitude=Non
                            f"first at {np.argwhere(bad)[0]}: {a[bad][0]} vs {e[bad][0]}")
 
 
+def graph_inputs(rng, n, hidden, num_experts, k, min_weight=0.0):
+    """Device inputs that keep their addresses across CUDA-graph replays:
+    x [n, hidden] bf16, topk_idx [n, k] int64 (10% of slots -1), weights
+    [n, k] fp32 in [min_weight, min_weight + 1). Returns (x, idx, w, fill);
+    fill() draws new values into them and returns their host copies."""
+    import cupy
+    x_dev = cupy.empty((n, hidden), bfloat16)
+    idx_dev = cupy.empty((n, k), np.int64)
+    w_dev = cupy.empty((n, k), np.float32)
+
+    def fill():
+        x = random_rows(rng, n, hidden)
+        idx = random_topk(rng, n, num_experts, k, drop=0.1)
+        w = rng.random(idx.shape).astype(np.float32) + min_weight
+        x_dev[...] = cupy.asarray(x)
+        idx_dev[...] = cupy.asarray(idx)
+        w_dev[...] = cupy.asarray(w)
+        return x, idx, w
+
+    return x_dev, idx_dev, w_dev, fill
+
+
 def capture_graph(fill, step):
     """fill() and step() once outside capture (compiles kernels, fills the
     memory pool), then step() captured on a new stream.

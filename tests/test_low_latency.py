@@ -5,7 +5,7 @@ import pytest
 from cupyep import fp8
 
 from conftest import COMM, RANK, SIZE
-from helpers import (assert_close_bf16, bits, capture_graph, gather, random_rows, random_topk,
+from helpers import (assert_close_bf16, bits, capture_graph, gather, graph_inputs, random_rows, random_topk,
                      replay_and_check, to_backend, to_host)
 
 
@@ -159,21 +159,9 @@ def test_low_latency_cuda_graph_replays(buffer, backend, transport, rng):
     replayed 100 times with new tokens and routing, every replay checked."""
     if backend != "gpu":
         pytest.skip("CUDA graphs need the GPU backend")
-    import cupy
     m, h, num_experts, k = 32, 2048, 4 * SIZE, 4
     local = num_experts // SIZE
-    x_dev = cupy.empty((m, h), fp8.bfloat16)
-    idx_dev = cupy.empty((m, k), np.int64)
-    w_dev = cupy.empty((m, k), np.float32)
-
-    def fill():
-        x = random_rows(rng, m, h)
-        idx = random_topk(rng, m, num_experts, k, drop=0.1)
-        w = rng.random(idx.shape).astype(np.float32)
-        x_dev[...] = to_backend(x, backend)
-        idx_dev[...] = cupy.asarray(idx)
-        w_dev[...] = cupy.asarray(w)
-        return x, idx, w
+    x_dev, idx_dev, w_dev, fill = graph_inputs(rng, m, h, num_experts, k)
 
     def step():
         d = buffer.low_latency_dispatch(x_dev, idx_dev, m, num_experts, use_fp8=False)

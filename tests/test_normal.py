@@ -7,7 +7,7 @@ import pytest
 from cupyep import fp8
 
 from conftest import RANK, SIZE
-from helpers import (assert_close_bf16, bits, capture_graph, expected_dispatch, gather, random_rows,
+from helpers import (assert_close_bf16, bits, capture_graph, expected_dispatch, gather, graph_inputs, random_rows,
                      random_topk, replay_and_check, to_backend, to_host)
 
 
@@ -193,22 +193,10 @@ def test_worst_token_mode_in_cuda_graph(normal_buffer, backend, rng):
     replayed 20 times with new tokens and routing; every replay checked."""
     if backend != "gpu":
         pytest.skip("CUDA graphs need the GPU backend")
-    import cupy
     buffer = normal_buffer
     t, h, k, num_experts = 48, 1024, 4, 4 * SIZE
     worst = t * SIZE
-    x_dev = cupy.empty((t, h), fp8.bfloat16)
-    idx_dev = cupy.empty((t, k), np.int64)
-    w_dev = cupy.empty((t, k), np.float32)
-
-    def fill():
-        x = random_rows(rng, t, h)
-        idx = random_topk(rng, t, num_experts, k, drop=0.1)
-        w = rng.random(idx.shape).astype(np.float32) + 0.5
-        x_dev[...] = to_backend(x, backend)
-        idx_dev[...] = cupy.asarray(idx)
-        w_dev[...] = cupy.asarray(w)
-        return x, idx, w
+    x_dev, idx_dev, w_dev, fill = graph_inputs(rng, t, h, num_experts, k, min_weight=0.5)
 
     def step():
         lay = buffer.get_dispatch_layout(idx_dev, num_experts)

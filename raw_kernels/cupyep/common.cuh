@@ -189,6 +189,25 @@ __device__ __forceinline__ void warp_sum_rows(int4* dst, const int4* const (&row
     }
 }
 
+// ---- numbering tokens --------------------------------------------------
+__device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
+
+// A warp numbers the tokens of [begin, end) for which in(t) holds, in token
+// order from 0, 32 tokens per step (lane i takes t0 + i): store(t, pos) gets
+// each token's number, -1 where in(t) is false. Returns how many were in.
+template <typename In, typename Store>
+__device__ __forceinline__ int warp_number_tokens(int begin, int end, int lane, In in, Store store) {
+    int n = 0;
+    for (int t0 = begin; t0 < end; t0 += kWarpSize) {
+        const int t = t0 + lane;
+        const bool is_in = t < end && in(t);
+        const unsigned mask = __ballot_sync(0xffffffffu, is_in);
+        if (t < end) store(t, is_in ? n + __popc(mask & lanemask_lt(lane)) : -1);
+        n += __popc(mask);
+    }
+    return n;
+}
+
 // ---- warp groups ----------------------------------------------------------
 // num_warps warps split into equal groups over num_items items: several
 // warps per item when there are more warps than items, else one warp per

@@ -77,8 +77,6 @@ __device__ __forceinline__ void signal_set(char* rdma, long long offset, long lo
                        NVSHMEM_SIGNAL_SET, pe);
 }
 
-__device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
-
 // Barrier over all ranks, run by one block. Everything this rank's earlier
 // kernels wrote (puts and NVLink stores) is complete and visible when a peer
 // sees our sequence number.
@@ -140,29 +138,22 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
         for (int d = warp; d < kNumRanks + kNumNodes; d += num_warps) {
             const bool to_node = d >= kNumRanks;
             const int m = d - kNumRanks;
-            int n = 0;
-            for (int t0 = begin; t0 < end; t0 += kWarpSize) {
-                const int t = t0 + lane;
-                bool in = false;
-                if (t < end) {
+            const int n = warp_number_tokens(
+                begin, end, lane,
+                [&](int t) {
                     const bool* row = is_token_in_rank + (long long)t * kNumRanks;
-                    if (!to_node) {
-                        in = row[d];
-                    } else {
+                    if (!to_node) return row[d];
+                    bool in = false;
 #pragma unroll
-                        for (int q = 0; q < kRanksPerNode; ++q) in |= row[m * kRanksPerNode + q];
-                    }
-                }
-                const unsigned mask = __ballot_sync(0xffffffffu, in);
-                const int pos = in ? n + __popc(mask & lanemask_lt(lane)) : -1;
-                if (t < end) {
+                    for (int q = 0; q < kRanksPerNode; ++q) in |= row[m * kRanksPerNode + q];
+                    return in;
+                },
+                [&](int t, int pos) {
                     if (!to_node)
                         send_pos[(long long)t * kNumRanks + d] = pos < 0 ? -1 : nvl_base + pos;
                     else
                         rdma_pos[(long long)t * kNumNodes + m] = pos < 0 ? -1 : rdma_base + pos;
-                }
-                n += __popc(mask);
-            }
+                });
             if (lane == 0) {
                 if (!to_node)
                     signal_set(rdma, rank_counts + 8ll * (rank * kMaxChannels + c), n, d);

@@ -71,16 +71,9 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
         channel_range(num_tokens, num_channels, c, begin, end);
         const int slot_base = c * static_cast<int>(lay.slots_per_channel);
         for (int d = warp; d < kNumRanks; d += num_warps) {
-            int n = 0;
-            for (int t0 = begin; t0 < end; t0 += kWarpSize) {
-                const int t = t0 + lane;
-                const bool in = t < end && is_token_in_rank[(long long)t * kNumRanks + d];
-                const unsigned mask = __ballot_sync(0xffffffffu, in);
-                if (t < end)
-                    send_pos[(long long)t * kNumRanks + d] =
-                        in ? slot_base + n + __popc(mask & ((1u << lane) - 1u)) : -1;
-                n += __popc(mask);
-            }
+            const int n = warp_number_tokens(
+                begin, end, lane, [&](int t) { return is_token_in_rank[(long long)t * kNumRanks + d]; },
+                [&](int t, int pos) { send_pos[(long long)t * kNumRanks + d] = pos < 0 ? -1 : slot_base + pos; });
             if (lane == 0) at<int>(peers[d], counts_base)[rank * kMaxChannels + c] = n;
         }
     } else {
@@ -228,9 +221,12 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
 }
 
 // Grid: 2 * num_channels (the dispatch's channels). Even blocks send the
-// rows this rank received back to their sources; odd blocks sum, for each of
-// this rank's own tokens of the channel, the rows returned by every rank in
-// rank order (fp32), then bias0, then bias1, and store bf16.
+// rows this rank received from its peers back to them; odd blocks sum, for
+// each of this rank's own tokens of the channel, the rows of every rank in
+// rank order (fp32), then bias0, then bias1, and store bf16. Rows that this
+// rank sent itself never pass through the buffer: the receiver reads them
+// from x (a copy into the local buffer would cost the senders 1/R of their
+// time and the memory a write and a read).
 template <int kNumRanks, int kHiddenInt4, int kNumTopk>
 __global__ void __launch_bounds__(1024, 1)
 combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
@@ -244,41 +240,47 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
     const int c = blockIdx.x / 2;
     const int slot_base = c * static_cast<int>(lay.slots_per_channel);
     constexpr long long kRowBytes = kHiddenInt4 * 16ll;
+    constexpr int kNumPeers = kNumRanks - 1;
 
     if (blockIdx.x % 2 == 0) {
         // ---------------- sender: rows back to their source ----------------
-        const WarpGroups wg(warp, num_warps, kNumRanks);  // a group per destination
-        const int d = wg.group;
-        int max_count = 0;
-        for (int r = 0; r < kNumRanks; ++r)
-            max_count = max(max_count, recv_channel_offset[r * num_channels + c + 1] -
-                                           recv_channel_offset[r * num_channels + c]);
-        int published = 0;  // owned by thread r < kNumRanks
-        const int round_rows = wg.size * chunk_tokens;
-        for (int round = 0; round < max_count; round += round_rows) {
-            if (d < kNumRanks) {
-                const int first = recv_channel_offset[d * num_channels + c];
-                const int count = recv_channel_offset[d * num_channels + c + 1] - first;
-                for (int n = round + wg.sub; n < min(round + round_rows, count); n += wg.size) {
-                    char* base = peers[d];
-                    const long long row = (long long)rank * lay.max_tokens + slot_base + n;
-                    // Loaded before the copy so that the two latencies overlap.
-                    const float w = lane < kNumTopk ? topk_weights[(long long)(first + n) * kNumTopk + lane] : 0.f;
-                    warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),
+        if constexpr (kNumPeers > 0) {
+            // A group per peer; group g serves rank + 1 + g, so that the ranks
+            // start on different peers.
+            const WarpGroups wg(warp, num_warps, kNumPeers);
+            const int d = (rank + 1 + wg.group) % kNumRanks;
+            int max_count = 0;
+            for (int r = 0; r < kNumRanks; ++r)
+                if (r != rank)
+                    max_count = max(max_count, recv_channel_offset[r * num_channels + c + 1] -
+                                                   recv_channel_offset[r * num_channels + c]);
+            int published = 0;  // owned by thread r < kNumRanks, r != rank
+            const int round_rows = wg.size * chunk_tokens;
+            for (int round = 0; round < max_count; round += round_rows) {
+                if (wg.group < kNumPeers) {
+                    const int first = recv_channel_offset[d * num_channels + c];
+                    const int count = recv_channel_offset[d * num_channels + c + 1] - first;
+                    for (int n = round + wg.sub; n < min(round + round_rows, count); n += wg.size) {
+                        char* base = peers[d];
+                        const long long row = (long long)rank * lay.max_tokens + slot_base + n;
+                        // Loaded before the copy so that the two latencies overlap.
+                        const float w = lane < kNumTopk ? topk_weights[(long long)(first + n) * kNumTopk + lane] : 0.f;
+                        warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),
                                               x + (long long)(first + n) * kHiddenInt4, lane);
-                    if (lane < kNumTopk) at<float>(base, lay.topk_weights)[row * kNumTopk + lane] = w;
+                        if (lane < kNumTopk) at<float>(base, lay.topk_weights)[row * kNumTopk + lane] = w;
+                    }
                 }
-            }
-            // Row stores of the round happen-before the release (see dispatch).
-            __syncthreads();
-            const int r = threadIdx.x;
-            if (r < kNumRanks) {
-                const int count = recv_channel_offset[r * num_channels + c + 1] -
-                                  recv_channel_offset[r * num_channels + c];
-                const int done = min(count, round + round_rows);
-                if (done != published) {
-                    st_release_sys(at<int>(peers[r], lay.combine_tail) + rank * kMaxChannels + c, done);
-                    published = done;
+                // Row stores of the round happen-before the release (see dispatch).
+                __syncthreads();
+                const int r = threadIdx.x;
+                if (r < kNumRanks && r != rank) {
+                    const int count = recv_channel_offset[r * num_channels + c + 1] -
+                                      recv_channel_offset[r * num_channels + c];
+                    const int done = min(count, round + round_rows);
+                    if (done != published) {
+                        st_release_sys(at<int>(peers[r], lay.combine_tail) + rank * kMaxChannels + c, done);
+                        published = done;
+                    }
                 }
             }
         }
@@ -289,6 +291,8 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
     int begin, end;
     channel_range(num_tokens, num_channels, c, begin, end);
     char* local = peers[rank];
+    // This rank's own rows of channel c: x[self_first + slot - slot_base].
+    const int self_first = recv_channel_offset[rank * num_channels + c] - slot_base;
     int seen[kNumRanks];
 #pragma unroll
     for (int r = 0; r < kNumRanks; ++r) seen[r] = 0;
@@ -300,7 +304,7 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
 #pragma unroll
         for (int r = 0; r < kNumRanks; ++r) {
             const int n = slot[r] - slot_base;
-            if (slot[r] >= 0 && seen[r] <= n) {
+            if (r != rank && slot[r] >= 0 && seen[r] <= n) {
                 int v = 0;
                 if (lane == 0)
                     v = wait_at_least(at<int>(local, lay.combine_tail) + r * kMaxChannels + c, n + 1,
@@ -313,7 +317,8 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
         const int4* rows[kNumRanks];
 #pragma unroll
         for (int r = 0; r < kNumRanks; ++r)
-            rows[r] = slot[r] < 0 ? nullptr
+            rows[r] = slot[r] < 0   ? nullptr
+                      : r == rank ? x + (long long)(self_first + slot[r]) * kHiddenInt4
                                   : at<int4>(local, lay.rows + ((long long)r * lay.max_tokens + slot[r]) * kRowBytes);
         const long long row_off = (long long)t * kHiddenInt4;
         warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows, bias0 != nullptr ? bias0 + row_off : nullptr,
@@ -323,7 +328,8 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
 #pragma unroll
             for (int r = 0; r < kNumRanks; ++r)
                 if (slot[r] >= 0)
-                    w += at<float>(local, lay.topk_weights)[((long long)r * lay.max_tokens + slot[r]) * kNumTopk + lane];
+                    w += r == rank ? topk_weights[(long long)(self_first + slot[r]) * kNumTopk + lane]
+                                   : at<float>(local, lay.topk_weights)[((long long)r * lay.max_tokens + slot[r]) * kNumTopk + lane];
             out_weights[(long long)t * kNumTopk + lane] = w;
         }
     }
