@@ -71,6 +71,17 @@ __device__ __forceinline__ int4 ld_nc(const int4* p) {
     return v;
 }
 
+// One thread asks for [p, p + bytes) to be brought into L2 (a bulk
+// prefetch: it holds no registers and nothing waits for it). A warp that
+// then reads a row batch by batch pays one DRAM latency for the first batch
+// and L2 latencies after it, instead of a DRAM latency per batch. L2 is
+// where peers' NVLink stores land too, so prefetching a slot before its data
+// has arrived costs bandwidth but never makes a later load stale. p 16-byte
+// aligned, bytes a multiple of 16.
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
 // Streaming store that does not pollute L1 (the data is never read back here).
 __device__ __forceinline__ void st_na(int4* p, const int4& v) {
     asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};"

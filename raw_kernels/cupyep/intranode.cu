@@ -174,6 +174,9 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
         const int round_tokens = num_warps * chunk_tokens;
         for (int round = begin; round < end; round += round_tokens) {
             for (int t = round + warp; t < min(round + round_tokens, end); t += num_warps) {
+                // The warp's next row into L2 while this one is copied.
+                if (lane == 0 && t + num_warps < end)
+                    prefetch_l2(x + (long long)(t + num_warps) * kHiddenInt4, kRowBytes);
                 // The token's slots and metadata are loaded once, together, for
                 // every destination: each dependent load costs a full latency.
                 int slot[kNumRanks];
@@ -262,6 +265,9 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
                     const int count = recv_channel_offset[d * num_channels + c + 1] - first;
                     for (int n = round + wg.sub; n < min(round + round_rows, count); n += wg.size) {
                         char* base = peers[d];
+                        // The warp's next row into L2 while this one is copied.
+                        if (lane == 0 && n + wg.size < count)
+                            prefetch_l2(x + (long long)(first + n + wg.size) * kHiddenInt4, kRowBytes);
                         const long long row = (long long)rank * lay.max_tokens + slot_base + n;
                         // Loaded before the copy so that the two latencies overlap.
                         const float w = lane < kNumTopk ? topk_weights[(long long)(first + n) * kNumTopk + lane] : 0.f;
@@ -321,6 +327,13 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
                       : r == rank ? x + (long long)(self_first + slot[r]) * kHiddenInt4
                                   : at<int4>(local, lay.rows + ((long long)r * lay.max_tokens + slot[r]) * kRowBytes);
         const long long row_off = (long long)t * kHiddenInt4;
+        // Lane r brings row r (lanes R, R + 1 the biases) into L2 while the
+        // warp loads the first batch: the sum reads the rest from L2.
+#pragma unroll
+        for (int r = 0; r < kNumRanks; ++r)
+            if (lane == r && rows[r] != nullptr) prefetch_l2(rows[r], kRowBytes);
+        if (lane == kNumRanks && bias0 != nullptr) prefetch_l2(bias0 + row_off, kRowBytes);
+        if (lane == kNumRanks + 1 && bias1 != nullptr) prefetch_l2(bias1 + row_off, kRowBytes);
         warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows, bias0 != nullptr ? bias0 + row_off : nullptr,
                                               bias1 != nullptr ? bias1 + row_off : nullptr, lane);
         if (lane < kNumTopk) {
