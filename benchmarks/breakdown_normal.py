@@ -39,7 +39,7 @@ _SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowByte
 _RECV_ROW = ("warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,\n"
              "                                            at<int4>(local, lay.rows + row * kRowBytes), lane);")
 _RECV_OUT = "            const long long out = first + n;\n"
-_COMB_RECV = "        if (failed) break;\n        const int4* rows[kNumRanks];"
+_COMB_SUM = "        warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows,"
 _COMB_SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),\n"
                   "                                              x + (long long)(first + n) * kHiddenInt4, lane);")
 VARIANTS = {
@@ -47,7 +47,7 @@ VARIANTS = {
     "send_no_rows": [(_SEND_ROW, ";")],
     "no_rows": [(_RECV_ROW, ";"), (_SEND_ROW, ";")],
     "recv_wait_only": [(_RECV_OUT, "            continue;\n" + _RECV_OUT)],
-    "comb_recv_wait": [(_COMB_RECV, "        if (failed) break;\n        continue;\n        const int4* rows[kNumRanks];")],
+    "comb_recv_wait": [(_COMB_SUM, "        if (false) warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows,")],
     "comb_send_no_rows": [(_COMB_SEND_ROW, ";")],
 }
 

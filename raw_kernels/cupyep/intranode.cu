@@ -299,39 +299,42 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
     char* local = peers[rank];
     // This rank's own rows of channel c: x[self_first + slot - slot_base].
     const int self_first = recv_channel_offset[rank * num_channels + c] - slot_base;
-    int seen[kNumRanks];
-#pragma unroll
-    for (int r = 0; r < kNumRanks; ++r) seen[r] = 0;
-    bool failed = false;
-    for (int t = begin + warp; t < end && !failed; t += num_warps) {
-        int slot[kNumRanks];
-#pragma unroll
-        for (int r = 0; r < kNumRanks; ++r) slot[r] = send_pos[(long long)t * kNumRanks + r];
-#pragma unroll
-        for (int r = 0; r < kNumRanks; ++r) {
-            const int n = slot[r] - slot_base;
-            if (r != rank && slot[r] >= 0 && seen[r] <= n) {
-                int v = 0;
-                if (lane == 0)
-                    v = wait_at_least(at<int>(local, lay.combine_tail) + r * kMaxChannels + c, n + 1,
-                                      timeout_ns, err, kPhaseCombineRecv, r, c);
-                seen[r] = __shfl_sync(0xffffffffu, v, 0);
-                if (seen[r] < 0) failed = true;
-            }
+    // Where rank r's row of a token with slot s (>= 0) is.
+    auto row_of = [&](int r, int s) -> const int4* {
+        return r == rank ? x + (long long)(self_first + s) * kHiddenInt4
+                         : at<int4>(local, lay.rows + ((long long)r * lay.max_tokens + s) * kRowBytes);
+    };
+    // Lane r < R holds the slots on rank r of the warp's token t and of its
+    // next two, loaded two tokens ahead: while token t is summed, lane r
+    // prefetches its row of the next token into L2 (prefetch_l2), so that
+    // the sum's batched loads hit L2 instead of each paying a DRAM latency.
+    auto load_slot = [&](int tt) {
+        return lane < kNumRanks && tt < end ? send_pos[(long long)tt * kNumRanks + lane] : -1;
+    };
+    int my_slot = load_slot(begin + warp), next_slot = load_slot(begin + warp + num_warps);
+    if (my_slot >= 0) prefetch_l2(row_of(lane, my_slot), kRowBytes);
+    int seen = 0;  // lane r: rank r's tail as last read
+    for (int t = begin + warp; t < end; t += num_warps) {
+        const int after_next_slot = load_slot(t + 2 * num_warps);
+        if (next_slot >= 0) prefetch_l2(row_of(lane, next_slot), kRowBytes);
+        // Lane r waits for rank r's row; the warp barrier then extends each
+        // lane's acquire to the whole warp before anyone reads the rows.
+        bool failed = false;
+        if (lane != rank && my_slot >= 0 && seen <= my_slot - slot_base) {
+            seen = wait_at_least(at<int>(local, lay.combine_tail) + lane * kMaxChannels + c,
+                                 my_slot - slot_base + 1, timeout_ns, err, kPhaseCombineRecv, lane, c);
+            failed = seen < 0;
         }
-        if (failed) break;
+        __syncwarp();
+        if (__any_sync(0xffffffffu, failed)) break;
+        int slot[kNumRanks];
         const int4* rows[kNumRanks];
 #pragma unroll
-        for (int r = 0; r < kNumRanks; ++r)
-            rows[r] = slot[r] < 0   ? nullptr
-                      : r == rank ? x + (long long)(self_first + slot[r]) * kHiddenInt4
-                                  : at<int4>(local, lay.rows + ((long long)r * lay.max_tokens + slot[r]) * kRowBytes);
+        for (int r = 0; r < kNumRanks; ++r) {
+            slot[r] = __shfl_sync(0xffffffffu, my_slot, r);
+            rows[r] = slot[r] < 0 ? nullptr : row_of(r, slot[r]);
+        }
         const long long row_off = (long long)t * kHiddenInt4;
-        // Lane r brings row r (lanes R, R + 1 the biases) into L2 while the
-        // warp loads the first batch: the sum reads the rest from L2.
-#pragma unroll
-        for (int r = 0; r < kNumRanks; ++r)
-            if (lane == r && rows[r] != nullptr) prefetch_l2(rows[r], kRowBytes);
         if (lane == kNumRanks && bias0 != nullptr) prefetch_l2(bias0 + row_off, kRowBytes);
         if (lane == kNumRanks + 1 && bias1 != nullptr) prefetch_l2(bias1 + row_off, kRowBytes);
         warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows, bias0 != nullptr ? bias0 + row_off : nullptr,
@@ -345,6 +348,8 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
                                    : at<float>(local, lay.topk_weights)[((long long)r * lay.max_tokens + slot[r]) * kNumTopk + lane];
             out_weights[(long long)t * kNumTopk + lane] = w;
         }
+        my_slot = next_slot;
+        next_slot = after_next_slot;
     }
     __syncthreads();
     if (threadIdx.x < kNumRanks)
