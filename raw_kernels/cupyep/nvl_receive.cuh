@@ -49,11 +49,6 @@ __device__ __forceinline__ void receive_channel(
                 break;
             }
             const long long row = (long long)s * lay.max_tokens + slot_base + n;
-            // This row (first of the warp) and the warp's next one, if it has
-            // arrived, into L2 while this one is copied.
-            if (lane == 0 && n == wg.sub) prefetch_l2(at<int4>(local, lay.rows + row * kRowBytes), kRowBytes);
-            if (lane == 0 && n + wg.size < seen)
-                prefetch_l2(at<int4>(local, lay.rows + (row + wg.size) * kRowBytes), kRowBytes);
             const RowMeta<kNumScales, kNumTopk> meta = RowMeta<kNumScales, kNumTopk>::load_slot(local, lay, row, lane);
             warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,
                                             at<int4>(local, lay.rows + row * kRowBytes), lane);
