@@ -31,6 +31,9 @@ def representative_specs():
     specs.append(_k("intranode.cu", "combine", ("kNumRanks", 2), ("kHiddenInt4", 320), ("kNumTopk", 0)))
     specs.append(_k("bench_kernels.cu", "store_to_peers", ("kNumRanks", 4)))
     specs.append(_k("bench_kernels.cu", "spin_ns"))
+    for rows, prefetch in ((1, 0), (2, 1), (4, 2)):
+        specs.append(_k("bench_kernels.cu", "row_sum_probe", ("kHiddenInt4", 896), ("kNumRows", rows),
+                        ("kPrefetch", prefetch)))
     specs += low_latency_specs()
     return specs
 

@@ -174,9 +174,6 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
         const int round_tokens = num_warps * chunk_tokens;
         for (int round = begin; round < end; round += round_tokens) {
             for (int t = round + warp; t < min(round + round_tokens, end); t += num_warps) {
-                // The warp's next row into L2 while this one is copied.
-                if (lane == 0 && t + num_warps < end)
-                    prefetch_l2(x + (long long)(t + num_warps) * kHiddenInt4, kRowBytes);
                 // The token's slots and metadata are loaded once, together, for
                 // every destination: each dependent load costs a full latency.
                 int slot[kNumRanks];
