@@ -1,9 +1,11 @@
 """Normal (high-throughput) dispatch and combine against loop-computed expectations."""
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pytest
 
+import cupyep
 from cupyep import fp8
 
 from conftest import RANK, SIZE
@@ -25,6 +27,7 @@ class Case:
     alignment: int = 1
     worst: bool = False
     num_bias: int = 0
+    config: Optional[cupyep.Config] = None  # None: the defaults
 
 
 CASES = [
@@ -42,6 +45,18 @@ CASES = [
     Case("worst_tokens", worst=True, drop=0.2),
     Case("bias1", num_bias=1),
     Case("bias2", num_bias=2, drop=0.1),
+]
+
+
+# Launch shapes other than the defaults (blocks, warps per dispatch block,
+# tokens per progress round, warps per combine block), inside a node.
+SHAPES = [
+    Case("sms8_warps32_chunk4", hidden=7168, tokens=128, topk=8, experts_per_rank=8,
+         config=cupyep.Config(num_sms=8, num_warps=32, chunk_tokens=4, num_combine_warps=16)),
+    Case("sms48_warps8_chunk2", tokens=160, drop=0.1,
+         config=cupyep.Config(num_sms=48, num_warps=8, chunk_tokens=2, num_combine_warps=8)),
+    Case("sms16_warps24_fp8", use_fp8=True, hidden=7168, tokens=96, topk=8, experts_per_rank=8,
+         config=cupyep.Config(num_sms=16, num_warps=24, chunk_tokens=1, num_combine_warps=24)),
 ]
 
 
@@ -64,6 +79,11 @@ def _roundings(buf):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_dispatch_combine(normal_buffer, backend, rng, case):
     _dispatch_combine(normal_buffer, backend, rng, case, _roundings(normal_buffer))
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=lambda c: c.name)
+def test_launch_shapes(buffer, backend, rng, case):
+    _dispatch_combine(buffer, backend, rng, case)
 
 
 def _dispatch_combine(buffer, backend, rng, case, roundings=1):
@@ -91,7 +111,7 @@ def _dispatch_combine(buffer, backend, rng, case, roundings=1):
         x_in = to_backend(x, backend)
     worst = sum(e[0].shape[0] for e in everyone) if case.worst else 0
     res = buffer.dispatch(x_in, to_backend(idx, backend), to_backend(w, backend), layout=layout,
-                          expert_alignment=case.alignment, num_worst_tokens=worst)
+                          expert_alignment=case.alignment, num_worst_tokens=worst, config=case.config)
 
     rows, ids, ws, src = expected_dispatch(everyone, num_experts)
     n = rows.shape[0]
@@ -127,7 +147,8 @@ def _dispatch_combine(buffer, backend, rng, case, roundings=1):
         bias_arg = tuple(to_backend(b, backend) for b in biases)
     recv_w = np.zeros((y.shape[0], idx.shape[1]), np.float32)
     recv_w[:n] = ws
-    out = buffer.combine(to_backend(y, backend), res.handle, to_backend(recv_w, backend), bias_arg)
+    out = buffer.combine(to_backend(y, backend), res.handle, to_backend(recv_w, backend), bias_arg,
+                         config=case.config)
 
     want = np.zeros((t, h), np.float32)
     parts = np.zeros((t, h), np.float32)  # bounds the magnitude of per-node partial sums
