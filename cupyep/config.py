@@ -45,7 +45,7 @@ def default_config(num_ranks: int, num_nodes: int = 1) -> Config:
     Inside a node, dispatch was fastest with 1-token chunks (receivers
     start on a round as soon as senders publish it; 8-token chunks left the
     last 128-token round's copy after the senders finished), with 24 warps
-    at 2 ranks (2-4% faster than 16; measured at 2 ranks only) and 16 at 4
+    at 2 ranks (2-4% faster than 16 on 2 x H200) and 16 at 4
     (16 and 32 within 2% there); combine with 32 warps. Across nodes
     dispatch blocks hold senders and forwarders, half the warps each: 32
     warps (16 + 16) were 1.4x faster than 16 on 2 x 1 (chunks of 8, not yet
