@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cupyep.bench import queued_times  # noqa: E402
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
 HIDDEN_INT4 = 896  # 7168 bf16
@@ -52,14 +53,12 @@ def main(argv=None):
             for blocks in args.blocks:
                 blocks = blocks or num_sms
                 call = (pool, idx, np.int32(args.tokens), out)
-                launch(spec, (blocks,), (1024,), call)  # compile, warm up
-                start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-                start.record()
-                for _ in range(args.iters):
+
+                def step(blocks=blocks, spec=spec, call=call):
                     launch(spec, (blocks,), (1024,), call)
-                stop.record()
-                stop.synchronize()
-                us = cupy.cuda.get_elapsed_time(start, stop) * 1e3 / args.iters
+
+                step()  # compile, warm up
+                us = queued_times(step, args.iters)
                 gbs = args.tokens * (r + 1) * HIDDEN_INT4 * 16 / us / 1e3
                 cells.append(f"{blocks:3d} blocks {gbs:7.1f} ({gbs / blocks:5.1f})")
             print(f"R={r} prefetch {label:>5} | " + " | ".join(cells), flush=True)
