@@ -13,6 +13,7 @@ construction, only its time matters. Rows:
     base            the kernels of --base (if given)
     recv_no_rows    dispatch receivers copy metadata, not rows
     send_no_rows    dispatch senders store metadata and progress, not rows
+                    (neither to peers nor their own rows into the outputs)
     no_rows         both (synchronisation and metadata only)
     recv_wait_only  dispatch receivers only wait for the progress counters
     comb_recv_wait  combine receivers wait for every row, sum nothing
@@ -36,6 +37,7 @@ from cupyep.bench import add_protocol_args, queued_times, random_inputs, teardow
 # (old, new) text edits of the inlined source; each `old` must occur once.
 _SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),\n"
              "                                              x + (long long)t * kHiddenInt4, lane);")
+_SEND_OWN_ROW = "warp_copy_nc<kHiddenInt4>(recv_x + out * kHiddenInt4, x + (long long)t * kHiddenInt4, lane);"
 _RECV_ROW = ("warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,\n"
              "                                            at<int4>(local, lay.rows + row * kRowBytes), lane);")
 _RECV_OUT = "            const long long out = first + n;\n"
@@ -44,8 +46,8 @@ _COMB_SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRo
                   "                                              x + (long long)(first + n) * kHiddenInt4, lane);")
 VARIANTS = {
     "recv_no_rows": [(_RECV_ROW, ";")],
-    "send_no_rows": [(_SEND_ROW, ";")],
-    "no_rows": [(_RECV_ROW, ";"), (_SEND_ROW, ";")],
+    "send_no_rows": [(_SEND_ROW, ";"), (_SEND_OWN_ROW, ";")],
+    "no_rows": [(_RECV_ROW, ";"), (_SEND_ROW, ";"), (_SEND_OWN_ROW, ";")],
     "recv_wait_only": [(_RECV_OUT, "            continue;\n" + _RECV_OUT)],
     "comb_recv_wait": [(_COMB_SUM, "        if (false) warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows,")],
     "comb_send_no_rows": [(_COMB_SEND_ROW, ";")],

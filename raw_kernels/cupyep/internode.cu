@@ -263,7 +263,7 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
 
     if (blockIdx.x % 2 == 1) {
         receive_channel<kNumRanks, kHiddenInt4, kNumScales, kNumTopk>(
-            nvl, peers[rank], c, num_channels, recv_channel_offset, rank * num_local_experts,
+            nvl, peers[rank], c, num_channels, -1, recv_channel_offset, rank * num_local_experts,
             num_local_experts, num_recv_capacity, recv_x, recv_x_scales, recv_topk_idx,
             recv_topk_weights, recv_src_idx, err, timeout_ns);
         return;

@@ -6,7 +6,9 @@
 // c * slots_per_channel + n of region s on rank d. Regions are sized for the
 // worst case, so senders never wait for space: they copy rows, then publish
 // how many rows of (s, c) are complete (a release store of the tail); the
-// receiver acquires the tail and copies the rows to the output. Combine runs
+// receiver acquires the tail and copies the rows to the output. A rank's rows
+// for itself skip the buffer: its dispatch senders store them into the
+// outputs, its combine receivers read them from combine's input. Combine runs
 // the same slots backwards.
 #include "cupyep/common.cuh"
 #include "cupyep/nvl_layout.cuh"
@@ -167,7 +169,12 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
         // ---------------- sender ----------------
         int begin, end;
         channel_range(num_tokens, num_channels, c, begin, end);
-        int published = 0;  // owned by thread d < kNumRanks
+        // This rank's own rows skip the buffer: the sender stores them into
+        // the outputs (at out = self_first + slot), and the receivers copy
+        // only the peers' rows.
+        const int self_first = recv_channel_offset[rank * num_channels + c] - slot_base;
+        const int lo = rank * num_local_experts;
+        int published = 0;  // owned by thread d < kNumRanks, d != rank
         // A round is num_warps * chunk_tokens tokens; warp w copies tokens
         // round + w, round + w + num_warps, ... Publishing once per round keeps
         // the system-scope release (which drains this SM's stores) rare.
@@ -176,26 +183,39 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
             for (int t = round + warp; t < min(round + round_tokens, end); t += num_warps) {
                 // The token's slots and metadata are loaded once, together, for
                 // every destination: each dependent load costs a full latency.
+                // slot[i] is on rank (rank + 1 + i) % R: peers first (their
+                // NVLink stores take longest), this rank last.
                 int slot[kNumRanks];
 #pragma unroll
-                for (int d = 0; d < kNumRanks; ++d) slot[d] = send_pos[(long long)t * kNumRanks + d];
+                for (int i = 0; i < kNumRanks; ++i)
+                    slot[i] = send_pos[(long long)t * kNumRanks + (rank + 1 + i) % kNumRanks];
                 const RowMeta<kNumScales, kNumTopk> meta =
                     RowMeta<kNumScales, kNumTopk>::load_input(x_scales, topk_idx, topk_weights, t, lane);
 #pragma unroll
-                for (int d = 0; d < kNumRanks; ++d) {
-                    if (slot[d] < 0) continue;
-                    char* base = peers[d];
-                    const long long row = (long long)rank * lay.max_tokens + slot[d];
+                for (int i = 0; i < kNumRanks - 1; ++i) {
+                    if (slot[i] < 0) continue;
+                    char* base = peers[(rank + 1 + i) % kNumRanks];
+                    const long long row = (long long)rank * lay.max_tokens + slot[i];
                     warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),
                                               x + (long long)t * kHiddenInt4, lane);
                     meta.store(base, lay, row, lane);
+                }
+                if (slot[kNumRanks - 1] >= 0) {
+                    const long long out = self_first + slot[kNumRanks - 1];
+                    if (out < num_recv_capacity) {
+                        warp_copy_nc<kHiddenInt4>(recv_x + out * kHiddenInt4, x + (long long)t * kHiddenInt4, lane);
+                        meta.store_output(out, lo, num_local_experts, recv_x_scales, recv_topk_idx,
+                                          recv_topk_weights, recv_src_idx, lane);
+                    } else if (lane == 0) {
+                        report_error(err, 2, kPhaseDispatchRecv, rank, c);
+                    }
                 }
             }
             // All warps' row stores of this round happen-before the release
             // below (bar.sync, then a cumulative release at system scope).
             __syncthreads();
             const int d = threadIdx.x;
-            if (d < kNumRanks) {
+            if (d < kNumRanks && d != rank) {
                 const int last = min(round + round_tokens, end);
                 int done = published;
                 for (int tt = round; tt < last; ++tt) {
@@ -215,7 +235,7 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
 
     // ---------------- receiver ----------------
     receive_channel<kNumRanks, kHiddenInt4, kNumScales, kNumTopk>(
-        lay, peers[rank], c, num_channels, recv_channel_offset, rank * num_local_experts,
+        lay, peers[rank], c, num_channels, rank, recv_channel_offset, rank * num_local_experts,
         num_local_experts, num_recv_capacity, recv_x, recv_x_scales, recv_topk_idx,
         recv_topk_weights, recv_src_idx, err, timeout_ns);
 }

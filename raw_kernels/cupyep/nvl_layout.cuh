@@ -79,6 +79,26 @@ struct RowMeta {
         return m;
     }
 
+    // Into row `out` of dispatch's outputs: top-k ids become ids local to
+    // this rank (experts [lo, lo + num_local_experts)), -1 elsewhere with
+    // weight 0.
+    __device__ __forceinline__ void store_output(long long out, int lo, int num_local_experts,
+                                                 float* recv_x_scales, long long* recv_topk_idx,
+                                                 float* recv_topk_weights, int* recv_src_idx,
+                                                 int lane) const {
+#pragma unroll
+        for (int j = 0; j < kScaleSteps; ++j) {
+            const int i = lane + 32 * j;
+            if (i < kNumScales) recv_x_scales[out * kNumScales + i] = scale[j];
+        }
+        if (lane == 0) recv_src_idx[out] = src;
+        if (lane < kNumTopk) {
+            const bool mine = topk >= lo && topk < lo + num_local_experts;
+            recv_topk_idx[out * kNumTopk + lane] = mine ? topk - lo : -1;
+            recv_topk_weights[out * kNumTopk + lane] = mine ? weight : 0.f;
+        }
+    }
+
     // Into row `row` of a buffer (a peer's, through its NVLink mapping).
     __device__ __forceinline__ void store(char* base, const NvlLayout& lay, long long row, int lane) const {
 #pragma unroll

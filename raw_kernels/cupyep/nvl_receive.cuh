@@ -8,15 +8,17 @@
 
 namespace cupyep {
 
-// One block receives channel c from every source rank. Region s of the
-// buffer holds source s's rows; the writer of region s (the source itself
-// inside a node, its forwarder across nodes) publishes how many rows of
-// (s, c) are complete in dispatch_tail[s][c] with a release store.
-// Warps split over sources (several per source when there are more warps
-// than ranks). Received top-k ids become local ids (-1 elsewhere, weight 0).
+// One block receives channel c from every source rank but skip_source (-1:
+// none; a source whose rows the sender stored into the outputs itself).
+// Region s of the buffer holds source s's rows; the writer of region s (the
+// source itself inside a node, its forwarder across nodes) publishes how
+// many rows of (s, c) are complete in dispatch_tail[s][c] with a release
+// store. Warps split over sources (several per source when there are more
+// warps than sources). Received top-k ids become local ids (-1 elsewhere,
+// weight 0).
 template <int kNumRanks, int kHiddenInt4, int kNumScales, int kNumTopk>
 __device__ __forceinline__ void receive_channel(
-        const NvlLayout& lay, char* local, int c, int num_channels,
+        const NvlLayout& lay, char* local, int c, int num_channels, int skip_source,
         const int* __restrict__ recv_channel_offset, int first_local_expert, int num_local_experts,
         int num_recv_capacity, int4* recv_x, float* recv_x_scales, long long* recv_topk_idx,
         float* recv_topk_weights, int* recv_src_idx, int* err, long long timeout_ns) {
@@ -24,10 +26,11 @@ __device__ __forceinline__ void receive_channel(
     const int num_warps = blockDim.x / kWarpSize;
     const int slot_base = c * static_cast<int>(lay.slots_per_channel);
     constexpr long long kRowBytes = kHiddenInt4 * 16ll;
-    const WarpGroups wg(warp, num_warps, kNumRanks);  // groups over sources
-    const int lo = first_local_expert;
+    const int num_sources = skip_source >= 0 ? kNumRanks - 1 : kNumRanks;
+    const WarpGroups wg(warp, num_warps, max(num_sources, 1));  // groups over sources
     bool failed = false;
-    for (int s = wg.group; wg.group < wg.num_groups && s < kNumRanks && !failed; s += wg.num_groups) {
+    for (int i = wg.group; wg.group < wg.num_groups && i < num_sources && !failed; i += wg.num_groups) {
+        const int s = skip_source >= 0 && i >= skip_source ? i + 1 : i;
         const int first = recv_channel_offset[s * num_channels + c];
         const int count = recv_channel_offset[s * num_channels + c + 1] - first;
         int* tail = at<int>(local, lay.dispatch_tail) + s * kMaxChannels + c;
@@ -52,17 +55,8 @@ __device__ __forceinline__ void receive_channel(
             const RowMeta<kNumScales, kNumTopk> meta = RowMeta<kNumScales, kNumTopk>::load_slot(local, lay, row, lane);
             warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,
                                             at<int4>(local, lay.rows + row * kRowBytes), lane);
-#pragma unroll
-            for (int j = 0; j < meta.kScaleSteps; ++j) {
-                const int i = lane + 32 * j;
-                if (i < kNumScales) recv_x_scales[out * kNumScales + i] = meta.scale[j];
-            }
-            if (lane == 0) recv_src_idx[out] = meta.src;
-            if (lane < kNumTopk) {
-                const bool mine = meta.topk >= lo && meta.topk < lo + num_local_experts;
-                recv_topk_idx[out * kNumTopk + lane] = mine ? meta.topk - lo : -1;
-                recv_topk_weights[out * kNumTopk + lane] = mine ? meta.weight : 0.f;
-            }
+            meta.store_output(out, first_local_expert, num_local_experts, recv_x_scales, recv_topk_idx,
+                              recv_topk_weights, recv_src_idx, lane);
         }
     }
     // Every row of (s, c) has been read: reset the tails for the next call.
