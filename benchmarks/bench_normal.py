@@ -72,6 +72,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")
     ap.add_argument("--warps", type=int, default=None, help="Config.num_warps (default: tuned)")
     ap.add_argument("--combine-warps", type=int, default=None, help="Config.num_combine_warps (default: tuned)")
+    ap.add_argument("--own-share", type=float, default=None,
+                    help="Config.own_rows_receiver_share (default: by rank count)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-nccl", action="store_true")
@@ -104,7 +106,8 @@ def main():
         base = cupyep.default_config(r, group.num_nodes)
         return cupyep.Config(num_sms=sms, num_warps=args.warps or base.num_warps,
                              chunk_tokens=args.chunk or base.chunk_tokens,
-                             num_combine_warps=args.combine_warps or base.num_combine_warps)
+                             num_combine_warps=args.combine_warps or base.num_combine_warps,
+                             own_rows_receiver_share=args.own_share)
 
     def measure(sms):
         cfg = config(sms)
@@ -166,10 +169,11 @@ def main():
         if group.num_nodes > 1:
             print(f"\ninter-node path: {group.num_nodes} nodes x {group.num_ranks_per_node} ranks emulated on "
                   "one host (the inter-node leg is NVSHMEM puts over NVLink)")
+        cfg = config(args.sms)
+        own = cupyep.config.own_rows_receiver_share(cfg, r)
         print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
-              f"chunk_tokens={args.chunk or cupyep.default_config(r, group.num_nodes).chunk_tokens}, "
-              f"warps {args.warps or cupyep.default_config(r, group.num_nodes).num_warps}/"
-              f"{args.combine_warps or cupyep.default_config(r, group.num_nodes).num_combine_warps} (dispatch/combine), "
+              f"chunk_tokens={cfg.chunk_tokens}, warps {cfg.num_warps}/{cfg.num_combine_warps} (dispatch/combine), "
+              f"own rows {own:.2f} by receivers, "
               f"top-{args.topk} of {args.experts} experts (median of {args.iters}, rank 0 "
               f"received {head['n']} rows)")
         worst = lambda key, s: min(rw[1][s][key][1] for rw in rows)  # noqa: E731

@@ -2,7 +2,7 @@
 leave one stage out, timed against the full kernel in one run.
 
     mpirun -n 4 python benchmarks/breakdown_normal.py [--base DIR] [--sms 24] [--chunk 1]
-        [--rows full base ...]
+        [--own-share 0..1] [--rows full base ...]
 
 Each variant is intranode.cu with its headers inlined (from this checkout, or
 from DIR, e.g. an older checkout's raw_kernels/cupyep, as the "base" row) and
@@ -11,10 +11,11 @@ construction, only its time matters. Rows:
 
     full            the kernels as they are
     base            the kernels of --base (if given)
-    recv_no_rows    dispatch receivers copy metadata, not rows
+    recv_no_rows    dispatch receivers copy metadata, not the peers' rows
     send_no_rows    dispatch senders store metadata and progress, not rows
-                    (neither to peers nor their own rows into the outputs)
-    no_rows         both (synchronisation and metadata only)
+    own_no_rows     dispatch copies no rows a rank sends itself (whichever
+                    side copies them, Config.own_rows_receiver_share)
+    no_rows         all three (synchronisation and metadata only)
     recv_wait_only  dispatch receivers only wait for the progress counters
     comb_recv_wait  combine receivers wait for every row, sum nothing
     comb_send_no_rows  combine senders publish progress without the rows
@@ -37,7 +38,7 @@ from cupyep.bench import add_protocol_args, queued_times, random_inputs, teardow
 # (old, new) text edits of the inlined source; each `old` must occur once.
 _SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),\n"
              "                                              x + (long long)t * kHiddenInt4, lane);")
-_SEND_OWN_ROW = "warp_copy_nc<kHiddenInt4>(recv_x + out * kHiddenInt4, x + (long long)t * kHiddenInt4, lane);"
+_OWN_ROW = "warp_copy_nc<kHiddenInt4>(recv_x + out * kHiddenInt4, x + (long long)t * kHiddenInt4, lane);"
 _RECV_ROW = ("warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,\n"
              "                                            at<int4>(local, lay.rows + row * kRowBytes), lane);")
 _RECV_OUT = "            const long long out = first + n;\n"
@@ -46,8 +47,9 @@ _COMB_SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRo
                   "                                              x + (long long)(first + n) * kHiddenInt4, lane);")
 VARIANTS = {
     "recv_no_rows": [(_RECV_ROW, ";")],
-    "send_no_rows": [(_SEND_ROW, ";"), (_SEND_OWN_ROW, ";")],
-    "no_rows": [(_RECV_ROW, ";"), (_SEND_ROW, ";"), (_SEND_OWN_ROW, ";")],
+    "send_no_rows": [(_SEND_ROW, ";")],
+    "own_no_rows": [(_OWN_ROW, ";")],
+    "no_rows": [(_RECV_ROW, ";"), (_SEND_ROW, ";"), (_OWN_ROW, ";")],
     "recv_wait_only": [(_RECV_OUT, "            continue;\n" + _RECV_OUT)],
     "comb_recv_wait": [(_COMB_SUM, "        if (false) warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows,")],
     "comb_send_no_rows": [(_COMB_SEND_ROW, ";")],
@@ -65,6 +67,8 @@ def main():
     ap.add_argument("--sms", type=int, default=24)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")
+    ap.add_argument("--own-share", type=float, default=None,
+                    help="Config.own_rows_receiver_share (default: by rank count)")
     kernel_variants.add_args(ap)
     args = ap.parse_args()
 
@@ -82,7 +86,8 @@ def main():
         base_cfg = cupyep.default_config(r)
         cfg = cupyep.Config(num_sms=args.sms, num_warps=base_cfg.num_warps,
                             chunk_tokens=args.chunk or base_cfg.chunk_tokens,
-                            num_combine_warps=base_cfg.num_combine_warps)
+                            num_combine_warps=base_cfg.num_combine_warps,
+                            own_rows_receiver_share=args.own_share)
         d = buf.dispatch(x, idx, w, num_experts=args.experts, config=cfg)
         n = int(d.recv_x.shape[0])
         nbytes = n * args.hidden * 2
@@ -106,7 +111,8 @@ def main():
         impl._spec = real_spec
         if group.rank == 0:
             name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-            print(f"\nbreakdown, {r} x {name}, {args.sms} SMs, chunk_tokens={cfg.chunk_tokens}, "
+            own = cupyep.config.own_rows_receiver_share(cfg, r)
+            print(f"\nbreakdown, {r} x {name}, {args.sms} SMs, chunk_tokens={cfg.chunk_tokens}, own rows {own:.2f} by receivers, "
                   f"{args.tokens} tokens x {args.hidden}, "
                   f"top-{args.topk} of {args.experts}, rank 0 received {n} rows; us (GB/s as bench_normal), "
                   "slowest rank, kernels only")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .errors import InvalidInputError
 
@@ -17,11 +18,17 @@ class Config:
         num_combine_warps: warps per combine block (even, at most 32).
         chunk_tokens: tokens each sender warp copies between two progress
             updates (a round is num_warps * chunk_tokens tokens).
+        own_rows_receiver_share: in intranode dispatch, the share (0 to 1)
+            of the rows a rank sends itself that its receiver blocks copy
+            from x into the outputs (those of each channel's first tokens);
+            its sender blocks copy the rest. None: by rank count and SMs
+            (see own_rows_receiver_share()).
     """
     num_sms: int = 24
     num_warps: int = 16
     chunk_tokens: int = 1
     num_combine_warps: int = 32
+    own_rows_receiver_share: Optional[float] = None
 
     def __post_init__(self):
         if self.num_sms < 2 or self.num_sms % 2:
@@ -33,6 +40,9 @@ class Config:
                 raise InvalidInputError(f"{name} must be even and in [2, 32], got {w}")
         if self.chunk_tokens < 1:
             raise InvalidInputError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        share = self.own_rows_receiver_share
+        if share is not None and not 0 <= share <= 1:
+            raise InvalidInputError(f"own_rows_receiver_share must be in [0, 1], got {share}")
 
     @property
     def num_channels(self) -> int:
@@ -54,3 +64,21 @@ def default_config(num_ranks: int, num_nodes: int = 1) -> Config:
     if num_nodes > 1:
         return Config(num_sms=24, num_warps=32, chunk_tokens=8, num_combine_warps=32)
     return Config(num_sms=24, num_warps=24 if num_ranks <= 2 else 16, chunk_tokens=1, num_combine_warps=32)
+
+
+def own_rows_receiver_share(config: Config, num_ranks: int) -> float:
+    """Config.own_rows_receiver_share, or its default.
+
+    At 2 ranks the rows for itself are half of what a sender would copy,
+    while receivers holding only the peer's rows wait: the best share grew
+    with the SMs on 2 x H200 (BF16 cached dispatch, benchmarks/RESULTS.md):
+    0.6 at 12 and 16 SMs (16: 363 us with none, 279 us), 0.9 at 24 (262 ->
+    222 us). At 4 ranks senders keep them: receivers taking all of them was
+    4-8% slower in an earlier version on 4 x H200, and no share between was
+    measured there.
+    """
+    if config.own_rows_receiver_share is not None:
+        return config.own_rows_receiver_share
+    if num_ranks > 2:
+        return 0.0
+    return min(1.0, max(0.6, 0.6 + (config.num_sms - 16) * 0.0375))

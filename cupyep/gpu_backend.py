@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import sizing
-from .config import Config, default_config
+from .config import Config, default_config, own_rows_receiver_share
 from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
 from .events import EventOverlap, as_cupy_event
 from .fp8 import FP8_GROUP, bfloat16
@@ -280,7 +280,8 @@ class GpuBackend:
         launch(spec, (2 * cfg.num_channels,), (32 * cfg.num_warps,),
                (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), send_pos, np.int32(num_tokens),
                 np.int32(cfg.num_channels), self.nvl.peers, lay_dev, offsets, np.int32(self.rank),
-                np.int32(local), np.int32(n_rows), np.int32(cfg.chunk_tokens), recv_x, _ptr(recv_s), _ptr(recv_idx), _ptr(recv_w),
+                np.int32(local), np.int32(n_rows), np.int32(cfg.chunk_tokens),
+                np.int32(round(1024 * own_rows_receiver_share(cfg, self.num_ranks))), recv_x, _ptr(recv_s), _ptr(recv_idx), _ptr(recv_w),
                 recv_src, np.uint64(self._err_ptr), np.int64(self.timeout_ns)), stream=self.stream)
 
     def _barrier(self, lay_dev):
@@ -290,8 +291,9 @@ class GpuBackend:
 
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
         g: GpuRouting = handle.state
-        chunk = (config or default_config(self.num_ranks, self.group.num_nodes)).chunk_tokens
-        cfg = Config(num_sms=2 * g.num_channels, num_warps=g.num_warps, chunk_tokens=chunk)
+        given = config or default_config(self.num_ranks, self.group.num_nodes)
+        cfg = Config(num_sms=2 * g.num_channels, num_warps=g.num_warps, chunk_tokens=given.chunk_tokens,
+                     own_rows_receiver_share=given.own_rows_receiver_share)
         if self.inter is not None:
             self.inter.claim()
         cur = self._begin(previous_event)

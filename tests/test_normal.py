@@ -49,7 +49,8 @@ CASES = [
 
 
 # Launch shapes other than the defaults (blocks, warps per dispatch block,
-# tokens per progress round, warps per combine block), inside a node.
+# tokens per progress round, warps per combine block, which side copies own
+# rows), inside a node.
 SHAPES = [
     Case("sms8_warps32_chunk4", hidden=7168, tokens=128, topk=8, experts_per_rank=8,
          config=cupyep.Config(num_sms=8, num_warps=32, chunk_tokens=4, num_combine_warps=16)),
@@ -57,6 +58,14 @@ SHAPES = [
          config=cupyep.Config(num_sms=48, num_warps=8, chunk_tokens=2, num_combine_warps=8)),
     Case("sms16_warps24_fp8", use_fp8=True, hidden=7168, tokens=96, topk=8, experts_per_rank=8,
          config=cupyep.Config(num_sms=16, num_warps=24, chunk_tokens=1, num_combine_warps=24)),
+    # Rows a rank sends itself copied by its senders, its receivers, or both,
+    # whatever the rank count's default.
+    Case("own_rows_by_senders_fp8", use_fp8=True, hidden=7168, tokens=96, topk=8, experts_per_rank=8,
+         worst=True, drop=0.1, config=cupyep.Config(num_sms=24, num_warps=24, own_rows_receiver_share=0)),
+    Case("own_rows_by_receivers", tokens=128, drop=0.2, alignment=4,
+         config=cupyep.Config(num_sms=24, num_warps=16, own_rows_receiver_share=1)),
+    Case("own_rows_shared", tokens=200, worst=True, topk=8, experts_per_rank=8,
+         config=cupyep.Config(num_sms=8, num_warps=16, own_rows_receiver_share=0.4)),
 ]
 
 

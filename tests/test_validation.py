@@ -206,6 +206,8 @@ def test_bad_arguments_of_low_latency_calls(group, buffer, backend, good):
 def test_bad_config():
     with pytest.raises(cupyep.InvalidInputError, match="even"):
         cupyep.Config(num_sms=7)
+    with pytest.raises(cupyep.InvalidInputError, match="own_rows_receiver_share"):
+        cupyep.Config(own_rows_receiver_share=1.5)
 
 
 def test_bad_node_size(group):

@@ -7,8 +7,8 @@
 // worst case, so senders never wait for space: they copy rows, then publish
 // how many rows of (s, c) are complete (a release store of the tail); the
 // receiver acquires the tail and copies the rows to the output. A rank's rows
-// for itself skip the buffer: its dispatch senders store them into the
-// outputs, its combine receivers read them from combine's input. Combine runs
+// for itself skip the buffer: dispatch copies them from x into the outputs,
+// combine's receivers read them from combine's input. Combine runs
 // the same slots backwards.
 #include "cupyep/common.cuh"
 #include "cupyep/nvl_layout.cuh"
@@ -146,8 +146,29 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
     __threadfence_system();
 }
 
+// Token t of x, a row this rank sends itself, straight into row out of
+// dispatch's outputs (no buffer in between).
+template <int kHiddenInt4, int kNumScales, int kNumTopk>
+__device__ __forceinline__ void store_own_row(const int4* __restrict__ x, int t,
+                                              const RowMeta<kNumScales, kNumTopk>& meta, long long out,
+                                              int num_recv_capacity, int rank, int c, int num_local_experts,
+                                              int4* recv_x, float* recv_x_scales, long long* recv_topk_idx,
+                                              float* recv_topk_weights, int* recv_src_idx, int* err, int lane) {
+    if (out >= num_recv_capacity) {
+        if (lane == 0) report_error(err, 2, kPhaseDispatchRecv, rank, c);
+        return;
+    }
+    warp_copy_nc<kHiddenInt4>(recv_x + out * kHiddenInt4, x + (long long)t * kHiddenInt4, lane);
+    meta.store_output(out, rank * num_local_experts, num_local_experts, recv_x_scales, recv_topk_idx,
+                      recv_topk_weights, recv_src_idx, lane);
+}
+
 // Grid: 2 * num_channels blocks; even blocks send channel blockIdx.x / 2, odd
-// blocks receive it. Rows are kHiddenInt4 16-byte words (bf16 or e4m3 bytes);
+// blocks receive it. A rank's rows for itself skip the buffer: they are
+// copied from x into the outputs, those of the channel's tokens before
+// own_split by the receiver block (first, before the peers' rows), the rest
+// by the sender block (after each token's peer rows). own_share_1024 sets
+// own_split: that share of the channel's tokens, in 1/1024. Rows are kHiddenInt4 16-byte words (bf16 or e4m3 bytes);
 // kNumScales fp32 scales per row for FP8 (else 0); kNumTopk 0 without top-k.
 template <int kNumRanks, int kHiddenInt4, int kNumScales, int kNumTopk, typename IdxT>
 __global__ void __launch_bounds__(1024, 1)
@@ -155,7 +176,8 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
          const IdxT* __restrict__ topk_idx, const float* __restrict__ topk_weights,
          const int* __restrict__ send_pos, int num_tokens, int num_channels,
          char* const* peers, const NvlLayout* layout, const int* __restrict__ recv_channel_offset,
-         int rank, int num_local_experts, int num_recv_capacity, int chunk_tokens, int4* recv_x,
+         int rank, int num_local_experts, int num_recv_capacity, int chunk_tokens,
+         int own_share_1024, int4* recv_x,
          float* recv_x_scales, long long* recv_topk_idx, float* recv_topk_weights,
          int* recv_src_idx, int* err, long long timeout_ns) {
     const NvlLayout lay = *layout;
@@ -164,16 +186,14 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
     const int c = blockIdx.x / 2;
     const int slot_base = c * static_cast<int>(lay.slots_per_channel);
     constexpr long long kRowBytes = kHiddenInt4 * 16ll;
+    int begin, end;
+    channel_range(num_tokens, num_channels, c, begin, end);
+    // Row of the outputs of an own row in slot s: self_first + s.
+    const int self_first = recv_channel_offset[rank * num_channels + c] - slot_base;
+    const int own_split = begin + static_cast<int>((long long)(end - begin) * own_share_1024 / 1024);
 
     if (blockIdx.x % 2 == 0) {
         // ---------------- sender ----------------
-        int begin, end;
-        channel_range(num_tokens, num_channels, c, begin, end);
-        // This rank's own rows skip the buffer: the sender stores them into
-        // the outputs (at out = self_first + slot), and the receivers copy
-        // only the peers' rows.
-        const int self_first = recv_channel_offset[rank * num_channels + c] - slot_base;
-        const int lo = rank * num_local_experts;
         int published = 0;  // owned by thread d < kNumRanks, d != rank
         // A round is num_warps * chunk_tokens tokens; warp w copies tokens
         // round + w, round + w + num_warps, ... Publishing once per round keeps
@@ -200,16 +220,10 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
                                               x + (long long)t * kHiddenInt4, lane);
                     meta.store(base, lay, row, lane);
                 }
-                if (slot[kNumRanks - 1] >= 0) {
-                    const long long out = self_first + slot[kNumRanks - 1];
-                    if (out < num_recv_capacity) {
-                        warp_copy_nc<kHiddenInt4>(recv_x + out * kHiddenInt4, x + (long long)t * kHiddenInt4, lane);
-                        meta.store_output(out, lo, num_local_experts, recv_x_scales, recv_topk_idx,
-                                          recv_topk_weights, recv_src_idx, lane);
-                    } else if (lane == 0) {
-                        report_error(err, 2, kPhaseDispatchRecv, rank, c);
-                    }
-                }
+                if (t >= own_split && slot[kNumRanks - 1] >= 0)
+                    store_own_row<kHiddenInt4>(x, t, meta, self_first + slot[kNumRanks - 1], num_recv_capacity,
+                                               rank, c, num_local_experts, recv_x, recv_x_scales,
+                                               recv_topk_idx, recv_topk_weights, recv_src_idx, err, lane);
             }
             // All warps' row stores of this round happen-before the release
             // below (bar.sync, then a cumulative release at system scope).
@@ -234,6 +248,16 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
     }
 
     // ---------------- receiver ----------------
+    // Own rows first: they need no wait, and meanwhile the peers' arrive.
+    for (int t = begin + warp; t < own_split; t += num_warps) {
+        const int slot = send_pos[(long long)t * kNumRanks + rank];
+        if (slot < 0) continue;
+        const RowMeta<kNumScales, kNumTopk> meta =
+            RowMeta<kNumScales, kNumTopk>::load_input(x_scales, topk_idx, topk_weights, t, lane);
+        store_own_row<kHiddenInt4>(x, t, meta, self_first + slot, num_recv_capacity, rank, c,
+                                   num_local_experts, recv_x, recv_x_scales, recv_topk_idx,
+                                   recv_topk_weights, recv_src_idx, err, lane);
+    }
     receive_channel<kNumRanks, kHiddenInt4, kNumScales, kNumTopk>(
         lay, peers[rank], c, num_channels, rank, recv_channel_offset, rank * num_local_experts,
         num_local_experts, num_recv_capacity, recv_x, recv_x_scales, recv_topk_idx,
