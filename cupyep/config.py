@@ -72,7 +72,7 @@ def own_rows_receiver_share(config: Config, num_ranks: int) -> float:
     At 2 ranks the rows for itself are half of what a sender would copy,
     while receivers holding only the peer's rows wait: the best share grew
     with the SMs on 2 x H200 (BF16 cached dispatch, benchmarks/RESULTS.md):
-    0.6 at 12 and 16 SMs (16: 363 us with none, 279 us), 0.9 at 24 (262 ->
+    0.6 at 12 SMs, 0.65 at 16 (363 us with none, 271 us), 0.9 at 24 (262 ->
     222 us). At 4 ranks senders keep them: receivers taking all of them was
     4-8% slower in an earlier version on 4 x H200, and no share between was
     measured there.
@@ -81,4 +81,4 @@ def own_rows_receiver_share(config: Config, num_ranks: int) -> float:
         return config.own_rows_receiver_share
     if num_ranks > 2:
         return 0.0
-    return min(1.0, max(0.6, 0.6 + (config.num_sms - 16) * 0.0375))
+    return min(1.0, max(0.65, 0.65 + (config.num_sms - 16) * 0.03125))
