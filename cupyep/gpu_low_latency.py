@@ -25,10 +25,13 @@ from .errors import CupyepError, InvalidInputError
 from .events import EventOverlap
 from .fp8 import FP8_GROUP, bfloat16
 from .capture import KeptArrays, is_capturing
-from .jit import KernelSpec, device_ptr as _ptr, get_kernel, index_type
+from .jit import KernelSpec, PackedKernel, address, index_type
 from .low_latency import LL_MAX_EXPERTS, TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 
 _THREADS = 512  # kLLThreads in low_latency.cu
+# Parameters of the kernels (tests/test_compile.py checks them against the source).
+DISPATCH_ARGS = 29
+COMBINE_ARGS = 28
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +58,8 @@ class GpuLowLatency:
         self._blocks_done = cupy.zeros(2, np.int32)
         # per half: how many of an expert's receiving groups are done reading its dispatch flags
         self._recv_done = cupy.zeros((2, LL_MAX_EXPERTS), np.int32)
+        self._blocks_done_addr = [address(self._blocks_done[h:h + 1]) for h in range(2)]
+        self._recv_done_addr = [address(self._recv_done[h]) for h in range(2)]
         # [R] int32, 1 = rank left out; with shrink a timed-out wait sets it.
         self.mask = cupy.zeros(backend.num_ranks, np.int32)
         self.shrink = bool(shrink)
@@ -107,23 +112,15 @@ class GpuLowLatency:
             c = self._finish[num_experts] = cupy.zeros(num_experts, np.int32)
         return c
 
-    def _kernel(self, name, *targs):
+    def _kernel(self, name, num_args, *targs):
         """The loaded kernel (cached here: this lookup is on every call's path)."""
         key = (self.source, name, targs, self._nvshmem_build)
         fn = self._kernels.get(key)
         if fn is None:
-            fn = get_kernel(KernelSpec(self.source, f"cupyep::{name}", tuple(targs),
-                                       self._nvshmem_build))[0]
+            fn = PackedKernel(KernelSpec(self.source, f"cupyep::{name}", tuple(targs), self._nvshmem_build),
+                              num_args)
             self._kernels[key] = fn
         return fn
-
-    def _launch(self, fn, args, stream):
-        import cupy
-        if stream is cupy.cuda.get_current_stream():
-            fn((self.num_sms,), (_THREADS,), args)
-        else:
-            with stream:
-                fn((self.num_sms,), (_THREADS,), args)
 
     def _stream(self, async_finish):
         """The caller's stream, or the communication stream ordered after it."""
@@ -166,21 +163,21 @@ class GpuLowLatency:
         layout_range = self._array(kh + ("r",), (local, r), np.int64, capturing)
         recv_k = self._array(kh + ("k",), (local, rows), np.int32, capturing)
         fl = lambda v: "true" if v else "false"  # noqa: E731
-        fn = self._kernel("low_latency_dispatch", ("kHidden", hidden), ("kFp8", fl(use_fp8)),
+        fn = self._kernel("low_latency_dispatch", DISPATCH_ARGS, ("kHidden", hidden), ("kFp8", fl(use_fp8)),
                           ("kRoundScale", fl(round_scale or use_ue8m0)), ("kUe8m0", fl(use_ue8m0)),
                           ("IdxT", index_type(topk_idx)))
         finish = self._finish_counter(num_experts)
 
+        args = [x.data.ptr, topk_idx.data.ptr, t, k, m, num_experts, be.rank, r, self.sym.ptr,
+                self.sym.peers.data.ptr, int(self.transport == "nvshmem"), off["dispatch_flags"],
+                off["dispatch_area"], off["send_area"], finish.data.ptr, self._recv_done_addr[half],
+                recv_x.data.ptr, address(recv_s), recv_count.data.ptr, src_info.data.ptr,
+                layout_range.data.ptr, recv_k.data.ptr, address(cumulative_stats), address(wait_stats),
+                self.mask.data.ptr, int(self.shrink), 0, be._err_ptr, be.timeout_ns]
+
         def run(phases, stream):
-            self._launch(fn,
-                   (x, topk_idx, np.int32(t), np.int32(k), np.int32(m), np.int32(num_experts),
-                    np.int32(be.rank), np.int32(r), np.uint64(self.sym.ptr), self.sym.peers,
-                    np.int32(self.transport == "nvshmem"), np.int64(off["dispatch_flags"]),
-                    np.int64(off["dispatch_area"]), np.int64(off["send_area"]), finish,
-                    self._recv_done[half], recv_x, _ptr(recv_s), recv_count, src_info, layout_range, recv_k,
-                    _ptr(cumulative_stats), _ptr(wait_stats), self.mask, np.int32(self.shrink),
-                    np.int32(phases),
-                    np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream)
+            args[-3] = phases
+            fn.launch(self.num_sms, _THREADS, args, stream)
 
         hook = self._send_then_receive(run, stream, return_recv_hook)
         out = {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_count": recv_count,
@@ -234,20 +231,20 @@ class GpuLowLatency:
                 "area this call reads; take it from get_next_low_latency_combine_buffer() after the "
                 "dispatch and before any other low-latency call")
         groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
-        fn = self._kernel("low_latency_combine", ("kHidden", lay.hidden),
+        fn = self._kernel("low_latency_combine", COMBINE_ARGS, ("kHidden", lay.hidden),
                           ("kLogFmt", "true" if use_logfmt else "false"),
                           ("IdxT", index_type(topk_idx)))
 
+        args = [x.data.ptr, handle.src_info.data.ptr, st.recv_k.data.ptr, handle.layout_range.data.ptr,
+                topk_idx.data.ptr, topk_weights.data.ptr, t, k, lay.max_tokens, lay.num_experts, be.rank, r,
+                self.sym.ptr, self.sym.peers.data.ptr, int(self.transport == "nvshmem"), int(zero_copy),
+                off["combine_flags"], off["combine_area"], off["send_area"], groups,
+                self._blocks_done_addr[half], out.data.ptr, address(wait_stats), self.mask.data.ptr,
+                int(self.shrink), 0, be._err_ptr, be.timeout_ns]
+
         def run(phases, stream):
-            self._launch(fn,
-                   (x, handle.src_info, st.recv_k, handle.layout_range, topk_idx, topk_weights,
-                    np.int32(t), np.int32(k), np.int32(lay.max_tokens), np.int32(lay.num_experts),
-                    np.int32(be.rank), np.int32(r), np.uint64(self.sym.ptr), self.sym.peers,
-                    np.int32(self.transport == "nvshmem"), np.int32(zero_copy),
-                    np.int64(off["combine_flags"]), np.int64(off["combine_area"]),
-                    np.int64(off["send_area"]), np.int32(groups), self._blocks_done[half:half + 1],
-                    out, _ptr(wait_stats), self.mask, np.int32(self.shrink), np.int32(phases),
-                    np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream)
+            args[-3] = phases
+            fn.launch(self.num_sms, _THREADS, args, stream)
 
         hook = self._send_then_receive(run, stream, return_recv_hook)
         return {"combined_x": out, "event": self._event(stream, async_finish), "hook": hook}

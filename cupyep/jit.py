@@ -287,3 +287,43 @@ def launch(spec: KernelSpec, grid, block, args, shared_mem: int = 0, stream=None
     else:
         with stream:
             fn(grid, block, args, shared_mem=shared_mem)
+
+
+class PackedKernel:
+    """A kernel whose arguments are written into one block it keeps, then
+    launched with cuLaunchKernel: for the low-latency kernels' ~28
+    arguments CuPy's generic call (which converts each one) cost ~15 us of
+    host time per launch.
+
+    Every argument sits in its own 8-byte slot, as a little-endian int64:
+    an ``int`` parameter reads the slot's low 4 bytes (the same value for
+    anything in int32's range), a pointer or ``long long`` all 8. So
+    ``values`` holds Python ints only: device addresses (``address()``),
+    integers and flags; no float parameters. The driver copies the block
+    during the launch, so it is free again when ``launch`` returns.
+    """
+
+    def __init__(self, spec: KernelSpec, num_args: int):
+        import numpy as np
+        fn, _ = get_kernel(spec)
+        self.spec = spec
+        self._fn = fn.kernel.ptr
+        self._values = np.zeros(num_args, np.int64)
+        self._params = np.arange(num_args, dtype=np.uint64) * np.uint64(8) + np.uint64(self._values.ctypes.data)
+        self._params_addr = int(self._params.ctypes.data)
+
+    def launch(self, grid: int, block: int, values, stream) -> None:
+        """One launch of grid x block threads on ``stream`` (a CuPy stream)."""
+        from cupy.cuda import driver
+        if len(values) != len(self._values):
+            raise CupyepError(f"{self.spec.instantiation}: {len(values)} arguments, "
+                              f"the kernel takes {len(self._values)}")
+        self._values[:] = values
+        if DEBUG:
+            print(f"[cupyep.jit] launch {self.spec.instantiation} grid={grid} block={block}", flush=True)
+        driver.launchKernel(self._fn, grid, 1, 1, block, 1, 1, 0, stream.ptr, self._params_addr, 0)
+
+
+def address(a) -> int:
+    """Device address of an array (a Python int), 0 for None."""
+    return 0 if a is None else a.data.ptr
