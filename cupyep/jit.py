@@ -277,40 +277,23 @@ def index_type(arr) -> str:
 
 
 def launch(spec: KernelSpec, grid, block, args, shared_mem: int = 0, stream=None):
-    """Launch ``spec`` (1-D grid and block, e.g. ``(blocks,)``) on ``stream``
-    (default: the current CuPy stream). ``args``: device arrays (their
-    address), None (a null pointer), Python or NumPy integers."""
-    import cupy
-    dev = cupy.cuda.runtime.getDevice()
-    key = (spec, dev, len(args))
-    kernel = _packed.get(key)
-    if kernel is None:
-        kernel = _packed[key] = PackedKernel(spec, len(args))
-    kernel.launch(grid[0], block[0], [_arg_value(a) for a in args],
-                  stream if stream is not None else cupy.cuda.get_current_stream(), shared_mem)
-
-
-_packed = {}  # (spec, device, number of arguments) -> PackedKernel
-
-
-def _arg_value(a) -> int:
-    """A kernel argument as the int its 8-byte slot holds (see PackedKernel)."""
-    import numpy as np
-    if a is None:
-        return 0
-    if isinstance(a, (int, np.integer, np.bool_)):
-        return int(a)
-    ptr = getattr(getattr(a, "data", None), "ptr", None)  # a CuPy array
-    if ptr is None:
-        raise CupyepError(f"kernel argument of type {type(a).__name__}: pass a device array, None or an integer")
-    return ptr
+    """Launch ``spec`` on ``stream`` (default: the current CuPy stream)."""
+    fn, _ = get_kernel(spec)
+    if DEBUG:
+        print(f"[cupyep.jit] launch {spec.instantiation} grid={grid} block={block} smem={shared_mem}",
+              flush=True)
+    if stream is None:
+        fn(grid, block, args, shared_mem=shared_mem)
+    else:
+        with stream:
+            fn(grid, block, args, shared_mem=shared_mem)
 
 
 class PackedKernel:
     """A kernel whose arguments are written into one block it keeps, then
-    launched with cuLaunchKernel: CuPy's generic call, which converts each
-    argument, cost ~15 us of host time per launch of the low-latency
-    kernels (28 arguments).
+    launched with cuLaunchKernel: for the low-latency kernels' ~28
+    arguments CuPy's generic call (which converts each one) cost ~15 us of
+    host time per launch.
 
     Every argument sits in its own 8-byte slot, as a little-endian int64:
     an ``int`` parameter reads the slot's low 4 bytes (the same value for
@@ -329,7 +312,7 @@ class PackedKernel:
         self._params = np.arange(num_args, dtype=np.uint64) * np.uint64(8) + np.uint64(self._values.ctypes.data)
         self._params_addr = int(self._params.ctypes.data)
 
-    def launch(self, grid: int, block: int, values, stream, shared_mem: int = 0) -> None:
+    def launch(self, grid: int, block: int, values, stream) -> None:
         """One launch of grid x block threads on ``stream`` (a CuPy stream)."""
         from cupy.cuda import driver
         if len(values) != len(self._values):
@@ -338,7 +321,7 @@ class PackedKernel:
         self._values[:] = values
         if DEBUG:
             print(f"[cupyep.jit] launch {self.spec.instantiation} grid={grid} block={block}", flush=True)
-        driver.launchKernel(self._fn, grid, 1, 1, block, 1, 1, shared_mem, stream.ptr, self._params_addr, 0)
+        driver.launchKernel(self._fn, grid, 1, 1, block, 1, 1, 0, stream.ptr, self._params_addr, 0)
 
 
 def address(a) -> int:
