@@ -281,8 +281,9 @@ class GpuBackend:
                (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), send_pos, np.int32(num_tokens),
                 np.int32(cfg.num_channels), self.nvl.peers, lay_dev, offsets, np.int32(self.rank),
                 np.int32(local), np.int32(n_rows), np.int32(cfg.chunk_tokens),
-                np.int32(round(1024 * own_rows_receiver_share(cfg, self.num_ranks))), recv_x, _ptr(recv_s), _ptr(recv_idx), _ptr(recv_w),
-                recv_src, np.uint64(self._err_ptr), np.int64(self.timeout_ns)), stream=self.stream)
+                np.int32(round(1024 * own_rows_receiver_share(cfg, self.num_ranks))), recv_x, _ptr(recv_s),
+                _ptr(recv_idx), _ptr(recv_w), recv_src, np.uint64(self._err_ptr), np.int64(self.timeout_ns)),
+               stream=self.stream)
 
     def _barrier(self, lay_dev):
         spec = self._spec("intranode.cu", "barrier", ("kNumRanks", self.num_ranks))

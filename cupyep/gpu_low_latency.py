@@ -29,7 +29,7 @@ from .jit import KernelSpec, PackedKernel, address, index_type
 from .low_latency import LL_MAX_EXPERTS, TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 
 _THREADS = 512  # kLLThreads in low_latency.cu
-# Parameters of the kernels (tests/test_compile.py checks them against the source).
+# Parameters of the kernels (tests/test_kernel_args.py checks them against the source).
 DISPATCH_ARGS = 29
 COMBINE_ARGS = 28
 

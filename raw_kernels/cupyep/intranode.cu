@@ -164,12 +164,13 @@ __device__ __forceinline__ void store_own_row(const int4* __restrict__ x, int t,
 }
 
 // Grid: 2 * num_channels blocks; even blocks send channel blockIdx.x / 2, odd
-// blocks receive it. A rank's rows for itself skip the buffer: they are
-// copied from x into the outputs, those of the channel's tokens before
-// own_split by the receiver block (first, before the peers' rows), the rest
-// by the sender block (after each token's peer rows). own_share_1024 sets
-// own_split: that share of the channel's tokens, in 1/1024. Rows are kHiddenInt4 16-byte words (bf16 or e4m3 bytes);
+// blocks receive it. Rows are kHiddenInt4 16-byte words (bf16 or e4m3 bytes);
 // kNumScales fp32 scales per row for FP8 (else 0); kNumTopk 0 without top-k.
+// A rank's rows for itself skip the buffer: they are copied from x into the
+// outputs, those of the channel's tokens before own_split by the receiver
+// block (first, before the peers' rows), the rest by the sender block (after
+// each token's peer rows). own_split: own_share_1024 / 1024 of the channel's
+// tokens (Config.own_rows_receiver_share).
 template <int kNumRanks, int kHiddenInt4, int kNumScales, int kNumTopk, typename IdxT>
 __global__ void __launch_bounds__(1024, 1)
 dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
