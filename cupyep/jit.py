@@ -265,9 +265,9 @@ def get_kernel(spec: KernelSpec):
 
 
 def device_ptr(a):
-    """Kernel argument: the device address of an array, or a null pointer for None."""
+    """Kernel argument for CuPy's call: address(a) as a NumPy uint64."""
     import numpy as np
-    return np.uint64(0 if a is None else a.data.ptr)
+    return np.uint64(address(a))
 
 
 def index_type(arr) -> str:

@@ -9,7 +9,8 @@
 namespace cupyep {
 
 // One block receives channel c from every source rank but skip_source (-1:
-// none; a source whose rows the sender stored into the outputs itself).
+// none; intranode dispatch copies a rank's rows for itself from x, so they
+// are not in the buffer).
 // Region s of the buffer holds source s's rows; the writer of region s (the
 // source itself inside a node, its forwarder across nodes) publishes how
 // many rows of (s, c) are complete in dispatch_tail[s][c] with a release
