@@ -16,8 +16,8 @@ only its time matters. Rows:
     no_recv_rows   dispatch receivers wait and lay out, but copy no rows
     comb_no_rows   combine senders set their flags without the rows
     comb_no_sum    combine receivers wait for every flag, sum nothing
-    no_count_wait  dispatch count warps publish without waiting for the
-                   messages (last: it leaves counters off by the late adds,
+    no_count_wait  dispatch flags are set without waiting for the messages
+                   and counts (last: it leaves counters off by the late adds,
                    so rows after it are timed on wrong data)
 
 Times: dispatch and combine (one launch each), and the send and receive
@@ -38,18 +38,18 @@ from bench_low_latency import gpu_times  # noqa: E402
 
 _PAYLOAD = ("                    st_na(reinterpret_cast<int4*>(payload) + u, out[j]);\n"
             "                    if (kFp8 && u % 8 == 0) reinterpret_cast<float*>(payload + kHidden)[u / 8] = scale[j];\n")
-_RECV_ROW = "                const int row = begin + i, s = src;\n"
-_COUNT_WAIT = "while (ld_acquire_gpu(finish_count + e) < count) {"
+_RECV_ROWS = "for (int first = 0; first < kRowInt4; first += kBatch * kWarpSize) {"
+_COUNT_WAIT = "while (ld_acquire_gpu(finish_count + dst) < expected) {"
 _COMB_SEND_ROW = "warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(peers[dst] + off), src, lane);"
 _COMB_SUM = "for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {"
 _PHASES = ["    if (phases & 1) {\n        __shared__ char* s_peers",
-           "    if (phases & 2) {\n        // A group of four warps",
+           "    if (phases & 2) {\n        // Every block waits",
            "    if (phases & 1) {\n        // Rows travel encoded",
            "    if (phases & 2) {\n        // The block's first token"]
 VARIANTS = {
     "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
     "no_payload": [(_PAYLOAD, "                    (void)payload;\n")],
-    "no_recv_rows": [(_RECV_ROW, _RECV_ROW + "                if (row >= 0) continue;\n")],
+    "no_recv_rows": [(_RECV_ROWS, _RECV_ROWS.replace("first < kRowInt4", "first < 0"))],
     "comb_no_rows": [(_COMB_SEND_ROW, ";")],
     "comb_no_sum": [(_COMB_SUM, _COMB_SUM.replace("c < kUnits", "c < 0"))],
     "no_count_wait": [(_COUNT_WAIT, "while (false) {")],

@@ -26,7 +26,7 @@ from .events import EventOverlap
 from .fp8 import FP8_GROUP, bfloat16
 from .capture import KeptArrays, is_capturing
 from .jit import KernelSpec, PackedKernel, address, index_type
-from .low_latency import LL_MAX_EXPERTS, TRANSPORTS, LowLatencyLayout, check_low_latency_fits
+from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 
 _THREADS = 512  # kLLThreads in low_latency.cu
 # Parameters of the kernels (tests/test_kernel_args.py checks them against the source).
@@ -56,10 +56,10 @@ class GpuLowLatency:
         self._kernels = {}
         self.source = "cupyep/low_latency.cu"  # the kernels' source (breakdown benchmarks swap variants in)
         self._blocks_done = cupy.zeros(2, np.int32)
-        # per half: how many of an expert's receiving groups are done reading its dispatch flags
-        self._recv_done = cupy.zeros((2, LL_MAX_EXPERTS), np.int32)
+        # per half: how many dispatch receive blocks are done reading the flags
+        self._recv_done = cupy.zeros(2, np.int32)
         self._blocks_done_addr = [address(self._blocks_done[h:h + 1]) for h in range(2)]
-        self._recv_done_addr = [address(self._recv_done[h]) for h in range(2)]
+        self._recv_done_addr = [address(self._recv_done[h:h + 1]) for h in range(2)]
         # [R] int32, 1 = rank left out; with shrink a timed-out wait sets it.
         self.mask = cupy.zeros(backend.num_ranks, np.int32)
         self.shrink = bool(shrink)

@@ -6,12 +6,15 @@ hidden, E experts (L = E / R local)::
 
     flags, at fixed places whatever the shapes (every flag is zero between
     calls, so calls of different shapes can follow each other):
-        per half: dispatch flags [L][R] i64 | combine flags [E] i64
-                  (LL_MAX_EXPERTS slots each)
+        per half: dispatch flags [R] i64 + expert counts [R][L] i32 |
+                  combine flags [E] i64 (8 * LL_MAX_EXPERTS bytes each)
     data, per half:
-        dispatch area  [L][R][M] messages (16-byte header + bf16 or e4m3 row + scales)
+        dispatch area  [R][M] messages, one per (token, destination rank):
+                       header (token, entries, an entry per expert there) +
+                       bf16 or e4m3 row + scales
         combine area   [M][16][H] bf16 (slot [token][top-k index])
-        send area      staging for NVSHMEM puts; [L][R*M][H] bf16 for zero-copy combine
+        send area      staging for NVSHMEM puts (messages [M][16], counts [E] i32);
+                       [L][R*M][H] bf16 for zero-copy combine
 
 Kernels: raw_kernels/cupyep/low_latency.cu.
 """
@@ -23,6 +26,9 @@ from dataclasses import dataclass
 from .errors import BufferTooSmallError, InvalidInputError
 
 LL_MAX_TOPK = 16
+# A message entry holds the row's slot among its source's rows for an expert in 16 bits.
+LL_MAX_TOKENS = 65536
+_HEADER_BYTES = 16 + 4 * LL_MAX_TOPK  # kLLHeaderBytes
 # How low-latency kernels reach peers: 'auto' (NVLink stores where mapped,
 # NVSHMEM puts elsewhere), 'nvlink' (stores only), 'nvshmem' (puts only).
 TRANSPORTS = ("auto", "nvlink", "nvshmem")
@@ -35,7 +41,7 @@ def _align(n: int, a: int = _ALIGN) -> int:
 
 def message_bytes(hidden: int, fp8: bool) -> int:
     """One dispatch message: header, row, and fp32 scales with FP8."""
-    return _align(16 + (hidden + hidden // 32 if fp8 else 2 * hidden), 16)
+    return _align(_HEADER_BYTES + (hidden + hidden // 32 if fp8 else 2 * hidden), 16)
 
 
 LL_MAX_EXPERTS = 4096
@@ -71,9 +77,9 @@ class LowLatencyLayout:
 def low_latency_layout(max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> LowLatencyLayout:
     m, h, e = max_tokens, hidden, num_experts
     dispatch_area = 0
-    combine_area = _align(dispatch_area + e * m * message_bytes(h, False))
+    combine_area = _align(dispatch_area + num_ranks * m * message_bytes(h, False))
     send_area = _align(combine_area + m * LL_MAX_TOPK * h * 2)
-    send_bytes = max(e * m * h * 2, m * LL_MAX_TOPK * message_bytes(h, False))
+    send_bytes = max(e * m * h * 2, m * LL_MAX_TOPK * message_bytes(h, False) + 4 * e)
     half = _align(send_area + send_bytes, 4096)
     return LowLatencyLayout(m, h, num_ranks, e, dispatch_area, combine_area, send_area, half)
 
@@ -89,6 +95,8 @@ def check_low_latency_fits(num_rdma_bytes: int, max_tokens: int, hidden: int, nu
                            num_experts: int) -> LowLatencyLayout:
     if num_experts > LL_MAX_EXPERTS:
         raise InvalidInputError(f"low-latency calls take at most {LL_MAX_EXPERTS} experts, got {num_experts}")
+    if max_tokens > LL_MAX_TOKENS:
+        raise InvalidInputError(f"low-latency calls take at most {LL_MAX_TOKENS} tokens per rank, got {max_tokens}")
     lay = low_latency_layout(max_tokens, hidden, num_ranks, num_experts)
     if lay.total_bytes > num_rdma_bytes:
         raise BufferTooSmallError(

@@ -3,30 +3,33 @@
 //
 // Every rank owns one symmetric buffer with two halves; call n uses half n % 2
 // (layout in cupyep/low_latency.py). Per half:
-//   dispatch flags [L][R] i64  count + 1 of rows that source r sent to local expert l
+//   dispatch flags [R] i64     messages + 1 that source r sent here, then
+//                 [R][L] i32   rows of each local expert from source r
 //                              (flags sit at fixed offsets whatever the shapes)
 //   combine flags  [E] i64     1 once global expert e's owner sent us all its rows
-//   dispatch area  [L][R][M]   messages: 16-byte header {token, k} + payload
+//   dispatch area  [R][M]      messages: header {token, n, n entries} + payload
 //   combine area   [M][16][H]  bf16 expert outputs, slot [token][k]
 //   send area                  staging for NVSHMEM puts (and zero-copy combine)
 //
-// Dispatch: one message per distinct (token, expert), into slot = number of
-// earlier tokens of this rank that chose that expert, so rows keep
-// source-token order without atomics. A block per token loads its row once
-// (FP8: casts it) and stores it into each of the token's messages. A warp per
-// expert then waits until every message for it is written (a local counter)
-// and publishes the count.
-// The receive half, a warp group per (local expert, source), waits for the
-// expert's counts and packs rows in source-rank order. Combine: a warp group per (local expert, destination)
-// writes rows into [token][k] slots of the destination and sets the flag; the
-// receive half waits for every flag and reduces in top-k order in fp32.
+// Dispatch: one message per (token, destination rank), whatever the number
+// of the token's experts there: the row crosses NVLink once per rank, and
+// the receiver copies it into each of its experts' rows. A block per token
+// loads its row once (FP8: casts it) and stores it into each of its
+// messages; message slots and row slots count earlier tokens, so rows keep
+// source-token order without atomics. A warp per expert writes its count to
+// the owner; a warp per destination waits until every message and count for
+// it is written (a local counter) and sets the source's flag.
+// The receive half waits for every source's flag, lays out where each
+// (local expert, source)'s rows begin, and a warp per message copies its
+// row out. Combine: a warp group per (local expert, destination) writes rows
+// into [token][k] slots of the destination and sets the flag; the receive
+// half waits for every flag and reduces in top-k order in fp32.
 //
-// Flags are zeroed once every reader has read them: an expert's dispatch flags
-// (read by one warp group per source) by its last group to finish reading,
-// the combine flags (read by every block) by the last block. Peers write a half again only two calls later,
-// after seeing flags this rank sets in the call in between, which runs after
-// this call's receive half: so up to two calls may be in flight (one with its
-// receive hook pending), never three.
+// Flags are zeroed once every reader has read them, by the last block of
+// the receive half to have read them. Peers write a half again only two
+// calls later, after seeing flags this rank sets in the call in between,
+// which runs after this call's receive half: so up to two calls may be in
+// flight (one with its receive hook pending), never three.
 #include "cupyep/common.cuh"
 #include "cupyep/fp8.cuh"
 
@@ -43,8 +46,13 @@ constexpr bool kHasNvshmem = true;
 constexpr bool kHasNvshmem = false;
 #endif
 
+// Message header: {token, entries} (16 bytes), then one word per entry.
+constexpr int kLLHeaderBytes = 16 + 4 * kLLMaxTopk;
+// Expert counts, after the source flags in the dispatch flags.
+constexpr int kLLCountsOffset = 8 * kLLMaxRanks;
+
 __host__ __device__ constexpr int ll_message_bytes(int hidden, bool fp8) {
-    return (16 + (fp8 ? hidden + hidden / 32 : 2 * hidden) + 15) / 16 * 16;
+    return (kLLHeaderBytes + (fp8 ? hidden + hidden / 32 : 2 * hidden) + 15) / 16 * 16;
 }
 
 // A peer is written with plain stores through its NVLink mapping, or with
@@ -125,8 +133,8 @@ __device__ __forceinline__ long long wait_nonzero(const long long* flag, long lo
 
 // Top-k entries of the dispatch, flattened [T*K]: the expert of entry i, or
 // -1 where it is dropped, out of range (reported separately) or repeats an
-// expert earlier in its token's row (a repeated expert gets one message,
-// under its first k).
+// expert earlier in its token's row (a repeated expert gets one message
+// entry, under its first k).
 template <typename IdxT>
 __device__ __forceinline__ int entry_expert(const IdxT* idx, int i, int num_topk, int num_experts) {
     const IdxT* row = idx + (i / num_topk) * (long long)num_topk;
@@ -138,10 +146,28 @@ __device__ __forceinline__ int entry_expert(const IdxT* idx, int i, int num_topk
     return e;
 }
 
+// Whether entry i is the first of its token for its expert's rank: the token
+// sends that rank one message, counted there.
+template <typename IdxT>
+__device__ __forceinline__ bool entry_first_on_rank(const IdxT* idx, int i, int num_topk, int num_experts,
+                                                    int num_local) {
+    const int e = entry_expert(idx, i, num_topk, num_experts);
+    if (e < 0) return false;
+    const IdxT* row = idx + (i / num_topk) * (long long)num_topk;
+    const long long lo = e / num_local * (long long)num_local;
+    for (int j = 0; j < i % num_topk; ++j) {
+        const long long id = static_cast<long long>(row[j]);
+        if (id >= lo && id < lo + num_local) return false;
+    }
+    return true;
+}
+
 // The entries, staged once per block in shared memory when they fit: the
 // slot of every message counts earlier entries, and global loads there made
-// a chain of dependent latencies per message.
+// a chain of dependent latencies per message. A staged entry is -1 or its
+// expert, with kFirstOnRank set where entry_first_on_rank holds.
 constexpr int kLLStagedEntries = 8192;
+constexpr int kFirstOnRank = 1 << 30;
 
 template <typename IdxT>
 struct TopkEntries {
@@ -149,8 +175,15 @@ struct TopkEntries {
     const int* staged;  // nullptr: read idx
     int num_topk;
     int num_experts;
+    int num_local;
     __device__ __forceinline__ int operator[](int i) const {
-        return staged != nullptr ? staged[i] : entry_expert(idx, i, num_topk, num_experts);
+        if (staged == nullptr) return entry_expert(idx, i, num_topk, num_experts);
+        const int v = staged[i];
+        return v < 0 ? -1 : v & ~kFirstOnRank;
+    }
+    __device__ __forceinline__ bool first_on_rank(int i) const {
+        if (staged == nullptr) return entry_first_on_rank(idx, i, num_topk, num_experts, num_local);
+        return staged[i] >= 0 && (staged[i] & kFirstOnRank);
     }
     // Entries before `end` naming expert e: tokens before end / K that chose e.
     __device__ __forceinline__ int count(int end, int e, int lane) const {
@@ -160,17 +193,10 @@ struct TopkEntries {
     }
 };
 
-
-// A warp copies a received row in one batch of loads where it fits in
-// registers (16 words per lane: FP8 rows up to 8192 channels), else in
-// warp_copy's batches: a batch costs a load latency.
-template <int kNumInt4>
-__device__ __forceinline__ void warp_copy_row_coherent(int4* dst, const int4* src, int lane) {
-    constexpr int kSteps = (kNumInt4 + kWarpSize - 1) / kWarpSize;
-    if constexpr (kSteps <= 16)
-        warp_copy_batch<kSteps, kNumInt4 % kWarpSize != 0, false>(dst, src, 0, kNumInt4, lane);
-    else
-        warp_copy_coherent<kNumInt4>(dst, src, lane);
+// A message entry: top-k slot k, local expert, and the row's slot among the
+// source's rows for that expert (k < 16, local expert < 4096, slot < 65536).
+__device__ __forceinline__ unsigned ll_entry(int k, int local_expert, int slot) {
+    return static_cast<unsigned>(k) << 28 | static_cast<unsigned>(local_expert) << 16 | static_cast<unsigned>(slot);
 }
 
 // ----------------------------------------------------------------------------
@@ -183,9 +209,9 @@ __device__ __forceinline__ void warp_copy_row_coherent(int4* dst, const int4* sr
 //   kUe8m0 [L][R*M][H/512] i32; recv_count [L]; src_info [L][R*M] (-1 past the
 //   count); layout_range [L][R] (begin << 32 | count); recv_k [L][R*M] (the
 //   source's top-k slot, for combine).
-// finish_count [E]: zero between calls (the flag warp resets it). recv_done
-// [L]: zero between calls (the expert's last receiving group resets it), one
-// array per buffer half.
+// finish_count [E]: zero between calls (a destination's publishing warp
+// resets its entry). recv_done [1]: zero between calls (the receive half's
+// last block resets it), one per buffer half.
 template <int kHidden, bool kFp8, bool kRoundScale, bool kUe8m0, typename IdxT>
 __global__ void __launch_bounds__(kLLThreads, 1)
 low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
@@ -201,6 +227,8 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
     // Consecutive tasks go to different SMs.
     const int spread_warp = warp * gridDim.x + blockIdx.x, num_warps = gridDim.x * kLLWarps;
     const int num_local = num_experts / num_ranks;
+    const int num_entries = num_tokens * num_topk;
+    __shared__ int s_entries[kLLStagedEntries];  // the send half's entries, then the receive half's tables
     // Send half, a block per token: each thread loads its units of the row
     // once (one load round for hidden up to 8192 with FP8, 4096 in BF16),
     // casts them, and stores them into every message of the token.
@@ -225,90 +253,153 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
     if ((phases & 1) && blockIdx.x < num_tokens) load_row(blockIdx.x);
     __shared__ int s_mask[kLLMaxRanks];
     load_mask(mask, rank, num_ranks, s_mask);
+    // Where expert counts go: [R source][L] i32 after the R source flags.
+    const long long off_counts = off_flags + kLLCountsOffset;
+    // ... staged there for NVSHMEM puts: [E] i32 after the message staging.
+    int* count_staging = reinterpret_cast<int*>(local_base + off_send + (long long)max_tokens * kLLMaxTopk * kMsg);
 
     if (phases & 1) {
         __shared__ char* s_peers[kLLMaxRanks];
-        for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) s_peers[r] = peers[r];
-        // Messages per expert, for the flags below: warp w publishes expert
+        // Messages per destination rank (tokens with an expert there).
+        __shared__ int s_rank_msgs[kLLMaxRanks];
+        for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) {
+            s_peers[r] = peers[r];
+            s_rank_msgs[r] = 0;
+        }
+        // Entries per expert, for the counts below: warp w counts expert
         // w * gridDim.x + blockIdx.x first, and the block counts those
         // experts' entries together while the row loads are in flight.
         __shared__ int s_first_count[kLLWarps];
         if (threadIdx.x < kLLWarps) s_first_count[threadIdx.x] = 0;
-        __shared__ int s_entries[kLLStagedEntries];
-        const int num_entries = num_tokens * num_topk;
         const bool staged = num_entries <= kLLStagedEntries;
         if (staged) {
             // Raw ids first (one coalesced load per entry), then each entry
             // is compared with the earlier ones of its token in shared
             // memory: loading them from global memory made a chain of
             // dependent latencies. Bit q of `repeated`: entry threadIdx.x +
-            // q * blockDim.x names an expert its token chose before.
+            // q * blockDim.x names an expert its token chose before; of
+            // `first`: it is its token's first entry on its expert's rank.
             static_assert(kLLStagedEntries / kLLThreads <= 32, "one bit per staged entry of a thread");
             for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
                 const long long id = static_cast<long long>(topk_idx[i]);
                 s_entries[i] = id < 0 || id >= num_experts ? -1 : static_cast<int>(id);
             }
             __syncthreads();
-            unsigned repeated = 0;
+            unsigned repeated = 0, first = 0;
             for (int i = threadIdx.x, q = 0; i < num_entries; i += blockDim.x, ++q) {
                 const int e = s_entries[i];
-                for (int j = i - i % num_topk; j < i && e >= 0; ++j)
-                    if (s_entries[j] == e) {
-                        repeated |= 1u << q;
-                        break;
-                    }
+                if (e < 0) continue;
+                const int lo = e / num_local * num_local;
+                bool rep = false, is_first = true;
+                for (int j = i - i % num_topk; j < i; ++j) {
+                    const int ej = s_entries[j];
+                    rep |= ej == e;
+                    is_first &= !(ej >= lo && ej < lo + num_local);
+                }
+                repeated |= static_cast<unsigned>(rep) << q;
+                first |= static_cast<unsigned>(is_first) << q;
             }
             __syncthreads();
-            for (int i = threadIdx.x, q = 0; i < num_entries; i += blockDim.x, ++q)
+            for (int i = threadIdx.x, q = 0; i < num_entries; i += blockDim.x, ++q) {
                 if ((repeated >> q) & 1u) s_entries[i] = -1;
+                else if ((first >> q) & 1u) s_entries[i] |= kFirstOnRank;
+            }
         }
         __syncthreads();
-        const TopkEntries<IdxT> entries{topk_idx, staged ? s_entries : nullptr, num_topk, num_experts};
+        const TopkEntries<IdxT> entries{topk_idx, staged ? s_entries : nullptr, num_topk, num_experts, num_local};
         for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
             const int e = entries[i];
             if (e >= 0 && e % gridDim.x == blockIdx.x && e / gridDim.x < kLLWarps)
                 atomicAdd(s_first_count + e / gridDim.x, 1);
+            if (e >= 0 && entries.first_on_rank(i)) atomicAdd(s_rank_msgs + e / num_local, 1);
         }
-        // Messages: one per distinct (token, expert), into slot = the number
-        // of earlier tokens that chose the expert.
-        __shared__ int s_expert[kLLMaxTopk];      // -1: no message for this k
-        __shared__ int s_slot[kLLMaxTopk];
+        // A message per (token, destination rank): the row once, and an
+        // entry per expert of the token on that rank. It goes into slot =
+        // the number of earlier tokens sent to that rank; each entry names
+        // the row's slot among the expert's rows from here = the number of
+        // earlier tokens that chose the expert.
+        __shared__ int s_expert[kLLMaxTopk];      // -1: no entry for this k
+        __shared__ int s_slot[kLLMaxTopk];        // entry k's slot for its expert
+        __shared__ int s_dst[kLLMaxTopk];         // destination j of the token: rank
+        __shared__ int s_dst_slot[kLLMaxTopk];    // ... its message slot there
         __shared__ long long s_msg_off[kLLMaxTopk];
-        __shared__ char* s_msg[kLLMaxTopk];       // where message k is written
+        __shared__ char* s_msg[kLLMaxTopk];       // where message j is written
+        __shared__ int s_num_dst;
         for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
             if (t != blockIdx.x) load_row(t);
             __syncthreads();  // the previous token's s_* are read no more
-            if (threadIdx.x < num_topk) {
-                const int e = entries[t * num_topk + threadIdx.x];
-                // dropped, repeated (sent with an earlier k) or masked: no message
-                s_expert[threadIdx.x] = e < 0 || s_mask[e / num_local] ? -1 : e;
-                s_slot[threadIdx.x] = 0;
+            if (warp == 0) {
+                // Lane k: entry k; lanes with the same destination rank
+                // form its message, numbered in order of first appearance.
+                int e = -1;
+                if (lane < num_topk) {
+                    e = entries[t * num_topk + lane];
+                    if (e >= 0 && s_mask[e / num_local]) e = -1;  // masked: no entry
+                }
+                const int dst = e >= 0 ? e / num_local : -1;
+                const unsigned valid = __ballot_sync(0xffffffffu, e >= 0);
+                const unsigned same = __match_any_sync(0xffffffffu, dst) & valid;
+                const bool leader = e >= 0 && (same & lanemask_lt(lane)) == 0;
+                const unsigned leaders = __ballot_sync(0xffffffffu, leader);
+                if (lane < kLLMaxTopk) {
+                    s_expert[lane] = e;
+                    s_slot[lane] = 0;
+                }
+                if (leader) {
+                    const int j = __popc(leaders & lanemask_lt(lane));
+                    s_dst[j] = dst;
+                    s_dst_slot[j] = 0;
+                }
+                if (lane == 0) s_num_dst = __popc(leaders);
             }
             __syncthreads();
+            const int num_dst = s_num_dst;
             {
-                int mine[kLLMaxTopk];
+                int mine[kLLMaxTopk], mine_dst[kLLMaxTopk];
 #pragma unroll
-                for (int k = 0; k < kLLMaxTopk; ++k) mine[k] = k < num_topk ? s_expert[k] : -1;
+                for (int k = 0; k < kLLMaxTopk; ++k) {
+                    mine[k] = k < num_topk ? s_expert[k] : -1;
+                    mine_dst[k] = k < num_dst ? s_dst[k] : -1;
+                }
                 for (int i = threadIdx.x; i < t * num_topk; i += kLLThreads) {
                     const int e = entries[i];
+                    if (e < 0) continue;
 #pragma unroll
                     for (int k = 0; k < kLLMaxTopk; ++k)
-                        if (e >= 0 && e == mine[k]) atomicAdd(s_slot + k, 1);
+                        if (e == mine[k]) atomicAdd(s_slot + k, 1);
+                    if (entries.first_on_rank(i)) {
+                        const int dst = e / num_local;
+#pragma unroll
+                        for (int j = 0; j < kLLMaxTopk; ++j)
+                            if (dst == mine_dst[j]) atomicAdd(s_dst_slot + j, 1);
+                    }
                 }
             }
             __syncthreads();
-            if (threadIdx.x < num_topk && s_expert[threadIdx.x] >= 0) {
-                const int k = threadIdx.x, e = s_expert[k], dst = e / num_local;
-                const long long off =
-                    off_area + (((long long)(e % num_local) * num_ranks + rank) * max_tokens + s_slot[k]) * kMsg;
-                char* msg = use_put(s_peers, dst, force_put)
-                                ? local_base + off_send + ((long long)t * num_topk + k) * kMsg
-                                : s_peers[dst] + off;
-                *reinterpret_cast<int4*>(msg) = make_int4(t, k, 0, 0);
-                s_msg_off[k] = off;
-                s_msg[k] = msg;
+            if (threadIdx.x < num_dst) {
+                const int j = threadIdx.x, dst = s_dst[j];
+                const long long off = off_area + ((long long)rank * max_tokens + s_dst_slot[j]) * kMsg;
+                s_msg_off[j] = off;
+                s_msg[j] = use_put(s_peers, dst, force_put)
+                               ? local_base + off_send + ((long long)t * kLLMaxTopk + j) * kMsg
+                               : s_peers[dst] + off;
             }
             __syncthreads();
+            if (warp == 0) {
+                // The header: {token, entries} and the entries, each at its
+                // place among its message's.
+                const int e = lane < kLLMaxTopk ? s_expert[lane] : -1;
+                const int dst = e >= 0 ? e / num_local : -1;
+                const unsigned same = __match_any_sync(0xffffffffu, dst) & __ballot_sync(0xffffffffu, e >= 0);
+                if (e >= 0) {
+                    int j = 0;
+                    while (s_dst[j] != dst) ++j;
+                    unsigned* head = reinterpret_cast<unsigned*>(s_msg[j]);
+                    head[4 + __popc(same & lanemask_lt(lane))] = ll_entry(lane, e % num_local, s_slot[lane]);
+                    if ((same & lanemask_lt(lane)) == 0)
+                        *reinterpret_cast<int2*>(head) = make_int2(t, __popc(same));
+                }
+            }
             int4 out[kSteps];
             float scale[kSteps];
 #pragma unroll
@@ -335,9 +426,8 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                     scale[j] = 0.f;
                 }
             }
-            for (int k = 0; k < num_topk; ++k) {
-                if (s_expert[k] < 0) continue;
-                char* payload = s_msg[k] + 16;
+            for (int d = 0; d < num_dst; ++d) {
+                char* payload = s_msg[d] + kLLHeaderBytes;
 #pragma unroll
                 for (int j = 0; j < kSteps; ++j) {
                     const int u = threadIdx.x + j * kLLThreads;
@@ -346,40 +436,58 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
                     if (kFp8 && u % 8 == 0) reinterpret_cast<float*>(payload + kHidden)[u / 8] = scale[j];
                 }
             }
-            // The barrier orders every thread's stores before warp k's
+            // The barrier orders every thread's stores before warp j's
             // release add (cumulative: it covers what the barrier ordered).
             __syncthreads();
-            if (warp < num_topk && s_expert[warp] >= 0) {
-                const int e = s_expert[warp], dst = e / num_local;
+            if (warp < num_dst) {
+                const int dst = s_dst[warp];
                 const bool put = use_put(s_peers, dst, force_put);
                 if (put) warp_put(local_base, s_msg_off[warp], s_msg[warp], kMsg, dst);
                 warp_complete(put, lane);
-                if (lane == 0) red_add_release_gpu(finish_count + e, 1);
+                if (lane == 0) red_add_release_gpu(finish_count + dst, 1);
             }
         }
         __syncthreads();  // s_first_count is complete
-        // Counts: after every message for expert e is written, tell its owner.
+        // Counts: a warp per expert writes how many rows it gets from here
+        // into its owner's counts (staged for a put), then adds to the
+        // owner's finish count like a message.
         for (int e = spread_warp; e < num_experts; e += num_warps) {
             const int count = e == spread_warp ? s_first_count[warp] : entries.count(num_entries, e, lane);
             const int dst = e / num_local, local_expert = e % num_local;
-            if (lane == 0 && s_mask[dst]) {
-                finish_count[e] = 0;  // nothing was sent to a masked rank
-            } else if (lane == 0) {
+            if (lane == 0 && !s_mask[dst]) {
+                const long long off = off_counts + 4ll * (rank * num_local + local_expert);
+                if (use_put(s_peers, dst, force_put)) count_staging[e] = count;
+                else *reinterpret_cast<int*>(s_peers[dst] + off) = count;
+                red_add_release_gpu(finish_count + dst, 1);
+            }
+            __syncwarp();
+        }
+        // Publish: the last R warps, one per destination, wait until its
+        // messages and counts are written, then set the flag (messages + 1).
+        const int dst = spread_warp - (num_warps - num_ranks);
+        if (dst >= 0 && !s_mask[dst]) {
+            const bool put = use_put(s_peers, dst, force_put);
+            bool ok = true;
+            if (lane == 0) {
+                const int expected = s_rank_msgs[dst] + num_local;
                 const unsigned long long start = global_timer_ns();
-                bool ok = true;
-                while (ld_acquire_gpu(finish_count + e) < count) {
+                while (ld_acquire_gpu(finish_count + dst) < expected) {
                     if (global_timer_ns() - start > (unsigned long long)timeout_ns) {
-                        report_error(err, 1, kPhaseLowLatencySend, rank, e);
+                        report_error(err, 1, kPhaseLowLatencySend, rank, dst);
                         ok = false;
                         break;
                     }
                 }
-                finish_count[e] = 0;  // every add for this call has landed
-                if (ok)
-                    set_peer_flag(s_peers, local_base, off_flags + 8ll * (local_expert * num_ranks + rank),
-                                  dst, count + 1ll, use_put(s_peers, dst, force_put));
+                finish_count[dst] = 0;  // every add for this call has landed
             }
-            __syncwarp();
+            ok = __shfl_sync(0xffffffffu, ok, 0);
+            __syncwarp();  // lane 0's acquire before the other lanes read the staged counts
+            if (put && ok)
+                warp_put(local_base, off_counts + 4ll * rank * num_local, count_staging + dst * num_local,
+                         4 * num_local, dst);
+            warp_complete(put, lane);
+            if (lane == 0 && ok)
+                set_peer_flag(s_peers, local_base, off_flags + 8ll * rank, dst, s_rank_msgs[dst] + 1ll, put);
         }
         // Ids outside [-1, E) were dropped; block 0 reports them, raised by
         // the next call on this rank (the exchange itself completes).
@@ -391,132 +499,154 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
     }
 
     if (phases & 2) {
-        // A group of four warps per (local expert, source rank). Each group
-        // of an expert reads the expert's counts from every source (where its
-        // source's rows begin); the last of them to have read zeroes the
-        // flags. A group per expert left most SMs idle: at 4 ranks the 72
-        // local experts kept 36 of 132 blocks busy.
-        constexpr int kGroups = 4, kGroupWarps = kLLWarps / kGroups, kGroupThreads = kGroupWarps * kWarpSize;
-        __shared__ int s_count_all[kGroups][kLLMaxRanks];
-        const int group = warp / kGroupWarps, gwarp = warp % kGroupWarps;
-        const int gtid = gwarp * kWarpSize + lane;
-        int* s_count = s_count_all[group];
-        auto group_sync = [group]() {
-            sync_warps(group + 1, kGroupThreads);
-        };
+        // Every block waits for every source's flag, reads the expert
+        // counts and lays out where each (local expert, source)'s rows
+        // begin; then a warp per message copies its row to each of its
+        // entries' rows.
+        __syncthreads();  // the send half's reads of s_entries are done
         long long* flags = reinterpret_cast<long long*>(local_base + off_flags);
-        const int rows_per_expert = num_ranks * max_tokens;
+        const int* counts = reinterpret_cast<const int*>(local_base + off_counts);
+        __shared__ int s_msgs_before[kLLMaxRanks + 1];  // messages of the sources before s
+        __shared__ int s_seen[kLLMaxRanks];
         const unsigned long long start = global_timer_ns();
-        for (int unit = group * gridDim.x + blockIdx.x; unit < num_local * num_ranks; unit += kGroups * gridDim.x) {
-            const int le = unit / num_ranks, src = unit % num_ranks;
+        for (int s = threadIdx.x; s < num_ranks; s += blockDim.x) {
+            long long v = 0;
             // Known limit of shrink mode: a flag that lands just as the
-            // expert's groups time out on it may be seen by some of them
-            // only, and their row offsets then disagree for that call.
-            for (int s = gtid; s < num_ranks; s += kGroupThreads) {
-                long long v = 0;
-                if (!s_mask[s])
-                    v = wait_nonzero(flags + le * num_ranks + s, timeout_ns, err, kPhaseLowLatencyDispatchRecv, s, le,
-                                     shrink ? mask : nullptr);
-                s_count[s] = v > 0 ? static_cast<int>(v - 1) : 0;
-                if (wait_stats != nullptr && s == src)
-                    atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + s), global_timer_ns() - start);
+            // blocks time out on it may be seen by some of them only, and
+            // their row offsets then disagree for that call.
+            if (!s_mask[s])
+                v = wait_nonzero(flags + s, timeout_ns, err, kPhaseLowLatencyDispatchRecv, s, 0,
+                                 shrink ? mask : nullptr);
+            s_seen[s] = v > 0;
+            s_msgs_before[s + 1] = v > 0 ? static_cast<int>(v - 1) : 0;
+            if (wait_stats != nullptr && blockIdx.x == 0)
+                atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + s), global_timer_ns() - start);
+        }
+        __syncthreads();
+        // begin [R][L]: where source s's rows of local expert l begin; total [L].
+        int* s_begin = s_entries;
+        int* s_total = s_entries + num_experts;
+        for (int i = threadIdx.x; i < num_experts; i += blockDim.x)
+            s_begin[i] = s_seen[i / num_local] ? counts[i] : 0;
+        if (threadIdx.x == 0) {
+            s_msgs_before[0] = 0;
+            for (int s = 0; s < num_ranks; ++s) s_msgs_before[s + 1] += s_msgs_before[s];
+        }
+        __syncthreads();
+        // The last block to have read the flags and counts zeroes the flags
+        // (recv_done [1], zero between calls): the ticket is taken now and
+        // read at the end, so its round trip overlaps the copies. The fence
+        // orders this block's reads (bar.sync above) before the ticket.
+        int ticket = 0;
+        if (threadIdx.x == 0) {
+            __threadfence();
+            ticket = atomicAdd(recv_done, 1);
+        }
+        for (int le = threadIdx.x; le < num_local; le += blockDim.x) {
+            int b = 0;
+            for (int s = 0; s < num_ranks; ++s) {
+                const int c = s_begin[s * num_local + le];
+                s_begin[s * num_local + le] = b;
+                b += c;
             }
-            group_sync();
-            // The group's flag reads happen-before its ticket (bar.sync, then
-            // the fence); the ticket is read after the rows are copied.
-            int ticket = 0;
-            if (gtid == 0) {
-                __threadfence();
-                ticket = atomicAdd(recv_done + le, 1);
+            s_total[le] = b;
+        }
+        __syncthreads();
+        const int rows_per_expert = num_ranks * max_tokens;
+        const int gtid = blockIdx.x * blockDim.x + threadIdx.x, num_threads = gridDim.x * blockDim.x;
+        for (int i = gtid; i < num_experts; i += num_threads) {
+            const int le = i / num_ranks, s = i % num_ranks, begin = s_begin[s * num_local + le];
+            const int end = s + 1 < num_ranks ? s_begin[(s + 1) * num_local + le] : s_total[le];
+            layout_range[i] = ((long long)begin << 32) | (end - begin);
+        }
+        for (int le = gtid; le < num_local; le += num_threads) {
+            recv_count[le] = s_total[le];
+            if (cumulative_expert_stats != nullptr) atomicAdd(cumulative_expert_stats + le, s_total[le]);
+        }
+        for (long long row = gtid; row < (long long)num_local * rows_per_expert; row += num_threads)
+            if (row % rows_per_expert >= s_total[row / rows_per_expert]) src_info[row] = -1;
+
+        constexpr int kRowInt4 = kFp8 ? kHidden / 16 : kHidden / 8;
+        constexpr int kBatch = 16;  // words per lane in flight: an FP8 row up to 8192 in one batch
+        constexpr int kScales = kFp8 ? kHidden / kFp8Group : 0;
+        const int num_msgs = s_msgs_before[num_ranks];
+        for (int m = spread_warp; m < num_msgs; m += num_warps) {
+            int src = 0;
+            while (m >= s_msgs_before[src + 1]) ++src;
+            const char* msg = local_base + off_area + ((long long)src * max_tokens + m - s_msgs_before[src]) * kMsg;
+            // Lane j < n: entry j's row. Coherent loads: a peer wrote them.
+            const int2 head = *reinterpret_cast<const int2*>(msg);
+            const unsigned entry = lane < head.y ? reinterpret_cast<const unsigned*>(msg)[4 + lane] : 0u;
+            const int le = (entry >> 16) & 0xfffu;
+            const long long row = (long long)le * rows_per_expert + s_begin[src * num_local + le] + (entry & 0xffffu);
+            if (lane < head.y) {
+                src_info[row] = head.x;
+                recv_k[row] = static_cast<int>(entry >> 28);
             }
-            // Where this source's rows begin, and the expert's total.
-            int before = 0, total = 0;
-            for (int s = lane; s < num_ranks; s += kWarpSize) {
-                const int c = s_count[s];
-                total += c;
-                if (s < src) before += c;
-            }
-            total = static_cast<int>(__reduce_add_sync(0xffffffffu, static_cast<unsigned>(total)));
-            const int begin = static_cast<int>(__reduce_add_sync(0xffffffffu, static_cast<unsigned>(before)));
-            const int count = s_count[src];
-            const long long out_base = (long long)le * rows_per_expert;
-            if (gtid == 0) {
-                layout_range[le * num_ranks + src] = ((long long)begin << 32) | count;
-                if (src == 0) {
-                    recv_count[le] = total;
-                    if (cumulative_expert_stats != nullptr) atomicAdd(cumulative_expert_stats + le, total);
-                }
-            }
-            for (int i = gwarp; i < count; i += kGroupWarps) {
-                const int row = begin + i, s = src;
-                const char* msg = local_base + off_area + (((long long)le * num_ranks + s) * max_tokens + i) * kMsg;
-                // Header and scales are loaded before the payload is copied and
-                // stored after it, so that every load of the row is in flight
-                // before the first store (stores could alias later loads).
-                const int2 head = lane == 0 ? *reinterpret_cast<const int2*>(msg) : make_int2(0, 0);
-                constexpr int kScales = kFp8 ? kHidden / kFp8Group : 0;
-                constexpr int kScaleSteps = (kScales + kWarpSize - 1) / kWarpSize;
-                float scale[kScaleSteps > 0 ? kScaleSteps : 1];
-                const float* scales = reinterpret_cast<const float*>(msg + 16 + kHidden);
-#pragma unroll
-                for (int j = 0; j < kScaleSteps; ++j)
-                    scale[j] = lane + j * kWarpSize < kScales ? scales[lane + j * kWarpSize] : 0.f;
-                const int4* payload = reinterpret_cast<const int4*>(msg + 16);
-                if constexpr (kFp8) {
-                    warp_copy_row_coherent<kHidden / 16>(
-                        reinterpret_cast<int4*>(static_cast<char*>(recv_x) + (out_base + row) * kHidden), payload, lane);
-                    if constexpr (kUe8m0) {
-                        constexpr int kWords = kHidden / 512;
-                        int* out = static_cast<int*>(recv_scales) + (out_base + row) * kWords;
-                        if constexpr (kWords <= kWarpSize) {
-                            // Lane w packs scales 4w .. 4w + 3 from the lanes holding them.
-                            unsigned word = 0;
-#pragma unroll
-                            for (int q = 0; q < 4; ++q) {
-                                const int idx = 4 * lane + q;
-#pragma unroll
-                                for (int j = 0; j < kScaleSteps; ++j) {
-                                    const float v = __shfl_sync(0xffffffffu, scale[j], idx % kWarpSize);
-                                    if (idx / kWarpSize == j) word |= ue8m0_byte(v) << (8 * q);
-                                }
-                            }
-                            if (lane < kWords) out[lane] = (int)word;
-                        } else {
-                            for (int j = lane; j < kWords; j += kWarpSize)
-                                out[j] = (int)(ue8m0_byte(scales[4 * j]) | (ue8m0_byte(scales[4 * j + 1]) << 8) |
-                                               (ue8m0_byte(scales[4 * j + 2]) << 16) |
-                                               (ue8m0_byte(scales[4 * j + 3]) << 24));
-                        }
-                    } else {
-                        float* out = static_cast<float*>(recv_scales) + (out_base + row) * kScales;
-#pragma unroll
-                        for (int j = 0; j < kScaleSteps; ++j)
-                            if (lane + j * kWarpSize < kScales) out[lane + j * kWarpSize] = scale[j];
+            const int4* payload = reinterpret_cast<const int4*>(msg + kLLHeaderBytes);
+            if constexpr (kFp8) {
+                // Scales: lane w holds scales 4w .. 4w + 3 (a UE8M0 word).
+                const int4* scales = reinterpret_cast<const int4*>(msg + kLLHeaderBytes + kHidden);
+                static_assert(kScales % 4 == 0 || !kUe8m0, "UE8M0 needs hidden % 512 == 0");
+                if constexpr (kScales % 4 == 0 && kScales / 4 <= kWarpSize) {
+                    const int4 s4 = lane < kScales / 4 ? scales[lane] : make_int4(0, 0, 0, 0);
+                    for (int j = 0; j < head.y; ++j) {
+                        const long long r = __shfl_sync(0xffffffffu, row, j);
+                        if (lane >= kScales / 4) continue;
+                        if constexpr (kUe8m0)
+                            static_cast<int*>(recv_scales)[r * (kScales / 4) + lane] = static_cast<int>(
+                                ue8m0_byte(__int_as_float(s4.x)) | ue8m0_byte(__int_as_float(s4.y)) << 8 |
+                                ue8m0_byte(__int_as_float(s4.z)) << 16 | ue8m0_byte(__int_as_float(s4.w)) << 24);
+                        else
+                            reinterpret_cast<int4*>(static_cast<float*>(recv_scales) + r * kScales)[lane] = s4;
                     }
                 } else {
-                    warp_copy_coherent<kHidden * 2 / 16>(
-                        reinterpret_cast<int4*>(static_cast<char*>(recv_x) + (out_base + row) * kHidden * 2),
-                        payload, lane);
-                }
-                if (lane == 0) {
-                    src_info[out_base + row] = head.x;
-                    recv_k[out_base + row] = head.y;
+                    const float* f = reinterpret_cast<const float*>(scales);
+                    for (int j = 0; j < head.y; ++j) {
+                        const long long r = __shfl_sync(0xffffffffu, row, j);
+                        if constexpr (kUe8m0) {
+                            for (int w = lane; w < kScales / 4; w += kWarpSize)
+                                static_cast<int*>(recv_scales)[r * (kScales / 4) + w] = static_cast<int>(
+                                    ue8m0_byte(f[4 * w]) | ue8m0_byte(f[4 * w + 1]) << 8 |
+                                    ue8m0_byte(f[4 * w + 2]) << 16 | ue8m0_byte(f[4 * w + 3]) << 24);
+                        } else {
+                            for (int c = lane; c < kScales; c += kWarpSize)
+                                static_cast<float*>(recv_scales)[r * kScales + c] = f[c];
+                        }
+                    }
                 }
             }
-            // Rows past the total, shared by the expert's groups.
-            for (int row = total + src + gtid * num_ranks; row < rows_per_expert; row += kGroupThreads * num_ranks)
-                src_info[out_base + row] = -1;
-            if (gtid == 0 && ticket == num_ranks - 1) {
-                __threadfence();  // every group's reads (their tickets) before the zeroes
-                for (int s = 0; s < num_ranks; ++s)
-                    if (!s_mask[s]) flags[le * num_ranks + s] = 0;
-                recv_done[le] = 0;
+            // The row, a batch at a time: every load of a batch in flight,
+            // then its stores into each entry's row.
+            for (int first = 0; first < kRowInt4; first += kBatch * kWarpSize) {
+                int4 v[kBatch];
+#pragma unroll
+                for (int b = 0; b < kBatch; ++b) {
+                    const int w = first + b * kWarpSize + lane;
+                    if (w < kRowInt4) v[b] = payload[w];
+                }
+                for (int j = 0; j < head.y; ++j) {
+                    const long long r = __shfl_sync(0xffffffffu, row, j);
+                    int4* dst = static_cast<int4*>(recv_x) + r * kRowInt4;
+#pragma unroll
+                    for (int b = 0; b < kBatch; ++b) {
+                        const int w = first + b * kWarpSize + lane;
+                        if (w < kRowInt4) st_na(dst + w, v[b]);
+                    }
+                }
             }
-            group_sync();  // s_count is reused by the group's next unit
+        }
+        __shared__ int s_last;
+        if (threadIdx.x == 0) s_last = ticket == static_cast<int>(gridDim.x) - 1;
+        __syncthreads();
+        if (s_last && threadIdx.x == 0) {
+            __threadfence();  // every block's reads (their tickets) before the zeroes
+            for (int s = 0; s < num_ranks; ++s)
+                if (!s_mask[s]) flags[s] = 0;
+            *recv_done = 0;
         }
     }
 }
-
 
 // ----------------------------------------------------------------------------
 // LogFMT-10 (defined in cupyep/logfmt.py): per 64 channels, fp32 log2 of the
