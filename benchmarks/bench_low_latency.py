@@ -7,7 +7,10 @@ random routing, FP8 dispatch and BF16 combine. Reported per transport: time of
 one dispatch and one combine (CUDA events around calls queued behind a spin
 kernel, so kernels run back to back; median of --iters, slowest rank), one
 dispatch + combine pair replayed from a CUDA graph, the send and receive
-halves of hook mode, and the host cost of each call from Python.
+halves of hook mode, and the host cost of each call from Python. With torch
+installed, also the mean kernel duration from the CUDA profiler (kineto), the
+way DeepEP's tests time their low-latency kernels: the events above also
+count the gaps between kernels.
 """
 import argparse
 import os
@@ -52,6 +55,35 @@ def gpu_times(steps, iters, spin_us_per_iter=400):
             for j in range(len(steps))]
 
 
+def profiled_kernel_times(steps, iters, names, spin_us_per_iter=400):
+    """Median duration (us) of the kernels whose names contain each of
+    ``names``, over ``iters`` rounds of ``steps`` queued behind a spin kernel,
+    from torch's CUDA profiler; None without torch. A first short session
+    starts the profiler, so its start-up does not fall inside a kernel."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    import cupy
+
+    def session(rounds):
+        cupy.cuda.Device().synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            launch(SPIN, (1,), (1,), (np.int64(spin_us_per_iter * 1000 * rounds),))
+            for _ in range(rounds):
+                for step in steps:
+                    step()
+            cupy.cuda.Device().synchronize()
+        return prof.profiler.kineto_results.events()
+    session(2)
+    durations = {n: [] for n in names}
+    for ev in session(iters):
+        for n in names:
+            if n in ev.name():
+                durations[n].append(ev.duration_ns() / 1e3)
+    return [statistics.median(d) if d else float("nan") for d in durations.values()]
+
+
 def measure(buf, group, x, idx, w, args):
     """Latencies in microseconds for the current transport."""
     import cupy
@@ -78,6 +110,11 @@ def measure(buf, group, x, idx, w, args):
         state["c"] = combine(state["d"].handle, return_recv_hook=True)
 
     res = dict(zip(("dispatch", "combine"), gpu_times([d_step, c_step], args.iters)))
+    cupy.cuda.Device().synchronize()
+    group.comm.Barrier()
+    kernels = profiled_kernel_times([d_step, c_step], args.iters, ["low_latency_dispatch", "low_latency_combine"])
+    if kernels is not None:
+        res["kernel_dispatch"], res["kernel_combine"] = kernels
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
     res["combine_logfmt"] = gpu_times([d_step, lambda: buf.low_latency_combine(
@@ -201,7 +238,9 @@ def main():
         print(f"\ncupyep low-latency kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
               f"top-{args.topk} of {args.experts} experts, FP8 dispatch, BF16 combine "
               f"(median of {args.iters}, slowest rank)")
-        keys = [("dispatch", "dispatch"), ("combine", "combine"), ("combine_logfmt", "combine (LogFMT)"),
+        keys = [("dispatch", "dispatch"), ("combine", "combine"),
+                ("kernel_dispatch", "dispatch kernel (profiler)"), ("kernel_combine", "combine kernel (profiler)"),
+                ("combine_logfmt", "combine (LogFMT)"),
                 ("graph_pair", "graph: dispatch+combine"),
                 ("send_dispatch", "hook: dispatch send"), ("recv_dispatch", "hook: dispatch recv"),
                 ("send_combine", "hook: combine send"), ("recv_combine", "hook: combine recv"),
@@ -209,6 +248,8 @@ def main():
                 ("host_graph", "host cost: graph replay")]
         print(f"{'':28}" + "".join(f"{tr:>14}" for tr in args.transports))
         for key, label in keys:
+            if any(key not in rw[0][tr] for rw in rows for tr in args.transports):
+                continue  # no profiler (torch) on some rank
             cells = "".join(f"{max(rw[0][tr][key] for rw in rows):11.1f} us" for tr in args.transports)
             print(f"{label:28}{cells}")
         print("LogFMT combine, max |error| / max |BF16 combine| on random normal expert outputs: " +
