@@ -84,6 +84,27 @@ def profiled_kernel_times(steps, iters, names, spin_us_per_iter=400):
     return [statistics.median(d) if d else float("nan") for d in durations.values()]
 
 
+def kernel_durations(buf, group, x, idx, w, args):
+    """{"kernel_dispatch", "kernel_combine"}: profiler durations (us), or {}
+    without torch. Run last: the profiler slows launches after it."""
+    import cupy
+    m, e = args.tokens, args.experts
+    y = cupy.ones((e // group.size, group.size * m, args.hidden), fp8.bfloat16)
+    state = {}
+
+    def d_step():
+        state["d"] = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
+
+    def c_step():
+        buf.low_latency_combine(y, idx, w, state["d"].handle)
+    cupy.cuda.Device().synchronize()
+    group.comm.Barrier()
+    times = profiled_kernel_times([d_step, c_step], args.iters, ["low_latency_dispatch", "low_latency_combine"])
+    cupy.cuda.Device().synchronize()
+    group.comm.Barrier()
+    return {} if times is None else dict(zip(("kernel_dispatch", "kernel_combine"), times))
+
+
 def measure(buf, group, x, idx, w, args):
     """Latencies in microseconds for the current transport."""
     import cupy
@@ -110,11 +131,6 @@ def measure(buf, group, x, idx, w, args):
         state["c"] = combine(state["d"].handle, return_recv_hook=True)
 
     res = dict(zip(("dispatch", "combine"), gpu_times([d_step, c_step], args.iters)))
-    cupy.cuda.Device().synchronize()
-    group.comm.Barrier()
-    kernels = profiled_kernel_times([d_step, c_step], args.iters, ["low_latency_dispatch", "low_latency_combine"])
-    if kernels is not None:
-        res["kernel_dispatch"], res["kernel_combine"] = kernels
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
     res["combine_logfmt"] = gpu_times([d_step, lambda: buf.low_latency_combine(
@@ -231,6 +247,9 @@ def main():
         buf.set_low_latency_transport(tr)
         results[tr] = measure(buf, group, x, idx, w, args)
     nccl = None if args.no_nccl else nccl_baseline(group, x, idx, args, args.iters, args.warmup)
+    for tr in args.transports:
+        buf.set_low_latency_transport(tr)
+        results[tr].update(kernel_durations(buf, group, x, idx, w, args))
 
     rows = group.comm.gather((results, nccl), root=0)
     if group.rank == 0:

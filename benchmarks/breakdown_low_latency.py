@@ -15,7 +15,7 @@ only its time matters. Rows:
     no_payload     dispatch messages carry their header only (no row bytes)
     no_recv_rows   dispatch receivers wait and lay out, but copy no rows
     comb_no_rows   combine senders set their flags without the rows
-    comb_no_sum    combine receivers wait for every flag, sum nothing
+    comb_no_sum    combine receivers wait for their tokens' flags, sum nothing
     no_count_wait  dispatch flags are set without waiting for the messages
                    and counts (last: it leaves counters off by the late adds,
                    so rows after it are timed on wrong data)
@@ -45,7 +45,7 @@ _COMB_SUM = "for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) 
 _PHASES = ["    if (phases & 1) {\n        __shared__ char* s_peers",
            "    if (phases & 2) {\n        // Every block waits",
            "    if (phases & 1) {\n        // Rows travel encoded",
-           "    if (phases & 2) {\n        // The block's first token"]
+           "    if (phases & 2) {\n        // A block per token. Lane k"]
 VARIANTS = {
     "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
     "no_payload": [(_PAYLOAD, "                    (void)payload;\n")],

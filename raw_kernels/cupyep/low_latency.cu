@@ -22,8 +22,9 @@
 // The receive half waits for every source's flag, lays out where each
 // (local expert, source)'s rows begin, and a warp per message copies its
 // row out. Combine: a warp group per (local expert, destination) writes rows
-// into [token][k] slots of the destination and sets the flag; the receive
-// half waits for every flag and reduces in top-k order in fp32.
+// into [token][k] slots of the destination and sets the expert's flag there
+// (if it had rows); in the receive half, a block per token waits for the
+// flags of the token's experts and reduces in top-k order in fp32.
 //
 // Flags are zeroed once every reader has read them, by the last block of
 // the receive half to have read them. Peers write a half again only two
@@ -812,9 +813,10 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                     }
                 }
                 warp_complete(put, lane);
-                // Every warp of the group is done with (le, dst).
+                // Every warp of the group is done with (le, dst). No rows, no
+                // flag: only flags some token of dst waits for are set.
                 sync_warps(group + 1, warps_per_group * kWarpSize);
-                if (wig == 0 && lane == 0) {
+                if (wig == 0 && lane == 0 && count > 0) {
                     set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst, 1, put);
                 }
             }
@@ -822,40 +824,27 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
     }
 
     if (phases & 2) {
-        // The block's first token's ids and weights load while the flags are awaited.
-        long long first_id = -1;
-        float first_weight = 0.f;
-        if (threadIdx.x < num_topk && blockIdx.x < num_tokens) {
-            first_id = static_cast<long long>(topk_idx[(long long)blockIdx.x * num_topk + threadIdx.x]);
-            first_weight = topk_weights[(long long)blockIdx.x * num_topk + threadIdx.x];
-        }
+        // A block per token. Lane k of the first warp waits for the flag of
+        // the token's k-th expert (its owner has sent every row it has for
+        // this rank), so a token is summed as soon as its own rows are in,
+        // while other tokens' rows are still on their way. Its slots and
+        // weights go to shared memory; then each thread sums 8 channels over
+        // every k with all the rows' loads in flight, in top-k order.
         long long* flags = reinterpret_cast<long long*>(local_base + off_flags);
-        const unsigned long long start = global_timer_ns();
-        for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
-            if (s_mask[e / num_local]) continue;
-            wait_nonzero(flags + e, timeout_ns, err, kPhaseLowLatencyCombineRecv, e / num_local,
-                         e % num_local, shrink ? mask : nullptr);
-            // Every block waits for every flag; block 0 alone adds its waits
-            // (per owner rank, summed over its experts).
-            if (wait_stats != nullptr && blockIdx.x == 0)
-                atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + e / num_local),
-                          global_timer_ns() - start);
-        }
-        // Ranks masked by a timeout just now are left out of this block's sums.
-        if (shrink) load_mask(mask, rank, num_ranks, s_mask);
-        __syncthreads();
-        // The last block to have read every flag zeroes them (blocks_done [1],
-        // zero between calls), after its sums: the ticket is taken now and
-        // read then, so its round trip overlaps them. The fence orders this
-        // block's flag reads before the ticket.
+        // The last block to have read its flags zeroes every flag
+        // (blocks_done [1], zero between calls): each flag set in this call
+        // is awaited by some token here, since owners set flags only for
+        // experts with rows for this rank. A block takes its ticket once its
+        // last token's flags are read, so the round trip overlaps the sums;
+        // the fence orders the block's flag reads (bar.sync) before it.
         int ticket = 0;
-        if (threadIdx.x == 0) {
-            __threadfence();
-            ticket = atomicAdd(blocks_done, 1);
-        }
-        // A block per token: its slots and weights go to shared memory once,
-        // then each thread sums 8 channels over every k with all the rows'
-        // loads in flight, in top-k order.
+        auto take_ticket = [&]() {
+            if (threadIdx.x == 0) {
+                __threadfence();
+                ticket = atomicAdd(blocks_done, 1);
+            }
+        };
+        if (blockIdx.x >= num_tokens) take_ticket();
         constexpr int kUnits = kHidden / 8;
         const char* area = local_base + off_area;
         __shared__ int s_slot[kLLMaxTopk];
@@ -864,16 +853,31 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
             if (threadIdx.x < num_topk) {
                 const int k = threadIdx.x;
                 const IdxT* idx = topk_idx + (long long)t * num_topk;
-                const long long id = t == blockIdx.x ? first_id : static_cast<long long>(idx[k]);
+                const long long id = static_cast<long long>(idx[k]);
+                const float weight = topk_weights[(long long)t * num_topk + k];
                 const int e = static_cast<int>(id);
                 // Out of range: dropped by the dispatch. A repeated expert sent its row once, in its first slot.
                 int first = id < 0 || id >= num_experts || s_mask[e / num_local] ? -1 : k;
                 for (int j = 0; j < k && first >= 0; ++j)
                     if (static_cast<int>(idx[j]) == e) { first = j; break; }
+                // A rank masked by a timeout since the block started (shrink): no wait.
+                if (shrink && first >= 0 && *(volatile const int*)(mask + e / num_local)) first = -1;
+                if (first >= 0) {
+                    // Repeats wait too, so that a timeout (shrink) leaves out every slot of the expert.
+                    const unsigned long long start = global_timer_ns();
+                    if (wait_nonzero(flags + e, timeout_ns, err, kPhaseLowLatencyCombineRecv, e / num_local,
+                                     e % num_local, shrink ? mask : nullptr) == 0)
+                        first = -1;
+                    // Block 0 alone adds its waits (per owner rank).
+                    if (wait_stats != nullptr && blockIdx.x == 0 && first == k)
+                        atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + e / num_local),
+                                  global_timer_ns() - start);
+                }
                 s_slot[k] = first;
-                s_weight[k] = t == blockIdx.x ? first_weight : topk_weights[(long long)t * num_topk + k];
+                s_weight[k] = weight;
             }
             __syncthreads();
+            if (t + gridDim.x >= num_tokens) take_ticket();
             const char* token_rows = area + (long long)t * kLLMaxTopk * kRowBytes;
             for (int c = threadIdx.x; c < kUnits && kLogFmt; c += blockDim.x) {
                 float acc[8];
