@@ -77,6 +77,8 @@ CASES = [  # (M, tokens, hidden, experts, topk, use_fp8, round_scale, ue8m0, dro
     (32, 0, 2048, 4 * SIZE, 8, False, False, False, 0.0),
     (16, 16, 2048, 288, 8, True, False, False, 0.05),
     (8, 5, 2048, 8, 9, False, False, False, 0.0) if 8 % SIZE == 0 else (8, 5, 2048, 2 * SIZE, 9, False, False, False, 0.0),
+    (64, 60, 2048, 8 * SIZE, 16, False, False, False, 0.0),  # the most top-k slots
+    (1040, 1030, 512, 8 * SIZE, 8, True, False, False, 0.1),  # more entries than a block stages (8192)
 ]
 
 
