@@ -41,7 +41,7 @@ _PAYLOAD = ("                    st_na(reinterpret_cast<int4*>(payload) + u, out
 _RECV_ROWS = "for (int first = 0; first < kRowInt4; first += kBatch * kWarpSize) {"
 _COUNT_WAIT = "while (ld_acquire_gpu(finish_count + dst) < expected) {"
 _COMB_SEND_ROW = "warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(peers[dst] + off), src, lane);"
-_COMB_SUM = "for (int c0 = threadIdx.x; c0 < kUnits && !kLogFmt; c0 += 2 * blockDim.x) {"
+_COMB_SUM = "for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {"
 _PHASES = ["    if (phases & 1) {\n        __shared__ char* s_peers",
            "    if (phases & 2) {\n        // Every block waits",
            "    if (phases & 1) {\n        // Rows travel encoded",
@@ -51,7 +51,7 @@ VARIANTS = {
     "no_payload": [(_PAYLOAD, "                    (void)payload;\n")],
     "no_recv_rows": [(_RECV_ROWS, _RECV_ROWS.replace("first < kRowInt4", "first < 0"))],
     "comb_no_rows": [(_COMB_SEND_ROW, ";")],
-    "comb_no_sum": [(_COMB_SUM, _COMB_SUM.replace("c0 < kUnits", "c0 < 0"))],
+    "comb_no_sum": [(_COMB_SUM, _COMB_SUM.replace("c < kUnits", "c < 0"))],
     "no_count_wait": [(_COUNT_WAIT, "while (false) {")],
 }
 

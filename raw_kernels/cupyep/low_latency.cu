@@ -901,45 +901,25 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
                 }
                 reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
             }
-            // Two units per thread, rows 8 at a time: every load of a chunk
-            // in flight together, so that a 7168-channel token with K <= 8
-            // costs one load latency (one unit per thread cost two).
-            constexpr int kChunk = 8;
-            for (int c0 = threadIdx.x; c0 < kUnits && !kLogFmt; c0 += 2 * blockDim.x) {
-                float acc[2][8];
+            for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {
+                int4 v[kLLMaxTopk];
 #pragma unroll
-                for (int p = 0; p < 2; ++p)
+                for (int k = 0; k < kLLMaxTopk; ++k)
+                    if (k < num_topk && s_slot[k] >= 0)
+                        v[k] = *reinterpret_cast<const int4*>(token_rows + s_slot[k] * kRowBytes + c * 16);
+                float acc[8];
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[p][j] = 0.f;
-                for (int k0 = 0; k0 < num_topk; k0 += kChunk) {
-                    int4 v[2][kChunk];
+                for (int j = 0; j < 8; ++j) acc[j] = 0.f;
 #pragma unroll
-                    for (int p = 0; p < 2; ++p)
+                for (int k = 0; k < kLLMaxTopk; ++k) {
+                    if (k < num_topk && s_slot[k] >= 0) {
+                        float f[8];
+                        bf16x8_to_float(v[k], f);
 #pragma unroll
-                        for (int k = 0; k < kChunk; ++k) {
-                            const int c = c0 + p * blockDim.x, kk = k0 + k;
-                            if (c < kUnits && kk < num_topk && s_slot[kk] >= 0)
-                                v[p][k] = *reinterpret_cast<const int4*>(token_rows + s_slot[kk] * kRowBytes + c * 16);
-                        }
-#pragma unroll
-                    for (int p = 0; p < 2; ++p)
-#pragma unroll
-                        for (int k = 0; k < kChunk; ++k) {
-                            const int kk = k0 + k;
-                            if (kk < num_topk && s_slot[kk] >= 0) {
-                                float f[8];
-                                bf16x8_to_float(v[p][k], f);
-#pragma unroll
-                                for (int j = 0; j < 8; ++j)
-                                    acc[p][j] = __fadd_rn(acc[p][j], __fmul_rn(s_weight[kk], f[j]));
-                            }
-                        }
+                        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(s_weight[k], f[j]));
+                    }
                 }
-#pragma unroll
-                for (int p = 0; p < 2; ++p) {
-                    const int c = c0 + p * blockDim.x;
-                    if (c < kUnits) reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc[p]);
-                }
+                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
             }
             __syncthreads();  // s_slot is rewritten for the block's next token
         }
