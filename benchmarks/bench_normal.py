@@ -32,9 +32,9 @@ def timed(fn, iters, warmup):
     return event_times(fn, iters)
 
 
-def nccl_baseline(group, x, topk_idx_host, num_experts, iters, warmup):
+def nccl_baseline(group, x, topk_idx_host, num_experts, iters, warmup, per_expert=False):
     """(time per call, time queued, bytes received) of the NCCL dispatch baseline."""
-    run, nbytes = nccl_dispatch(group, x, topk_idx_host, num_experts)
+    run, nbytes = nccl_dispatch(group, x, topk_idx_host, num_experts, per_expert)
     return timed(run, iters, warmup), queued_times(run, iters), nbytes
 
 
@@ -159,9 +159,11 @@ def main():
     ceiling_blocks = sorted(set(args.ceiling_blocks or [args.sms, 132]))
     ceilings = {s: peer_store_ceiling(buf, s, args.iters, args.warmup) for s in ceiling_blocks}
     nccl = None
-    if not args.no_nccl:
-        t, tq, nbytes = nccl_baseline(group, x, idx_np, args.experts, args.iters, args.warmup)
-        nccl = (t, nbytes / t / 1e3, tq, nbytes / tq / 1e3)
+    if not args.no_nccl:  # one row per (token, rank), then per (token, expert)
+        nccl = []
+        for per_expert in (False, True):
+            t, tq, nbytes = nccl_baseline(group, x, idx_np, args.experts, args.iters, args.warmup, per_expert)
+            nccl.append((t, nbytes / t / 1e3, tq, nbytes / tq / 1e3))
 
     rows = group.comm.gather((head, sweep, ceilings, nccl, kernels_only, rdma_bytes), root=0)
     if group.rank == 0:
@@ -199,9 +201,11 @@ def main():
             print(f"peer-store ceiling, {s} blocks, every rank into all peers: "
                   f"{min(rw[2][s] for rw in rows):.1f} GB/s out per GPU")
         if nccl is not None:
-            print(f"NCCL baseline (index_select + all_to_all_single): "
-                  f"{max(rw[3][0] for rw in rows):.1f} us, {min(rw[3][1] for rw in rows):.1f} GB/s; "
-                  f"queued: {max(rw[3][2] for rw in rows):.1f} us, {min(rw[3][3] for rw in rows):.1f} GB/s")
+            for i, rows_of in enumerate(("(token, rank)", "(token, expert), naive")):
+                print(f"NCCL baseline (index_select + all_to_all_single, a row per {rows_of}; GB/s "
+                      f"as above): {max(rw[3][i][0] for rw in rows):.1f} us, "
+                      f"{min(rw[3][i][1] for rw in rows):.1f} GB/s; queued: "
+                      f"{max(rw[3][i][2] for rw in rows):.1f} us, {min(rw[3][i][3] for rw in rows):.1f} GB/s")
     teardown(buf, group)
 
 

@@ -77,11 +77,13 @@ def random_inputs(rng, tokens, hidden, experts, topk):
     return (cupy.asarray(x.view(np.uint16)).view(fp8.bfloat16), cupy.asarray(idx), cupy.asarray(w), x, idx)
 
 
-def nccl_dispatch(group, x, topk_idx_host, num_experts):
+def nccl_dispatch(group, x, topk_idx_host, num_experts, per_expert=False):
     """The NCCL baseline step: torch ``all_to_all_single`` of one row per
-    (token, destination rank) after an ``index_select``.
+    (token, destination rank) after an ``index_select``; with ``per_expert``,
+    one row per (token, expert), what a plain MoE layer sends.
 
-    Returns (step, bytes received here), or (None, 0) without torch.
+    Returns (step, bytes of the (token, rank) rows received here, DeepEP's
+    accounting in both cases), or (None, 0) without torch.
     """
     try:
         import torch
@@ -91,17 +93,22 @@ def nccl_dispatch(group, x, topk_idx_host, num_experts):
     from .torch_comm import init_torch_distributed
     init_torch_distributed(group.comm, "nccl")
     local = num_experts // group.size
+    valid = topk_idx_host >= 0
+    dest = np.where(valid, topk_idx_host // local, -1)
     in_rank = np.zeros((topk_idx_host.shape[0], group.size), bool)
     for k in range(topk_idx_host.shape[1]):
-        valid = topk_idx_host[:, k] >= 0
-        in_rank[np.flatnonzero(valid), topk_idx_host[valid, k] // local] = True
-    order = [np.flatnonzero(in_rank[:, j]) for j in range(group.size)]
+        in_rank[np.flatnonzero(valid[:, k]), dest[valid[:, k], k]] = True
+    if per_expert:  # entries in token order, each naming its token
+        order = [np.flatnonzero(dest.ravel() == j) // topk_idx_host.shape[1] for j in range(group.size)]
+    else:
+        order = [np.flatnonzero(in_rank[:, j]) for j in range(group.size)]
     x_t = torch.from_dlpack(x)
     index = torch.as_tensor(np.concatenate(order), device=x_t.device)
     send = [len(o) for o in order]
     recv = group.comm.alltoall(send)
+    pairs = sum(group.comm.alltoall([int(in_rank[:, j].sum()) for j in range(group.size)]))
     out = torch.empty(sum(recv), x_t.shape[1], dtype=x_t.dtype, device=x_t.device)
-    return (lambda: dist.all_to_all_single(out, x_t.index_select(0, index), recv, send)), out.numel() * 2
+    return (lambda: dist.all_to_all_single(out, x_t.index_select(0, index), recv, send)), pairs * x_t.shape[1] * 2
 
 
 def _nccl(group, x, idx_host, num_experts, iters):
