@@ -256,7 +256,7 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
     load_mask(mask, rank, num_ranks, s_mask);
     // Where expert counts go: [R source][L] i32 after the R source flags.
     const long long off_counts = off_flags + kLLCountsOffset;
-    // ... staged there for NVSHMEM puts: [E] i32 after the message staging.
+    // Counts bound for NVSHMEM puts are staged first: [E] i32 after the message staging.
     int* count_staging = reinterpret_cast<int*>(local_base + off_send + (long long)max_tokens * kLLMaxTopk * kMsg);
 
     if (phases & 1) {
@@ -451,7 +451,10 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         __syncthreads();  // s_first_count is complete
         // Counts: a warp per expert writes how many rows it gets from here
         // into its owner's counts (staged for a put), then adds to the
-        // owner's finish count like a message.
+        // owner's finish count like a message. The add is a release: the
+        // publisher acquires the finish count before its system-scope
+        // release of the flag, which therefore orders this store (and every
+        // message) before the flag for the owner (cumulativity).
         for (int e = spread_warp; e < num_experts; e += num_warps) {
             const int count = e == spread_warp ? s_first_count[warp] : entries.count(num_entries, e, lane);
             const int dst = e / num_local, local_expert = e % num_local;
@@ -525,6 +528,8 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         }
         __syncthreads();
         // begin [R][L]: where source s's rows of local expert l begin; total [L].
+        // Plain loads of the counts: a thread of this block acquired the
+        // source's flag, and the barrier above orders the loads after it.
         int* s_begin = s_entries;
         int* s_total = s_entries + num_experts;
         for (int i = threadIdx.x; i < num_experts; i += blockDim.x)
