@@ -89,6 +89,18 @@ def test_low_latency_too_many_tokens(buffer, backend, good):
         buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), 8, e)
 
 
+def test_low_latency_layout_limits():
+    """Limits of the message format: a row slot is 16 bits, flags sit in fixed places."""
+    from cupyep.low_latency import LL_MAX_EXPERTS, LL_MAX_TOKENS, check_low_latency_fits
+    big = 1 << 50
+    lay = check_low_latency_fits(big, LL_MAX_TOKENS, 512, 2, 2 * SIZE)
+    assert lay.total_bytes <= big
+    with pytest.raises(cupyep.InvalidInputError, match=f"at most {LL_MAX_TOKENS} tokens per rank"):
+        check_low_latency_fits(big, LL_MAX_TOKENS + 1, 512, 2, 2 * SIZE)
+    with pytest.raises(cupyep.InvalidInputError, match=f"at most {LL_MAX_EXPERTS} experts"):
+        check_low_latency_fits(big, 16, 512, 2, LL_MAX_EXPERTS + 2)
+
+
 def test_low_latency_bad_arguments(buffer, backend, good, rng):
     """Each is rejected before launch; the buffer keeps working afterwards."""
     x, idx, w, e = good
