@@ -245,7 +245,7 @@ class GpuBackend:
         recv_idx = self._empty("recv_idx", (n_rows, k), np.int64) if k else None
         recv_w = self._empty("recv_w", (n_rows, k), np.float32) if k else None
         recv_src = self._empty("recv_src", n_rows, np.int32)
-        if num_worst_tokens:
+        if num_worst_tokens and self.inter is not None:  # the intranode kernel fills its own
             with self.stream:
                 recv_src.fill(-1)
                 if k:

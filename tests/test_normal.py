@@ -139,6 +139,8 @@ def _dispatch_combine(buffer, backend, rng, case, roundings=1):
     assert (to_host(res.handle.recv_src_idx)[:n] == src).all()
     if worst:
         assert (to_host(res.recv_topk_idx)[n:] == -1).all()
+        assert (to_host(res.recv_topk_weights)[n:] == 0).all()
+        assert (to_host(res.handle.recv_src_idx)[n:] == -1).all()
     counts = [int((ids == e).sum()) for e in range(local)]
     padded = [-(-c // case.alignment) * case.alignment for c in counts]
     assert [int(c) for c in to_host(np.asarray(res.num_recv_tokens_per_expert)
@@ -243,8 +245,8 @@ def test_worst_token_mode_in_cuda_graph(normal_buffer, backend, rng):
         n = rows.shape[0]
         assert (bits(to_host(d.recv_x)[:n]) == bits(rows)).all(), f"rows of replay {i}"
         assert (to_host(d.recv_topk_idx)[:n] == ids).all() and (to_host(d.recv_topk_idx)[n:] == -1).all()
-        assert (to_host(d.recv_topk_weights)[:n] == ws).all()
-        assert (to_host(d.handle.recv_src_idx)[:n] == src).all()
+        assert (to_host(d.recv_topk_weights)[:n] == ws).all() and (to_host(d.recv_topk_weights)[n:] == 0).all()
+        assert (to_host(d.handle.recv_src_idx)[:n] == src).all() and (to_host(d.handle.recv_src_idx)[n:] == -1).all()
         local = num_experts // SIZE
         in_rank = np.stack([((idx >= r * local) & (idx < (r + 1) * local)).any(1) for r in range(SIZE)], 1)
         want = x.astype(np.float32) * in_rank.sum(1, keepdims=True)
