@@ -26,7 +26,7 @@ from cupyep import fp8  # noqa: E402
 
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
-from cupyep.bench import add_protocol_args, random_inputs, teardown  # noqa: E402
+from cupyep.bench import add_protocol_args, profiled_kernels, random_inputs, teardown  # noqa: E402
 
 
 SPIN = KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns")
@@ -55,32 +55,13 @@ def gpu_times(steps, iters, spin_us_per_iter=400):
             for j in range(len(steps))]
 
 
-def profiled_kernel_times(steps, iters, names, spin_us_per_iter=400):
-    """Median duration (us) of the kernels whose names contain each of
-    ``names``, over ``iters`` rounds of ``steps`` queued behind a spin kernel,
-    from torch's CUDA profiler; None without torch. A first short session
-    starts the profiler, so its start-up does not fall inside a kernel."""
-    try:
-        from torch.profiler import ProfilerActivity, profile
-    except ImportError:
+def profiled_kernel_times(steps, iters, names):
+    """Median profiler duration (us) of the kernels whose names contain each
+    of ``names``; None without torch (cupyep.bench.profiled_kernels)."""
+    kernels = profiled_kernels(steps, iters)
+    if kernels is None:
         return None
-    import cupy
-
-    def session(rounds):
-        cupy.cuda.Device().synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            launch(SPIN, (1,), (1,), (np.int64(spin_us_per_iter * 1000 * rounds),))
-            for _ in range(rounds):
-                for step in steps:
-                    step()
-            cupy.cuda.Device().synchronize()
-        return prof.profiler.kineto_results.events()
-    session(2)
-    durations = {n: [] for n in names}
-    for ev in session(iters):
-        for n in names:
-            if n in ev.name():
-                durations[n].append(ev.duration_ns() / 1e3)
+    durations = {n: [d for k, v in kernels.items() if n in k for d in v] for n in names}
     return [statistics.median(d) if d else float("nan") for d in durations.values()]
 
 

@@ -41,6 +41,39 @@ def queued_times(step, iters: int) -> float:
     return statistics.median(cupy.cuda.get_elapsed_time(a, b) * 1e3 for a, b in zip(marks, marks[1:]))
 
 
+def profiled_kernels(steps, iters: int, spin_us_per_iter: int = 400):
+    """{kernel name: [duration us per launch]} of ``iters`` rounds of ``steps``
+    queued behind a spin kernel, from torch's CUDA profiler (kineto, what
+    DeepEP's tests time); None without torch. A first short session starts
+    the profiler, so that its start-up does not fall inside a kernel. Names
+    are demangled, without ``void`` and the parameter list."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    import cupy
+
+    def session(rounds):
+        cupy.cuda.Device().synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            launch(_SPIN, (1,), (1,), (np.int64(spin_us_per_iter * 1000 * rounds),))
+            for _ in range(rounds):
+                for step in steps:
+                    step()
+            cupy.cuda.Device().synchronize()
+        return prof.profiler.kineto_results.events()
+    session(2)
+    out = {}
+    for ev in session(iters):
+        name = ev.name()
+        if ev.device_type() != DeviceType.CUDA or "spin_ns" in name:
+            continue
+        name = name.split("(")[0].removeprefix("void ").strip()
+        out.setdefault(name, []).append(ev.duration_ns() / 1e3)
+    return out
+
+
 def event_times(step, iters: int) -> float:
     """Median time (us) of ``step`` between CUDA events, one call at a time."""
     import cupy
