@@ -8,7 +8,7 @@ one dispatch and one combine (CUDA events around calls queued behind a spin
 kernel, so kernels run back to back; median of --iters, slowest rank), one
 dispatch + combine pair replayed from a CUDA graph, the send and receive
 halves of hook mode, and the host cost of each call from Python. With torch
-installed, also the mean kernel duration from the CUDA profiler (kineto), the
+installed, also the median kernel duration from the CUDA profiler (kineto), the
 way DeepEP's tests time their low-latency kernels: the events above also
 count the gaps between kernels.
 """

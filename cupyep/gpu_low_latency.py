@@ -52,7 +52,8 @@ class GpuLowLatency:
         self.calls = 0
         self.user = None  # "low-latency" or "normal inter-node": see claim()
         self._kept = KeptArrays()
-        self._finish = {}
+        # per destination rank: messages and counts this rank's dispatch has written for it
+        self._finish = cupy.zeros(backend.num_ranks, np.int32)
         self._kernels = {}
         self.source = "cupyep/low_latency.cu"  # the kernels' source (breakdown benchmarks swap variants in)
         self._blocks_done = cupy.zeros(2, np.int32)
@@ -104,13 +105,6 @@ class GpuLowLatency:
     def _array(self, key, shape, dtype, capturing):
         """Fresh per call; a kept per-half array while capturing a graph."""
         return self._kept.get(key, shape, dtype, capturing)
-
-    def _finish_counter(self, num_experts):
-        import cupy
-        c = self._finish.get(num_experts)
-        if c is None:
-            c = self._finish[num_experts] = cupy.zeros(num_experts, np.int32)
-        return c
 
     def _kernel(self, name, num_args, *targs):
         """The loaded kernel (cached here: this lookup is on every call's path)."""
@@ -166,11 +160,10 @@ class GpuLowLatency:
         fn = self._kernel("low_latency_dispatch", DISPATCH_ARGS, ("kHidden", hidden), ("kFp8", fl(use_fp8)),
                           ("kRoundScale", fl(round_scale or use_ue8m0)), ("kUe8m0", fl(use_ue8m0)),
                           ("IdxT", index_type(topk_idx)))
-        finish = self._finish_counter(num_experts)
 
         args = [x.data.ptr, topk_idx.data.ptr, t, k, m, num_experts, be.rank, r, self.sym.ptr,
                 self.sym.peers.data.ptr, int(self.transport == "nvshmem"), off["dispatch_flags"],
-                off["dispatch_area"], off["send_area"], finish.data.ptr, self._recv_done_addr[half],
+                off["dispatch_area"], off["send_area"], self._finish.data.ptr, self._recv_done_addr[half],
                 recv_x.data.ptr, address(recv_s), recv_count.data.ptr, src_info.data.ptr,
                 layout_range.data.ptr, recv_k.data.ptr, address(cumulative_stats), address(wait_stats),
                 self.mask.data.ptr, int(self.shrink), 0, be._err_ptr, be.timeout_ns]
@@ -266,8 +259,7 @@ class GpuLowLatency:
         self.be.group.comm.Barrier()
         if self.sym is not None:
             cupy.cuda.runtime.memset(self.sym.ptr, 0, self.num_rdma_bytes)
-        for c in self._finish.values():
-            c.fill(0)
+        self._finish.fill(0)
         self._blocks_done.fill(0)
         self._recv_done.fill(0)
         self.calls = 0

@@ -210,7 +210,7 @@ __device__ __forceinline__ unsigned ll_entry(int k, int local_expert, int slot) 
 //   kUe8m0 [L][R*M][H/512] i32; recv_count [L]; src_info [L][R*M] (-1 past the
 //   count); layout_range [L][R] (begin << 32 | count); recv_k [L][R*M] (the
 //   source's top-k slot, for combine).
-// finish_count [E]: zero between calls (a destination's publishing warp
+// finish_count [R]: zero between calls (a destination's publishing warp
 // resets its entry). recv_done [1]: zero between calls (the receive half's
 // last block resets it), one per buffer half.
 template <int kHidden, bool kFp8, bool kRoundScale, bool kUe8m0, typename IdxT>
