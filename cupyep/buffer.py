@@ -149,7 +149,8 @@ class Buffer:
             config: :class:`Config` (SMs, warps, chunking).
             previous_event: an event to wait on before starting.
             async_finish: return an event instead of ordering on the
-                caller's stream.
+                caller's stream. With either, the call runs on the
+                communication stream; without, on the caller's stream.
 
         Returns:
             :class:`DispatchResult` in the caller's framework.

@@ -126,7 +126,7 @@ class Buffer:
         """The communication stream, as a torch stream (GPU backend)."""
         if self._buffer.backend != "gpu":
             raise InvalidInputError("the reference backend has no communication stream")
-        return _torch.cuda.ExternalStream(self._buffer._impl.stream.ptr)
+        return _torch.cuda.ExternalStream(self._buffer._impl.streams.comm.ptr)
 
     def destroy(self) -> None:
         """Frees the buffer and the Group this facade made (collective)."""

@@ -1,9 +1,9 @@
 """GPU backend: layout and normal (intranode) dispatch/combine over NVLink.
 
-Kernels live in raw_kernels/cupyep/{layout,intranode}.cu. Every call runs on
-the buffer's communication stream, ordered after the caller's stream (or a
-given event), and the caller's stream waits for it afterwards unless
-``async_finish`` returns an event instead.
+Kernels live in raw_kernels/cupyep/{layout,intranode}.cu. A call runs on the
+caller's stream, or on the buffer's communication stream when it waits on
+``previous_event`` or returns an event (``async_finish``); see
+:class:`cupyep.events.CallStreams`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 from . import sizing
 from .config import Config, default_config, own_rows_receiver_share
 from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
-from .events import EventOverlap, as_cupy_event
+from .events import CallStreams
 from .fp8 import FP8_GROUP, bfloat16
 from .jit import KernelSpec, device_ptr as _ptr, index_type, launch
 from .capture import KeptArrays, is_capturing
@@ -75,7 +75,8 @@ class GpuBackend:
         self.info_host, self._info_ptr, self._info_mem = mapped_host_ints(sizing.MAX_LOCAL_EXPERTS + 3)
         self.blocks_done = cupy.zeros(1, np.int32)
         self.layout_error = cupy.zeros(1, np.int32)
-        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.streams = CallStreams()
+        self.stream = self.streams.comm  # the stream of the call in progress (set by _begin)
         self.timeout_ns = int(float(os.environ.get("CUPYEP_TIMEOUT_S", "20")) * 1e9)
         # Barrier sequence and notify parity, advanced by the kernels themselves
         # so that CUDA graph replays count as calls.
@@ -149,21 +150,15 @@ class GpuBackend:
                                     f"({self.num_ranks})")
         return cfg
 
-    def _begin(self, previous_event):
-        import cupy
+    def _begin(self, previous_event, async_finish):
+        """Pick the call's stream (self.stream); returns the caller's."""
         self.check_errors()
-        cur = cupy.cuda.get_current_stream()
-        self._capturing = is_capturing(cur)
-        ev = as_cupy_event(previous_event)
-        self.stream.wait_event(ev if ev is not None else cur.record())
+        self.stream, cur = self.streams.begin(previous_event, async_finish)
+        self._capturing = is_capturing(self.stream)
         return cur
 
     def _end(self, cur, async_finish):
-        ev = self.stream.record()
-        if async_finish:
-            return EventOverlap(ev)
-        cur.wait_event(ev)
-        return None
+        return self.streams.end(self.stream, cur, async_finish)
 
     # ------------------------------------------------------------------ #
     def get_dispatch_layout(self, topk_idx, num_experts):
@@ -204,7 +199,7 @@ class GpuBackend:
             self.inter.claim()
         if topk_idx is None:
             per_expert = None
-        cur = self._begin(previous_event)
+        cur = self._begin(previous_event, async_finish)
 
         offsets = self._empty("offsets", r * c + 1, np.int32)
         expert_counts = self._empty("expert_counts", max(local, 1), np.int32, zero=True)
@@ -297,7 +292,7 @@ class GpuBackend:
                      own_rows_receiver_share=given.own_rows_receiver_share)
         if self.inter is not None:
             self.inter.claim()
-        cur = self._begin(previous_event)
+        cur = self._begin(previous_event, async_finish)
         n_rows = handle.num_worst_tokens or handle.num_recv_tokens
         fp8 = scales is not None
         recv_x = self._empty("cached_x", (n_rows, x.shape[1]), np.uint8 if fp8 else bfloat16)
@@ -325,7 +320,7 @@ class GpuBackend:
         lay_dev = g.layout_dev
         if self.inter is not None:
             self.inter.claim()
-        cur = self._begin(previous_event)
+        cur = self._begin(previous_event, async_finish)
         out = self._empty("out", (t, hidden), bfloat16)
         out_w = self._empty("out_w", (t, k), np.float32) if k else None
         b0 = bias[0] if len(bias) > 0 else None

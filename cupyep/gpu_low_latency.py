@@ -118,12 +118,7 @@ class GpuLowLatency:
 
     def _stream(self, async_finish):
         """The caller's stream, or the communication stream ordered after it."""
-        import cupy
-        cur = cupy.cuda.get_current_stream()
-        if not async_finish:
-            return cur
-        self.be.stream.wait_event(cur.record())
-        return self.be.stream
+        return self.be.streams.begin(None, async_finish)[0]
 
     def _event(self, stream, async_finish):
         return EventOverlap(stream.record()) if async_finish else None

@@ -1,4 +1,5 @@
 """Normal (high-throughput) dispatch and combine against loop-computed expectations."""
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -282,3 +283,42 @@ def test_events_order_and_async_finish(normal_buffer, backend, rng):
     assert (bits(to_host(d.recv_x)) == bits(rows)).all()
     assert (to_host(d.recv_topk_idx) == ids).all()
     np.testing.assert_array_equal(to_host(c.combined_topk_weights), np.where(idx >= 0, w, 0))
+
+
+def test_calls_on_different_streams_stay_ordered(normal_buffer, backend, rng):
+    """A plain call runs on the caller's stream; one made on another stream
+    waits for the previous call (they share the buffer) without the caller
+    ordering them: here behind an async dispatch held back by a spin kernel."""
+    if backend != "gpu":
+        pytest.skip("streams exist on the GPU backend only")
+    import cupy
+    from cupyep.jit import KernelSpec, launch
+    buffer = normal_buffer
+    num_experts = 4 * SIZE
+    x = random_rows(rng, 64, 1024)
+    x2 = random_rows(rng, 64, 1024)
+    idx = random_topk(rng, 64, num_experts, 4, drop=0.1)
+    w = rng.random(idx.shape).astype(np.float32) + 0.5
+    args = (to_backend(idx, backend), to_backend(w, backend))
+    d0 = buffer.dispatch(to_backend(x, backend), *args, num_experts=num_experts)  # compiles, sizes
+    held = cupy.cuda.Stream(non_blocking=True)
+    with held:
+        launch(KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns"), (1,), (1,), (np.int64(300_000_000),))
+        ready = held.record()
+    d1 = buffer.dispatch(to_backend(x, backend), *args, num_experts=num_experts, previous_event=ready,
+                         num_worst_tokens=64 * SIZE, async_finish=True)
+    other = cupy.cuda.Stream(non_blocking=True)
+    with other:
+        d2 = buffer.dispatch(to_backend(x2, backend), handle=d0.handle)
+        after = other.record()
+    time.sleep(0.05)  # d2 alone would be done by now; d1 spins 250 ms more
+    waited = not after.done
+    after.synchronize()
+    d1.event.current_stream_wait()
+    rows, ids, _, _ = expected_dispatch(gather(x, idx, w), num_experts)
+    rows2, _, _, _ = expected_dispatch(gather(x2, idx, w), num_experts)
+    n = len(rows)
+    assert waited, "a call on another stream did not wait for the previous call"
+    assert (bits(to_host(d1.recv_x)[:n]) == bits(rows)).all()
+    assert (to_host(d1.recv_topk_idx)[:n] == ids).all()
+    assert (bits(to_host(d2.recv_x)) == bits(rows2)).all()
