@@ -202,7 +202,8 @@ class GpuBackend:
         cur = self._begin(previous_event, async_finish)
 
         offsets = self._empty("offsets", r * c + 1, np.int32)
-        expert_counts = self._empty("expert_counts", max(local, 1), np.int32, zero=True)
+        # The notify kernel writes all L counts when it has per-expert counts.
+        expert_counts = self._empty("expert_counts", max(local, 1), np.int32, zero=per_expert is None)
         rdma_pos = rdma_recv_count = None
         if self.inter is not None:
             send_pos, rdma_pos, rdma_recv_count = self.inter.notify(

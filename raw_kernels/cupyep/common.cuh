@@ -207,17 +207,73 @@ __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) 
 // A warp numbers the tokens of [begin, end) for which in(t) holds, in token
 // order from 0, 32 tokens per step (lane i takes t0 + i): store(t, pos) gets
 // each token's number, -1 where in(t) is false. Returns how many were in.
+// The loads of kBatch steps are issued before their ballots, so the steps
+// do not pay one load latency each.
 template <typename In, typename Store>
 __device__ __forceinline__ int warp_number_tokens(int begin, int end, int lane, In in, Store store) {
+    constexpr int kBatch = 4;
     int n = 0;
-    for (int t0 = begin; t0 < end; t0 += kWarpSize) {
-        const int t = t0 + lane;
-        const bool is_in = t < end && in(t);
-        const unsigned mask = __ballot_sync(0xffffffffu, is_in);
-        if (t < end) store(t, is_in ? n + __popc(mask & lanemask_lt(lane)) : -1);
-        n += __popc(mask);
+    for (int t0 = begin; t0 < end; t0 += kBatch * kWarpSize) {
+        bool is_in[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+            const int t = t0 + b * kWarpSize + lane;
+            is_in[b] = t < end && in(t);
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+            const int t = t0 + b * kWarpSize + lane;
+            const unsigned mask = __ballot_sync(0xffffffffu, is_in[b]);
+            if (t < end) store(t, is_in[b] ? n + __popc(mask & lanemask_lt(lane)) : -1);
+            n += __popc(mask);
+        }
     }
     return n;
+}
+
+// Inclusive prefix sum of v over the lanes of a warp.
+__device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
+#pragma unroll
+    for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+        const int below = __shfl_up_sync(0xffffffffu, v, offset);
+        if (lane >= offset) v += below;
+    }
+    return v;
+}
+
+// A warp turns the rows each (source, channel) sends us, counts[s * stride
+// + c], into receive offsets: offsets [num_sources * num_channels + 1], the
+// exclusive prefix in (source, channel) order, 32 counts per step.
+// host_info[0] = the total; host_info[1 + L] = 1 + the first source whose
+// word counts[s * stride + stride - 1] is non-zero (0: none), [2 + L] = that
+// word (the source's layout error).
+template <typename Count>
+__device__ __forceinline__ void warp_receive_offsets(const Count* counts, int num_sources, int num_channels,
+                                                     int stride, int* offsets, int* host_info,
+                                                     int num_local_experts, int lane) {
+    const int num = num_sources * num_channels;
+    int total = 0;
+    for (int i0 = 0; i0 < num; i0 += kWarpSize) {
+        const int i = i0 + lane;
+        const int v = i < num ? static_cast<int>(counts[(i / num_channels) * stride + i % num_channels]) : 0;
+        const int inclusive = warp_inclusive_sum(v, lane);
+        if (i < num) offsets[i] = total + inclusive - v;
+        total += __shfl_sync(0xffffffffu, inclusive, kWarpSize - 1);
+    }
+    if (lane == 0) {
+        offsets[num] = total;
+        host_info[0] = total;
+        int bad_rank = 0, bad_code = 0;
+        for (int s = num_sources - 1; s >= 0; --s) {
+            const int code = static_cast<int>(counts[s * stride + stride - 1]);
+            if (code != 0) {
+                bad_rank = s + 1;
+                bad_code = code;
+            }
+        }
+        host_info[1 + num_local_experts] = bad_rank;
+        host_info[2 + num_local_experts] = bad_code;
+    }
 }
 
 // ---- warp groups ----------------------------------------------------------

@@ -195,25 +195,9 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
     rdma_barrier_block<kNumRanks>(rdma, lay, rank, counters, err, timeout_ns);
     if (threadIdx.x == 0) counters[1] += 1;
 
-    const long long* counts = rdma_word(rdma, rank_counts);
-    if (threadIdx.x == 0) {
-        int total = 0;
-        for (int s = 0; s < kNumRanks; ++s)
-            for (int c = 0; c < num_channels; ++c) {
-                recv_channel_offset[s * num_channels + c] = total;
-                total += static_cast<int>(counts[s * kMaxChannels + c]);
-            }
-        recv_channel_offset[kNumRanks * num_channels] = total;
-        host_info[0] = total;
-        int bad_rank = 0, bad_code = 0;
-        for (int s = kNumRanks - 1; s >= 0; --s)
-            if (counts[s * kMaxChannels + kMaxChannels - 1] != 0) {
-                bad_rank = s + 1;
-                bad_code = static_cast<int>(counts[s * kMaxChannels + kMaxChannels - 1]);
-            }
-        host_info[1 + num_local_experts] = bad_rank;
-        host_info[2 + num_local_experts] = bad_code;
-    }
+    if (threadIdx.x / kWarpSize == 0)
+        warp_receive_offsets(rdma_word(rdma, rank_counts), kNumRanks, num_channels, kMaxChannels,
+                             recv_channel_offset, host_info, num_local_experts, threadIdx.x);
     const long long* from_nodes = rdma_word(rdma, node_counts);
     for (int i = threadIdx.x; i < kNumNodes * num_channels; i += blockDim.x)
         rdma_recv_count[i] = static_cast<int>(from_nodes[(i / num_channels) * kMaxChannels + i % num_channels]);

@@ -114,25 +114,9 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
 
     // Peers' counts are visible: each thread d < R acquired peer d's flag and
     // the block barrier above extends that to every thread.
-    const int* counts = at<int>(peers[rank], counts_base);
-    if (threadIdx.x == 0) {
-        int total = 0;
-        for (int s = 0; s < kNumRanks; ++s)
-            for (int c = 0; c < num_channels; ++c) {
-                recv_channel_offset[s * num_channels + c] = total;
-                total += counts[s * kMaxChannels + c];
-            }
-        recv_channel_offset[kNumRanks * num_channels] = total;
-        host_info[0] = total;
-        int bad_rank = 0, bad_code = 0;
-        for (int s = kNumRanks - 1; s >= 0; --s)
-            if (counts[s * kMaxChannels + kMaxChannels - 1] != 0) {
-                bad_rank = s + 1;
-                bad_code = counts[s * kMaxChannels + kMaxChannels - 1];
-            }
-        host_info[1 + num_local_experts] = bad_rank;
-        host_info[2 + num_local_experts] = bad_code;
-    }
+    if (warp == 0)
+        warp_receive_offsets(at<int>(peers[rank], counts_base), kNumRanks, num_channels, kMaxChannels,
+                             recv_channel_offset, host_info, num_local_experts, lane);
     if (num_tokens_per_expert != nullptr) {
         const int* experts = at<int>(peers[rank], experts_base);
         for (int l = threadIdx.x; l < num_local_experts; l += blockDim.x) {
