@@ -330,13 +330,13 @@ class GpuBackend:
             self.inter.barrier(g.rdma_layout_dev)
             self.inter.combine(cfg, g, x, topk_weights, t, b0, b1, out, out_w)
             return out, out_w, self._end(cur, async_finish)
-        self._barrier(lay_dev)
         spec = self._spec("intranode.cu", "combine", ("kNumRanks", self.num_ranks),
                           ("kHiddenInt4", hidden * 2 // 16), ("kNumTopk", k))
         launch(spec, (2 * g.num_channels,), (32 * cfg.num_combine_warps,),
                (x, _ptr(topk_weights), g.send_pos, g.recv_channel_offset, np.int32(t),
                 np.int32(g.num_channels), np.int32(cfg.chunk_tokens), self.nvl.peers, lay_dev, np.int32(self.rank), _ptr(b0),
-                _ptr(b1), out, _ptr(out_w), np.uint64(self._err_ptr), np.int64(self.timeout_ns)),
+                _ptr(b1), out, _ptr(out_w), self.counters, self.blocks_done, np.uint64(self._err_ptr),
+                np.int64(self.timeout_ns)),
                stream=self.stream)
         return out, out_w, self._end(cur, async_finish)
 

@@ -362,8 +362,9 @@ __device__ __forceinline__ void sync_warps(int id, int num_threads) {
 
 // Call counters of a buffer, kept on the device so that a CUDA graph
 // replay advances them like a new call: counters[0] the barrier sequence,
-// counters[1] the notify calls (parity of the count buffers). Kernels on one
-// stream touch them one after another, and one block per kernel at a time.
+// counters[1] the notify calls (parity of the count buffers). Kernels touch
+// them one after another (calls are ordered), and one block per kernel
+// writes them (a KernelBarrier's blocks all read counters[0] first).
 __device__ __forceinline__ int next_barrier_seq(int* counters) {
     __shared__ int s_seq;
     __syncthreads();

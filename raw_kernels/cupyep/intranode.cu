@@ -41,6 +41,48 @@ __global__ void barrier(char* const* peers, const NvlLayout* layout, int rank, i
     barrier_block<kNumRanks>(peers, lay, rank, counters, err, timeout_ns);
 }
 
+// The same barrier inside the combine kernel, instead of a barrier kernel
+// before it (~5 us and a launch gap per call; in the dispatch kernel the same
+// change slowed the FP8 copy loop, so cached dispatch keeps the kernel).
+// Block 0 tells every peer at the start that this rank's earlier kernels are
+// complete (stream order: they are); a sender block waits, before its first
+// store into a peer's buffer, until every peer has said the same. Every block
+// reads the sequence at its start, so the last block to finish advances it.
+template <int kNumRanks>
+struct KernelBarrier {
+    int* counters;
+    int* blocks_done;
+    int seq;
+
+    __device__ __forceinline__ KernelBarrier(int* counters_, int* blocks_done_, char* const* peers,
+                                             const NvlLayout& lay, int rank)
+        : counters(counters_), blocks_done(blocks_done_), seq(counters_[0] + 1) {
+        if (blockIdx.x == 0 && threadIdx.x < kNumRanks) {
+            __threadfence_system();  // as in barrier_block
+            st_release_sys(at<int>(peers[threadIdx.x], lay.sync) + rank, seq);
+        }
+    }
+
+    // Block-wide; false (the error word set) when a peer never arrived.
+    __device__ __forceinline__ bool wait(char* const* peers, const NvlLayout& lay, int rank, int* err,
+                                         long long timeout_ns) const {
+        bool failed = false;
+        if (threadIdx.x < kNumRanks && threadIdx.x != rank)
+            failed = wait_at_least(at<int>(peers[rank], lay.sync) + threadIdx.x, seq, timeout_ns, err,
+                                   kPhaseBarrier, static_cast<int>(threadIdx.x), -1) < seq;
+        // The acquires above, extended to the block, order its later stores.
+        return !__syncthreads_or(failed);
+    }
+
+    __device__ __forceinline__ void finish() const {
+        __syncthreads();
+        if (threadIdx.x == 0 && atomicAdd(blocks_done, 1) == static_cast<int>(gridDim.x) - 1) {
+            *blocks_done = 0;
+            counters[0] = seq;
+        }
+    }
+};
+
 // Grid: num_channels + 1 blocks. Blocks c < num_channels number the tokens of
 // channel c per destination (send_pos) and tell each destination how many it
 // gets; the last block sends per-expert counts. The last block to finish runs
@@ -273,8 +315,9 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
         const int* __restrict__ send_pos, const int* __restrict__ recv_channel_offset,
         int num_tokens, int num_channels, int chunk_tokens, char* const* peers,
         const NvlLayout* layout, int rank, const int4* __restrict__ bias0, const int4* __restrict__ bias1, int4* out,
-        float* out_weights, int* err, long long timeout_ns) {
+        float* out_weights, int* counters, int* blocks_done, int* err, long long timeout_ns) {
     const NvlLayout lay = *layout;
+    const KernelBarrier<kNumRanks> barrier(counters, blocks_done, peers, lay, rank);
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
     const int c = blockIdx.x / 2;
@@ -285,6 +328,10 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
     if (blockIdx.x % 2 == 0) {
         // ---------------- sender: rows back to their source ----------------
         if constexpr (kNumPeers > 0) {
+            if (!barrier.wait(peers, lay, rank, err, timeout_ns)) {
+                barrier.finish();
+                return;
+            }
             // A group per peer; group g serves rank + 1 + g, so that the ranks
             // start on different peers.
             const WarpGroups wg(warp, num_warps, kNumPeers);
@@ -327,6 +374,7 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
                 }
             }
         }
+        barrier.finish();
         return;
     }
 
@@ -385,6 +433,7 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
     __syncthreads();
     if (threadIdx.x < kNumRanks)
         at<int>(local, lay.combine_tail)[threadIdx.x * kMaxChannels + c] = 0;
+    barrier.finish();
 }
 
 }  // namespace cupyep
