@@ -1,6 +1,8 @@
 """Events that let communication overlap with the caller's compute."""
 from __future__ import annotations
 
+from .capture import is_capturing
+
 
 class EventOverlap:
     """A CUDA event recorded on cupyep's communication stream.
@@ -74,7 +76,6 @@ class CallStreams:
     def begin(self, previous_event=None, async_finish: bool = False):
         """(stream to launch on, the caller's stream)."""
         import cupy
-        from .capture import is_capturing
         cur = cupy.cuda.get_current_stream()
         ev = as_cupy_event(previous_event)
         if ev is None and not async_finish:
@@ -82,8 +83,9 @@ class CallStreams:
         else:
             launch = self.comm
             launch.wait_event(ev if ev is not None else cur.record())
+        follows = (launch.ptr,) if ev is not None else (launch.ptr, cur.ptr)  # already ordered after
         last = self._last
-        if last is not None and last.ptr != launch.ptr and is_capturing(last) == is_capturing(launch):
+        if last is not None and last.ptr not in follows and is_capturing(last) == is_capturing(launch):
             launch.wait_event(last.record())
         self._last = launch
         return launch, cur

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import CupyepError, InvalidInputError
-from .events import EventOverlap
 from .fp8 import FP8_GROUP, bfloat16
 from .capture import KeptArrays, is_capturing
 from .jit import KernelSpec, PackedKernel, address, index_type
@@ -116,13 +115,6 @@ class GpuLowLatency:
             self._kernels[key] = fn
         return fn
 
-    def _stream(self, async_finish):
-        """The caller's stream, or the communication stream ordered after it."""
-        return self.be.streams.begin(None, async_finish)[0]
-
-    def _event(self, stream, async_finish):
-        return EventOverlap(stream.record()) if async_finish else None
-
     # ------------------------------------------------------------------ #
     def dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish,
                  return_recv_hook, cumulative_stats=None, wait_stats=None):
@@ -136,7 +128,7 @@ class GpuLowLatency:
         self.claim("low-latency")
         local = num_experts // r
         be.check_errors()
-        stream = self._stream(async_finish)
+        stream, cur = be.streams.begin(None, async_finish)
         capturing = is_capturing(stream)
         half = self._next_half()
         off = lay.offsets(half)
@@ -171,7 +163,7 @@ class GpuLowLatency:
         out = {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_count": recv_count,
                "src_info": src_info, "layout_range": layout_range,
                "routing": GpuLowLatencyState(recv_k, lay), "call_id": self.calls,
-               "event": self._event(stream, async_finish), "hook": hook}
+               "event": be.streams.end(stream, cur, async_finish), "hook": hook}
         return out
 
     def _send_then_receive(self, run, stream, return_recv_hook):
@@ -206,7 +198,7 @@ class GpuLowLatency:
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
         be.check_errors()
-        stream = self._stream(async_finish)
+        stream, cur = be.streams.begin(None, async_finish)
         capturing = is_capturing(stream)
         half = self._next_half()
         off = lay.offsets(half)
@@ -235,7 +227,7 @@ class GpuLowLatency:
             fn.launch(self.num_sms, _THREADS, args, stream)
 
         hook = self._send_then_receive(run, stream, return_recv_hook)
-        return {"combined_x": out, "event": self._event(stream, async_finish), "hook": hook}
+        return {"combined_x": out, "event": be.streams.end(stream, cur, async_finish), "hook": hook}
 
     def next_combine_buffer(self, handle):
         """[L, R*M, H] bf16 view of the send area the next call (a combine) reads in place."""
