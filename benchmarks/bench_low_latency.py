@@ -65,22 +65,36 @@ def profiled_kernel_times(steps, iters, names):
     return [statistics.median(d) if d else float("nan") for d in durations.values()]
 
 
+def protocol_calls(buf, group, x, idx, w, args):
+    """(dispatch(**kw), combine(handle, **kw), y) at the protocol's shapes;
+    y: [L, R*M, H] bf16 expert outputs, all ones."""
+    import cupy
+    m, e = args.tokens, args.experts
+    dispatch = lambda **kw: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True, **kw)  # noqa: E731
+    y = cupy.ones((e // group.size, group.size * m, args.hidden), fp8.bfloat16)
+    combine = lambda h, **kw: buf.low_latency_combine(y, idx, w, h, **kw)  # noqa: E731
+    return dispatch, combine, y
+
+
+def pair_steps(dispatch, combine, state):
+    """A dispatch step (its result in state["d"]) and a combine step of its handle."""
+    def d_step():
+        state["d"] = dispatch()
+
+    def c_step():
+        combine(state["d"].handle)
+    return d_step, c_step
+
+
 def kernel_durations(buf, group, x, idx, w, args):
     """{"kernel_dispatch", "kernel_combine"}: profiler durations (us), or {}
     without torch. Run last: the profiler slows launches after it."""
     import cupy
-    m, e = args.tokens, args.experts
-    y = cupy.ones((e // group.size, group.size * m, args.hidden), fp8.bfloat16)
-    state = {}
-
-    def d_step():
-        state["d"] = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
-
-    def c_step():
-        buf.low_latency_combine(y, idx, w, state["d"].handle)
+    dispatch, combine, _ = protocol_calls(buf, group, x, idx, w, args)
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
-    times = profiled_kernel_times([d_step, c_step], args.iters, ["low_latency_dispatch", "low_latency_combine"])
+    times = profiled_kernel_times(list(pair_steps(dispatch, combine, {})), args.iters,
+                                  ["low_latency_dispatch", "low_latency_combine"])
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
     return {} if times is None else dict(zip(("kernel_dispatch", "kernel_combine"), times))
@@ -89,21 +103,13 @@ def kernel_durations(buf, group, x, idx, w, args):
 def measure(buf, group, x, idx, w, args):
     """Latencies in microseconds for the current transport."""
     import cupy
-    m, e = args.tokens, args.experts
-    dispatch = lambda **kw: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True, **kw)  # noqa: E731
-    y = cupy.ones((e // group.size, group.size * m, args.hidden), fp8.bfloat16)
-    combine = lambda h, **kw: buf.low_latency_combine(y, idx, w, h, **kw)  # noqa: E731
+    dispatch, combine, y = protocol_calls(buf, group, x, idx, w, args)
     for _ in range(args.warmup):
         combine(dispatch().handle)
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
     state = {}
-
-    def d_step():
-        state["d"] = dispatch()
-
-    def c_step():
-        combine(state["d"].handle)
+    d_step, c_step = pair_steps(dispatch, combine, state)
 
     def d_send():
         state["d"] = dispatch(return_recv_hook=True)
