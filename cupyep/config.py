@@ -12,8 +12,9 @@ class Config:
     """How normal dispatch and combine use the GPU.
 
     Attributes:
-        num_sms: SMs (thread blocks) the kernel occupies; even. Half send,
-            half receive: num_sms // 2 channels.
+        num_sms: SMs (thread blocks) the kernel occupies; even. Dispatch:
+            half send, half receive, num_sms // 2 channels. Combine: see
+            num_combine_senders (any channel count of the dispatch).
         num_warps: warps per dispatch block (even, at most 32).
         num_combine_warps: warps per combine block (even, at most 32).
         chunk_tokens: tokens each sender warp copies between two progress
@@ -23,12 +24,20 @@ class Config:
             from x into the outputs (those of each channel's first tokens);
             its sender blocks copy the rest. None: by rank count and SMs
             (see own_rows_receiver_share()).
+        num_combine_senders: intranode combine blocks that send rows back
+            to their source ranks; the other num_sms - num_combine_senders
+            reduce this rank's tokens. None: by rank count and SMs (see
+            combine_senders()).
+        combine_chunk_rows: rows a combine sender warp copies to one peer
+            before it flags them to the peer (one work item).
     """
     num_sms: int = 24
     num_warps: int = 16
     chunk_tokens: int = 1
     num_combine_warps: int = 32
     own_rows_receiver_share: Optional[float] = None
+    num_combine_senders: Optional[int] = None
+    combine_chunk_rows: int = 1
 
     def __post_init__(self):
         if self.num_sms < 2 or self.num_sms % 2:
@@ -38,8 +47,14 @@ class Config:
             w = getattr(self, name)
             if w < 2 or w > 32 or w % 2:
                 raise InvalidInputError(f"{name} must be even and in [2, 32], got {w}")
-        if self.chunk_tokens < 1:
-            raise InvalidInputError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        for name in ("chunk_tokens", "combine_chunk_rows"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        senders = self.num_combine_senders
+        if senders is not None and not 1 <= senders < self.num_sms:
+            raise InvalidInputError(
+                f"num_combine_senders must be in [1, num_sms) (some blocks must reduce), got {senders} "
+                f"with num_sms={self.num_sms}")
         share = self.own_rows_receiver_share
         if share is not None and not 0 <= share <= 1:
             raise InvalidInputError(f"own_rows_receiver_share must be in [0, 1], got {share}")
@@ -82,3 +97,21 @@ def own_rows_receiver_share(config: Config, num_ranks: int) -> float:
     if num_ranks > 2:
         return 0.0
     return min(1.0, max(0.65, 0.65 + (config.num_sms - 16) * 0.03125))
+
+
+def combine_senders(config: Config, num_ranks: int) -> int:
+    """Config.num_combine_senders, or its default (0 with one rank: nothing
+    to send).
+
+    Senders store the peers' rows over NVLink, (R - 1) / R of the rows;
+    receivers read every row and write one per token. On 4 x H200 (EP4,
+    kernels only, benchmarks/RESULTS.md) half the SMs sending was within 1%
+    of the best split at 16 and 24 SMs; on 2 x H200 (EP2) 7 of 16 and 10-11
+    of 24 were best.
+    """
+    if num_ranks == 1:
+        return 0
+    if config.num_combine_senders is not None:
+        return config.num_combine_senders
+    share = 0.44 if num_ranks == 2 else 0.5
+    return max(1, min(config.num_sms - 1, round(config.num_sms * share)))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import sizing
-from .config import Config, default_config, own_rows_receiver_share
+from .config import Config, combine_senders, default_config, own_rows_receiver_share
 from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
 from .events import CallStreams
 from .fp8 import FP8_GROUP, bfloat16
@@ -73,8 +73,11 @@ class GpuBackend:
         self.err_dev[6:8] = cupy.asarray(np.array([err_host_ptr], np.uint64).view(np.int32))
         self._err_ptr = self.err_dev.data.ptr
         self.info_host, self._info_ptr, self._info_mem = mapped_host_ints(sizing.MAX_LOCAL_EXPERTS + 3)
-        self.blocks_done = cupy.zeros(1, np.int32)
+        # [0] blocks of a kernel done, [1] combine senders' work ticket.
+        self.blocks_done = cupy.zeros(2, np.int32)
         self.layout_error = cupy.zeros(1, np.int32)
+        # Normal kernels spin on each other's blocks: all must be resident.
+        self.device_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.streams = CallStreams()
         self.stream = self.streams.comm  # the stream of the call in progress (set by _begin)
         self.timeout_ns = int(float(os.environ.get("CUPYEP_TIMEOUT_S", "20")) * 1e9)
@@ -127,7 +130,7 @@ class GpuBackend:
             lay = sizing.check_fits(self.num_nvl_bytes, self.num_ranks, hidden, num_topk, 0)
             spc = lay.max_tokens // num_channels
             arr = np.array([lay.sync, lay.channel_counts, lay.expert_counts, lay.dispatch_tail,
-                            lay.combine_tail, lay.rows, lay.scales, lay.src_idx, lay.topk_idx,
+                            lay.combine_tail, lay.combine_flags, lay.rows, lay.scales, lay.src_idx, lay.topk_idx,
                             lay.topk_weights, lay.max_tokens, spc], np.int64)
             hit = (lay, cupy.asarray(arr), spc)
             self._layouts[key] = hit
@@ -145,6 +148,7 @@ class GpuBackend:
         if cfg.num_channels > sizing.MAX_CHANNELS - 1:
             raise InvalidInputError(f"num_sms={cfg.num_sms} is above the {2 * (sizing.MAX_CHANNELS - 1)} "
                                     "the kernels can use")
+        self._check_sms(cfg)
         if self.inter is None and cfg.num_warps < self.num_ranks:
             raise InvalidInputError(f"num_warps={cfg.num_warps} must be at least the number of ranks "
                                     f"({self.num_ranks})")
@@ -310,12 +314,15 @@ class GpuBackend:
                               None, None, recv_src)
         return recv_x, recv_s, self._end(cur, async_finish)
 
+    def _check_sms(self, cfg):
+        if cfg.num_sms > self.device_sms:
+            raise InvalidInputError(f"num_sms={cfg.num_sms} is above this GPU's {self.device_sms} SMs (the "
+                                    "kernels' blocks wait for each other, so all must run at once)")
+
     def combine(self, handle, x, topk_weights, bias, config, previous_event, async_finish):
         g: GpuRouting = handle.state
         cfg = config or default_config(self.num_ranks, self.group.num_nodes)
-        if self.inter is None and cfg.num_combine_warps < self.num_ranks:
-            raise InvalidInputError(f"num_combine_warps={cfg.num_combine_warps} must be at least the "
-                                    f"number of ranks ({self.num_ranks})")
+        self._check_sms(cfg)
         t, hidden = handle.num_tokens, handle.hidden
         k = 0 if topk_weights is None else topk_weights.shape[1]
         lay_dev = g.layout_dev
@@ -332,9 +339,10 @@ class GpuBackend:
             return out, out_w, self._end(cur, async_finish)
         spec = self._spec("intranode.cu", "combine", ("kNumRanks", self.num_ranks),
                           ("kHiddenInt4", hidden * 2 // 16), ("kNumTopk", k))
-        launch(spec, (2 * g.num_channels,), (32 * cfg.num_combine_warps,),
+        launch(spec, (cfg.num_sms,), (32 * cfg.num_combine_warps,),
                (x, _ptr(topk_weights), g.send_pos, g.recv_channel_offset, np.int32(t),
-                np.int32(g.num_channels), np.int32(cfg.chunk_tokens), self.nvl.peers, lay_dev, np.int32(self.rank), _ptr(b0),
+                np.int32(g.num_channels), np.int32(combine_senders(cfg, self.num_ranks)),
+                np.int32(cfg.combine_chunk_rows), self.nvl.peers, lay_dev, np.int32(self.rank), _ptr(b0),
                 _ptr(b1), out, _ptr(out_w), self.counters, self.blocks_done, np.uint64(self._err_ptr),
                 np.int64(self.timeout_ns)),
                stream=self.stream)

@@ -4,7 +4,7 @@ One buffer per rank, the same layout on every rank::
 
     control   sync counters [R] u32 | channel counts [2][R][C_MAX] i32 |
               expert counts [2][R][L_MAX] i32 | dispatch tails [R][C_MAX] i32 |
-              combine tails [R][C_MAX] i32
+              combine tails [R][C_MAX] i32 | combine flags [R][F] i32
     data      per source rank s, per slot t < T_MAX:
               rows [R][T_MAX][H] (bf16 bytes, e4m3 use half) |
               scales [R][T_MAX][H/128] f32 | src_idx [R][T_MAX] i32 |
@@ -12,7 +12,10 @@ One buffer per rank, the same layout on every rank::
 
 A token of source rank s lands in slot ``channel_start + n`` of region s, its
 n-th among its channel's tokens for that destination, so regions never overlap
-and no ring (head/tail flow control) is needed.
+and no ring (head/tail flow control) is needed. Combine flags its rows per
+work item of a (source, channel) stream with the call's sequence number; they
+sit in the control region, which no layout's data overlaps, so a flag is
+never mistaken for data that another layout left there.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .errors import BufferTooSmallError
 
 MAX_CHANNELS = 64
 MAX_LOCAL_EXPERTS = 512
+COMBINE_FLAGS = 16384  # F: work-item flags per source rank (kCombineFlags)
 ALIGN = 256
 
 
@@ -31,7 +35,7 @@ def _align(n: int, a: int = ALIGN) -> int:
 
 def control_bytes(num_ranks: int) -> int:
     words = (num_ranks + 2 * num_ranks * MAX_CHANNELS + 2 * num_ranks * MAX_LOCAL_EXPERTS
-             + 2 * num_ranks * MAX_CHANNELS)
+             + 2 * num_ranks * MAX_CHANNELS + num_ranks * COMBINE_FLAGS)
     return _align(4 * words)
 
 
@@ -47,6 +51,7 @@ class NvlLayout:
     expert_counts: int
     dispatch_tail: int
     combine_tail: int
+    combine_flags: int
     rows: int
     scales: int
     src_idx: int
@@ -66,6 +71,7 @@ def nvl_layout(num_ranks: int, hidden: int, num_topk: int, max_tokens: int) -> N
     expert_counts = channel_counts + 4 * 2 * r * MAX_CHANNELS
     dispatch_tail = expert_counts + 4 * 2 * r * MAX_LOCAL_EXPERTS
     combine_tail = dispatch_tail + 4 * r * MAX_CHANNELS
+    combine_flags = combine_tail + 4 * r * MAX_CHANNELS
     rows = control_bytes(r)
     scales = _align(rows + r * max_tokens * 2 * hidden)
     src_idx = _align(scales + r * max_tokens * (hidden // 128) * 4)
@@ -73,7 +79,8 @@ def nvl_layout(num_ranks: int, hidden: int, num_topk: int, max_tokens: int) -> N
     topk_weights = _align(topk_idx + r * max_tokens * num_topk * 4)
     end = _align(topk_weights + r * max_tokens * num_topk * 4)
     return NvlLayout(r, hidden, num_topk, max_tokens, sync, channel_counts, expert_counts,
-                     dispatch_tail, combine_tail, rows, scales, src_idx, topk_idx, topk_weights, end)
+                     dispatch_tail, combine_tail, combine_flags, rows, scales, src_idx, topk_idx, topk_weights,
+                     end)
 
 
 def nvl_size_hint(hidden: int, num_max_tokens_per_rank: int, num_ranks: int,

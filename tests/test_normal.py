@@ -29,6 +29,7 @@ class Case:
     worst: bool = False
     num_bias: int = 0
     config: Optional[cupyep.Config] = None  # None: the defaults
+    combine_config: Optional[cupyep.Config] = None  # None: config
 
 
 CASES = [
@@ -67,6 +68,14 @@ SHAPES = [
          config=cupyep.Config(num_sms=24, num_warps=16, own_rows_receiver_share=1)),
     Case("own_rows_shared", tokens=200, worst=True, topk=8, experts_per_rank=8,
          config=cupyep.Config(num_sms=8, num_warps=16, own_rows_receiver_share=0.4)),
+    # Combine on another grid than the dispatch's channels: many senders,
+    # items that end mid-stream, one receiver; then one sender.
+    Case("combine_7_senders_3_row_items", tokens=300, drop=0.1, num_bias=1,
+         combine_config=cupyep.Config(num_sms=10, num_combine_senders=7, combine_chunk_rows=3)),
+    Case("combine_1_sender_1_row_items", tokens=150, hidden=7168, topk=8, experts_per_rank=8,
+         config=cupyep.Config(num_sms=4),
+         combine_config=cupyep.Config(num_sms=32, num_combine_senders=1, combine_chunk_rows=1,
+                                      num_combine_warps=8)),
 ]
 
 
@@ -160,7 +169,7 @@ def _dispatch_combine(buffer, backend, rng, case, roundings=1):
     recv_w = np.zeros((y.shape[0], idx.shape[1]), np.float32)
     recv_w[:n] = ws
     out = buffer.combine(to_backend(y, backend), res.handle, to_backend(recv_w, backend), bias_arg,
-                         config=case.config)
+                         config=case.combine_config or case.config)
 
     want = np.zeros((t, h), np.float32)
     parts = np.zeros((t, h), np.float32)  # bounds the magnitude of per-node partial sums

@@ -191,6 +191,9 @@ def test_bad_arguments_of_every_normal_call(buffer, backend, good):
         buffer.combine(d.recv_x, d.handle, bias=(xb, xb, xb))
     with pytest.raises(cupyep.InvalidInputError, match="bias"):
         buffer.combine(d.recv_x, d.handle, bias=to_backend(x[:-1].copy(), backend))
+    if backend == "gpu":  # more blocks than SMs could wait for blocks that never run
+        with pytest.raises(cupyep.InvalidInputError, match="SMs"):
+            buffer.combine(d.recv_x, d.handle, config=cupyep.Config(num_sms=1000))
     c = buffer.combine(d.recv_x, d.handle, d.recv_topk_weights)
     got_w = to_host(c.combined_topk_weights)
     assert np.allclose(got_w, np.where(idx >= 0, w, 0), rtol=1e-6), "weights summed back"
@@ -220,6 +223,12 @@ def test_bad_config():
         cupyep.Config(num_sms=7)
     with pytest.raises(cupyep.InvalidInputError, match="own_rows_receiver_share"):
         cupyep.Config(own_rows_receiver_share=1.5)
+    with pytest.raises(cupyep.InvalidInputError, match="num_combine_senders"):
+        cupyep.Config(num_sms=8, num_combine_senders=8)
+    with pytest.raises(cupyep.InvalidInputError, match="num_combine_senders"):
+        cupyep.Config(num_combine_senders=0)
+    with pytest.raises(cupyep.InvalidInputError, match="combine_chunk_rows"):
+        cupyep.Config(combine_chunk_rows=0)
 
 
 def test_bad_node_size(group):

@@ -8,7 +8,7 @@ namespace cupyep {
 
 constexpr int kWarpSize = 32;
 
-// Phases named in timeout reports; keep in sync with cupyep/errors_device.py.
+// Phases named in timeout reports; keep in sync with PHASES in cupyep/gpu_backend.py.
 enum Phase : int {
     kPhaseBarrier = 1,
     kPhaseDispatchRecv = 2,

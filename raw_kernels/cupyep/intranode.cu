@@ -9,7 +9,8 @@
 // receiver acquires the tail and copies the rows to the output. A rank's rows
 // for itself skip the buffer: dispatch copies them from x into the outputs,
 // combine's receivers read them from combine's input. Combine runs
-// the same slots backwards.
+// the same slots backwards; its senders flag work items of rows instead of
+// publishing tails.
 #include "cupyep/common.cuh"
 #include "cupyep/nvl_layout.cuh"
 #include "cupyep/nvl_receive.cuh"
@@ -74,12 +75,20 @@ struct KernelBarrier {
         return !__syncthreads_or(failed);
     }
 
-    __device__ __forceinline__ void finish() const {
+    // Block-wide; true in the last block to get here, which advances the
+    // sequence (every block read it at its start).
+    __device__ __forceinline__ bool finish() const {
+        __shared__ bool s_last;
         __syncthreads();
-        if (threadIdx.x == 0 && atomicAdd(blocks_done, 1) == static_cast<int>(gridDim.x) - 1) {
-            *blocks_done = 0;
-            counters[0] = seq;
+        if (threadIdx.x == 0) {
+            s_last = atomicAdd(blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
+            if (s_last) {
+                *blocks_done = 0;
+                counters[0] = seq;
+            }
         }
+        __syncthreads();
+        return s_last;
     }
 };
 
@@ -302,138 +311,195 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
         recv_topk_weights, recv_src_idx, err, timeout_ns);
 }
 
-// Grid: 2 * num_channels (the dispatch's channels). Even blocks send the
-// rows this rank received from its peers back to them; odd blocks sum, for
-// each of this rank's own tokens of the channel, the rows of every rank in
-// rank order (fp32), then bias0, then bias1, and store bf16. Rows that this
-// rank sent itself never pass through the buffer: the receiver reads them
-// from x (a copy into the local buffer would cost the senders 1/R of their
-// time and the memory a write and a read).
+// Combine's work items: chunks of rows of one (source, channel) stream, at
+// least chunk_rows, more where a source's items would not fit its
+// kCombineFlags flags. The flag of item k of channel c is c * per_channel + k.
+struct CombineItems {
+    int rows, per_channel;
+    __device__ __forceinline__ CombineItems(const NvlLayout& lay, int chunk_rows) {
+        const int spc = static_cast<int>(lay.slots_per_channel);
+        const int fit = (static_cast<int>(lay.max_tokens) + kCombineFlags - kMaxChannels - 1) /
+                        (kCombineFlags - kMaxChannels);
+        rows = max(chunk_rows, fit);
+        per_channel = (spc + rows - 1) / rows;
+    }
+};
+
+// Combine senders: every (peer, channel) stream of rows this rank received
+// in the dispatch is cut into work items. The warps of all sender blocks
+// take items from one ticket in order (item j: chunk j / P of stream j % P,
+// P streams), so every stream advances at the same pace, as receivers
+// consume them, and no warp idles while items are left. A warp copies its
+// item's rows into the peer's buffer, then sets the item's flag there to
+// this call's sequence number: flags only grow, so none is ever reset.
+template <int kNumRanks, int kHiddenInt4, int kNumTopk>
+__device__ __forceinline__ void combine_send(const int4* __restrict__ x, const float* __restrict__ topk_weights,
+                                             const int* __restrict__ recv_channel_offset, int num_channels,
+                                             const CombineItems& items, char* const* peers, const NvlLayout& lay,
+                                             int rank, int seq, int* ticket) {
+    constexpr int kNumPeers = kNumRanks - 1;
+    constexpr long long kRowBytes = kHiddenInt4 * 16ll;
+    const int lane = threadIdx.x % kWarpSize;
+    // Stream p: peer (rank + 1 + p % kNumPeers) % R (ranks start on
+    // different peers), channel p / kNumPeers.
+    const int num_streams = kNumPeers * num_channels;
+    int max_count = 0;
+    for (int p = lane; p < num_streams; p += kWarpSize) {
+        const int d = (rank + 1 + p % kNumPeers) % kNumRanks, c = p / kNumPeers;
+        max_count = max(max_count, recv_channel_offset[d * num_channels + c + 1] -
+                                       recv_channel_offset[d * num_channels + c]);
+    }
+#pragma unroll
+    for (int m = kWarpSize / 2; m > 0; m /= 2) max_count = max(max_count, __shfl_xor_sync(0xffffffffu, max_count, m));
+    const int num_items = (max_count + items.rows - 1) / items.rows * num_streams;
+    auto take = [&] { return __shfl_sync(0xffffffffu, lane == 0 ? atomicAdd(ticket, 1) : 0, 0); };
+    for (int j = take(); j < num_items; j = take()) {
+        const int p = j % num_streams, k = j / num_streams, n0 = k * items.rows;
+        const int d = (rank + 1 + p % kNumPeers) % kNumRanks, c = p / kNumPeers;
+        const int first = recv_channel_offset[d * num_channels + c];
+        const int n1 = min(n0 + items.rows, recv_channel_offset[d * num_channels + c + 1] - first);
+        if (n0 >= n1) continue;
+        char* base = peers[d];
+        const long long slot0 = (long long)rank * lay.max_tokens + (long long)c * lay.slots_per_channel;
+        for (int n = n0; n < n1; ++n) {
+            // The warp's next row into L2 while this one is copied.
+            if (lane == 0 && n + 1 < n1) prefetch_l2(x + (long long)(first + n + 1) * kHiddenInt4, kRowBytes);
+            // Loaded before the copy so that the two latencies overlap.
+            const float w = lane < kNumTopk ? topk_weights[(long long)(first + n) * kNumTopk + lane] : 0.f;
+            warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + (slot0 + n) * kRowBytes),
+                                      x + (long long)(first + n) * kHiddenInt4, lane);
+            if (lane < kNumTopk) at<float>(base, lay.topk_weights)[(slot0 + n) * kNumTopk + lane] = w;
+        }
+        // bar.warp.sync orders every lane's row stores before lane 0's
+        // release, which is cumulative: whoever acquires the flag sees them.
+        __syncwarp();
+        if (lane == 0)
+            st_release_sys(at<int>(base, lay.combine_flags) + rank * kCombineFlags + c * items.per_channel + k, seq);
+    }
+}
+
+// Combine receivers: token (c, i), the i-th of channel c, is reduced by
+// receiver warp (i * C + c) mod G of all G receiver warps (warp g of them
+// here), so that receivers take the channels' rows in the order senders
+// send them. A token's rows are summed in rank order (fp32), then bias0,
+// then bias1, and stored as bf16. Rows that this rank sent itself never
+// pass through the buffer: they are read from x (a copy into the local
+// buffer would cost the senders 1/R of their time and the memory a write
+// and a read). (Waiting once for the rows of several tokens was slower:
+// the first token's sum then waits for the last token's rows.)
+template <int kNumRanks, int kHiddenInt4, int kNumTopk>
+__device__ __forceinline__ void combine_receive(const int4* __restrict__ x, const float* __restrict__ topk_weights,
+                                                const int* __restrict__ send_pos,
+                                                const int* __restrict__ recv_channel_offset, int num_tokens,
+                                                int num_channels, const CombineItems& items, int g,
+                                                int num_receiver_warps, char* local, const NvlLayout& lay,
+                                                int rank, int seq, const int4* __restrict__ bias0,
+                                                const int4* __restrict__ bias1, int4* out, float* out_weights,
+                                                int* err, long long timeout_ns) {
+    static_assert(kNumRanks <= kWarpSize, "a lane per rank");
+    constexpr long long kRowBytes = kHiddenInt4 * 16ll;
+    const int lane = threadIdx.x % kWarpSize;
+    const int spc = static_cast<int>(lay.slots_per_channel);
+    const int max_tokens = static_cast<int>(lay.max_tokens);
+    const int per_channel = (num_tokens + num_channels - 1) / num_channels;  // as channel_range
+    const int num_positions = per_channel * num_channels;
+    const int* flags = at<int>(local, lay.combine_flags);
+    // Position q: token i = q / C of channel c = q % C; -1 past a channel's end.
+    auto token_of = [&](int q) {
+        const int c = q % num_channels, t = c * per_channel + q / num_channels;
+        return q < num_positions && t < num_tokens ? t : -1;
+    };
+    // Lane r < R finds rank r's row of token tt, a token ahead of its use: a
+    // row of x (r == rank) or of this buffer (r * max_tokens + slot), -1 for
+    // none; and for r != rank the flag of the row's item (else -1).
+    auto locate = [&](int tt, int& row, int& flag) {
+        row = flag = -1;
+        if (lane >= kNumRanks || tt < 0) return;
+        const int s = send_pos[(long long)tt * kNumRanks + lane];
+        if (s < 0) return;
+        const int c = tt / per_channel, n = s - c * spc;
+        if (lane == rank) {
+            row = recv_channel_offset[rank * num_channels + c] + n;
+        } else {
+            row = lane * max_tokens + s;
+            flag = lane * kCombineFlags + c * items.per_channel + n / items.rows;
+        }
+    };
+    int t = token_of(g), my_row, my_flag, seen = -1;  // seen: the last flag this lane saw set
+    locate(t, my_row, my_flag);
+    for (int q = g; q < num_positions; q += num_receiver_warps) {
+        const int next_t = token_of(q + num_receiver_warps);
+        int next_row, next_flag;
+        locate(next_t, next_row, next_flag);
+        if (t >= 0) {
+            // Lane r waits for rank r's item; the warp barrier then extends
+            // each lane's acquire to the whole warp before anyone reads rows.
+            bool failed = false;
+            if (my_flag >= 0 && my_flag != seen) {
+                failed = wait_at_least(flags + my_flag, seq, timeout_ns, err, kPhaseCombineRecv, lane,
+                                       t / per_channel) < 0;
+                seen = my_flag;
+            }
+            __syncwarp();
+            if (__any_sync(0xffffffffu, failed)) return;
+            int row[kNumRanks];
+            const int4* rows[kNumRanks];
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r) {
+                row[r] = __shfl_sync(0xffffffffu, my_row, r);
+                rows[r] = row[r] < 0 ? nullptr
+                          : r == rank ? x + (long long)row[r] * kHiddenInt4
+                                      : at<int4>(local, lay.rows + (long long)row[r] * kRowBytes);
+            }
+            const long long row_off = (long long)t * kHiddenInt4;
+            warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows, bias0 != nullptr ? bias0 + row_off : nullptr,
+                                                  bias1 != nullptr ? bias1 + row_off : nullptr, lane);
+            if (lane < kNumTopk) {
+                float w = 0.f;
+#pragma unroll
+                for (int r = 0; r < kNumRanks; ++r)
+                    if (row[r] >= 0)
+                        w += r == rank ? topk_weights[(long long)row[r] * kNumTopk + lane]
+                                       : at<float>(local, lay.topk_weights)[(long long)row[r] * kNumTopk + lane];
+                out_weights[(long long)t * kNumTopk + lane] = w;
+            }
+        }
+        t = next_t;
+        my_row = next_row;
+        my_flag = next_flag;
+    }
+}
+
+// Grid: num_senders blocks that send (combine_send), then blocks that reduce
+// (combine_receive): any split of any grid, whatever the dispatch's channel
+// count, so that senders, which store over NVLink, can get more SMs than
+// receivers. scratch: [0] blocks done, [1] the senders' ticket; zero
+// between calls.
 template <int kNumRanks, int kHiddenInt4, int kNumTopk>
 __global__ void __launch_bounds__(1024, 1)
 combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
         const int* __restrict__ send_pos, const int* __restrict__ recv_channel_offset,
-        int num_tokens, int num_channels, int chunk_tokens, char* const* peers,
-        const NvlLayout* layout, int rank, const int4* __restrict__ bias0, const int4* __restrict__ bias1, int4* out,
-        float* out_weights, int* counters, int* blocks_done, int* err, long long timeout_ns) {
+        int num_tokens, int num_channels, int num_senders, int chunk_rows, char* const* peers,
+        const NvlLayout* layout, int rank, const int4* __restrict__ bias0, const int4* __restrict__ bias1,
+        int4* out, float* out_weights, int* counters, int* scratch, int* err, long long timeout_ns) {
     const NvlLayout lay = *layout;
-    const KernelBarrier<kNumRanks> barrier(counters, blocks_done, peers, lay, rank);
-    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const KernelBarrier<kNumRanks> barrier(counters, scratch, peers, lay, rank);
+    const CombineItems items(lay, chunk_rows);
     const int num_warps = blockDim.x / kWarpSize;
-    const int c = blockIdx.x / 2;
-    const int slot_base = c * static_cast<int>(lay.slots_per_channel);
-    constexpr long long kRowBytes = kHiddenInt4 * 16ll;
-    constexpr int kNumPeers = kNumRanks - 1;
-
-    if (blockIdx.x % 2 == 0) {
-        // ---------------- sender: rows back to their source ----------------
-        if constexpr (kNumPeers > 0) {
-            if (!barrier.wait(peers, lay, rank, err, timeout_ns)) {
-                barrier.finish();
-                return;
-            }
-            // A group per peer; group g serves rank + 1 + g, so that the ranks
-            // start on different peers.
-            const WarpGroups wg(warp, num_warps, kNumPeers);
-            const int d = (rank + 1 + wg.group) % kNumRanks;
-            int max_count = 0;
-            for (int r = 0; r < kNumRanks; ++r)
-                if (r != rank)
-                    max_count = max(max_count, recv_channel_offset[r * num_channels + c + 1] -
-                                                   recv_channel_offset[r * num_channels + c]);
-            int published = 0;  // owned by thread r < kNumRanks, r != rank
-            const int round_rows = wg.size * chunk_tokens;
-            for (int round = 0; round < max_count; round += round_rows) {
-                if (wg.group < kNumPeers) {
-                    const int first = recv_channel_offset[d * num_channels + c];
-                    const int count = recv_channel_offset[d * num_channels + c + 1] - first;
-                    for (int n = round + wg.sub; n < min(round + round_rows, count); n += wg.size) {
-                        char* base = peers[d];
-                        // The warp's next row into L2 while this one is copied.
-                        if (lane == 0 && n + wg.size < count)
-                            prefetch_l2(x + (long long)(first + n + wg.size) * kHiddenInt4, kRowBytes);
-                        const long long row = (long long)rank * lay.max_tokens + slot_base + n;
-                        // Loaded before the copy so that the two latencies overlap.
-                        const float w = lane < kNumTopk ? topk_weights[(long long)(first + n) * kNumTopk + lane] : 0.f;
-                        warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),
-                                              x + (long long)(first + n) * kHiddenInt4, lane);
-                        if (lane < kNumTopk) at<float>(base, lay.topk_weights)[row * kNumTopk + lane] = w;
-                    }
-                }
-                // Row stores of the round happen-before the release (see dispatch).
-                __syncthreads();
-                const int r = threadIdx.x;
-                if (r < kNumRanks && r != rank) {
-                    const int count = recv_channel_offset[r * num_channels + c + 1] -
-                                      recv_channel_offset[r * num_channels + c];
-                    const int done = min(count, round + round_rows);
-                    if (done != published) {
-                        st_release_sys(at<int>(peers[r], lay.combine_tail) + rank * kMaxChannels + c, done);
-                        published = done;
-                    }
-                }
-            }
-        }
-        barrier.finish();
-        return;
+    const int block = static_cast<int>(blockIdx.x);
+    if (block < num_senders) {
+        if (kNumRanks > 1 && barrier.wait(peers, lay, rank, err, timeout_ns))
+            combine_send<kNumRanks, kHiddenInt4, kNumTopk>(x, topk_weights, recv_channel_offset, num_channels,
+                                                           items, peers, lay, rank, barrier.seq, scratch + 1);
+    } else {
+        combine_receive<kNumRanks, kHiddenInt4, kNumTopk>(
+            x, topk_weights, send_pos, recv_channel_offset, num_tokens, num_channels, items,
+            (block - num_senders) * num_warps + static_cast<int>(threadIdx.x) / kWarpSize,
+            (static_cast<int>(gridDim.x) - num_senders) * num_warps, peers[rank], lay, rank, barrier.seq, bias0,
+            bias1, out, out_weights, err, timeout_ns);
     }
-
-    // ---------------- receiver: reduce this rank's tokens ----------------
-    int begin, end;
-    channel_range(num_tokens, num_channels, c, begin, end);
-    char* local = peers[rank];
-    // This rank's own rows of channel c: x[self_first + slot - slot_base].
-    const int self_first = recv_channel_offset[rank * num_channels + c] - slot_base;
-    // Where rank r's row of a token with slot s (>= 0) is.
-    auto row_of = [&](int r, int s) -> const int4* {
-        return r == rank ? x + (long long)(self_first + s) * kHiddenInt4
-                         : at<int4>(local, lay.rows + ((long long)r * lay.max_tokens + s) * kRowBytes);
-    };
-    // Lane r < R holds the slot on rank r of the warp's token t, loaded a
-    // token ahead. (No L2 prefetch of the rows here: measured, a bulk
-    // prefetch ahead of a warp's batched loads slows a row sum by ~20%.)
-    auto load_slot = [&](int tt) {
-        return lane < kNumRanks && tt < end ? send_pos[(long long)tt * kNumRanks + lane] : -1;
-    };
-    int my_slot = load_slot(begin + warp);
-    int seen = 0;  // lane r: rank r's tail as last read
-    for (int t = begin + warp; t < end; t += num_warps) {
-        const int next_slot = load_slot(t + num_warps);
-        // Lane r waits for rank r's row; the warp barrier then extends each
-        // lane's acquire to the whole warp before anyone reads the rows.
-        bool failed = false;
-        if (lane != rank && my_slot >= 0 && seen <= my_slot - slot_base) {
-            seen = wait_at_least(at<int>(local, lay.combine_tail) + lane * kMaxChannels + c,
-                                 my_slot - slot_base + 1, timeout_ns, err, kPhaseCombineRecv, lane, c);
-            failed = seen < 0;
-        }
-        __syncwarp();
-        if (__any_sync(0xffffffffu, failed)) break;
-        int slot[kNumRanks];
-        const int4* rows[kNumRanks];
-#pragma unroll
-        for (int r = 0; r < kNumRanks; ++r) {
-            slot[r] = __shfl_sync(0xffffffffu, my_slot, r);
-            rows[r] = slot[r] < 0 ? nullptr : row_of(r, slot[r]);
-        }
-        const long long row_off = (long long)t * kHiddenInt4;
-        warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows, bias0 != nullptr ? bias0 + row_off : nullptr,
-                                              bias1 != nullptr ? bias1 + row_off : nullptr, lane);
-        if (lane < kNumTopk) {
-            float w = 0.f;
-#pragma unroll
-            for (int r = 0; r < kNumRanks; ++r)
-                if (slot[r] >= 0)
-                    w += r == rank ? topk_weights[(long long)(self_first + slot[r]) * kNumTopk + lane]
-                                   : at<float>(local, lay.topk_weights)[((long long)r * lay.max_tokens + slot[r]) * kNumTopk + lane];
-            out_weights[(long long)t * kNumTopk + lane] = w;
-        }
-        my_slot = next_slot;
-    }
-    __syncthreads();
-    if (threadIdx.x < kNumRanks)
-        at<int>(local, lay.combine_tail)[threadIdx.x * kMaxChannels + c] = 0;
-    barrier.finish();
+    // Every block took its last ticket before it got here.
+    if (barrier.finish() && threadIdx.x == 0) scratch[1] = 0;
 }
 
 }  // namespace cupyep

@@ -6,13 +6,16 @@ namespace cupyep {
 
 constexpr int kMaxChannels = 64;
 constexpr int kMaxLocalExperts = 512;
+// Combine work-item flags per source rank (sizing.COMBINE_FLAGS).
+constexpr int kCombineFlags = 16384;
 
 struct NvlLayout {
     long long sync;            // u32 [R]: barrier sequence written by each peer
     long long channel_counts;  // i32 [2][R][kMaxChannels]: tokens from (source, channel)
     long long expert_counts;   // i32 [2][R][kMaxLocalExperts]: tokens per local expert
     long long dispatch_tail;   // i32 [R][kMaxChannels]: rows published by (source, channel)
-    long long combine_tail;    // i32 [R][kMaxChannels]
+    long long combine_tail;    // i32 [R][kMaxChannels] (inter-node combine)
+    long long combine_flags;   // i32 [R][kCombineFlags]: call sequence of each work item
     long long rows;            // [R][max_tokens][row bytes]
     long long scales;          // f32 [R][max_tokens][H/128]
     long long src_idx;         // i32 [R][max_tokens]
