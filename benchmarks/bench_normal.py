@@ -74,6 +74,11 @@ def main():
     ap.add_argument("--combine-warps", type=int, default=None, help="Config.num_combine_warps (default: tuned)")
     ap.add_argument("--own-share", type=float, default=None,
                     help="Config.own_rows_receiver_share (default: by rank count)")
+    ap.add_argument("--combine-senders", type=int, nargs="*", default=None,
+                    help="Config.num_combine_senders; several: a kernels-only combine sweep of them "
+                         "at each --kernels-sms (default: by rank count and SMs)")
+    ap.add_argument("--combine-chunk", type=int, nargs="*", default=None,
+                    help="Config.combine_chunk_rows; several: swept as --combine-senders")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-nccl", action="store_true")
@@ -102,12 +107,17 @@ def main():
     node_of = idx_np // (args.experts // group.num_nodes)
     rdma_bytes = sum(int((node_of == m).any(axis=1).sum()) for m in range(group.num_nodes)) * args.hidden * 2
 
-    def config(sms):
+    senders_swept = args.combine_senders or [None]
+    chunks_swept = args.combine_chunk or [None]
+
+    def config(sms, senders=senders_swept[0], chunk=chunks_swept[0]):
         base = cupyep.default_config(r, group.num_nodes)
         return cupyep.Config(num_sms=sms, num_warps=args.warps or base.num_warps,
                              chunk_tokens=args.chunk or base.chunk_tokens,
                              num_combine_warps=args.combine_warps or base.num_combine_warps,
-                             own_rows_receiver_share=args.own_share)
+                             own_rows_receiver_share=args.own_share,
+                             num_combine_senders=senders if senders is None or senders < sms else None,
+                             combine_chunk_rows=chunk or base.combine_chunk_rows)
 
     def measure(sms):
         cfg = config(sms)
@@ -151,8 +161,29 @@ def main():
             group.barrier()
         return out
 
+    def combine_sweep(sms):
+        """{(senders, chunk rows): GB/s} of combine alone, kernels only."""
+        d = buf.dispatch(x, idx, w, layout=layout, config=config(sms))
+        nbytes = d.recv_x.shape[0] * args.hidden * 2
+        out = {}
+        for senders in senders_swept:
+            for chunk in chunks_swept:
+                cfg = config(sms, senders, chunk)
+                buf.combine(d.recv_x, d.handle, config=cfg)
+                cupy.cuda.Device().synchronize()
+                group.barrier()
+                key = (cupyep.config.combine_senders(cfg, r), cfg.combine_chunk_rows)
+                out[key] = nbytes / queued_times(lambda: buf.combine(d.recv_x, d.handle, config=cfg),
+                                                 args.iters) / 1e3
+                cupy.cuda.Device().synchronize()
+                group.barrier()
+        return out
+
     kernels_sms = sorted(set(args.kernels_sms or [args.sms]))
     kernels_only = {s: measure_kernels(s) for s in kernels_sms}
+    swept = {}
+    if len(senders_swept) > 1 or len(chunks_swept) > 1:
+        swept = {s: combine_sweep(s) for s in kernels_sms}
     head = measure(args.sms)
     sweep = {s: measure(s) for s in args.sweep if s != args.sms}
     sweep[args.sms] = head
@@ -165,7 +196,7 @@ def main():
             t, tq, nbytes = nccl_baseline(group, x, idx_np, args.experts, args.iters, args.warmup, per_expert)
             nccl.append((t, nbytes / t / 1e3, tq, nbytes / tq / 1e3))
 
-    rows = group.comm.gather((head, sweep, ceilings, nccl, kernels_only, rdma_bytes), root=0)
+    rows = group.comm.gather((head, sweep, ceilings, nccl, kernels_only, rdma_bytes, swept), root=0)
     if group.rank == 0:
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         if group.num_nodes > 1:
@@ -175,7 +206,8 @@ def main():
         own = cupyep.config.own_rows_receiver_share(cfg, r)
         print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
               f"chunk_tokens={cfg.chunk_tokens}, warps {cfg.num_warps}/{cfg.num_combine_warps} (dispatch/combine), "
-              f"own rows {own:.2f} by receivers, "
+              f"own rows {own:.2f} by receivers, combine {cupyep.config.combine_senders(cfg, r)} sender "
+              f"blocks, {cfg.combine_chunk_rows}-row items, "
               f"top-{args.topk} of {args.experts} experts (median of {args.iters}, rank 0 "
               f"received {head['n']} rows)")
         worst = lambda key, s: min(rw[1][s][key][1] for rw in rows)  # noqa: E731
@@ -197,6 +229,10 @@ def main():
                 rdma_bw = min(rw[5] * scale / rw[4][args.sms][k][0] / 1e3 for rw in rows)
                 legs.append(f"{k} RDMA {rdma_bw:.1f} GB/s, NVL {min(rw[4][args.sms][k][1] for rw in rows):.1f} GB/s")
             print(f"{args.sms:>4} | legs (kernels only): " + "; ".join(legs))
+        for s in swept:
+            cells = [f"{k[0]} + {s - k[0]} blocks, {k[1]}-row items: {min(rw[6][s][k] for rw in rows):.1f}"
+                     for k in swept[s]]
+            print(f"combine sweep, {s} SMs, kernels only, GB/s (senders + receivers): " + "; ".join(cells))
         for s in ceiling_blocks:
             print(f"peer-store ceiling, {s} blocks, every rank into all peers: "
                   f"{min(rw[2][s] for rw in rows):.1f} GB/s out per GPU")

@@ -18,7 +18,7 @@ construction, only its time matters. Rows:
     no_rows         all three (synchronisation and metadata only)
     recv_wait_only  dispatch receivers only wait for the progress counters
     comb_recv_wait  combine receivers wait for every row, sum nothing
-    comb_send_no_rows  combine senders publish progress without the rows
+    comb_send_no_rows  combine senders flag their work items without the rows
 
 Times: cached dispatch (barrier + dispatch kernel, BF16 and FP8) and combine
 (barrier + combine kernel), queued behind a spin kernel (GPU time only),
@@ -42,16 +42,16 @@ _OWN_ROW = "warp_copy_nc<kHiddenInt4>(recv_x + out * kHiddenInt4, x + (long long
 _RECV_ROW = ("warp_copy_coherent<kHiddenInt4>(recv_x + out * kHiddenInt4,\n"
              "                                            at<int4>(local, lay.rows + row * kRowBytes), lane);")
 _RECV_OUT = "            const long long out = first + n;\n"
-_COMB_SUM = "        warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows,"
-_COMB_SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),\n"
-                  "                                              x + (long long)(first + n) * kHiddenInt4, lane);")
+_COMB_SUM = "            warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows,"
+_COMB_SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + (slot0 + n) * kRowBytes),\n"
+                  "                                      x + (long long)(first + n) * kHiddenInt4, lane);")
 VARIANTS = {
     "recv_no_rows": [(_RECV_ROW, ";")],
     "send_no_rows": [(_SEND_ROW, ";")],
     "own_no_rows": [(_OWN_ROW, ";")],
     "no_rows": [(_RECV_ROW, ";"), (_SEND_ROW, ";"), (_OWN_ROW, ";")],
     "recv_wait_only": [(_RECV_OUT, "            continue;\n" + _RECV_OUT)],
-    "comb_recv_wait": [(_COMB_SUM, "        if (false) warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows,")],
+    "comb_recv_wait": [(_COMB_SUM, "            if (false) warp_sum_rows<kHiddenInt4, kNumRanks>(out + row_off, rows,")],
     "comb_send_no_rows": [(_COMB_SEND_ROW, ";")],
 }
 
@@ -69,6 +69,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=None, help="Config.chunk_tokens (default: tuned)")
     ap.add_argument("--own-share", type=float, default=None,
                     help="Config.own_rows_receiver_share (default: by rank count)")
+    ap.add_argument("--combine-senders", type=int, default=None,
+                    help="Config.num_combine_senders (default: by rank count and SMs)")
+    ap.add_argument("--combine-chunk", type=int, default=None, help="Config.combine_chunk_rows")
     kernel_variants.add_args(ap)
     args = ap.parse_args()
 
@@ -87,7 +90,9 @@ def main():
         cfg = cupyep.Config(num_sms=args.sms, num_warps=base_cfg.num_warps,
                             chunk_tokens=args.chunk or base_cfg.chunk_tokens,
                             num_combine_warps=base_cfg.num_combine_warps,
-                            own_rows_receiver_share=args.own_share)
+                            own_rows_receiver_share=args.own_share,
+                            num_combine_senders=args.combine_senders,
+                            combine_chunk_rows=args.combine_chunk or base_cfg.combine_chunk_rows)
         d = buf.dispatch(x, idx, w, num_experts=args.experts, config=cfg)
         n = int(d.recv_x.shape[0])
         nbytes = n * args.hidden * 2
@@ -113,6 +118,7 @@ def main():
             name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
             own = cupyep.config.own_rows_receiver_share(cfg, r)
             print(f"\nbreakdown, {r} x {name}, {args.sms} SMs, chunk_tokens={cfg.chunk_tokens}, own rows {own:.2f} by receivers, "
+                  f"combine senders {cupyep.config.combine_senders(cfg, r)}, chunk rows {cfg.combine_chunk_rows}, "
                   f"{args.tokens} tokens x {args.hidden}, "
                   f"top-{args.topk} of {args.experts}, rank 0 received {n} rows; us (GB/s as bench_normal), "
                   "slowest rank, kernels only")
