@@ -17,8 +17,9 @@ class Config:
             num_combine_senders (any channel count of the dispatch).
         num_warps: warps per dispatch block (even, at most 32).
         num_combine_warps: warps per combine block (even, at most 32).
-        chunk_tokens: tokens each sender warp copies between two progress
-            updates (a round is num_warps * chunk_tokens tokens).
+        chunk_tokens: tokens each dispatch sender warp copies between two
+            progress updates (a round is num_warps * chunk_tokens tokens);
+            the inter-node combine's rounds too.
         own_rows_receiver_share: in intranode dispatch, the share (0 to 1)
             of the rows a rank sends itself that its receiver blocks copy
             from x into the outputs (those of each channel's first tokens);
