@@ -245,12 +245,6 @@ class GpuBackend:
         recv_idx = self._empty("recv_idx", (n_rows, k), np.int64) if k else None
         recv_w = self._empty("recv_w", (n_rows, k), np.float32) if k else None
         recv_src = self._empty("recv_src", n_rows, np.int32)
-        if num_worst_tokens and self.inter is not None:  # the intranode kernel fills its own
-            with self.stream:
-                recv_src.fill(-1)
-                if k:
-                    recv_idx.fill(-1)
-                    recv_w.fill(0)
         if self.inter is None:
             routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev)
             self._launch_dispatch(cfg, x, scales, topk_idx, topk_weights, send_pos, t, lay_dev,

@@ -244,6 +244,8 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
     const int nvl_base = c * static_cast<int>(nvl.slots_per_channel);
     const int rdma_base = c * static_cast<int>(lay.slots_per_channel);
     const long long stride = lay.message_stride;
+    fill_unused_rows<kNumRanks, kNumTopk>(recv_channel_offset, num_channels, num_recv_capacity, recv_topk_idx,
+                                         recv_topk_weights, recv_src_idx);
 
     if (blockIdx.x % 2 == 1) {
         receive_channel<kNumRanks, kHiddenInt4, kNumScales, kNumTopk>(

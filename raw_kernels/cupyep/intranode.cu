@@ -227,17 +227,8 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
     // Row of the outputs of an own row in slot s: self_first + s.
     const int self_first = recv_channel_offset[rank * num_channels + c] - slot_base;
     const int own_split = begin + static_cast<int>((long long)(end - begin) * own_share_1024 / 1024);
-    // Worst-token mode: the rows past the received count get source -1,
-    // top-k ids -1 and weights 0 here (three fill kernels before).
-    for (int row = recv_channel_offset[kNumRanks * num_channels] + blockIdx.x * blockDim.x + threadIdx.x;
-         row < num_recv_capacity; row += gridDim.x * blockDim.x) {
-        recv_src_idx[row] = -1;
-#pragma unroll
-        for (int k = 0; k < kNumTopk; ++k) {
-            recv_topk_idx[(long long)row * kNumTopk + k] = -1;
-            recv_topk_weights[(long long)row * kNumTopk + k] = 0.f;
-        }
-    }
+    fill_unused_rows<kNumRanks, kNumTopk>(recv_channel_offset, num_channels, num_recv_capacity, recv_topk_idx,
+                                         recv_topk_weights, recv_src_idx);
 
     if (blockIdx.x % 2 == 0) {
         // ---------------- sender ----------------

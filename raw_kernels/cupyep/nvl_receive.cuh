@@ -8,6 +8,24 @@
 
 namespace cupyep {
 
+// Worst-token mode: the output rows past the received count (the total of
+// recv_channel_offset, [R * C + 1]) get source -1, top-k ids -1 and weights
+// 0, spread over every thread of the grid (this saves three fill kernels).
+template <int kNumRanks, int kNumTopk>
+__device__ __forceinline__ void fill_unused_rows(const int* __restrict__ recv_channel_offset, int num_channels,
+                                                 int num_recv_capacity, long long* recv_topk_idx,
+                                                 float* recv_topk_weights, int* recv_src_idx) {
+    for (int row = recv_channel_offset[kNumRanks * num_channels] + blockIdx.x * blockDim.x + threadIdx.x;
+         row < num_recv_capacity; row += gridDim.x * blockDim.x) {
+        recv_src_idx[row] = -1;
+#pragma unroll
+        for (int k = 0; k < kNumTopk; ++k) {
+            recv_topk_idx[(long long)row * kNumTopk + k] = -1;
+            recv_topk_weights[(long long)row * kNumTopk + k] = 0.f;
+        }
+    }
+}
+
 // One block receives channel c from every source rank but skip_source (-1:
 // none; intranode dispatch copies a rank's rows for itself from x, so they
 // are not in the buffer).
