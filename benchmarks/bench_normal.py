@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep import fp8  # noqa: E402
-from cupyep.bench import add_protocol_args, event_times, nccl_dispatch, queued_times, teardown  # noqa: E402
+from cupyep.bench import add_protocol_args, experts_for_ranks, event_times, nccl_dispatch, queued_times, teardown  # noqa: E402
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
 
@@ -89,6 +89,7 @@ def main():
     import cupy
     group = cupyep.Group(num_ranks_per_node=args.ranks_per_node)
     r = group.size
+    args.experts = experts_for_ranks(args.experts, r)  # printed with the results
     nvl = max(cupyep.nvl_size_hint(args.hidden, args.tokens + 64, r, args.topk),
               cupyep.sizing.control_bytes(r) + r * (64 << 20))
     rdma = 0

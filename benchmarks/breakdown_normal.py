@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep import fp8, kernel_variants  # noqa: E402
-from cupyep.bench import add_protocol_args, queued_times, random_inputs, teardown  # noqa: E402
+from cupyep.bench import add_protocol_args, experts_for_ranks, queued_times, random_inputs, teardown  # noqa: E402
 
 # (old, new) text edits of the inlined source; each `old` must occur once.
 _SEND_ROW = ("warp_copy_nc<kHiddenInt4>(at<int4>(base, lay.rows + row * kRowBytes),\n"
@@ -80,6 +80,7 @@ def main():
     with kernel_variants.on_disk(MPI.COMM_WORLD, "intranode.cu", VARIANTS, args.base, args.rows) as names:
         group = cupyep.Group()
         r = group.size
+        args.experts = experts_for_ranks(args.experts, r)  # printed with the results
         nvl = cupyep.nvl_size_hint(args.hidden, args.tokens + 64, r, args.topk)
         buf = cupyep.Buffer(group, num_nvl_bytes=nvl, backend="gpu")
         rng = np.random.default_rng(group.rank + 100)

@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep import fp8  # noqa: E402
-from cupyep.bench import add_protocol_args, profiled_kernels, queued_times, random_inputs, teardown  # noqa: E402
+from cupyep.bench import add_protocol_args, experts_for_ranks, profiled_kernels, queued_times, random_inputs, teardown  # noqa: E402
 
 
 def main():
@@ -33,6 +33,7 @@ def main():
     import cupy
     group = cupyep.Group()
     r = group.size
+    args.experts = experts_for_ranks(args.experts, r)  # printed with the results
     buf = cupyep.Buffer(group, num_nvl_bytes=cupyep.nvl_size_hint(args.hidden, args.tokens + 64, r, args.topk),
                         backend="gpu")
     rng = np.random.default_rng(group.rank)

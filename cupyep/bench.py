@@ -101,6 +101,13 @@ def add_protocol_args(ap, tokens: int, experts: int) -> None:
     ap.add_argument("--topk", type=int, default=8)
 
 
+def experts_for_ranks(num_experts: int, num_ranks: int) -> int:
+    """The most experts <= num_experts that split evenly over num_ranks, at
+    least one per rank (the protocol's 256 do not split over 3 or 6 ranks:
+    255 and 252 then)."""
+    return max(num_ranks, num_experts - num_experts % num_ranks)
+
+
 def random_inputs(rng, tokens, hidden, experts, topk):
     """(x, topk_idx, topk_weights) on the GPU, then x and topk_idx on the host."""
     import cupy

@@ -24,3 +24,8 @@ def test_plot_writes_a_png_when_matplotlib_is_there(tmp_path):
     if made:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experts_split_over_any_rank_count():
+    assert [bench.experts_for_ranks(256, r) for r in (1, 2, 3, 4, 6, 8)] == [256, 256, 255, 256, 252, 256]
+    assert bench.experts_for_ranks(4, 8) == 8
