@@ -253,6 +253,29 @@ def test_size_hint_is_enough_for_every_channel_count():
                 assert t_max // channels >= -(-tokens // channels)
 
 
+def test_combine_flags_never_share_bytes_with_data():
+    """Combine's flags live in the control region: no layout's data (any
+    hidden, top-k, buffer size) overlaps them, so none reads as a set flag."""
+    from cupyep import sizing
+    for ranks in (2, 3, 8):
+        for hidden, topk in ((256, 1), (2560, 4), (7168, 8)):
+            for tokens in (1, 4096, 70000):
+                lay = sizing.nvl_layout(ranks, hidden, topk, tokens)
+                assert lay.combine_tail + 4 * ranks * sizing.MAX_CHANNELS <= lay.combine_flags
+                assert lay.combine_flags + 4 * ranks * sizing.COMBINE_FLAGS <= lay.rows
+                assert lay.rows == sizing.control_bytes(ranks)
+
+
+def test_default_combine_split_leaves_both_roles_a_block():
+    from cupyep.config import combine_senders
+    for ranks in (2, 3, 4, 8):
+        for sms in range(2, 128, 2):
+            senders = combine_senders(cupyep.Config(num_sms=sms), ranks)
+            assert 1 <= senders < sms
+    assert combine_senders(cupyep.Config(num_sms=24), 1) == 0  # nothing to send
+    assert combine_senders(cupyep.Config(num_sms=24, num_combine_senders=5), 4) == 5
+
+
 def test_mask_calls_reject_bad_arguments(buffer, backend):
     with pytest.raises(cupyep.InvalidInputError, match="rank_to_mask"):
         buffer.low_latency_update_mask_buffer(SIZE, True)
