@@ -129,9 +129,7 @@ class GpuBackend:
             import cupy
             lay = sizing.check_fits(self.num_nvl_bytes, self.num_ranks, hidden, num_topk, 0)
             spc = lay.max_tokens // num_channels
-            arr = np.array([lay.sync, lay.channel_counts, lay.expert_counts, lay.dispatch_tail,
-                            lay.combine_tail, lay.combine_flags, lay.rows, lay.scales, lay.src_idx, lay.topk_idx,
-                            lay.topk_weights, lay.max_tokens, spc], np.int64)
+            arr = np.array(sizing.nvl_layout_words(lay, spc), np.int64)
             hit = (lay, cupy.asarray(arr), spc)
             self._layouts[key] = hit
         lay, dev, spc = hit

@@ -60,6 +60,18 @@ class NvlLayout:
     end: int
 
 
+# NvlLayout's fields as the kernels' struct (raw_kernels/cupyep/nvl_layout.cuh)
+# holds them, in order, as int64.
+NVL_LAYOUT_FIELDS = ("sync", "channel_counts", "expert_counts", "dispatch_tail", "combine_tail",
+                     "combine_flags", "rows", "scales", "src_idx", "topk_idx", "topk_weights",
+                     "max_tokens", "slots_per_channel")
+
+
+def nvl_layout_words(lay: NvlLayout, slots_per_channel: int) -> list:
+    """The kernels' NvlLayout struct as a list of int64 values."""
+    return [slots_per_channel if f == "slots_per_channel" else getattr(lay, f) for f in NVL_LAYOUT_FIELDS]
+
+
 def _data_bytes_per_token(num_ranks: int, hidden: int, num_topk: int) -> int:
     return num_ranks * (2 * hidden + hidden // 32 + 4 + 8 * num_topk)
 

@@ -1,12 +1,12 @@
-"""The low-latency calls launch with a packed block of one slot per kernel
-parameter (cupyep.jit.PackedKernel): the counts they declare must match the
-kernels' signatures in the source (no GPU needed)."""
+"""What Python hands the kernels must match their source (no GPU needed): the
+low-latency calls' packed parameter blocks (cupyep.jit.PackedKernel), and the
+NVLink buffer's layout struct and constants."""
 import os
 import re
 
 import pytest
 
-from cupyep import gpu_low_latency, jit
+from cupyep import gpu_low_latency, jit, sizing
 
 
 def _num_params(source: str, kernel: str) -> int:
@@ -21,3 +21,26 @@ def test_declared_argument_counts_match_the_kernels(kernel, declared):
     with open(os.path.join(jit.kernel_dir(), "cupyep", "low_latency.cu")) as f:
         source = f.read()
     assert _num_params(source, kernel) == declared
+
+
+def _nvl_layout_header() -> str:
+    with open(os.path.join(jit.kernel_dir(), "cupyep", "nvl_layout.cuh")) as f:
+        return f.read()
+
+
+def test_layout_struct_fields_match_the_kernels():
+    struct = re.search(r"struct NvlLayout \{(.*?)\};", _nvl_layout_header(), re.S).group(1)
+    fields = re.findall(r"long long (\w+);", struct)
+    assert tuple(fields) == sizing.NVL_LAYOUT_FIELDS
+    lay = sizing.nvl_layout(4, 7168, 8, 4096)
+    words = sizing.nvl_layout_words(lay, 341)
+    assert len(words) == len(fields) and words[fields.index("combine_flags")] == lay.combine_flags
+    assert words[-1] == 341
+
+
+@pytest.mark.parametrize("name, value", [("kMaxChannels", sizing.MAX_CHANNELS),
+                                         ("kMaxLocalExperts", sizing.MAX_LOCAL_EXPERTS),
+                                         ("kCombineFlags", sizing.COMBINE_FLAGS)])
+def test_layout_constants_match_the_kernels(name, value):
+    m = re.search(r"constexpr int " + name + r" = (\d+);", _nvl_layout_header())
+    assert m and int(m.group(1)) == value
