@@ -25,7 +25,11 @@ from .errors import BufferTooSmallError
 
 MAX_CHANNELS = 64
 MAX_LOCAL_EXPERTS = 512
-COMBINE_FLAGS = 16384  # F: work-item flags per source rank (kCombineFlags)
+# F: combine work-item flags per source rank (kCombineFlags, 256 KB). A layout
+# with more slots per source than F - MAX_CHANNELS gets items of several rows:
+# a 2e9-byte buffer at hidden 7168, top-8 holds 68343 slots at 2 ranks (2-row
+# items), 34162 at 4 (1-row).
+COMBINE_FLAGS = 65536
 ALIGN = 256
 
 

@@ -7,7 +7,7 @@ namespace cupyep {
 constexpr int kMaxChannels = 64;
 constexpr int kMaxLocalExperts = 512;
 // Combine work-item flags per source rank (sizing.COMBINE_FLAGS).
-constexpr int kCombineFlags = 16384;
+constexpr int kCombineFlags = 65536;
 
 struct NvlLayout {
     long long sync;            // u32 [R]: barrier sequence written by each peer
