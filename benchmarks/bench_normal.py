@@ -117,6 +117,7 @@ def main():
                              chunk_tokens=args.chunk or base.chunk_tokens,
                              num_combine_warps=args.combine_warps or base.num_combine_warps,
                              own_rows_receiver_share=args.own_share,
+                             # (the headline SM counts fall back to the default split)
                              num_combine_senders=senders if senders is None or senders < sms else None,
                              combine_chunk_rows=chunk or base.combine_chunk_rows)
 
@@ -168,6 +169,8 @@ def main():
         nbytes = d.recv_x.shape[0] * args.hidden * 2
         out = {}
         for senders in senders_swept:
+            if senders is not None and senders >= sms:
+                continue  # no receivers left: not a split
             for chunk in chunks_swept:
                 cfg = config(sms, senders, chunk)
                 buf.combine(d.recv_x, d.handle, config=cfg)

@@ -21,7 +21,7 @@ construction, only its time matters. Rows:
     comb_send_no_rows  combine senders flag their work items without the rows
 
 Times: cached dispatch (barrier + dispatch kernel, BF16 and FP8) and combine
-(barrier + combine kernel), queued behind a spin kernel (GPU time only),
+(one kernel, its barrier inside), queued behind a spin kernel (GPU time only),
 median of --iters, slowest rank. Protocol of bench_normal.py.
 """
 import argparse
