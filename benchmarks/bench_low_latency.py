@@ -240,8 +240,8 @@ def main():
 
     rows = group.comm.gather((results, nccl), root=0)
     if group.rank == 0:
-        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-        print(f"\ncupyep low-latency kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
+        from cupyep.runtime import card_label
+        print(f"\ncupyep low-latency kernels, {card_label(group)}, {args.tokens} tokens x {args.hidden}, "
               f"top-{args.topk} of {args.experts} experts, FP8 dispatch, BF16 combine "
               f"(median of {args.iters}, slowest rank)")
         keys = [("dispatch", "dispatch"), ("combine", "combine"),

@@ -202,13 +202,13 @@ def main():
 
     rows = group.comm.gather((head, sweep, ceilings, nccl, kernels_only, rdma_bytes, swept), root=0)
     if group.rank == 0:
-        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        from cupyep.runtime import card_label
         if group.num_nodes > 1:
             print(f"\ninter-node path: {group.num_nodes} nodes x {group.num_ranks_per_node} ranks emulated on "
                   "one host (the inter-node leg is NVSHMEM puts over NVLink)")
         cfg = config(args.sms)
         own = cupyep.config.own_rows_receiver_share(cfg, r)
-        print(f"\ncupyep normal kernels, {r} x {name}, {args.tokens} tokens x {args.hidden}, "
+        print(f"\ncupyep normal kernels, {card_label(group)}, {args.tokens} tokens x {args.hidden}, "
               f"chunk_tokens={cfg.chunk_tokens}, warps {cfg.num_warps}/{cfg.num_combine_warps} (dispatch/combine), "
               f"own rows {own:.2f} by receivers, combine {cupyep.config.combine_senders(cfg, r)} sender "
               f"blocks, {cfg.combine_chunk_rows}-row items, "

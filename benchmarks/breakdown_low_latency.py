@@ -108,8 +108,8 @@ def main():
             results[row] = np.max(group.comm.allgather(times), axis=0)  # slowest rank, per column
         ll.source = "cupyep/low_latency.cu"
         if group.rank == 0:
-            name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-            print(f"\nlow-latency breakdown, {r} x {name}, {args.transport}, {args.tokens} tokens x "
+            from cupyep.runtime import card_label
+            print(f"\nlow-latency breakdown, {card_label(group)}, {args.transport}, {args.tokens} tokens x "
                   f"{args.hidden}, top-{args.topk} of {args.experts}, FP8 dispatch; us, slowest rank, "
                   f"median of {args.iters}")
             heads = ["dispatch", "combine", "d send", "d recv", "c send", "c recv"]

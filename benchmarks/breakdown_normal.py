@@ -116,9 +116,9 @@ def main():
                 results[(row, key)] = group.comm.allreduce(t, op=MPI.MAX)
         impl._spec = real_spec
         if group.rank == 0:
-            name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+            from cupyep.runtime import card_label
             own = cupyep.config.own_rows_receiver_share(cfg, r)
-            print(f"\nbreakdown, {r} x {name}, {args.sms} SMs, chunk_tokens={cfg.chunk_tokens}, own rows {own:.2f} by receivers, "
+            print(f"\nbreakdown, {card_label(group)}, {args.sms} SMs, chunk_tokens={cfg.chunk_tokens}, own rows {own:.2f} by receivers, "
                   f"combine senders {cupyep.config.combine_senders(cfg, r)}, chunk rows {cfg.combine_chunk_rows}, "
                   f"{args.tokens} tokens x {args.hidden}, "
                   f"top-{args.topk} of {args.experts}, rank 0 received {n} rows; us (GB/s as bench_normal), "

@@ -73,8 +73,8 @@ def main():
 
     everyone = group.comm.gather(rows, root=0)
     if group.rank == 0:
-        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-        print(f"\nnormal calls, {r} x {name}, {args.tokens} tokens x {args.hidden}, top-{args.topk} of "
+        from cupyep.runtime import card_label
+        print(f"\nnormal calls, {card_label(group)}, {args.tokens} tokens x {args.hidden}, top-{args.topk} of "
               f"{args.experts}; queued, median of {args.iters}, slowest rank; kernels from the CUDA profiler")
         for i, (sms, label, _, kernels) in enumerate(rows):
             t = max(rk[i][2] for rk in everyone)

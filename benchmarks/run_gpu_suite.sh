@@ -6,7 +6,13 @@
 #   bench_normal / bench_low_latency (BENCH_ARGS / LL_BENCH_ARGS);
 #   EXAMPLE_RANKS: every example with --backend gpu; STRESS_RANKS (STRESS_ARGS):
 #   benchmarks/stress.py on the GPU backend; JIT_RANKS: benchmarks/bench_jit.py;
-#   INTER_BENCH_RANKS: bench_normal on two emulated nodes (BENCH_ARGS too)
+#   INTER_BENCH_RANKS: bench_normal on two emulated nodes (BENCH_ARGS too);
+#   HOST_BENCH_RANKS (HOST_BENCH_ARGS): benchmarks/bench_host.py
+#   SHARE_GPUS=1  several ranks per GPU (CUPYEP_SHARE_GPUS=1), for correctness on a
+#   machine with fewer GPUs than ranks; RANKS then defaults to "2 3 4". Every test
+#   runs shared (the inter-node cases as 2 nodes x N/2 at even N); benchmark
+#   figures from shared GPUs are marked NOT comparable.
+# $LOG_DIR/summary.txt gets one line per test run: ranks, exit code, wall time, counts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${LOG_DIR:-gpu-logs}; mkdir -p "$LOG_DIR"
@@ -19,10 +25,20 @@ export CUPYEP_CACHE_DIR=${CUPYEP_CACHE_DIR:-/tmp/cupyep-jit}
 # Unbound ranks: bound to one core, the Python thread time-slices with
 # NVSHMEM's proxy thread and host waits take milliseconds.
 MPIRUN=${MPIRUN:-mpirun --allow-run-as-root --bind-to none}
+if [ "${SHARE_GPUS:-0}" = 1 ]; then
+  export CUPYEP_SHARE_GPUS=1
+  RANKS=${RANKS-2 3 4}
+fi
 { nvidia-smi -L; nvidia-smi topo -m; python3 -c 'import cupy, torch; print("cupy", cupy.__version__, "torch", torch.__version__)'; } > "$LOG_DIR/env.txt" 2>&1
 for n in ${RANKS-2}; do
   echo "== tests at $n ranks"
-  timeout ${TEST_TIMEOUT:-300} $MPIRUN -n $n python3 -m mpi4py -m pytest tests -q -x ${PYTEST_ARGS:-} 2>&1 | tee "$LOG_DIR/tests-n$n.log" | tail -25
+  start=$(date +%s)
+  CUPYEP_TEST_SUMMARY="$LOG_DIR/tests-n$n.json" timeout ${TEST_TIMEOUT:-300} $MPIRUN -n $n python3 -m mpi4py \
+    -m pytest tests -q ${PYTEST_ARGS--x} > "$LOG_DIR/tests-n$n.log" 2>&1
+  rc=$?
+  tail -25 "$LOG_DIR/tests-n$n.log"
+  echo "tests at $n ranks${CUPYEP_SHARE_GPUS:+ (sharing GPUs)}: rc=$rc, $(( $(date +%s) - start )) s," \
+    "$(cat "$LOG_DIR/tests-n$n.json" 2>/dev/null || echo 'no counts')" | tee -a "$LOG_DIR/summary.txt"
 done
 for n in ${EXAMPLE_RANKS:-}; do
   for ex in examples/*.py; do
@@ -49,4 +65,8 @@ done
 for n in ${LL_BENCH_RANKS:-}; do
   echo "== bench_low_latency at $n ranks"
   timeout ${BENCH_TIMEOUT:-240} $MPIRUN -n $n python3 benchmarks/bench_low_latency.py ${LL_BENCH_ARGS:-} 2>&1 | tee "$LOG_DIR/bench-low-latency-n$n.log" | tail -20
+done
+for n in ${HOST_BENCH_RANKS:-}; do
+  echo "== bench_host at $n ranks"
+  timeout ${BENCH_TIMEOUT:-240} $MPIRUN -n $n python3 benchmarks/bench_host.py ${HOST_BENCH_ARGS:-} 2>&1 | tee "$LOG_DIR/bench-host-n$n.log" | tail -40
 done

@@ -280,8 +280,8 @@ def main(argv=None):
     import cupy
     buf, rows = run(group, args)
     if group.rank == 0:
-        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-        title = f"cupyep, {group.size} x {name}, hidden {args.hidden}, {args.sms} SMs (normal)"
+        from cupyep.runtime import card_label
+        title = f"cupyep, {card_label(group)}, hidden {args.hidden}, {args.sms} SMs (normal)"
         print(title)
         print(table(rows))
         if args.plot:

@@ -41,13 +41,19 @@ class Group:
             normal-kernel and low-latency jobs different levels, mapped to
             different virtual lanes by the fabric, to isolate their traffic;
             NVSHMEM keeps one level per process.
+        share_gpus: let more ranks than GPUs run on a host, several ranks
+            per GPU (default: the ``CUPYEP_SHARE_GPUS`` environment variable,
+            else False: one rank per GPU is required). For correctness tests
+            on a machine with fewer GPUs than ranks: ranks on one GPU are
+            not NVLink peers, so timings taken this way mean nothing.
 
     Attributes:
-        rank, size, local_rank, local_size, num_ranks_per_node, num_nodes.
+        rank, size, local_rank, local_size, num_ranks_per_node, num_nodes,
+        share_gpus.
     """
 
     def __init__(self, comm=None, num_ranks_per_node: int | None = None,
-                 ib_service_level: int | None = None):
+                 ib_service_level: int | None = None, share_gpus: bool | None = None):
         if ib_service_level is not None and not 0 <= int(ib_service_level) <= 15:
             raise InvalidInputError(f"ib_service_level must be in [0, 15], got {ib_service_level}")
         self.ib_service_level = ib_service_level
@@ -69,6 +75,7 @@ class Group:
                 f"num_ranks_per_node={rpn} is larger than the {self.local_size} ranks on this host")
         self.num_ranks_per_node = rpn
         self.num_nodes = self.size // rpn
+        self.share_gpus = share_gpus_requested() if share_gpus is None else bool(share_gpus)
         self._gpu = None
         self._destroyed = False
         atexit.register(self.destroy)
@@ -136,6 +143,14 @@ class Group:
     def __exit__(self, *exc):
         self.destroy()
         return False
+
+
+SHARE_GPUS_ENV = "CUPYEP_SHARE_GPUS"
+
+
+def share_gpus_requested() -> bool:
+    """True when ``CUPYEP_SHARE_GPUS`` asks for several ranks per GPU."""
+    return os.environ.get(SHARE_GPUS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def gpu_available() -> bool:

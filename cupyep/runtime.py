@@ -10,15 +10,31 @@ import os
 import numpy as np
 
 from .errors import BufferTooSmallError, CupyepError
+from .group import SHARE_GPUS_ENV
 
 # NVLink multicast stays off unless the user explicitly turns it on.
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 _DEFAULT_HEAP = 2 << 30
+# Device memory a rank takes beside its symmetric heap (CUDA context, NVSHMEM's
+# own state, CuPy's and torch's pools at start).
+_CONTEXT_RESERVE = 1 << 30
 
 # NVSHMEM is one per process: Groups over the same ranks (an mpi4py
 # communicator and a torch.distributed group, say) share it. Counts its users.
 _nvshmem_users = 0
+
+
+def heap_problem(ranks_per_gpu: int, heap_bytes: int, gpu_bytes: int, device_id: int = 0):
+    """Why ``ranks_per_gpu`` symmetric heaps of ``heap_bytes`` cannot share a
+    GPU of ``gpu_bytes``, or None when they fit (with a context reserve each)."""
+    need = ranks_per_gpu * (heap_bytes + _CONTEXT_RESERVE)
+    if not heap_bytes or need <= gpu_bytes:
+        return None
+    return (f"{ranks_per_gpu} rank(s) on GPU {device_id} would each need a {heap_bytes / 2**30:.2f} GiB "
+            f"symmetric heap (NVSHMEM_SYMMETRIC_SIZE, from the buffers' num_nvl_bytes + num_rdma_bytes) "
+            f"plus ~{_CONTEXT_RESERVE / 2**30:.0f} GiB of context: {need / 2**30:.1f} GiB, more than the "
+            f"GPU's {gpu_bytes / 2**30:.1f} GiB; use smaller buffers or fewer ranks per GPU")
 
 
 class SymmetricBuffer:
@@ -68,19 +84,33 @@ class GpuRuntime:
         self.group = group
         self.rank, self.size = group.rank, group.size
         ndev = cupy.cuda.runtime.getDeviceCount()
-        if group.local_size > ndev:
+        if group.local_size > ndev and not group.share_gpus:
             raise CupyepError(
                 f"{group.local_size} ranks share this host but it has {ndev} GPUs; run one rank "
-                "per GPU (or pass num_ranks_per_node to emulate nodes with fewer ranks)")
+                f"per GPU, or opt in to several ranks per GPU for correctness tests with "
+                f"{SHARE_GPUS_ENV}=1 or Group(share_gpus=True)")
         self.device_id = group.local_rank % ndev
+        # Ranks of this host on this rank's GPU (local ranks are dealt round robin).
+        self.ranks_per_gpu = len(range(self.device_id, group.local_size, ndev))
         cupy.cuda.Device(self.device_id).use()
         from cuda.core import Device
         self._cuda_device = Device(self.device_id)
         self._cuda_device.set_current()
         if heap_bytes and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
             os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(max(heap_bytes, _DEFAULT_HEAP))
+        self._check_memory()
         self._init_nvshmem()
         self._buffers = []
+
+    def _check_memory(self):
+        """Collective: refuse, on every rank, a symmetric heap that the ranks
+        sharing a GPU cannot all have (NVSHMEM would fail or hang part-way)."""
+        import cupy
+        heap = 0 if _nvshmem_users else int(os.environ.get("NVSHMEM_SYMMETRIC_SIZE", _DEFAULT_HEAP))
+        problem = heap_problem(self.ranks_per_gpu, heap, cupy.cuda.runtime.memGetInfo()[1], self.device_id)
+        if not self.group.agree(problem is None):
+            raise BufferTooSmallError(problem or "another rank's GPU cannot hold the requested "
+                                      "symmetric heap (its error says how much)")
 
     def _init_nvshmem(self):
         global _nvshmem_users
@@ -156,3 +186,17 @@ def mapped_host_ints(n: int):
     host = np.ctypeslib.as_array((ctypes.c_int32 * n).from_address(mem.ptr))
     host[:] = 0
     return host, mem.ptr, mem
+
+
+def card_label(group) -> str:
+    """'4 x NVIDIA H200' for benchmark titles; when ranks share GPUs, says so
+    loudly: ranks on one GPU are not NVLink peers, so the figures are not
+    comparable with one rank per GPU."""
+    import cupy
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+    ndev = cupy.cuda.runtime.getDeviceCount()
+    if group.local_size <= ndev:
+        return f"{group.size} x {name}"
+    gpus = ndev * group.num_nodes if group.num_nodes > 1 else ndev
+    return (f"{group.size} ranks SHARING {gpus} x {name} -- WARNING: several ranks per GPU "
+            "(CUPYEP_SHARE_GPUS): these figures are NOT comparable with one rank per GPU")

@@ -45,3 +45,22 @@ def test_peer_pointers_cover_every_rank(group):
         assert buf.peer_ptrs[RANK] == buf.ptr
     finally:
         rt.free(buf)
+
+
+def test_one_rank_per_gpu_unless_shared(group):
+    """The default refuses more local ranks than GPUs and names the opt-in;
+    CUPYEP_SHARE_GPUS=1 (this suite on a one-GPU machine) lets them share."""
+    import cupy
+    from cupyep.runtime import GpuRuntime
+    ndev = cupy.cuda.runtime.getDeviceCount()
+    rt = group.gpu_runtime()
+    assert rt.ranks_per_gpu == len(range(rt.device_id, group.local_size, ndev))
+    if group.local_size <= ndev:
+        pytest.skip("one rank per GPU here: the refusal needs more local ranks than GPUs")
+    assert group.share_gpus
+    strict = cupyep.Group(share_gpus=False)
+    try:
+        with pytest.raises(cupyep.CupyepError, match="CUPYEP_SHARE_GPUS=1 or Group\\(share_gpus=True\\)"):
+            GpuRuntime(strict)
+    finally:
+        strict.destroy()

@@ -325,3 +325,27 @@ def test_mixed_topology_is_refused(group, monkeypatch):
     monkeypatch.setattr(cupyep.Group, "_host_local", lambda self: (0, 1 if RANK == 0 else 2))
     with pytest.raises(cupyep.InvalidInputError, match="different numbers of ranks"):
         cupyep.Group(group.comm)
+
+
+def test_share_gpus_opt_in(monkeypatch):
+    """Several ranks per GPU only when asked: the environment or Group(share_gpus=)."""
+    from cupyep.group import share_gpus_requested
+    monkeypatch.delenv("CUPYEP_SHARE_GPUS", raising=False)
+    assert not share_gpus_requested()
+    assert not cupyep.Group().share_gpus
+    for on in ("1", "true", "YES"):
+        monkeypatch.setenv("CUPYEP_SHARE_GPUS", on)
+        assert share_gpus_requested() and cupyep.Group().share_gpus
+    monkeypatch.setenv("CUPYEP_SHARE_GPUS", "0")
+    assert not cupyep.Group().share_gpus
+    assert cupyep.Group(share_gpus=True).share_gpus
+
+
+def test_heap_too_large_for_ranks_sharing_a_gpu():
+    """Ranks sharing a GPU whose heaps cannot all fit: the message names the per-rank size."""
+    from cupyep.runtime import heap_problem
+    gib = 1 << 30
+    assert heap_problem(4, 2 * gib, 140 * gib) is None
+    assert heap_problem(1, 0, 1) is None  # NVSHMEM already running: nothing new to place
+    msg = heap_problem(4, 40 * gib, 140 * gib, device_id=0)
+    assert "4 rank(s) on GPU 0" in msg and "40.00 GiB symmetric heap" in msg and "164.0 GiB" in msg
