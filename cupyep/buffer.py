@@ -1,11 +1,13 @@
 """The user-facing communication buffer.
 
-``Buffer`` validates arguments, converts arrays from the caller's framework to
-the backend's (NumPy for the reference backend, CuPy for the GPU), runs the
-backend and converts results back: torch in, torch out.
+``Buffer`` validates arguments, meets the caller's framework through a
+frontend (:mod:`cupyep.interop`: its current stream, its allocator, NumPy
+views for the reference backend), runs the backend and hands results back in
+that framework: torch in, torch out.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Optional
 
@@ -59,14 +61,16 @@ class Buffer:
             from .gpu_backend import GpuBackend
             self._impl = GpuBackend(self.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
                                     enable_shrink, max_nodes_per_token or 0)
-            self._to_native, self._from_native = interop.to_cupy, interop.from_cupy
+            device_id = self._impl.rt.device_id
+            self._make_frontend = lambda fw: interop.device_frontend(fw, device_id)  # noqa: E731
         elif backend == "reference":
             from .reference_backend import ReferenceBackend
             self._impl = ReferenceBackend(self.group, max_nodes_per_token or 0)
-            self._to_native, self._from_native = interop.to_numpy, interop.from_numpy
+            self._make_frontend = interop.HostFrontend
         else:
             raise InvalidInputError(f"backend must be 'auto', 'gpu' or 'reference', got {backend!r}")
         self.backend = backend
+        self._frontends = {}  # framework name -> frontend
         self._destroyed = False
 
     # ------------------------------------------------------------------ #
@@ -84,27 +88,42 @@ class Buffer:
             from .errors import GroupDestroyedError
             raise GroupDestroyedError("this cupyep Buffer was destroyed")
 
-    def _native(self, a, name: str):
+    def _frontend(self, a, framework: Optional[str] = None):
+        """The frontend of ``a``'s framework (or ``framework``'s), made the
+        backend's for the call that starts."""
+        fw = framework or interop.framework_of(a)
+        fe = self._frontends.get(fw)
+        if fe is None:
+            fe = self._frontends[fw] = self._make_frontend(fw)
+        if self.backend == "gpu":
+            self._impl.enter_call(fe)
+        return fe
+
+    def _on_caller_stream(self):
+        """CuPy work inside a call goes to the caller's stream (normal calls)."""
+        return self._impl.caller_stream if self.backend == "gpu" else contextlib.nullcontext()
+
+    def _native(self, a, name: str, fe=None):
         if a is None:
             return None
         try:
-            return self._to_native(a)
+            return (fe or self._frontend(a)).native(a)
         except InvalidInputError as e:
             raise InvalidInputError(f"{name}: {e}") from None
 
     def _split_x(self, x):
-        """x or (x_fp8, scales) -> (data, scales or None, framework)."""
+        """x or (x_fp8, scales) -> (data, scales or None, frontend)."""
         if isinstance(x, (tuple, list)):
             if len(x) != 2:
                 raise InvalidInputError("an FP8 input is a pair (x_e4m3 [T, H], scales [T, H/128])")
-            fw = interop.framework_of(x[0])
-            q, s = self._native(x[0], "x[0]"), self._native(x[1], "x[1]")
+            fe = self._frontend(x[0])
+            q, s = self._native(x[0], "x[0]", fe), self._native(x[1], "x[1]", fe)
             validation.check_fp8_pair(q, s)
-            return q, s, fw
-        fw = interop.framework_of(x)
-        data = self._native(x, "x")
+            return q, s, fe
+        fe = self._frontend(x)
+        data = self._native(x, "x", fe)
         validation.check_bf16_rows(data)
-        return data, None, fw
+        return data, None, fe
 
     # ------------------------------------------------------------------ #
     def get_dispatch_layout(self, topk_idx, num_experts: int) -> DispatchLayout:
@@ -118,12 +137,13 @@ class Buffer:
             :class:`DispatchLayout` in the caller's framework.
         """
         self._check_alive()
-        fw = interop.framework_of(topk_idx)
-        idx = self._native(topk_idx, "topk_idx")
+        fe = self._frontend(topk_idx)
+        idx = self._native(topk_idx, "topk_idx", fe)
         validation.check_topk(idx, None, idx.shape[0])
         validation.check_num_experts(num_experts, self.num_ranks)
-        lay = self._impl.get_dispatch_layout(idx, num_experts)
-        back = lambda a: self._from_native(a, fw)  # noqa: E731
+        with self._on_caller_stream():
+            lay = self._impl.get_dispatch_layout(idx, num_experts)
+        back = fe.back
         return DispatchLayout(back(lay.num_tokens_per_rank), back(lay.num_tokens_per_node),
                               back(lay.num_tokens_per_expert), back(lay.is_token_in_rank),
                               lay.num_experts)
@@ -156,17 +176,17 @@ class Buffer:
             :class:`DispatchResult` in the caller's framework.
         """
         self._check_alive()
-        data, scales, fw = self._split_x(x)
+        data, scales, fe = self._split_x(x)
         num_tokens, hidden = data.shape
         if expert_alignment < 1:
             raise InvalidInputError(f"expert_alignment must be >= 1, got {expert_alignment}")
         if num_worst_tokens < 0:
             raise InvalidInputError(f"num_worst_tokens must be >= 0, got {num_worst_tokens}")
         if handle is not None:
-            return self._cached_dispatch(handle, data, scales, fw, config, previous_event, async_finish)
+            return self._cached_dispatch(handle, data, scales, fe, config, previous_event, async_finish)
 
-        idx = self._native(topk_idx, "topk_idx")
-        w = self._native(topk_weights, "topk_weights")
+        idx = self._native(topk_idx, "topk_idx", fe)
+        w = self._native(topk_weights, "topk_weights", fe)
         if w is not None and idx is None:
             raise InvalidInputError("topk_weights needs topk_idx")
         if idx is not None:
@@ -175,43 +195,46 @@ class Buffer:
                 if num_experts is None:
                     raise InvalidInputError("dispatch with topk_idx needs layout= or num_experts=")
                 validation.check_num_experts(num_experts, self.num_ranks)
-                lay = self._impl.get_dispatch_layout(idx, num_experts)
+                with self._on_caller_stream():
+                    lay = self._impl.get_dispatch_layout(idx, num_experts)
             else:
                 lay = layout
             num_experts = lay.num_experts
-            in_rank = self._native(lay.is_token_in_rank, "layout.is_token_in_rank")
-            per_expert = self._native(lay.num_tokens_per_expert, "layout.num_tokens_per_expert")
+            in_rank = self._native(lay.is_token_in_rank, "layout.is_token_in_rank", fe)
+            per_expert = self._native(lay.num_tokens_per_expert, "layout.num_tokens_per_expert", fe)
         else:
             if is_token_in_rank is None and layout is None:
                 raise InvalidInputError("dispatch needs topk_idx, layout, is_token_in_rank or handle")
             per_expert = None
             in_rank = self._native(is_token_in_rank if is_token_in_rank is not None
-                                   else layout.is_token_in_rank, "is_token_in_rank")
+                                   else layout.is_token_in_rank, "is_token_in_rank", fe)
         validation.check_is_token_in_rank(in_rank, num_tokens, self.num_ranks)
 
-        out = self._impl.dispatch(data, scales, idx, w, in_rank, per_expert, num_experts, expert_alignment,
-                                  num_worst_tokens, config, previous_event, async_finish)
+        with self._on_caller_stream():
+            out = self._impl.dispatch(data, scales, idx, w, in_rank, per_expert, num_experts, expert_alignment,
+                                      num_worst_tokens, config, previous_event, async_finish,
+                                      layout_in_call=idx is not None and layout is None)
         h = DispatchHandle(self.buffer_id, num_tokens, hidden, out["num_recv_tokens"],
                            num_worst_tokens, 0 if idx is None else idx.shape[1], in_rank,
                            out["recv_src_idx"], out["routing"])
         counts = out["num_recv_tokens_per_expert"]
         if num_worst_tokens and counts is not None:
-            counts = self._from_native(counts, fw)
-        back = self._from_native
-        return DispatchResult(back(out["recv_x"], fw, fp8=scales is not None),
-                              back(out["recv_x_scales"], fw), back(out["recv_topk_idx"], fw),
-                              back(out["recv_topk_weights"], fw), counts, h, out.get("event"))
+            counts = fe.back(counts)
+        back = fe.back
+        return DispatchResult(back(out["recv_x"], fp8=scales is not None),
+                              back(out["recv_x_scales"]), back(out["recv_topk_idx"]),
+                              back(out["recv_topk_weights"]), counts, h, out.get("event"))
 
-    def _cached_dispatch(self, handle, data, scales, fw, config, previous_event, async_finish):
+    def _cached_dispatch(self, handle, data, scales, fe, config, previous_event, async_finish):
         validation.check_handle(handle, DispatchHandle, self.buffer_id)
         if data.shape != (handle.num_tokens, handle.hidden):
             raise InvalidInputError(
                 f"cached dispatch: x has shape {tuple(data.shape)}, the handle expects "
                 f"{(handle.num_tokens, handle.hidden)}")
-        recv_x, recv_s, event = self._impl.cached_dispatch(handle, data, scales, config,
-                                                           previous_event, async_finish)
-        back = self._from_native
-        return DispatchResult(back(recv_x, fw, fp8=scales is not None), back(recv_s, fw),
+        with self._on_caller_stream():
+            recv_x, recv_s, event = self._impl.cached_dispatch(handle, data, scales, config,
+                                                               previous_event, async_finish)
+        return DispatchResult(fe.back(recv_x, fp8=scales is not None), fe.back(recv_s),
                               None, None, None, handle, event)
 
     def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, *,
@@ -231,16 +254,16 @@ class Buffer:
         """
         self._check_alive()
         validation.check_handle(handle, DispatchHandle, self.buffer_id)
-        fw = interop.framework_of(x)
-        data = self._native(x, "x")
+        fe = self._frontend(x)
+        data = self._native(x, "x", fe)
         validation.check_bf16_rows(data)
         rows = handle.num_worst_tokens or handle.num_recv_tokens
         if data.shape != (rows, handle.hidden):
             raise InvalidInputError(
                 f"combine: x has shape {tuple(data.shape)}, the handle expects {(rows, handle.hidden)}")
-        w = self._native(topk_weights, "topk_weights")
+        w = self._native(topk_weights, "topk_weights", fe)
         k = handle.num_topk
-        if w is not None and (w.dtype.name != "float32" or tuple(w.shape) != (rows, k) or not k):
+        if w is not None and (interop.dtype_of(w).name != "float32" or tuple(w.shape) != (rows, k) or not k):
             raise InvalidInputError(f"combine: topk_weights must be float32 [{rows}, {k}] (the "
                                     f"dispatch's top-k), got {w.dtype} {tuple(w.shape)}")
         if w is not None:
@@ -248,15 +271,16 @@ class Buffer:
         if bias is None:
             biases = ()
         elif isinstance(bias, (tuple, list)):
-            biases = tuple(self._native(b, "bias") for b in bias if b is not None)
+            biases = tuple(self._native(b, "bias", fe) for b in bias if b is not None)
         else:
-            biases = (self._native(bias, "bias"),)
+            biases = (self._native(bias, "bias", fe),)
         if len(biases) > 2:
             raise InvalidInputError("combine takes at most two bias arrays")
         validation.check_bias(biases, handle.num_tokens, handle.hidden)
-        out, wout, event = self._impl.combine(handle, data, w, biases, config, previous_event,
-                                              async_finish)
-        return CombineResult(self._from_native(out, fw), self._from_native(wout, fw), event)
+        with self._on_caller_stream():
+            out, wout, event = self._impl.combine(handle, data, w, biases, config, previous_event,
+                                                  async_finish)
+        return CombineResult(fe.back(out), fe.back(wout), event)
 
     # ------------------------------------------------------------------ #
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int,
@@ -286,10 +310,10 @@ class Buffer:
             :class:`LowLatencyDispatchResult` in the caller's framework.
         """
         self._check_alive()
-        fw = interop.framework_of(x)
-        data = self._native(x, "x")
+        fe = self._frontend(x)
+        data = self._native(x, "x", fe)
         validation.check_bf16_rows(data)
-        idx = self._native(topk_idx, "topk_idx")
+        idx = self._native(topk_idx, "topk_idx", fe)
         validation.check_topk(idx, None, data.shape[0])
         validation.check_num_experts(num_experts, self.num_ranks)
         m = num_max_dispatch_tokens_per_rank
@@ -303,25 +327,25 @@ class Buffer:
             raise InvalidInputError("use_ue8m0 needs use_fp8 and a hidden size divisible by 512")
         local = num_experts // self.num_ranks
         stats = self._stats(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
-                            "int32", local)
+                            "int32", local, fe)
         waits = self._stats(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", "int64",
-                            self.num_ranks)
+                            self.num_ranks, fe)
         out = self._impl.low_latency_dispatch(data, idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
                                               async_finish, return_recv_hook, stats, waits)
         h = LowLatencyHandle(self.buffer_id, out["call_id"], m, data.shape[1], num_experts,
                              data.shape[0], idx.shape[1], out["src_info"], out["layout_range"],
-                             out["routing"], fw)
-        back = self._from_native
-        return LowLatencyDispatchResult(back(out["recv_x"], fw, fp8=use_fp8),
-                                        back(out["recv_x_scales"], fw), back(out["recv_count"], fw),
+                             out["routing"], fe.name)
+        back = fe.back
+        return LowLatencyDispatchResult(back(out["recv_x"], fp8=use_fp8),
+                                        back(out["recv_x_scales"]), back(out["recv_count"]),
                                         h, out.get("event"), out.get("hook"))
 
-    def _stats(self, a, name, dtype, length):
+    def _stats(self, a, name, dtype, length, fe):
         """An optional statistics array, updated in place (so no copy is allowed)."""
         if a is None:
             return None
-        native = self._native(a, name)
-        if native.dtype.name != dtype or tuple(native.shape) != (length,):
+        native = self._native(a, name, fe)
+        if interop.dtype_of(native).name != dtype or tuple(native.shape) != (length,):
             raise InvalidInputError(f"{name} must be {dtype} [{length}], got {native.dtype} "
                                     f"{tuple(native.shape)}")
         validation.check_contiguous(native, name)
@@ -352,21 +376,21 @@ class Buffer:
         """
         self._check_alive()
         validation.check_handle(handle, LowLatencyHandle, self.buffer_id)
-        fw = interop.framework_of(x)
-        data = self._native(x, "x")
+        fe = self._frontend(x)
+        data = self._native(x, "x", fe)
         local = handle.num_experts // self.num_ranks
         want = (local, self.num_ranks * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
-        if data.ndim != 3 or tuple(data.shape) != want or data.dtype != interop.bfloat16:
+        if data.ndim != 3 or tuple(data.shape) != want or interop.dtype_of(data) != interop.bfloat16:
             raise InvalidInputError(f"low_latency_combine: x must be bf16 {want}, got {data.dtype} {tuple(data.shape)}")
         validation.check_contiguous(data, "x")
-        idx = self._native(topk_idx, "topk_idx")
-        w = self._native(topk_weights, "topk_weights")
+        idx = self._native(topk_idx, "topk_idx", fe)
+        w = self._native(topk_weights, "topk_weights", fe)
         if w is None:
             raise InvalidInputError("low_latency_combine needs topk_weights")
         validation.check_topk(idx, w, handle.num_tokens)
         if idx.shape[1] != handle.num_topk:
             raise InvalidInputError(f"topk_idx has K={idx.shape[1]}, the handle has K={handle.num_topk}")
-        out_native = self._native(out, "out")
+        out_native = self._native(out, "out", fe)
         if out_native is not None:
             validation.check_bf16_rows(out_native, "out", rows=handle.num_tokens)
             if out_native.shape[1] != handle.hidden:
@@ -375,10 +399,10 @@ class Buffer:
         if use_logfmt and handle.hidden % 256:
             raise InvalidInputError(f"use_logfmt needs a hidden size divisible by 256, got {handle.hidden}")
         waits = self._stats(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", "int64",
-                            self.num_ranks)
+                            self.num_ranks, fe)
         res = self._impl.low_latency_combine(data, idx, w, handle, out_native, async_finish,
                                              return_recv_hook, bool(use_logfmt), waits)
-        combined = out if out is not None else self._from_native(res["combined_x"], fw)
+        combined = out if out is not None else fe.back(res["combined_x"])
         return LowLatencyCombineResult(combined, res.get("event"), res.get("hook"))
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
@@ -390,7 +414,8 @@ class Buffer:
         """
         self._check_alive()
         validation.check_handle(handle, LowLatencyHandle, self.buffer_id)
-        return self._from_native(self._impl.next_low_latency_combine_buffer(handle), handle.framework)
+        fe = self._frontend(None, handle.framework)
+        return fe.back(self._impl.next_low_latency_combine_buffer(handle))
 
     def clean_low_latency_buffer(self) -> None:
         """Reset low-latency flags and counters (collective; after a timeout, or
@@ -420,11 +445,15 @@ class Buffer:
         self._check_alive()
         mask = self._impl.query_mask()
         if mask_status is not None:
-            native = self._native(mask_status, "mask_status")
-            if native.dtype.name != "int32" or tuple(native.shape) != (self.num_ranks,):
+            fe = self._frontend(mask_status)
+            native = self._native(mask_status, "mask_status", fe)
+            if interop.dtype_of(native).name != "int32" or tuple(native.shape) != (self.num_ranks,):
                 raise InvalidInputError(f"mask_status must be int32 [{self.num_ranks}], got "
                                         f"{native.dtype} {tuple(native.shape)}")
-            if self.backend == "gpu":
+            if fe.name == "torch":
+                import torch
+                mask_status.copy_(torch.from_numpy(mask))
+            elif self.backend == "gpu":
                 import cupy
                 native[...] = cupy.asarray(mask)
             else:

@@ -1,10 +1,13 @@
 """Outputs that stay valid across CUDA graph replays.
 
-Calls allocate their outputs fresh. While the caller's stream is being
-captured into a CUDA graph they take arrays kept per (key, shape, dtype)
-instead, so that every replay writes memory that is still owned: a graph may
-hold one call of each kind and shape, and each shape should run once outside
-capture first (kernels compile, the memory pool fills).
+Calls allocate their outputs fresh, through the caller's framework
+(cupyep.interop's frontends). torch gives allocations made while a graph is
+captured the graph's own pool, so they stay valid across replays. CuPy has no
+such pool: while a CuPy caller's stream is being captured, calls take arrays
+kept per (key, shape, dtype) instead, so that every replay writes memory that
+is still owned: such a graph may hold one call of each kind and shape, and
+each shape should run once outside capture first (kernels compile, the memory
+pool fills).
 """
 from __future__ import annotations
 
@@ -25,15 +28,43 @@ class KeptArrays:
     def __init__(self):
         self._arrays = {}
 
-    def get(self, key, shape, dtype, capturing: bool, zero: bool = False):
-        import cupy
+    def get(self, key, shape, dtype, capturing: bool, zero: bool = False, alloc=None, stream=None):
+        """An array for the call in progress.
+
+        Args:
+            alloc: the caller's frontend (``empty(shape, dtype)``,
+                ``keeps_outputs_in_capture``); None: CuPy.
+            zero: zero it on ``stream`` (a CuPy stream; None: CuPy's current).
+        """
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        if not capturing:
-            return cupy.zeros(shape, dtype) if zero else cupy.empty(shape, dtype)
-        k = (key, shape, np.dtype(dtype).str)
-        a = self._arrays.get(k)
-        if a is None:
-            a = self._arrays[k] = cupy.empty(shape, dtype)
+        if not capturing or (alloc is not None and not alloc.keeps_outputs_in_capture):
+            a = alloc.empty(shape, dtype) if alloc is not None else _cupy_empty(shape, dtype)
+        else:
+            k = (key, shape, np.dtype(dtype).str)
+            a = self._arrays.get(k)
+            if a is None:
+                a = self._arrays[k] = _cupy_empty(shape, dtype)
         if zero:
-            a.fill(0)
+            _zero(a, stream)
         return a
+
+
+def _cupy_empty(shape, dtype):
+    import cupy
+    return cupy.empty(shape, dtype)
+
+
+def _zero(a, stream):
+    """memset on ``stream``: capturable, and the same for CuPy and torch arrays."""
+    import cupy
+    from .jit import address
+    if stream is None:
+        stream = cupy.cuda.get_current_stream()
+    n = int(np.prod(a.shape)) * np.dtype(_itemsize_dtype(a)).itemsize
+    if n:
+        cupy.cuda.runtime.memsetAsync(address(a), 0, n, stream.ptr)
+
+
+def _itemsize_dtype(a):
+    from .interop import dtype_of
+    return dtype_of(a)

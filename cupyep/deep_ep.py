@@ -36,14 +36,21 @@ class EventOverlap(_EventOverlap):
     """DeepEP's event wrapper: ``current_stream_wait()`` and ``with``; the event
     is None for a synchronous call. ``extra_tensors`` as in DeepEP."""
 
-    def __init__(self, event=None, extra_tensors: Optional[Tuple] = None):
-        super().__init__(event)
+    def __init__(self, event=None, extra_tensors: Optional[Tuple] = None, stream_ptr=None):
+        super().__init__(event, stream_ptr or _torch_stream_ptr)
         self.extra_tensors = extra_tensors
+
+
+def _torch_stream_ptr() -> int:
+    """torch's current stream on the current device (raw handle)."""
+    return _torch._C._cuda_getCurrentRawStream(_torch.cuda.current_device())
 
 
 def _event(result_event) -> EventOverlap:
     """A cupyep result's event (an EventOverlap or None) as DeepEP's."""
-    return EventOverlap(None if result_event is None else result_event.event)
+    if result_event is None:
+        return EventOverlap()
+    return EventOverlap(result_event.event, stream_ptr=result_event._stream_ptr)
 
 
 class Config:
@@ -105,9 +112,11 @@ class Buffer:
 
     @staticmethod
     def capture() -> EventOverlap:
-        """An event recorded now on the current stream."""
+        """An event recorded now on torch's current stream."""
         import cupy
-        return EventOverlap(cupy.cuda.get_current_stream().record())
+        ev = cupy.cuda.Event(disable_timing=True)
+        cupy.cuda.runtime.eventRecord(ev.ptr, _torch_stream_ptr())
+        return EventOverlap(ev)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,

@@ -18,6 +18,7 @@ from .config import Config, combine_senders, default_config, own_rows_receiver_s
 from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
 from .events import CallStreams
 from .fp8 import FP8_GROUP, bfloat16
+from .interop import DeviceFrontend, dtype_of
 from .jit import KernelSpec, device_ptr as _ptr, index_type, launch
 from .capture import KeptArrays, is_capturing
 from .runtime import mapped_host_ints
@@ -79,7 +80,10 @@ class GpuBackend:
         # Normal kernels spin on each other's blocks: all must be resident.
         self.device_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.streams = CallStreams()
-        self.stream = self.streams.comm  # the stream of the call in progress (set by _begin)
+        # Of the call in progress (set by enter_call / _begin): the caller's
+        # framework, its current stream, and the stream the kernels run on.
+        self.frontend = DeviceFrontend(self.rt.device_id)
+        self.caller_stream = self.stream = self.streams.comm
         self.timeout_ns = int(float(os.environ.get("CUPYEP_TIMEOUT_S", "20")) * 1e9)
         # Barrier sequence and notify parity, advanced by the kernels themselves
         # so that CUDA graph replays count as calls.
@@ -99,9 +103,24 @@ class GpuBackend:
     def _spec(self, source, name, *targs):
         return KernelSpec(f"cupyep/{source}", f"cupyep::{name}", tuple(targs))
 
+    def enter_call(self, frontend):
+        """Start a call from ``frontend``'s framework; returns the caller's stream."""
+        self.frontend = frontend
+        self.caller_stream = frontend.stream()
+        return self.caller_stream
+
     def _empty(self, key, shape, dtype, zero=False):
-        """An output of the call in progress (cupyep.capture: kept while capturing)."""
-        return self._kept.get(key, shape, dtype, self._capturing, zero)
+        """An output of the call in progress, from the caller's framework
+        (cupyep.capture: CuPy callers' are kept while capturing)."""
+        return self._kept.get(key, shape, dtype, self._capturing, zero, alloc=self.frontend, stream=self.stream)
+
+    def keep_for_stream(self, stream, cur, arrays):
+        """torch arrays used on the communication stream: tell torch's allocator
+        not to reuse them before that stream's work is done."""
+        if stream.ptr != cur.ptr:
+            record = getattr(self.frontend, "record_stream", None)
+            if record is not None:
+                record(arrays, stream.ptr)
 
     def check_errors(self):
         """Raise what a kernel reported (timeouts, overflow) and clear it."""
@@ -152,15 +171,17 @@ class GpuBackend:
                                     f"({self.num_ranks})")
         return cfg
 
-    def _begin(self, previous_event, async_finish):
-        """Pick the call's stream (self.stream); returns the caller's."""
+    def _begin(self, previous_event, async_finish, after_caller=False):
+        """Pick the call's stream (self.stream); returns the caller's.
+        ``after_caller``: also order it after the caller's stream."""
         self.check_errors()
-        self.stream, cur = self.streams.begin(previous_event, async_finish)
+        self.stream, cur = self.streams.begin(self.caller_stream, previous_event, async_finish, after_caller)
         self._capturing = is_capturing(self.stream)
         return cur
 
-    def _end(self, cur, async_finish):
-        return self.streams.end(self.stream, cur, async_finish)
+    def _end(self, cur, async_finish, arrays=()):
+        self.keep_for_stream(self.stream, cur, arrays)
+        return self.streams.end(self.stream, cur, async_finish, self.frontend.stream_ptr)
 
     # ------------------------------------------------------------------ #
     def get_dispatch_layout(self, topk_idx, num_experts):
@@ -168,7 +189,8 @@ class GpuBackend:
         from .types import DispatchLayout
         t, k = topk_idx.shape
         r, nodes = self.num_ranks, self.group.num_nodes
-        self._capturing = is_capturing(cupy.cuda.get_current_stream())
+        self.stream = self.caller_stream
+        self._capturing = is_capturing(self.stream)
         per_rank = self._empty("per_rank", r, np.int32, zero=True)
         per_expert = self._empty("per_expert", num_experts, np.int32, zero=True)
         per_node = self._empty("per_node", nodes, np.int32, zero=True) if nodes > 1 else None
@@ -181,12 +203,14 @@ class GpuBackend:
                    (topk_idx, np.int32(t), np.int32(num_experts), np.int32(r),
                     np.int32(self.group.num_ranks_per_node), per_rank, _ptr(per_node), per_expert,
                     in_rank, np.int32(self.max_nodes_per_token), self.layout_error),
-                   shared_mem=4 * (num_experts + r + nodes))
+                   shared_mem=4 * (num_experts + r + nodes), stream=self.stream)
         return DispatchLayout(per_rank, per_node, per_expert, in_rank, num_experts)
 
     def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert,
                  num_experts, expert_alignment, num_worst_tokens, config, previous_event,
-                 async_finish):
+                 async_finish, layout_in_call=False):
+        """``layout_in_call``: the layout was just computed on the caller's
+        stream, so a call moved to the communication stream waits for it too."""
         cfg = self._config(config)
         r, c = self.num_ranks, cfg.num_channels
         t, hidden = x.shape
@@ -201,7 +225,7 @@ class GpuBackend:
             self.inter.claim()
         if topk_idx is None:
             per_expert = None
-        cur = self._begin(previous_event, async_finish)
+        cur = self._begin(previous_event, async_finish, layout_in_call)
 
         offsets = self._empty("offsets", r * c + 1, np.int32)
         # The notify kernel writes all L counts when it has per-expert counts.
@@ -254,7 +278,9 @@ class GpuBackend:
                                  rdma_recv_count, fwd_slots, rdma_dev)
             self.inter.dispatch(cfg, routing, x, scales, topk_idx, topk_weights, is_token_in_rank, t,
                                 local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src, True)
-        event = self._end(cur, async_finish)
+        event = self._end(cur, async_finish, (x, scales, topk_idx, topk_weights, is_token_in_rank, recv_x,
+                                                recv_s, recv_idx, recv_w, recv_src, send_pos, offsets,
+                                                expert_counts))
         return {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_topk_idx": recv_idx,
                 "recv_topk_weights": recv_w, "num_recv_tokens_per_expert": counts,
                 "recv_src_idx": recv_src, "num_recv_tokens": num_recv, "routing": routing,
@@ -263,7 +289,7 @@ class GpuBackend:
     def _launch_dispatch(self, cfg, x, scales, topk_idx, topk_weights, send_pos, num_tokens,
                          lay_dev, offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w,
                          recv_src):
-        hidden_bytes = x.shape[1] * x.dtype.itemsize
+        hidden_bytes = x.shape[1] * dtype_of(x).itemsize
         k = 0 if topk_idx is None else topk_idx.shape[1]
         spec = self._spec("intranode.cu", "dispatch", ("kNumRanks", self.num_ranks),
                           ("kHiddenInt4", hidden_bytes // 16),
@@ -299,12 +325,12 @@ class GpuBackend:
             self.inter.barrier(g.rdma_layout_dev)
             self.inter.dispatch(cfg, g, x, scales, None, None, handle.is_token_in_rank, handle.num_tokens,
                                 0, n_rows, recv_x, recv_s, None, None, recv_src, False)
-            return recv_x, recv_s, self._end(cur, async_finish)
+            return recv_x, recv_s, self._end(cur, async_finish, (x, scales, recv_x, recv_s, recv_src))
         self._barrier(g.layout_dev)
         self._launch_dispatch(cfg, x, scales, None, None, g.send_pos, handle.num_tokens,
                               g.layout_dev, g.recv_channel_offset, 0, n_rows, recv_x, recv_s,
                               None, None, recv_src)
-        return recv_x, recv_s, self._end(cur, async_finish)
+        return recv_x, recv_s, self._end(cur, async_finish, (x, scales, recv_x, recv_s, recv_src))
 
     def _check_sms(self, cfg):
         if cfg.num_sms > self.device_sms:
@@ -328,7 +354,7 @@ class GpuBackend:
         if self.inter is not None:
             self.inter.barrier(g.rdma_layout_dev)
             self.inter.combine(cfg, g, x, topk_weights, t, b0, b1, out, out_w)
-            return out, out_w, self._end(cur, async_finish)
+            return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
         spec = self._spec("intranode.cu", "combine", ("kNumRanks", self.num_ranks),
                           ("kHiddenInt4", hidden * 2 // 16), ("kNumTopk", k))
         launch(spec, (cfg.num_sms,), (32 * cfg.num_combine_warps,),
@@ -338,7 +364,7 @@ class GpuBackend:
                 _ptr(b1), out, _ptr(out_w), self.counters, self.blocks_done, np.uint64(self._err_ptr),
                 np.int64(self.timeout_ns)),
                stream=self.stream)
-        return out, out_w, self._end(cur, async_finish)
+        return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
 
     # ------------------------------------------------------------------ #
     def low_latency_dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,

@@ -17,6 +17,7 @@ import numpy as np
 from . import sizing
 from .errors import BufferTooSmallError, InvalidInputError
 from .gpu_backend import NOTIFY_THREADS
+from .interop import dtype_of
 from .jit import KernelSpec, device_ptr as _ptr, index_type, launch
 
 
@@ -98,7 +99,7 @@ class GpuInternode:
         be = self.be
         k = 0 if topk_idx is None else topk_idx.shape[1]
         spec = self._spec("dispatch", ("kRanksPerNode", self.ranks_per_node),
-                          ("kHiddenInt4", x.shape[1] * x.dtype.itemsize // 16),
+                          ("kHiddenInt4", x.shape[1] * dtype_of(x).itemsize // 16),
                           ("kNumScales", 0 if scales is None else scales.shape[1]),
                           ("kNumTopk", k), ("IdxT", index_type(topk_idx)))
         launch(spec, (2 * routing.num_channels,), (32 * cfg.num_warps,),

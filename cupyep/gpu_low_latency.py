@@ -10,9 +10,11 @@ Peers reachable over NVLink are written with plain stores. The NVSHMEM-linked
 kernels put through NVSHMEM to peers without a mapping, or to every peer when
 ``transport='nvshmem'`` (or ``CUPYEP_LL_TRANSPORT=nvshmem``).
 
-Outputs are allocated per call. While the stream is being captured they come
-from arrays the buffer keeps per half instead, so a replayed graph writes
-memory that stays valid; run each shape once outside capture first.
+Outputs are allocated per call by the caller's framework (torch's caching
+allocator for torch callers; inside ``torch.cuda.graph`` that is the graph's
+pool). For CuPy callers, while the stream is being captured they come from
+arrays the buffer keeps per half instead, so a replayed graph writes memory
+that stays valid; run each shape once outside capture first.
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ class GpuLowLatency:
         self._recv_done_addr = [address(self._recv_done[h:h + 1]) for h in range(2)]
         # [R] int32, 1 = rank left out; with shrink a timed-out wait sets it.
         self.mask = cupy.zeros(backend.num_ranks, np.int32)
+        self._mask_ptr, self._finish_ptr = self.mask.data.ptr, self._finish.data.ptr
+        self._peers_ptr = self.sym.peers.data.ptr if self.sym is not None else 0
         self.shrink = bool(shrink)
         self.num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.transport = "auto"
@@ -102,8 +106,9 @@ class GpuLowLatency:
         return half
 
     def _array(self, key, shape, dtype, capturing):
-        """Fresh per call; a kept per-half array while capturing a graph."""
-        return self._kept.get(key, shape, dtype, capturing)
+        """Fresh per call from the caller's framework; for CuPy callers a kept
+        per-half array while capturing a graph."""
+        return self._kept.get(key, shape, dtype, capturing, alloc=self.be.frontend)
 
     def _kernel(self, name, num_args, *targs):
         """The loaded kernel (cached here: this lookup is on every call's path)."""
@@ -128,7 +133,7 @@ class GpuLowLatency:
         self.claim("low-latency")
         local = num_experts // r
         be.check_errors()
-        stream, cur = be.streams.begin(None, async_finish)
+        stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
         capturing = is_capturing(stream)
         half = self._next_half()
         off = lay.offsets(half)
@@ -148,22 +153,23 @@ class GpuLowLatency:
                           ("kRoundScale", fl(round_scale or use_ue8m0)), ("kUe8m0", fl(use_ue8m0)),
                           ("IdxT", index_type(topk_idx)))
 
-        args = [x.data.ptr, topk_idx.data.ptr, t, k, m, num_experts, be.rank, r, self.sym.ptr,
-                self.sym.peers.data.ptr, int(self.transport == "nvshmem"), off["dispatch_flags"],
-                off["dispatch_area"], off["send_area"], self._finish.data.ptr, self._recv_done_addr[half],
-                recv_x.data.ptr, address(recv_s), recv_count.data.ptr, src_info.data.ptr,
-                layout_range.data.ptr, recv_k.data.ptr, address(cumulative_stats), address(wait_stats),
-                self.mask.data.ptr, int(self.shrink), 0, be._err_ptr, be.timeout_ns]
+        args = [address(x), address(topk_idx), t, k, m, num_experts, be.rank, r, self.sym.ptr,
+                self._peers_ptr, int(self.transport == "nvshmem"), off["dispatch_flags"],
+                off["dispatch_area"], off["send_area"], self._finish_ptr, self._recv_done_addr[half],
+                address(recv_x), address(recv_s), address(recv_count), address(src_info),
+                address(layout_range), address(recv_k), address(cumulative_stats), address(wait_stats),
+                self._mask_ptr, int(self.shrink), 0, be._err_ptr, be.timeout_ns]
 
         def run(phases, stream):
             args[-3] = phases
             fn.launch(self.num_sms, _THREADS, args, stream)
 
         hook = self._send_then_receive(run, stream, return_recv_hook)
+        be.keep_for_stream(stream, cur, (x, topk_idx, recv_x, recv_s, recv_count, src_info, layout_range, recv_k))
         out = {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_count": recv_count,
                "src_info": src_info, "layout_range": layout_range,
                "routing": GpuLowLatencyState(recv_k, lay), "call_id": self.calls,
-               "event": be.streams.end(stream, cur, async_finish), "hook": hook}
+               "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), "hook": hook}
         return out
 
     def _send_then_receive(self, run, stream, return_recv_hook):
@@ -176,15 +182,15 @@ class GpuLowLatency:
 
     def _hook(self, launch_recv):
         done = []
+        frontend = self.be.frontend  # the caller's framework: its current stream at hook time
 
         def hook():
-            """Launch the receive half on the current stream (once)."""
+            """Launch the receive half on the caller's current stream (once)."""
             if done:
                 raise CupyepError("this receive hook was already called")
             done.append(True)
-            import cupy
             self.be.check_errors()
-            launch_recv(cupy.cuda.get_current_stream())
+            launch_recv(frontend.stream())
         return hook
 
     def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
@@ -198,14 +204,15 @@ class GpuLowLatency:
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
         be.check_errors()
-        stream, cur = be.streams.begin(None, async_finish)
+        stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
         capturing = is_capturing(stream)
         half = self._next_half()
         off = lay.offsets(half)
         if out is None:
             out = self._array(("c", half, t, lay.hidden), (t, lay.hidden), bfloat16, capturing)
-        zero_copy = x.data.ptr == self.sym.ptr + off["send_area"]
-        if not zero_copy and self.sym.ptr <= x.data.ptr < self.sym.ptr + self.num_rdma_bytes:
+        x_ptr = address(x)
+        zero_copy = x_ptr == self.sym.ptr + off["send_area"]
+        if not zero_copy and self.sym.ptr <= x_ptr < self.sym.ptr + self.num_rdma_bytes:
             raise InvalidInputError(
                 "low_latency_combine: x is a view of the low-latency buffer, but not of the send "
                 "area this call reads; take it from get_next_low_latency_combine_buffer() after the "
@@ -215,11 +222,11 @@ class GpuLowLatency:
                           ("kLogFmt", "true" if use_logfmt else "false"),
                           ("IdxT", index_type(topk_idx)))
 
-        args = [x.data.ptr, handle.src_info.data.ptr, st.recv_k.data.ptr, handle.layout_range.data.ptr,
-                topk_idx.data.ptr, topk_weights.data.ptr, t, k, lay.max_tokens, lay.num_experts, be.rank, r,
-                self.sym.ptr, self.sym.peers.data.ptr, int(self.transport == "nvshmem"), int(zero_copy),
+        args = [x_ptr, address(handle.src_info), address(st.recv_k), address(handle.layout_range),
+                address(topk_idx), address(topk_weights), t, k, lay.max_tokens, lay.num_experts, be.rank, r,
+                self.sym.ptr, self._peers_ptr, int(self.transport == "nvshmem"), int(zero_copy),
                 off["combine_flags"], off["combine_area"], off["send_area"], groups,
-                self._blocks_done_addr[half], out.data.ptr, address(wait_stats), self.mask.data.ptr,
+                self._blocks_done_addr[half], address(out), address(wait_stats), self._mask_ptr,
                 int(self.shrink), 0, be._err_ptr, be.timeout_ns]
 
         def run(phases, stream):
@@ -227,7 +234,8 @@ class GpuLowLatency:
             fn.launch(self.num_sms, _THREADS, args, stream)
 
         hook = self._send_then_receive(run, stream, return_recv_hook)
-        return {"combined_x": out, "event": be.streams.end(stream, cur, async_finish), "hook": hook}
+        be.keep_for_stream(stream, cur, (x, topk_idx, topk_weights, out))
+        return {"combined_x": out, "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), "hook": hook}
 
     def next_combine_buffer(self, handle):
         """[L, R*M, H] bf16 view of the send area the next call (a combine) reads in place."""

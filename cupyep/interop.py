@@ -1,9 +1,20 @@
 """Array interop: take arrays from any framework, give results back in kind.
 
-The reference backend works on NumPy; the GPU backend works on CuPy. Inputs are
-converted without copies where the memory allows it (DLPack on the GPU, buffer
-views on the CPU). bf16 travels as ml_dtypes' bfloat16 (or an int16 view where a
-framework lacks it) and FP8 as uint8 views, since CuPy has no float8 dtype.
+The reference backend works on NumPy: host inputs are viewed without copies.
+On the GPU a call meets its caller through a :class:`DeviceFrontend`, one per
+framework: it names the stream the call runs on (the framework's current
+stream), checks where inputs live, allocates outputs and hands them back.
+
+- torch: tensors go to the kernels as they are (their addresses); outputs are
+  allocated by torch's caching allocator on the caller's stream, so inside
+  ``torch.cuda.graph`` they come from the graph's pool and stay valid across
+  replays. No DLPack exchange, so no stream handshake on the hot path.
+- CuPy: arrays as they are; CuPy's current stream.
+- JAX: imported and exported through DLPack; the call runs on CuPy's current
+  stream (JAX has no current-stream notion to follow).
+
+bf16 travels as ml_dtypes' bfloat16 (or an int16 view where a framework lacks
+it) and FP8 as uint8, since CuPy has no float8 dtype.
 """
 from __future__ import annotations
 
@@ -11,6 +22,46 @@ import numpy as np
 
 from .errors import InvalidInputError
 from .fp8 import bfloat16, float8_e4m3
+
+_TORCH_TO_NUMPY = {}  # torch dtype -> NumPy dtype, filled on first use
+_NUMPY_TO_TORCH = {}
+
+
+def _torch_dtypes():
+    if not _TORCH_TO_NUMPY:
+        import torch
+        pairs = [(torch.bfloat16, bfloat16), (torch.float8_e4m3fn, float8_e4m3), (torch.float32, np.float32),
+                 (torch.float16, np.float16), (torch.float64, np.float64), (torch.int64, np.int64),
+                 (torch.int32, np.int32), (torch.int16, np.int16), (torch.int8, np.int8),
+                 (torch.uint8, np.uint8), (torch.bool, np.bool_)]
+        for t, n in pairs:
+            _TORCH_TO_NUMPY[t] = np.dtype(n)
+            _NUMPY_TO_TORCH[np.dtype(n)] = t
+    return _TORCH_TO_NUMPY, _NUMPY_TO_TORCH
+
+
+def dtype_of(a) -> np.dtype:
+    """NumPy dtype of a NumPy, CuPy or torch array (torch's mapped; fp8 as ml_dtypes')."""
+    dt = a.dtype
+    if isinstance(dt, np.dtype):
+        return dt
+    to_np = _TORCH_TO_NUMPY or _torch_dtypes()[0]
+    try:
+        return to_np[dt]
+    except KeyError:
+        raise InvalidInputError(f"unsupported dtype {dt}") from None
+
+
+def is_c_contiguous(a) -> bool:
+    flags = getattr(a, "flags", None)
+    return flags.c_contiguous if flags is not None else a.is_contiguous()
+
+
+def strides_of(a) -> tuple:
+    """Strides in bytes."""
+    if hasattr(a, "flags"):
+        return tuple(a.strides)
+    return tuple(s * a.element_size() for s in a.stride())
 
 
 def framework_of(a) -> str:
@@ -64,7 +115,8 @@ def to_numpy(a) -> np.ndarray:
 
 
 def to_cupy(a):
-    """A device array as CuPy, zero-copy through DLPack; fp8 becomes uint8."""
+    """A device array as CuPy, zero-copy through DLPack; fp8 becomes uint8.
+    (Off the hot path: calls take torch tensors through TorchFrontend.)"""
     import cupy
     fw = framework_of(a)
     if fw == "cupy":
@@ -110,12 +162,150 @@ def from_cupy(a, framework: str, fp8: bool = False):
     if a is None or framework == "cupy":
         return a
     if framework == "torch":
+        import warnings
+
         import torch
-        if a.dtype == np.bool_:
-            return torch.from_dlpack(a.view(np.uint8)).view(torch.bool)
-        t = torch.from_dlpack(a)
+        # A capsule carries no stream: torch.from_dlpack(a) would have the
+        # current torch stream wait on CuPy's, which breaks graph capture.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if a.dtype == np.bool_:
+                return torch.utils.dlpack.from_dlpack(a.view(np.uint8).toDlpack()).view(torch.bool)
+            t = torch.utils.dlpack.from_dlpack(a.toDlpack())
         return t.view(torch.float8_e4m3fn) if fp8 else t
     if framework == "jax":
         import jax.dlpack
         return jax.dlpack.from_dlpack(a)
     raise InvalidInputError(f"cannot return device arrays as {framework}")
+
+
+# ---- the GPU backend's callers ------------------------------------------- #
+def _external_stream(ptr: int, device_id: int):
+    import warnings
+
+    import cupy
+    with warnings.catch_warnings():  # CuPy 14 deprecates the class, not the need
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, device_id)
+
+
+class DeviceFrontend:
+    """How GPU calls meet arrays of one framework (CuPy; JAX through DLPack).
+
+    Args:
+        device_id: the buffer's CUDA device.
+    """
+
+    name = "cupy"
+    keeps_outputs_in_capture = True  # CuPy has no graph pool: cupyep.capture keeps them
+
+    def __init__(self, device_id: int):
+        self.device_id = device_id
+
+    def stream(self):
+        """The caller's current stream, as a CuPy stream."""
+        import cupy
+        return cupy.cuda.get_current_stream()
+
+    def stream_ptr(self) -> int:
+        return self.stream().ptr
+
+    def native(self, a):
+        """An input the kernels can read; raises InvalidInputError for host arrays."""
+        fw = framework_of(a)
+        if fw == "cupy":
+            if a.device.id != self.device_id:
+                raise InvalidInputError(f"array on GPU {a.device.id}, the buffer is on GPU {self.device_id}")
+            return a
+        return to_cupy(a)
+
+    def empty(self, shape, dtype):
+        import cupy
+        return cupy.empty(shape, dtype)
+
+    def back(self, a, fp8: bool = False):
+        """A result in the caller's framework (zero-copy)."""
+        return from_cupy(a, self.name, fp8)
+
+
+class JaxFrontend(DeviceFrontend):
+    name = "jax"
+
+
+class TorchFrontend(DeviceFrontend):
+    """torch tensors by address; outputs from torch's caching allocator."""
+
+    name = "torch"
+    keeps_outputs_in_capture = False  # torch.cuda.graph gives allocations its pool
+
+    def __init__(self, device_id: int):
+        import torch
+        super().__init__(device_id)
+        self._torch = torch
+        self._device = torch.device("cuda", device_id)
+        self._raw_stream = torch._C._cuda_getCurrentRawStream
+        self._streams = {}  # raw stream -> CuPy ExternalStream
+        self._f8 = torch.float8_e4m3fn
+        _torch_dtypes()
+
+    def stream_ptr(self) -> int:
+        return self._raw_stream(self.device_id)
+
+    def stream(self):
+        ptr = self._raw_stream(self.device_id)
+        s = self._streams.get(ptr)
+        if s is None:
+            s = self._streams[ptr] = _external_stream(ptr, self.device_id)
+        return s
+
+    def native(self, a):
+        if type(a).__module__.split(".")[0] != "torch":
+            return super().native(a)
+        if not a.is_cuda:
+            raise InvalidInputError("a CPU tensor was given to the GPU backend; move it to "
+                                    f"cuda:{self.device_id} first")
+        dev = a.get_device()
+        if dev != self.device_id:
+            raise InvalidInputError(f"tensor on cuda:{dev}, the buffer is on cuda:{self.device_id}")
+        return a  # read by address: autograd is the caller's business, as with detach()
+
+    def empty(self, shape, dtype):
+        return self._torch.empty(shape, dtype=_NUMPY_TO_TORCH[np.dtype(dtype)], device=self._device)
+
+    def record_stream(self, arrays, stream_ptr: int) -> None:
+        """Mark tensors as used on another stream, so that torch's allocator
+        does not hand their memory out before that stream's work is done."""
+        s = self._torch.cuda.ExternalStream(stream_ptr, device=self._device)
+        for a in arrays:
+            if a is not None and type(a).__module__.split(".")[0] == "torch":
+                a.record_stream(s)
+
+    def back(self, a, fp8: bool = False):
+        if a is None or type(a).__module__.split(".")[0] == "torch":
+            return a.view(self._f8) if fp8 and a is not None else a
+        return from_cupy(a, "torch", fp8)  # a view of cupyep's own memory
+
+
+def device_frontend(framework: str, device_id: int) -> DeviceFrontend:
+    if framework == "torch":
+        return TorchFrontend(device_id)
+    if framework == "jax":
+        return JaxFrontend(device_id)
+    if framework == "cupy":
+        return DeviceFrontend(device_id)
+    raise InvalidInputError("a host (NumPy) array was given to the GPU backend; move it to the GPU first")
+
+
+class HostFrontend:
+    """How reference-backend calls meet arrays of one framework (NumPy views)."""
+
+    keeps_outputs_in_capture = True
+
+    def __init__(self, framework: str):
+        self.name = framework
+
+    def native(self, a):
+        return to_numpy(a)
+
+    def back(self, a, fp8: bool = False):
+        return from_numpy(a, self.name, fp8)

@@ -23,6 +23,7 @@ from importlib import resources
 from typing import Tuple
 
 from .errors import BackendUnavailableError, CupyepError
+from .interop import dtype_of
 
 DEBUG = os.environ.get("CUPYEP_JIT_DEBUG", "") not in ("", "0")
 
@@ -265,35 +266,49 @@ def get_kernel(spec: KernelSpec):
 
 
 def device_ptr(a):
-    """Kernel argument for CuPy's call: address(a) as a NumPy uint64."""
+    """Kernel argument for a launch: address(a) as a NumPy uint64."""
     import numpy as np
     return np.uint64(address(a))
 
 
 def index_type(arr) -> str:
     """C++ type of an int64 or int32 index array (a template argument)."""
-    import numpy as np
-    return "long long" if arr is None or arr.dtype == np.int64 else "int"
+    return "long long" if arr is None or dtype_of(arr) == _INT64 else "int"
+
+
+_packed = {}
+_INT64 = __import__("numpy").dtype("int64")
 
 
 def launch(spec: KernelSpec, grid, block, args, shared_mem: int = 0, stream=None):
-    """Launch ``spec`` on ``stream`` (default: the current CuPy stream)."""
-    fn, _ = get_kernel(spec)
-    if DEBUG:
-        print(f"[cupyep.jit] launch {spec.instantiation} grid={grid} block={block} smem={shared_mem}",
-              flush=True)
+    """Launch ``spec`` on ``stream`` (default: CuPy's current stream).
+
+    ``args`` may hold arrays (CuPy or torch: passed by address), NumPy or
+    Python integers; every kernel parameter is an integer or a pointer.
+    """
+    import cupy
     if stream is None:
-        fn(grid, block, args, shared_mem=shared_mem)
-    else:
-        with stream:
-            fn(grid, block, args, shared_mem=shared_mem)
+        stream = cupy.cuda.get_current_stream()
+    key = (spec, len(args), cupy.cuda.runtime.getDevice())
+    fn = _packed.get(key)
+    if fn is None:
+        fn = _packed[key] = PackedKernel(spec, len(args))
+    fn.launch(grid[0] if isinstance(grid, tuple) else grid, block[0] if isinstance(block, tuple) else block,
+              [_arg(a) for a in args], stream, shared_mem)
+
+
+def _arg(a) -> int:
+    if isinstance(a, int):
+        return a
+    if hasattr(a, "shape") and a.shape != ():  # an array
+        return address(a)
+    return int(a)  # a NumPy scalar
 
 
 class PackedKernel:
     """A kernel whose arguments are written into one block it keeps, then
-    launched with cuLaunchKernel: for the low-latency kernels' ~28
-    arguments CuPy's generic call (which converts each one) cost ~15 us of
-    host time per launch.
+    launched with cuLaunchKernel: CuPy's generic call converts each argument
+    (~15 us of host time for the low-latency kernels' ~28).
 
     Every argument sits in its own 8-byte slot, as a little-endian int64:
     an ``int`` parameter reads the slot's low 4 bytes (the same value for
@@ -312,7 +327,7 @@ class PackedKernel:
         self._params = np.arange(num_args, dtype=np.uint64) * np.uint64(8) + np.uint64(self._values.ctypes.data)
         self._params_addr = int(self._params.ctypes.data)
 
-    def launch(self, grid: int, block: int, values, stream) -> None:
+    def launch(self, grid: int, block: int, values, stream, shared_mem: int = 0) -> None:
         """One launch of grid x block threads on ``stream`` (a CuPy stream)."""
         from cupy.cuda import driver
         if len(values) != len(self._values):
@@ -320,10 +335,14 @@ class PackedKernel:
                               f"the kernel takes {len(self._values)}")
         self._values[:] = values
         if DEBUG:
-            print(f"[cupyep.jit] launch {self.spec.instantiation} grid={grid} block={block}", flush=True)
-        driver.launchKernel(self._fn, grid, 1, 1, block, 1, 1, 0, stream.ptr, self._params_addr, 0)
+            print(f"[cupyep.jit] launch {self.spec.instantiation} grid={grid} block={block} "
+                  f"smem={shared_mem} stream={stream.ptr:#x}", flush=True)
+        driver.launchKernel(self._fn, grid, 1, 1, block, 1, 1, shared_mem, stream.ptr, self._params_addr, 0)
 
 
 def address(a) -> int:
-    """Device address of an array (a Python int), 0 for None."""
-    return 0 if a is None else a.data.ptr
+    """Device address of a CuPy array or torch tensor (a Python int), 0 for None."""
+    if a is None:
+        return 0
+    data_ptr = getattr(a, "data_ptr", None)
+    return data_ptr() if data_ptr is not None else a.data.ptr

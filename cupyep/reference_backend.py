@@ -36,7 +36,7 @@ class ReferenceBackend:
 
     def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert,
                  num_experts, expert_alignment, num_worst_tokens, config, previous_event,
-                 async_finish):
+                 async_finish, layout_in_call=False):
         if topk_idx is not None:
             validation.check_expert_range_host(topk_idx, num_experts)
         return reference.dispatch(self.comm, x, scales, topk_idx, topk_weights, is_token_in_rank,

@@ -1,7 +1,8 @@
 """Argument checks that run before anything is launched.
 
 They read only shapes, dtypes and strides (never array contents on the GPU),
-so they cost no synchronisation. Arrays are backend-native (NumPy or CuPy).
+so they cost no synchronisation. Arrays are backend-native: NumPy, CuPy, or
+torch CUDA tensors (dtypes compared as NumPy's through interop.dtype_of).
 """
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import numpy as np
 
 from .errors import InvalidInputError
 from .fp8 import FP8_GROUP, bfloat16, float8_e4m3
+from .interop import dtype_of, is_c_contiguous, strides_of
 
 _FP8_DTYPES = (float8_e4m3, np.dtype(np.uint8))
 
 
 def check_contiguous(a, name: str) -> None:
-    if not a.flags.c_contiguous:
-        raise InvalidInputError(f"{name} must be C-contiguous (got strides {a.strides})")
+    if not is_c_contiguous(a):
+        raise InvalidInputError(f"{name} must be C-contiguous (got strides {strides_of(a)} bytes)")
 
 
 def check_hidden(hidden: int) -> None:
@@ -29,8 +31,8 @@ def check_hidden(hidden: int) -> None:
 def check_bf16_rows(x, name: str = "x", rows: int | None = None) -> None:
     """x: [rows, H] bf16, contiguous, H supported."""
     if x.ndim != 2:
-        raise InvalidInputError(f"{name} must be 2-D [tokens, hidden], got shape {x.shape}")
-    if x.dtype != bfloat16:
+        raise InvalidInputError(f"{name} must be 2-D [tokens, hidden], got shape {tuple(x.shape)}")
+    if dtype_of(x) != bfloat16:
         raise InvalidInputError(f"{name} must be bfloat16, got {x.dtype}")
     check_contiguous(x, name)
     check_hidden(x.shape[1])
@@ -40,14 +42,14 @@ def check_bf16_rows(x, name: str = "x", rows: int | None = None) -> None:
 
 def check_fp8_pair(q, scales, name: str = "x") -> None:
     """(q [T, H] e4m3 or uint8, scales [T, H/128] fp32)."""
-    if q.ndim != 2 or q.dtype not in _FP8_DTYPES:
+    if q.ndim != 2 or dtype_of(q) not in _FP8_DTYPES:
         raise InvalidInputError(
             f"{name}[0] must be 2-D float8_e4m3fn (or its uint8 view), got "
-            f"{q.dtype} {q.shape}")
+            f"{q.dtype} {tuple(q.shape)}")
     check_contiguous(q, f"{name}[0]")
     check_hidden(q.shape[1])
     want = (q.shape[0], q.shape[1] // FP8_GROUP)
-    if scales.dtype != np.float32 or tuple(scales.shape) != want:
+    if dtype_of(scales) != np.float32 or tuple(scales.shape) != want:
         raise InvalidInputError(
             f"{name}[1] (scales) must be float32 of shape {want}, got "
             f"{scales.dtype} {tuple(scales.shape)}")
@@ -56,9 +58,9 @@ def check_fp8_pair(q, scales, name: str = "x") -> None:
 
 def check_topk(topk_idx, topk_weights, num_tokens: int) -> None:
     """topk_idx [T, K] int64/int32; topk_weights [T, K] fp32 or None."""
-    if topk_idx.ndim != 2 or topk_idx.dtype not in (np.int64, np.int32):
+    if topk_idx.ndim != 2 or dtype_of(topk_idx) not in (np.int64, np.int32):
         raise InvalidInputError(
-            f"topk_idx must be 2-D int64 (or int32), got {topk_idx.dtype} {topk_idx.shape}")
+            f"topk_idx must be 2-D int64 (or int32), got {topk_idx.dtype} {tuple(topk_idx.shape)}")
     if topk_idx.shape[0] != num_tokens:
         raise InvalidInputError(
             f"topk_idx has {topk_idx.shape[0]} rows but x has {num_tokens} tokens")
@@ -66,7 +68,7 @@ def check_topk(topk_idx, topk_weights, num_tokens: int) -> None:
         raise InvalidInputError("topk_idx needs at least one column")
     check_contiguous(topk_idx, "topk_idx")
     if topk_weights is not None:
-        if topk_weights.dtype != np.float32:
+        if dtype_of(topk_weights) != np.float32:
             raise InvalidInputError(f"topk_weights must be float32, got {topk_weights.dtype}")
         if tuple(topk_weights.shape) != tuple(topk_idx.shape):
             raise InvalidInputError(
@@ -101,7 +103,7 @@ def check_node_limit(is_token_in_rank: np.ndarray, num_ranks_per_node: int, max_
 
 
 def check_is_token_in_rank(is_token_in_rank, num_tokens: int, num_ranks: int) -> None:
-    if is_token_in_rank.dtype != np.bool_ or tuple(is_token_in_rank.shape) != (num_tokens, num_ranks):
+    if dtype_of(is_token_in_rank) != np.bool_ or tuple(is_token_in_rank.shape) != (num_tokens, num_ranks):
         raise InvalidInputError(
             f"is_token_in_rank must be bool [{num_tokens}, {num_ranks}], got "
             f"{is_token_in_rank.dtype} {tuple(is_token_in_rank.shape)}")

@@ -26,6 +26,15 @@ def to_host(a, dtype=None):
     """A result back to NumPy (uint8 FP8 views become e4m3 again)."""
     if a is None:
         return None
+    if type(a).__module__.startswith("torch"):
+        import torch
+        a = a.detach().cpu()
+        if a.dtype == torch.bfloat16:
+            return a.view(torch.int16).numpy().view(bfloat16)
+        if a.dtype == torch.float8_e4m3fn:
+            return a.view(torch.uint8).numpy().view(float8_e4m3)
+        a = a.numpy()
+        return a.view(dtype) if dtype is not None and a.dtype != dtype else a
     if type(a).__module__.startswith("cupy"):
         import cupy
         if a.dtype == bfloat16:

@@ -16,11 +16,23 @@ def numpy_as_cupy(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
 
 
+class HostAlloc:
+    """A frontend stand-in: NumPy arrays; keeps_outputs_in_capture like CuPy's, or like torch's."""
+
+    def __init__(self, keeps):
+        self.keeps_outputs_in_capture = keeps
+
+    def empty(self, shape, dtype):
+        return np.full(shape, 7, dtype)
+
+
 def test_fresh_outside_capture(numpy_as_cupy):
     kept = KeptArrays()
     a, b = kept.get("x", 4, np.int32, False), kept.get("x", 4, np.int32, False)
     assert a is not b and a.shape == (4,)
-    assert not kept.get("z", (2, 3), np.float32, False, zero=True).any()
+    alloc = HostAlloc(True)
+    c = kept.get("x", 4, np.int32, False, alloc=alloc)
+    assert c is not kept.get("x", 4, np.int32, False, alloc=alloc) and (c == 7).all()
 
 
 def test_kept_per_key_shape_and_dtype_while_capturing(numpy_as_cupy):
@@ -30,8 +42,17 @@ def test_kept_per_key_shape_and_dtype_while_capturing(numpy_as_cupy):
     assert kept.get("y", (2, 3), np.int32, True) is not a
     assert kept.get("x", (3, 2), np.int32, True) is not a
     assert kept.get("x", (2, 3), np.int64, True) is not a
-    a[...] = 7
-    assert not kept.get("x", (2, 3), np.int32, True, zero=True).any()  # zeroed again, same array
+
+
+def test_graph_pool_allocators_are_not_kept(numpy_as_cupy):
+    """torch gives allocations made during capture the graph's pool: nothing to keep."""
+    kept = KeptArrays()
+    torch_like = HostAlloc(False)
+    a = kept.get("x", (2, 3), np.int32, True, alloc=torch_like)
+    assert kept.get("x", (2, 3), np.int32, True, alloc=torch_like) is not a
+    cupy_like = HostAlloc(True)
+    b = kept.get("x", (2, 3), np.int32, True, alloc=cupy_like)
+    assert kept.get("x", (2, 3), np.int32, True, alloc=cupy_like) is b
 
 
 def test_is_capturing_tolerates_streams_without_the_query():

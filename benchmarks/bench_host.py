@@ -1,0 +1,219 @@
+"""Host cost of each call from Python, per framework, beside its kernel time.
+
+    mpirun -n N python benchmarks/bench_host.py [--frameworks torch cupy jax] [--iters 200]
+
+What a serving loop feels: for every call, (1) the host time of one call with
+the GPU idle (``perf_counter`` around the call, the ranks lined up by a
+barrier and the device synchronised before each; the call returns once its
+kernels are queued, except a normal dispatch without ``num_worst_tokens``,
+which waits for the counts of its notify kernel), (2) the time per call of a
+back-to-back loop of calls (queued without synchronising; the last one
+waited for), and (3) the kernel time of the same call from the CUDA profiler.
+When (2) is close to (3) the host cost hides behind the kernels.
+
+Shapes: low latency 128 tokens x 7168, top-8 of 288 experts, FP8 dispatch,
+BF16 combine; normal --normal-tokens x 7168, top-8 of 256 experts.
+Frameworks: torch tensors, CuPy arrays, JAX arrays (each where installed),
+and the DeepEP facade (torch). Median over --iters. One rank per GPU for
+figures (ranks that share a GPU are flagged).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX beside torch and CuPy
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cupyep  # noqa: E402
+from cupyep import fp8  # noqa: E402
+from cupyep.bench import experts_for_ranks, profiled_kernels  # noqa: E402
+
+
+def host_us(call, iters, group):
+    """Median host time (us) of one call, the GPU idle and the ranks lined up."""
+    import cupy
+    times = []
+    for _ in range(iters):
+        cupy.cuda.Device().synchronize()
+        group.comm.Barrier()
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e6)
+    cupy.cuda.Device().synchronize()
+    return statistics.median(times)
+
+
+def loop_us(call, iters, group):
+    """Time per call (us) of ``iters`` calls back to back, the last one waited for."""
+    import cupy
+    cupy.cuda.Device().synchronize()
+    group.comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        call()
+    cupy.cuda.Device().synchronize()
+    return (time.perf_counter() - t0) * 1e6 / iters
+
+
+def kernel_us(call, iters):
+    """Summed median profiler duration (us) of the kernels one call launches."""
+    kernels = profiled_kernels([call], iters)
+    if kernels is None:
+        return float("nan")
+    return sum(statistics.median(v) for v in kernels.values())
+
+
+def convert(arrays, framework):
+    """CuPy arrays to ``framework`` (torch, cupy or jax), zero-copy."""
+    import cupy
+    out = []
+    for a in arrays:
+        if framework == "cupy":
+            out.append(a)
+        elif framework == "torch":
+            import torch
+            if a.dtype == fp8.bfloat16:
+                out.append(torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16))
+            else:
+                out.append(torch.from_dlpack(a))
+        else:
+            import jax.dlpack
+            out.append(jax.dlpack.from_dlpack(cupy.ascontiguousarray(a)))
+    return out
+
+
+def low_latency_calls(buf, arrays, args, framework):
+    """{name: call} for the low-latency dispatch, combine and the pair."""
+    x, idx, w, y = arrays
+    m, e = args.ll_tokens, args.ll_experts
+    state = {}
+
+    def dispatch():
+        state["d"] = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
+
+    dispatch()
+    handle = state["d"].handle
+
+    def combine():
+        buf.low_latency_combine(y, idx, w, handle)
+
+    def pair():
+        d = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
+        buf.low_latency_combine(y, idx, w, d.handle)
+
+    buf.low_latency_combine(y, idx, w, handle)  # even number of calls: halves alternate
+    return {"LL dispatch": dispatch, "LL combine": combine, "LL pair": pair}
+
+
+def facade_calls(buf, arrays, args):
+    x, idx, w, y = arrays
+    m, e = args.ll_tokens, args.ll_experts
+
+    def pair():
+        _, _, handle, _, _ = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
+        buf.low_latency_combine(y, idx, w, handle)
+    return {"LL pair (deep_ep facade)": pair}
+
+
+def normal_calls(buf, arrays, args, framework):
+    x, idx, w = arrays
+    e = args.normal_experts
+    lay = buf.get_dispatch_layout(idx, e)
+    d = buf.dispatch(x, idx, w, layout=lay)
+    worst = args.normal_tokens * buf.num_ranks
+
+    def combine():
+        buf.combine(d.recv_x, d.handle, d.recv_topk_weights)
+    return {
+        "layout": lambda: buf.get_dispatch_layout(idx, e),
+        "dispatch (layout given, waits for counts)": lambda: buf.dispatch(x, idx, w, layout=lay),
+        "dispatch (worst-token, no wait)": lambda: buf.dispatch(x, idx, w, layout=lay, num_worst_tokens=worst),
+        "cached dispatch": lambda: buf.dispatch(x, handle=d.handle),
+        "combine": combine,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frameworks", nargs="+", default=["torch", "cupy", "jax"])
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--ll-tokens", type=int, default=128)
+    ap.add_argument("--ll-experts", type=int, default=288)
+    ap.add_argument("--normal-tokens", type=int, default=4096)
+    ap.add_argument("--normal-experts", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--no-normal", action="store_true")
+    args = ap.parse_args()
+    import cupy
+    group = cupyep.Group()
+    r = group.size
+    args.ll_experts = experts_for_ranks(args.ll_experts, r)
+    args.normal_experts = experts_for_ranks(args.normal_experts, r)
+    h, k = args.hidden, args.topk
+    nvl = cupyep.nvl_size_hint(h, args.normal_tokens, r, k)
+    rdma = cupyep.low_latency_size_hint(args.ll_tokens, h, r, args.ll_experts)
+    # The facade's buffer comes second: the symmetric heap must hold both.
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(nvl + 2 * rdma + (256 << 20)))
+    buf = cupyep.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, backend="gpu")
+    rng = np.random.default_rng(1 + group.rank)
+
+    def device_inputs(t, e):
+        x = cupy.asarray(rng.standard_normal((t, h)).astype(fp8.bfloat16).view(np.uint16)).view(fp8.bfloat16)
+        idx = cupy.asarray(np.argsort(rng.random((t, e)), axis=1)[:, :k].astype(np.int64))
+        w = cupy.asarray(rng.random((t, k)).astype(np.float32))
+        return x, idx, w
+
+    ll = device_inputs(args.ll_tokens, args.ll_experts)
+    y = cupy.ones((args.ll_experts // r, r * args.ll_tokens, h), fp8.bfloat16)
+    normal = device_inputs(args.normal_tokens, args.normal_experts)
+    rows = []  # (framework, call, host us, loop us, kernel us)
+    available = []
+    for fw in args.frameworks:
+        try:
+            __import__(fw)
+            available.append(fw)
+        except ImportError:
+            pass
+    available = group.comm.bcast(available if group.rank == 0 else None)
+    facade = None
+    for fw in available:
+        if fw == "torch":
+            import torch
+            torch.cuda.set_device(buf._impl.rt.device_id)
+        calls = low_latency_calls(buf, convert((*ll, y), fw), args, fw)
+        if fw == "torch":
+            from cupyep import deep_ep
+            facade = deep_ep.Buffer(group.comm, num_rdma_bytes=rdma, low_latency_mode=True)
+            calls.update(facade_calls(facade, convert((*ll, y), fw), args))
+        if not args.no_normal:
+            calls.update(normal_calls(buf, convert(normal, fw), args, fw))
+        for name, call in calls.items():
+            call()
+            call()  # compiled, pools filled
+            host = host_us(call, args.iters, group)
+            loop = loop_us(call, args.iters, group)
+            kern = kernel_us(call, min(args.iters, 50)) if fw == "torch" else float("nan")
+            rows.append((fw, name, host, loop, kern))
+    from mpi4py import MPI
+    worst = [(fw, n, group.comm.allreduce(a, op=MPI.MAX), group.comm.allreduce(b, op=MPI.MAX), c)
+             for fw, n, a, b, c in rows]
+    if group.rank == 0:
+        from cupyep.runtime import card_label
+        print(f"\ncupyep host cost per call, {card_label(group)}; LL {args.ll_tokens} x {h}, top-{k} of "
+              f"{args.ll_experts}, FP8 dispatch; normal {args.normal_tokens} x {h}, top-{k} of "
+              f"{args.normal_experts}; median of {args.iters}, slowest rank")
+        print(f"{'framework':9s} {'call':42s} {'host/call us':>12s} {'loop/call us':>12s} {'kernels us':>10s}")
+        for fw, n, a, b, c in worst:
+            print(f"{fw:9s} {n:42s} {a:12.1f} {b:12.1f} {c:10.1f}")
+    if facade is not None:
+        facade.destroy()
+    buf.destroy()
+    group.destroy()
+
+
+if __name__ == "__main__":
+    main()
