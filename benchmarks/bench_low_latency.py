@@ -221,7 +221,6 @@ def main():
     ap.add_argument("--profile", action="store_true", help="cProfile 100 calls on rank 0")
     args = ap.parse_args()
 
-    import cupy
     group = cupyep.Group()
     r = group.size
     rdma = cupyep.low_latency_size_hint(args.tokens, args.hidden, r, args.experts)

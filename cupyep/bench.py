@@ -276,8 +276,12 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--plot", default="cupyep-bench.png", help="PNG path ('' for none)")
     args = ap.parse_args(argv)
+    from .group import gpu_available
+    if not gpu_available():
+        raise SystemExit("python -m cupyep.bench measures the GPU kernels: it needs a CUDA GPU, CuPy and "
+                         "nvshmem4py (pip install 'cupyep[gpu]'), and none is usable here. Without a GPU, "
+                         "the reference backend runs the examples and tests (README).")
     group = Group()
-    import cupy
     buf, rows = run(group, args)
     if group.rank == 0:
         from cupyep.runtime import card_label

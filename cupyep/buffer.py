@@ -82,6 +82,12 @@ class Buffer:
     def num_ranks(self) -> int:
         return self.group.size
 
+    @property
+    def device_id(self) -> Optional[int]:
+        """The CUDA device this buffer's kernels run on (None on the reference
+        backend). torch users: ``torch.cuda.set_device(buf.device_id)``."""
+        return self._impl.rt.device_id if self.backend == "gpu" else None
+
     def _check_alive(self):
         self.group.check_alive()
         if self._destroyed:

@@ -185,7 +185,6 @@ class GpuBackend:
 
     # ------------------------------------------------------------------ #
     def get_dispatch_layout(self, topk_idx, num_experts):
-        import cupy
         from .types import DispatchLayout
         t, k = topk_idx.shape
         r, nodes = self.num_ranks, self.group.num_nodes

@@ -56,6 +56,7 @@ class GpuLowLatency:
         # per destination rank: messages and counts this rank's dispatch has written for it
         self._finish = cupy.zeros(backend.num_ranks, np.int32)
         self._kernels = {}
+        self._plans = {}  # per shape and transport: kernel and argument lists (see _dispatch_plan)
         self.source = "cupyep/low_latency.cu"  # the kernels' source (breakdown benchmarks swap variants in)
         self._blocks_done = cupy.zeros(2, np.int32)
         # per half: how many dispatch receive blocks are done reading the flags
@@ -105,11 +106,6 @@ class GpuLowLatency:
         self.calls += 1
         return half
 
-    def _array(self, key, shape, dtype, capturing):
-        """Fresh per call from the caller's framework; for CuPy callers a kept
-        per-half array while capturing a graph."""
-        return self._kept.get(key, shape, dtype, capturing, alloc=self.be.frontend)
-
     def _kernel(self, name, num_args, *targs):
         """The loaded kernel (cached here: this lookup is on every call's path)."""
         key = (self.source, name, targs, self._nvshmem_build)
@@ -121,56 +117,76 @@ class GpuLowLatency:
         return fn
 
     # ------------------------------------------------------------------ #
-    def dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish,
-                 return_recv_hook, cumulative_stats=None, wait_stats=None):
-        be = self.be
-        r = be.num_ranks
-        t, hidden = x.shape
-        k = topk_idx.shape[1]
-        if async_finish and return_recv_hook:
-            raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
+    def _dispatch_plan(self, m, hidden, num_experts, use_fp8, round_scale, use_ue8m0, idx_type):
+        """What a dispatch of these shapes needs besides its arrays: the
+        kernel, the outputs' shapes and, per half, its arguments but the
+        per-call ones (made once per shape: this is every decode step's path)."""
+        key = ("d", m, hidden, num_experts, use_fp8, round_scale or use_ue8m0, use_ue8m0, idx_type,
+               self.transport, self.source)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        be, r = self.be, self.be.num_ranks
         lay = self._layout(m, hidden, num_experts)
-        self.claim("low-latency")
-        local = num_experts // r
-        be.check_errors()
-        stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
-        capturing = is_capturing(stream)
-        half = self._next_half()
-        off = lay.offsets(half)
-        rows = r * m
-        kh = ("d", half, use_fp8, use_ue8m0, m, hidden, num_experts)
-        recv_x = self._array(kh + ("x",), (local, rows, hidden), np.uint8 if use_fp8 else bfloat16, capturing)
-        recv_s = None
-        if use_fp8:
-            recv_s = (self._array(kh + ("s",), (local, rows, hidden // 512), np.int32, capturing) if use_ue8m0
-                      else self._array(kh + ("s",), (local, rows, hidden // FP8_GROUP), np.float32, capturing))
-        recv_count = self._array(kh + ("c",), (local,), np.int32, capturing)
-        src_info = self._array(kh + ("i",), (local, rows), np.int32, capturing)
-        layout_range = self._array(kh + ("r",), (local, r), np.int64, capturing)
-        recv_k = self._array(kh + ("k",), (local, rows), np.int32, capturing)
+        local, rows = num_experts // r, r * m
         fl = lambda v: "true" if v else "false"  # noqa: E731
         fn = self._kernel("low_latency_dispatch", DISPATCH_ARGS, ("kHidden", hidden), ("kFp8", fl(use_fp8)),
                           ("kRoundScale", fl(round_scale or use_ue8m0)), ("kUe8m0", fl(use_ue8m0)),
-                          ("IdxT", index_type(topk_idx)))
+                          ("IdxT", idx_type))
+        scales = None
+        if use_fp8:
+            scales = ((local, rows, hidden // 512), np.int32) if use_ue8m0 else \
+                ((local, rows, hidden // FP8_GROUP), np.float32)
+        outputs = (((local, rows, hidden), np.uint8 if use_fp8 else bfloat16), scales, ((local,), np.int32),
+                   ((local, rows), np.int32), ((local, r), np.int64), ((local, rows), np.int32))
+        args = []
+        for half in range(2):
+            off = lay.offsets(half)
+            args.append([0, 0, 0, 0, m, num_experts, be.rank, r, self.sym.ptr, self._peers_ptr,
+                         int(self.transport == "nvshmem"), off["dispatch_flags"], off["dispatch_area"],
+                         off["send_area"], self._finish_ptr, self._recv_done_addr[half],
+                         0, 0, 0, 0, 0, 0, 0, 0, self._mask_ptr, int(self.shrink), 0, be._err_ptr,
+                         be.timeout_ns])
+        plan = self._plans[key] = (fn, lay, outputs, args)
+        return plan
 
-        args = [address(x), address(topk_idx), t, k, m, num_experts, be.rank, r, self.sym.ptr,
-                self._peers_ptr, int(self.transport == "nvshmem"), off["dispatch_flags"],
-                off["dispatch_area"], off["send_area"], self._finish_ptr, self._recv_done_addr[half],
-                address(recv_x), address(recv_s), address(recv_count), address(src_info),
-                address(layout_range), address(recv_k), address(cumulative_stats), address(wait_stats),
-                self._mask_ptr, int(self.shrink), 0, be._err_ptr, be.timeout_ns]
+    def _outputs(self, key, specs, capturing):
+        """Arrays of the given (shape, dtype) specs (None stays None), from the
+        caller's framework; CuPy callers' kept per key while capturing."""
+        fe = self.be.frontend
+        if not capturing or not fe.keeps_outputs_in_capture:
+            return [None if sp is None else fe.empty(*sp) for sp in specs]
+        return [None if sp is None else self._kept.get(key + (i,), sp[0], sp[1], True, alloc=fe)
+                for i, sp in enumerate(specs)]
+
+    def dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish,
+                 return_recv_hook, cumulative_stats=None, wait_stats=None):
+        be = self.be
+        t, hidden = x.shape
+        if async_finish and return_recv_hook:
+            raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
+        fn, lay, specs, half_args = self._dispatch_plan(m, hidden, num_experts, use_fp8, round_scale, use_ue8m0,
+                                                        index_type(topk_idx))
+        self.claim("low-latency")
+        be.check_errors()
+        stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
+        half = self._next_half()
+        outs = self._outputs(("d", half, id(specs)), specs, is_capturing(stream))
+        recv_x, recv_s, recv_count, src_info, layout_range, recv_k = outs
+        args = list(half_args[half])
+        args[0], args[1], args[2], args[3] = address(x), address(topk_idx), t, topk_idx.shape[1]
+        args[16:24] = [address(a) for a in (*outs, cumulative_stats, wait_stats)]
 
         def run(phases, stream):
             args[-3] = phases
             fn.launch(self.num_sms, _THREADS, args, stream)
 
         hook = self._send_then_receive(run, stream, return_recv_hook)
-        be.keep_for_stream(stream, cur, (x, topk_idx, recv_x, recv_s, recv_count, src_info, layout_range, recv_k))
-        out = {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_count": recv_count,
-               "src_info": src_info, "layout_range": layout_range,
-               "routing": GpuLowLatencyState(recv_k, lay), "call_id": self.calls,
-               "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), "hook": hook}
-        return out
+        be.keep_for_stream(stream, cur, (x, topk_idx, *outs))
+        return {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_count": recv_count,
+                "src_info": src_info, "layout_range": layout_range,
+                "routing": GpuLowLatencyState(recv_k, lay), "call_id": self.calls,
+                "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), "hook": hook}
 
     def _send_then_receive(self, run, stream, return_recv_hook):
         """Both halves in one launch, or the send half now and a hook for the other."""
@@ -193,41 +209,54 @@ class GpuLowLatency:
             launch_recv(frontend.stream())
         return hook
 
+    def _combine_plan(self, lay, use_logfmt, idx_type):
+        key = ("c", lay, use_logfmt, idx_type, self.transport, self.source)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        be = self.be
+        groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
+        fn = self._kernel("low_latency_combine", COMBINE_ARGS, ("kHidden", lay.hidden),
+                          ("kLogFmt", "true" if use_logfmt else "false"), ("IdxT", idx_type))
+        args = []
+        for half in range(2):
+            off = lay.offsets(half)
+            args.append([0, 0, 0, 0, 0, 0, 0, 0, lay.max_tokens, lay.num_experts, be.rank, be.num_ranks,
+                         self.sym.ptr, self._peers_ptr, int(self.transport == "nvshmem"), 0,
+                         off["combine_flags"], off["combine_area"], off["send_area"], groups,
+                         self._blocks_done_addr[half], 0, 0, self._mask_ptr, int(self.shrink), 0, be._err_ptr,
+                         be.timeout_ns])
+        plan = self._plans[key] = (fn, args)
+        return plan
+
     def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
                 use_logfmt=False, wait_stats=None):
         self.claim("low-latency")
         be = self.be
-        r = be.num_ranks
         st: GpuLowLatencyState = handle.state
         lay = st.layout
         t, k = topk_idx.shape
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
+        fn, half_args = self._combine_plan(lay, use_logfmt, index_type(topk_idx))
         be.check_errors()
         stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
-        capturing = is_capturing(stream)
         half = self._next_half()
-        off = lay.offsets(half)
-        if out is None:
-            out = self._array(("c", half, t, lay.hidden), (t, lay.hidden), bfloat16, capturing)
+        args = list(half_args[half])
+        send_area = self.sym.ptr + args[18]
         x_ptr = address(x)
-        zero_copy = x_ptr == self.sym.ptr + off["send_area"]
+        zero_copy = x_ptr == send_area
         if not zero_copy and self.sym.ptr <= x_ptr < self.sym.ptr + self.num_rdma_bytes:
+            self.calls -= 1  # nothing launched: the call sequence stays where it was
             raise InvalidInputError(
                 "low_latency_combine: x is a view of the low-latency buffer, but not of the send "
                 "area this call reads; take it from get_next_low_latency_combine_buffer() after the "
                 "dispatch and before any other low-latency call")
-        groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
-        fn = self._kernel("low_latency_combine", COMBINE_ARGS, ("kHidden", lay.hidden),
-                          ("kLogFmt", "true" if use_logfmt else "false"),
-                          ("IdxT", index_type(topk_idx)))
-
-        args = [x_ptr, address(handle.src_info), address(st.recv_k), address(handle.layout_range),
-                address(topk_idx), address(topk_weights), t, k, lay.max_tokens, lay.num_experts, be.rank, r,
-                self.sym.ptr, self._peers_ptr, int(self.transport == "nvshmem"), int(zero_copy),
-                off["combine_flags"], off["combine_area"], off["send_area"], groups,
-                self._blocks_done_addr[half], address(out), address(wait_stats), self._mask_ptr,
-                int(self.shrink), 0, be._err_ptr, be.timeout_ns]
+        if out is None:
+            out = self._outputs(("c", half), (((t, lay.hidden), bfloat16),), is_capturing(stream))[0]
+        args[0:8] = [x_ptr, address(handle.src_info), address(st.recv_k), address(handle.layout_range),
+                     address(topk_idx), address(topk_weights), t, k]
+        args[15], args[21], args[22] = int(zero_copy), address(out), address(wait_stats)
 
         def run(phases, stream):
             args[-3] = phases
@@ -235,7 +264,8 @@ class GpuLowLatency:
 
         hook = self._send_then_receive(run, stream, return_recv_hook)
         be.keep_for_stream(stream, cur, (x, topk_idx, topk_weights, out))
-        return {"combined_x": out, "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), "hook": hook}
+        return {"combined_x": out, "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr),
+                "hook": hook}
 
     def next_combine_buffer(self, handle):
         """[L, R*M, H] bf16 view of the send area the next call (a combine) reads in place."""

@@ -265,10 +265,9 @@ def get_kernel(spec: KernelSpec):
     return _loaded[(spec, dev)]
 
 
-def device_ptr(a):
-    """Kernel argument for a launch: address(a) as a NumPy uint64."""
-    import numpy as np
-    return np.uint64(address(a))
+def device_ptr(a) -> int:
+    """Kernel argument for an optional array: its address, 0 for None."""
+    return address(a)
 
 
 def index_type(arr) -> str:
@@ -297,12 +296,28 @@ def launch(spec: KernelSpec, grid, block, args, shared_mem: int = 0, stream=None
               [_arg(a) for a in args], stream, shared_mem)
 
 
+_ARG_CONVERTERS = {int: int}  # argument type -> how it becomes a Python int
+
+
 def _arg(a) -> int:
-    if isinstance(a, int):
-        return a
-    if hasattr(a, "shape") and a.shape != ():  # an array
-        return address(a)
-    return int(a)  # a NumPy scalar
+    convert = _ARG_CONVERTERS.get(type(a))
+    if convert is None:
+        if hasattr(a, "data_ptr"):  # torch tensor
+            convert = _torch_address
+        elif hasattr(a, "data") and hasattr(a, "shape") and a.shape != ():  # CuPy array
+            convert = _cupy_address
+        else:  # a NumPy scalar
+            convert = int
+        _ARG_CONVERTERS[type(a)] = convert
+    return convert(a)
+
+
+def _torch_address(a) -> int:
+    return a.data_ptr()
+
+
+def _cupy_address(a) -> int:
+    return a.data.ptr
 
 
 class PackedKernel:

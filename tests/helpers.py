@@ -26,6 +26,9 @@ def to_host(a, dtype=None):
     """A result back to NumPy (uint8 FP8 views become e4m3 again)."""
     if a is None:
         return None
+    if type(a).__module__.split(".")[0] in ("jax", "jaxlib"):
+        a = np.asarray(a)
+        return a.view(dtype) if dtype is not None and a.dtype != dtype else a
     if type(a).__module__.startswith("torch"):
         import torch
         a = a.detach().cpu()
@@ -181,3 +184,16 @@ def replay_and_check(graph, stream, fill, check, replays):
             error = e
         if COMM.allreduce(error is not None, op=MPI.LOR):
             raise AssertionError(f"replay {i} failed on some rank; here: {error!r}")
+
+
+def agree_all(check):
+    """Run check() on every rank; raise everywhere if it raised anywhere (a
+    rank failing alone would leave the others waiting in the next collective)."""
+    from mpi4py import MPI
+    error = None
+    try:
+        check()
+    except Exception as e:  # noqa: BLE001 - reported after the vote
+        error = e
+    if COMM.allreduce(error is not None, op=MPI.LOR):
+        raise AssertionError(f"failed on some rank; here: {error!r}")

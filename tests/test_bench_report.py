@@ -1,6 +1,8 @@
 """python -m cupyep.bench: the report it prints and plots (the measuring needs GPUs)."""
 import os
 
+import pytest
+
 from cupyep import bench
 
 ROWS = [dict(kind="normal", tokens=t, fp8_dispatch=100.0 + t / 100, bf16_dispatch=200.0, combine=300.0,
@@ -29,3 +31,12 @@ def test_plot_writes_a_png_when_matplotlib_is_there(tmp_path):
 def test_experts_split_over_any_rank_count():
     assert [bench.experts_for_ranks(256, r) for r in (1, 2, 3, 4, 6, 8)] == [256, 256, 255, 256, 252, 256]
     assert bench.experts_for_ranks(4, 8) == 8
+
+
+def test_bench_without_a_gpu_says_what_it_needs(monkeypatch):
+    import cupyep
+    from cupyep import bench
+    if cupyep.gpu_available():
+        pytest.skip("a GPU is usable here")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU, CuPy and nvshmem4py"):
+        bench.main([])

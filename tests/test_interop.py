@@ -45,3 +45,31 @@ def test_buffer_returns_callers_framework(group, rng):
     assert isinstance(out.combined_x, torch.Tensor)
     assert torch.equal(out.combined_x, x)
     buf.destroy()
+
+
+@pytest.mark.gpu
+def test_jax_arrays_on_the_gpu(buffer, backend, rng):
+    """JAX arrays in, JAX arrays out (through DLPack); the calls run on CuPy's
+    current stream (JAX exposes none to follow), results exact."""
+    import os
+    if backend != "gpu":
+        pytest.skip("JAX on the GPU backend")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    jax = pytest.importorskip("jax")
+    try:
+        device = [d for d in jax.devices() if d.platform == "gpu"][buffer.device_id]
+    except (RuntimeError, IndexError):
+        pytest.skip("JAX has no GPU here")
+    from conftest import SIZE
+    from helpers import agree_all, gather, random_rows, random_topk
+    from test_low_latency import check_dispatch
+    m, h, num_experts = 16, 512, 4 * SIZE
+    x = random_rows(rng, m, h)
+    idx = random_topk(rng, m, num_experts, 2)
+    xj = jax.device_put(x, device)
+    d = buffer.low_latency_dispatch(xj, jax.device_put(idx, device), m, num_experts, use_fp8=False)
+    everyone = gather(x, idx)
+    agree_all(lambda: (type(d.recv_x).__module__.startswith("jax") or
+                       pytest.fail(f"recv_x came back as {type(d.recv_x)}"),
+                       check_dispatch(d, everyone, m, h, num_experts // SIZE, False, False, False)))
+    buffer.clean_low_latency_buffer()

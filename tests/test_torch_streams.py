@@ -8,7 +8,7 @@ import pytest
 import cupyep
 
 from conftest import COMM, SIZE
-from helpers import assert_close_bf16, bits, expected_dispatch, gather, random_rows, random_topk, to_host
+from helpers import agree_all, assert_close_bf16, bits, expected_dispatch, gather, random_rows, random_topk, to_host
 from test_low_latency import check_dispatch, expected_combine
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
@@ -31,15 +31,7 @@ def as_torch(a):
 
 
 def agree(check, *args):
-    """Run check on every rank and fail everywhere if it failed anywhere."""
-    from mpi4py import MPI
-    error = None
-    try:
-        check(*args)
-    except Exception as e:  # noqa: BLE001 - reported after the vote
-        error = e
-    if COMM.allreduce(error is not None, op=MPI.LOR):
-        raise AssertionError(f"failed on some rank; here: {error!r}")
+    agree_all(lambda: check(*args))
 
 
 class GraphInputs:
@@ -118,9 +110,10 @@ def test_calls_run_on_torchs_current_stream(gpu_buffer, rng):
     agree(check)
 
 
-@pytest.mark.parametrize("hook,zero_copy", [(False, False), (True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("api", ["cupyep", "deep_ep"])
-def test_low_latency_in_torch_graph(gpu_buffer, torch_world, rng, hook, zero_copy, api):
+@pytest.mark.parametrize("api,hook,zero_copy", [("cupyep", False, False), ("cupyep", True, False),
+                                                ("cupyep", False, True), ("cupyep", True, True),
+                                                ("deep_ep", False, False), ("deep_ep", True, True)])
+def test_low_latency_in_torch_graph(gpu_buffer, torch_world, rng, api, hook, zero_copy):
     """Dispatch, an expert step and combine in one torch.cuda.graph, replayed
     with new tokens and routing; every replay checked."""
     m, h, num_experts, k = 32, 2048, 4 * SIZE, 4
