@@ -94,7 +94,7 @@ def kernel_durations(buf, group, x, idx, w, args):
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
     times = profiled_kernel_times(list(pair_steps(dispatch, combine, {})), args.iters,
-                                  ["low_latency_dispatch", "low_latency_combine"])
+                                  ["ll::dispatch", "ll::combine"])
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
     return {} if times is None else dict(zip(("kernel_dispatch", "kernel_combine"), times))

@@ -130,7 +130,7 @@ class GpuLowLatency:
         lay = self._layout(m, hidden, num_experts)
         local, rows = num_experts // r, r * m
         fl = lambda v: "true" if v else "false"  # noqa: E731
-        fn = self._kernel("low_latency_dispatch", DISPATCH_ARGS, ("kHidden", hidden), ("kFp8", fl(use_fp8)),
+        fn = self._kernel("ll::dispatch", DISPATCH_ARGS, ("kHidden", hidden), ("kFp8", fl(use_fp8)),
                           ("kRoundScale", fl(round_scale or use_ue8m0)), ("kUe8m0", fl(use_ue8m0)),
                           ("IdxT", idx_type))
         scales = None
@@ -216,7 +216,7 @@ class GpuLowLatency:
             return plan
         be = self.be
         groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
-        fn = self._kernel("low_latency_combine", COMBINE_ARGS, ("kHidden", lay.hidden),
+        fn = self._kernel("ll::combine", COMBINE_ARGS, ("kHidden", lay.hidden),
                           ("kLogFmt", "true" if use_logfmt else "false"), ("IdxT", idx_type))
         args = []
         for half in range(2):

@@ -52,8 +52,8 @@ class KernelSpec:
 
     @property
     def readable_key(self) -> str:
-        """Filename-safe, e.g. ``dispatch-kNumRanks4-kHiddenInt4896``."""
-        parts = [self.name.split("::")[-1]]
+        """Filename-safe, e.g. ``dispatch-kNumRanks4-kHiddenInt4896``, ``ll-dispatch-...``."""
+        parts = [self.name.removeprefix("cupyep::").replace("::", "-")]
         parts += [f"{k}{re.sub(r'[^A-Za-z0-9]+', '', str(v))}" for k, v in self.template_args]
         return "-".join(parts)
 

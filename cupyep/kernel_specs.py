@@ -41,15 +41,15 @@ def representative_specs():
 def low_latency_specs(nvshmem=False):
     """FP8 (plain, power-of-two scales with UE8M0) and BF16 dispatch; combine, plain and LogFMT."""
     return [
-        _k("low_latency.cu", "low_latency_dispatch", ("kHidden", 7168), ("kFp8", "true"),
+        _k("low_latency.cu", "ll::dispatch", ("kHidden", 7168), ("kFp8", "true"),
            ("kRoundScale", "false"), ("kUe8m0", "false"), ("IdxT", "long long"), nvshmem=nvshmem),
-        _k("low_latency.cu", "low_latency_dispatch", ("kHidden", 2048), ("kFp8", "true"),
+        _k("low_latency.cu", "ll::dispatch", ("kHidden", 2048), ("kFp8", "true"),
            ("kRoundScale", "true"), ("kUe8m0", "true"), ("IdxT", "int"), nvshmem=nvshmem),
-        _k("low_latency.cu", "low_latency_dispatch", ("kHidden", 5120), ("kFp8", "false"),
+        _k("low_latency.cu", "ll::dispatch", ("kHidden", 5120), ("kFp8", "false"),
            ("kRoundScale", "false"), ("kUe8m0", "false"), ("IdxT", "long long"), nvshmem=nvshmem),
-        _k("low_latency.cu", "low_latency_combine", ("kHidden", 7168), ("kLogFmt", "false"),
+        _k("low_latency.cu", "ll::combine", ("kHidden", 7168), ("kLogFmt", "false"),
            ("IdxT", "long long"), nvshmem=nvshmem),
-        _k("low_latency.cu", "low_latency_combine", ("kHidden", 2048), ("kLogFmt", "true"),
+        _k("low_latency.cu", "ll::combine", ("kHidden", 2048), ("kLogFmt", "true"),
            ("IdxT", "int"), nvshmem=nvshmem),
     ]
 

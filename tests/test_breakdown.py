@@ -10,7 +10,7 @@ import pytest
 _BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 # kernel file, and a text each kernel's inlined source holds
 _CASES = {"breakdown_normal": ("receive_channel", "__global__ void __launch_bounds__(1024, 1)\ncombine("),
-          "breakdown_low_latency": ("low_latency_dispatch(", "low_latency_combine(")}
+          "breakdown_low_latency": ("\ndispatch(const __nv_bfloat16", "\ncombine(const __nv_bfloat16")}
 
 
 @pytest.fixture(scope="module", params=sorted(_CASES))

@@ -130,3 +130,64 @@ def test_static_helpers_and_config():
         deep_ep.Buffer.set_num_sms(7)
     deep_ep.Buffer.set_num_sms(old)
     deep_ep.EventOverlap().current_stream_wait()  # a synchronous call's event: nothing to wait for
+
+
+def test_handles_are_deepep_tuples(torch_world, buffer, backend, inputs):
+    """Every element of the intranode and low-latency handle tuples, against
+    values computed here from every rank's inputs (DeepEP's definitions) and
+    against cupyep's own handle; mixing handles is refused."""
+    from conftest import COMM, RANK
+    from helpers import agree_all
+    (x, topk_idx, topk_weights), arrays, num_experts = inputs
+    facade = deep_ep.Buffer(torch_world, num_nvl_bytes=cupyep.nvl_size_hint(512, 40, SIZE, 4),
+                            num_rdma_bytes=deep_ep.Buffer.get_low_latency_rdma_size_hint(64, 512, SIZE, num_experts),
+                            low_latency_mode=True, backend=backend)
+    try:
+        per_rank, _, per_expert, in_rank, _ = facade.get_dispatch_layout(topk_idx, num_experts)
+        config = deep_ep.Config(8)
+        recv_x, recv_idx, _, counts, handle, _ = facade.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=topk_idx, topk_weights=topk_weights, config=config)
+        plain_x, _, _, plain_counts, plain_handle, _ = facade.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            config=config)  # no top-k: per-expert counts still come back, as in DeepEP
+        native = buffer.dispatch(*arrays, num_experts=num_experts)
+        lx, lcount, lhandle, _, _ = facade.low_latency_dispatch(x, topk_idx, 64, num_experts, use_fp8=False)
+        everyone = COMM.allgather(host(in_rank).astype(bool))
+        sends = np.array([[m[:, j].sum() for j in range(SIZE)] for m in everyone])
+        c = 4  # channels of Config(8)
+
+        def check():
+            assert isinstance(handle, tuple) and len(handle) == 6 and isinstance(lhandle, tuple) and len(lhandle) == 5
+            rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx, hin_rank, send_head = handle
+            np.testing.assert_array_equal(host(rank_prefix), np.cumsum(sends, 0))
+            mine = host(in_rank).astype(bool)
+            per = -(-mine.shape[0] // c)
+            want_chan = np.stack([np.cumsum([mine[k * per:(k + 1) * per, j].sum() for k in range(c)])
+                                  for j in range(SIZE)])
+            np.testing.assert_array_equal(host(channel_prefix), want_chan)
+            starts = np.cumsum(sends[:, RANK]) - sends[:, RANK]
+            theirs = [np.concatenate([[0], np.cumsum([m[k * per:(k + 1) * per, RANK].sum() for k in range(c)])[:-1]])
+                      for m in everyone]
+            np.testing.assert_array_equal(host(recv_channel_prefix), starts[:, None] + np.stack(theirs))
+            np.testing.assert_array_equal(host(recv_src_idx), host(native.handle.recv_src_idx))
+            np.testing.assert_array_equal(host(hin_rank), mine)
+            np.testing.assert_array_equal(host(send_head), np.where(mine, np.cumsum(mine, 0) - 1, -1))
+            assert host(rank_prefix)[-1, RANK] == recv_x.shape[0]
+            assert counts == list(native.num_recv_tokens_per_expert) == plain_counts
+            assert recv_idx.dtype == topk_idx.dtype and same(plain_x, recv_x)
+            src_info, layout_range, m, hidden, e = lhandle
+            assert (m, hidden, e) == (64, 512, num_experts)
+            assert src_info is lhandle.cupyep_handle.src_info and layout_range is lhandle.cupyep_handle.layout_range
+        agree_all(check)
+        with pytest.raises(cupyep.InvalidInputError, match="handle tuple this facade's dispatch returned"):
+            facade.combine(native.recv_x, native.handle)
+        with pytest.raises(cupyep.InvalidInputError, match="expected a DispatchHandle"):
+            buffer.combine(native.recv_x, handle)
+        with pytest.raises(cupyep.InvalidInputError, match="another buffer"):
+            facade.combine(recv_x, deep_ep.Handle(tuple(handle), native.handle, -1))
+        out, _, _ = facade.combine(plain_x, plain_handle)  # the buffer still works
+        assert out.shape == x.shape
+        facade.low_latency_combine(lx, topk_idx, topk_weights, lhandle)
+    finally:
+        facade.destroy()

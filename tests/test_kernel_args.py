@@ -15,8 +15,8 @@ def _num_params(source: str, kernel: str) -> int:
     return len([p for p in m.group(1).split(",") if p.strip()])
 
 
-@pytest.mark.parametrize("kernel, declared", [("low_latency_dispatch", gpu_low_latency.DISPATCH_ARGS),
-                                              ("low_latency_combine", gpu_low_latency.COMBINE_ARGS)])
+@pytest.mark.parametrize("kernel, declared", [("dispatch", gpu_low_latency.DISPATCH_ARGS),
+                                              ("combine", gpu_low_latency.COMBINE_ARGS)])
 def test_declared_argument_counts_match_the_kernels(kernel, declared):
     with open(os.path.join(jit.kernel_dir(), "cupyep", "low_latency.cu")) as f:
         source = f.read()

@@ -213,16 +213,17 @@ __device__ __forceinline__ unsigned ll_entry(int k, int local_expert, int slot) 
 // finish_count [R]: zero between calls (a destination's publishing warp
 // resets its entry). recv_done [1]: zero between calls (the receive half's
 // last block resets it), one per buffer half.
+namespace ll {  // cupyep::ll::dispatch: profilers written for DeepEP find "::dispatch"
 template <int kHidden, bool kFp8, bool kRoundScale, bool kUe8m0, typename IdxT>
 __global__ void __launch_bounds__(kLLThreads, 1)
-low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
-                     int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
-                     int num_ranks, char* local_base, char* const* peers, int force_put,
-                     long long off_flags, long long off_area, long long off_send, int* finish_count,
-                     int* recv_done, void* recv_x, void* recv_scales, int* recv_count, int* src_info,
-                     long long* layout_range, int* recv_k, int* cumulative_expert_stats,
-                     long long* wait_stats, int* mask, int shrink, int phases, int* err,
-                     long long timeout_ns) {
+dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
+         int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
+         int num_ranks, char* local_base, char* const* peers, int force_put,
+         long long off_flags, long long off_area, long long off_send, int* finish_count,
+         int* recv_done, void* recv_x, void* recv_scales, int* recv_count, int* src_info,
+         long long* layout_range, int* recv_k, int* cumulative_expert_stats,
+         long long* wait_stats, int* mask, int shrink, int phases, int* err,
+         long long timeout_ns) {
     constexpr int kMsg = ll_message_bytes(kHidden, kFp8);
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     // Consecutive tasks go to different SMs.
@@ -653,6 +654,7 @@ low_latency_dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict
         }
     }
 }
+}  // namespace ll
 
 // ----------------------------------------------------------------------------
 // LogFMT-10 (defined in cupyep/logfmt.py): per 64 channels, fp32 log2 of the
@@ -768,16 +770,17 @@ __device__ __forceinline__ void logfmt_decode8(const LogFmt8& in, float* f) {
 // be the send area itself: zero_copy); src_info, recv_k, layout_range from the
 // dispatch; topk_idx/topk_weights [T][K] of this rank's tokens; out [T][H].
 // num_groups warp groups per block each own one (local expert, destination).
+namespace ll {  // cupyep::ll::combine: profilers written for DeepEP find "::combine"
 template <int kHidden, bool kLogFmt, typename IdxT>
 __global__ void __launch_bounds__(kLLThreads, 1)
-low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
-                    const int* __restrict__ recv_k, const long long* __restrict__ layout_range,
-                    const IdxT* __restrict__ topk_idx, const float* __restrict__ topk_weights,
-                    int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
-                    int num_ranks, char* local_base, char* const* peers, int force_put,
-                    int zero_copy, long long off_flags, long long off_area, long long off_send,
-                    int num_groups, int* blocks_done, __nv_bfloat16* out, long long* wait_stats,
-                    int* mask, int shrink, int phases, int* err, long long timeout_ns) {
+combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
+        const int* __restrict__ recv_k, const long long* __restrict__ layout_range,
+        const IdxT* __restrict__ topk_idx, const float* __restrict__ topk_weights,
+        int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
+        int num_ranks, char* local_base, char* const* peers, int force_put,
+        int zero_copy, long long off_flags, long long off_area, long long off_send,
+        int num_groups, int* blocks_done, __nv_bfloat16* out, long long* wait_stats,
+        int* mask, int shrink, int phases, int* err, long long timeout_ns) {
     constexpr int kRowBytes = kHidden * 2;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int num_local = num_experts / num_ranks;
@@ -938,5 +941,6 @@ low_latency_combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__
         }
     }
 }
+}  // namespace ll
 
 }  // namespace cupyep
