@@ -172,13 +172,17 @@ def main():
     normal = device_inputs(args.normal_tokens, args.normal_experts)
     rows = []  # (framework, call, host us, loop us, kernel us)
     available = []
+    from mpi4py import MPI
     for fw in args.frameworks:
         try:
             __import__(fw)
+            convert(ll[:1], fw)  # JAX may import yet have no GPU
+            ok = True
+        except Exception as e:  # noqa: BLE001 - reported, then the framework is left out
+            print(f"rank {group.rank}: {fw} left out: {e!r}", flush=True)
+            ok = False
+        if group.comm.allreduce(ok, op=MPI.LAND):
             available.append(fw)
-        except ImportError:
-            pass
-    available = group.comm.bcast(available if group.rank == 0 else None)
     facade = None
     for fw in available:
         if fw == "torch":
@@ -198,7 +202,6 @@ def main():
             loop = loop_us(call, args.iters, group)
             kern = kernel_us(call, min(args.iters, 50)) if fw == "torch" else float("nan")
             rows.append((fw, name, host, loop, kern))
-    from mpi4py import MPI
     worst = [(fw, n, group.comm.allreduce(a, op=MPI.MAX), group.comm.allreduce(b, op=MPI.MAX), c)
              for fw, n, a, b, c in rows]
     if group.rank == 0:
