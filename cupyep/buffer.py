@@ -38,6 +38,10 @@ class Buffer:
         max_nodes_per_token: group-limited routing: each token's experts
             must lie on at most this many nodes (None: no limit). A dispatch
             whose layout breaks it raises InvalidInputError on every rank.
+        warmup: compile this buffer's kernels now instead of at first use,
+            e.g. ``dict(hidden=7168, num_topk=8)`` (more keys: those of
+            :func:`cupyep.warmup.warmup`; ranks and nodes are the group's).
+            GPU backend only; the ranks of a host share the compiles.
 
     Across nodes (``group.num_nodes > 1``) normal kernels also use
     ``num_rdma_bytes`` (:func:`cupyep.rdma_size_hint`), the memory
@@ -47,7 +51,7 @@ class Buffer:
 
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, backend: str = "auto", enable_shrink: bool = False,
-                 max_nodes_per_token: Optional[int] = None):
+                 max_nodes_per_token: Optional[int] = None, warmup: Optional[dict] = None):
         self.group = group if isinstance(group, Group) else Group(group)
         if max_nodes_per_token is not None and not 1 <= int(max_nodes_per_token) <= self.group.num_nodes:
             raise InvalidInputError(f"max_nodes_per_token must be in [1, {self.group.num_nodes}] "
@@ -70,6 +74,8 @@ class Buffer:
         else:
             raise InvalidInputError(f"backend must be 'auto', 'gpu' or 'reference', got {backend!r}")
         self.backend = backend
+        if warmup and backend == "gpu":
+            self._warmup(dict(warmup))
         self._frontends = {}  # framework name -> frontend
         self._destroyed = False
 
@@ -130,6 +136,16 @@ class Buffer:
         data = self._native(x, "x", fe)
         validation.check_bf16_rows(data)
         return data, None, fe
+
+    def _warmup(self, options: dict) -> None:
+        import os
+
+        from .warmup import warmup
+        g = self.group
+        options.setdefault("jobs", max(1, (os.cpu_count() or 1) // g.local_size))
+        options.setdefault("progress", None)
+        warmup(num_ranks=g.size, ranks_per_node=g.num_ranks_per_node if g.num_nodes > 1 else None,
+               nvshmem_low_latency=g.num_nodes > 1, **options)
 
     # ------------------------------------------------------------------ #
     def get_dispatch_layout(self, topk_idx, num_experts: int) -> DispatchLayout:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import sizing
+from . import kernel_specs, sizing
 from .config import Config, combine_senders, default_config, own_rows_receiver_share
 from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
 from .events import CallStreams
 from .fp8 import FP8_GROUP, bfloat16
 from .interop import DeviceFrontend, dtype_of
-from .jit import KernelSpec, device_ptr as _ptr, index_type, launch
+from .jit import device_ptr as _ptr, index_type, launch
 from .capture import KeptArrays, is_capturing
 from .runtime import mapped_host_ints
 
@@ -100,9 +100,6 @@ class GpuBackend:
         self.rt.sync_barrier()
 
     # ------------------------------------------------------------------ #
-    def _spec(self, source, name, *targs):
-        return KernelSpec(f"cupyep/{source}", f"cupyep::{name}", tuple(targs))
-
     def enter_call(self, frontend):
         """Start a call from ``frontend``'s framework; returns the caller's stream."""
         self.frontend = frontend
@@ -195,8 +192,7 @@ class GpuBackend:
         per_node = self._empty("per_node", nodes, np.int32, zero=True) if nodes > 1 else None
         in_rank = self._empty("in_rank", (t, r), np.bool_)
         if t:
-            spec = self._spec("layout.cu", "get_dispatch_layout", ("IdxT", index_type(topk_idx)),
-                              ("kNumTopk", k))
+            spec = kernel_specs.layout_spec(index_type(topk_idx), k)
             grid = min(max(1, (t + 255) // 256), 132)
             launch(spec, (grid,), (256,),
                    (topk_idx, np.int32(t), np.int32(num_experts), np.int32(r),
@@ -236,7 +232,7 @@ class GpuBackend:
                 offsets, expert_counts)
         else:
             send_pos = self._empty("send_pos", (t, r), np.int32)
-            spec = self._spec("intranode.cu", "notify_dispatch", ("kNumRanks", r))
+            spec = kernel_specs.intranode_notify(r)
             launch(spec, (c + 1,), (NOTIFY_THREADS,),
                    (is_token_in_rank, np.int32(t), np.int32(c), _ptr(per_expert), np.int32(local),
                     np.int32(expert_alignment), send_pos, self.nvl.peers, lay_dev, np.int32(self.rank),
@@ -290,10 +286,8 @@ class GpuBackend:
                          recv_src):
         hidden_bytes = x.shape[1] * dtype_of(x).itemsize
         k = 0 if topk_idx is None else topk_idx.shape[1]
-        spec = self._spec("intranode.cu", "dispatch", ("kNumRanks", self.num_ranks),
-                          ("kHiddenInt4", hidden_bytes // 16),
-                          ("kNumScales", 0 if scales is None else scales.shape[1]),
-                          ("kNumTopk", k), ("IdxT", index_type(topk_idx)))
+        spec = kernel_specs.intranode_dispatch(self.num_ranks, hidden_bytes,
+                                               0 if scales is None else scales.shape[1], k, index_type(topk_idx))
         launch(spec, (2 * cfg.num_channels,), (32 * cfg.num_warps,),
                (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), send_pos, np.int32(num_tokens),
                 np.int32(cfg.num_channels), self.nvl.peers, lay_dev, offsets, np.int32(self.rank),
@@ -303,7 +297,7 @@ class GpuBackend:
                stream=self.stream)
 
     def _barrier(self, lay_dev):
-        spec = self._spec("intranode.cu", "barrier", ("kNumRanks", self.num_ranks))
+        spec = kernel_specs.intranode_barrier(self.num_ranks)
         launch(spec, (1,), (32,), (self.nvl.peers, lay_dev, np.int32(self.rank), self.counters,
                                    np.uint64(self._err_ptr), np.int64(self.timeout_ns)), stream=self.stream)
 
@@ -354,8 +348,7 @@ class GpuBackend:
             self.inter.barrier(g.rdma_layout_dev)
             self.inter.combine(cfg, g, x, topk_weights, t, b0, b1, out, out_w)
             return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
-        spec = self._spec("intranode.cu", "combine", ("kNumRanks", self.num_ranks),
-                          ("kHiddenInt4", hidden * 2 // 16), ("kNumTopk", k))
+        spec = kernel_specs.intranode_combine(self.num_ranks, hidden, k)
         launch(spec, (cfg.num_sms,), (32 * cfg.num_combine_warps,),
                (x, _ptr(topk_weights), g.send_pos, g.recv_channel_offset, np.int32(t),
                 np.int32(g.num_channels), np.int32(combine_senders(cfg, self.num_ranks)),

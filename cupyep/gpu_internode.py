@@ -14,11 +14,11 @@ import math
 
 import numpy as np
 
-from . import sizing
+from . import kernel_specs, sizing
 from .errors import BufferTooSmallError, InvalidInputError
 from .gpu_backend import NOTIFY_THREADS
 from .interop import dtype_of
-from .jit import KernelSpec, device_ptr as _ptr, index_type, launch
+from .jit import device_ptr as _ptr, index_type, launch
 
 
 
@@ -35,8 +35,7 @@ class GpuInternode:
         self._layouts = {}
 
     def _spec(self, name, *targs):
-        return KernelSpec("cupyep/internode.cu", f"cupyep::{name}",
-                          (("kNumRanks", self.be.num_ranks),) + tuple(targs), True)
+        return kernel_specs.internode_spec(name, self.be.num_ranks, *targs)
 
     def _sym(self):
         ll = self.be.ll

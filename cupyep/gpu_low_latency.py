@@ -26,7 +26,8 @@ import numpy as np
 from .errors import CupyepError, InvalidInputError
 from .fp8 import FP8_GROUP, bfloat16
 from .capture import KeptArrays, is_capturing
-from .jit import KernelSpec, PackedKernel, address, index_type
+from . import kernel_specs
+from .jit import PackedKernel, address, index_type
 from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 
 _THREADS = 512  # kLLThreads in low_latency.cu
@@ -106,14 +107,11 @@ class GpuLowLatency:
         self.calls += 1
         return half
 
-    def _kernel(self, name, num_args, *targs):
-        """The loaded kernel (cached here: this lookup is on every call's path)."""
-        key = (self.source, name, targs, self._nvshmem_build)
-        fn = self._kernels.get(key)
+    def _kernel(self, spec, num_args):
+        """The loaded kernel (plans cache it: this runs once per shape)."""
+        fn = self._kernels.get(spec)
         if fn is None:
-            fn = PackedKernel(KernelSpec(self.source, f"cupyep::{name}", tuple(targs), self._nvshmem_build),
-                              num_args)
-            self._kernels[key] = fn
+            fn = self._kernels[spec] = PackedKernel(spec, num_args)
         return fn
 
     # ------------------------------------------------------------------ #
@@ -129,10 +127,8 @@ class GpuLowLatency:
         be, r = self.be, self.be.num_ranks
         lay = self._layout(m, hidden, num_experts)
         local, rows = num_experts // r, r * m
-        fl = lambda v: "true" if v else "false"  # noqa: E731
-        fn = self._kernel("ll::dispatch", DISPATCH_ARGS, ("kHidden", hidden), ("kFp8", fl(use_fp8)),
-                          ("kRoundScale", fl(round_scale or use_ue8m0)), ("kUe8m0", fl(use_ue8m0)),
-                          ("IdxT", idx_type))
+        fn = self._kernel(kernel_specs.low_latency_dispatch(hidden, use_fp8, round_scale, use_ue8m0, idx_type,
+                                                            self._nvshmem_build, self.source), DISPATCH_ARGS)
         scales = None
         if use_fp8:
             scales = ((local, rows, hidden // 512), np.int32) if use_ue8m0 else \
@@ -216,8 +212,8 @@ class GpuLowLatency:
             return plan
         be = self.be
         groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
-        fn = self._kernel("ll::combine", COMBINE_ARGS, ("kHidden", lay.hidden),
-                          ("kLogFmt", "true" if use_logfmt else "false"), ("IdxT", idx_type))
+        fn = self._kernel(kernel_specs.low_latency_combine(lay.hidden, use_logfmt, idx_type, self._nvshmem_build,
+                                                           self.source), COMBINE_ARGS)
         args = []
         for half in range(2):
             off = lay.offsets(half)

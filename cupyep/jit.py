@@ -12,12 +12,14 @@ Set ``CUPYEP_JIT_DEBUG=1`` to print each compile and load, and
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from typing import Tuple
@@ -83,9 +85,71 @@ def sources_digest() -> str:
 
 
 def cache_dir() -> str:
+    """``CUPYEP_CACHE_DIR``, default ``~/.cache/cupyep``. One that cannot be
+    created or written gives a warning and a per-process temporary directory
+    (kernels then compile again in every process)."""
     d = os.environ.get("CUPYEP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cupyep")
-    os.makedirs(d, exist_ok=True)
-    return d
+    try:
+        os.makedirs(d, exist_ok=True)
+        if os.access(d, os.W_OK | os.X_OK):
+            return d
+        problem = "is not writable"
+    except OSError as e:
+        problem = f"cannot be created ({e.strerror})"
+    return _fallback_dir(f"the kernel cache {d} {problem}")
+
+
+_fallback = []
+
+
+def _fallback_dir(why: str) -> str:
+    if not _fallback:
+        _fallback.append(tempfile.mkdtemp(prefix="cupyep-jit-"))
+        warnings.warn(f"{why}; compiling into {_fallback[0]} for this process only "
+                      "(set CUPYEP_CACHE_DIR to a writable directory)", RuntimeWarning, stacklevel=3)
+    return _fallback[0]
+
+
+@contextlib.contextmanager
+def _entry_lock(path: str):
+    """Exclusive lock on one cache entry across processes (flock; NFSv4 and
+    most shared file systems honour it), so that one rank compiles while the
+    others wait for its file. No lock where the file cannot be created."""
+    try:
+        fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _read_entry(cubin: str, meta: str):
+    """The mangled name of a complete, intact entry; None when absent. A
+    corrupted entry (checksum, size or JSON) is removed, with a warning."""
+    if not (os.path.exists(cubin) and os.path.exists(meta)):
+        return None
+    try:
+        with open(meta) as f:
+            info = json.load(f)
+        with open(cubin, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if info.get("sha256") == digest:
+            return info["mangled"]
+        problem = "its checksum does not match"
+    except (OSError, ValueError, KeyError) as e:
+        problem = f"it cannot be read ({e})"
+    warnings.warn(f"kernel cache entry {cubin}: {problem}; compiling it again", RuntimeWarning, stacklevel=3)
+    for p in (cubin, meta):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+    return None
 
 
 def _cuda_include_dirs(nvshmem: bool):
@@ -183,18 +247,46 @@ def cache_key(spec: KernelSpec, arch: str) -> str:
     return f"{spec.readable_key[:120]}-{arch}-{h.hexdigest()[:20]}"
 
 
+compiles = 0  # kernels this process compiled (not found in the cache)
+
+
 def compile_cubin(spec: KernelSpec, arch: str = "sm_90") -> Tuple[str, str]:
     """Compile (or find in the cache) one instantiation.
+
+    Ranks sharing the cache compile each entry once: one holds the entry's
+    lock while it compiles, the others then find the file.
 
     Returns:
         (path of the cubin, mangled kernel name).
     """
+    global compiles
     key = cache_key(spec, arch)
     d = cache_dir()
     cubin, meta = os.path.join(d, key + ".cubin"), os.path.join(d, key + ".json")
-    if os.path.exists(cubin) and os.path.exists(meta):
-        with open(meta) as f:
-            return cubin, json.load(f)["mangled"]
+    mangled = _read_entry(cubin, meta)
+    if mangled is not None:
+        return cubin, mangled
+    with _entry_lock(os.path.join(d, key)):
+        mangled = _read_entry(cubin, meta)  # another process may have just written it
+        if mangled is not None:
+            return cubin, mangled
+        code, mangled = _compile(spec, arch)
+        compiles += 1
+        digest = hashlib.sha256(code).hexdigest()
+        info = json.dumps({"mangled": mangled, "instantiation": spec.instantiation, "sha256": digest}).encode()
+        try:
+            _atomic_write(cubin, code)
+            _atomic_write(meta, info)  # written last: an entry without it is incomplete
+        except OSError as e:  # e.g. a full disk
+            d = _fallback_dir(f"cannot write the kernel cache in {d} ({e.strerror})")
+            cubin, meta = os.path.join(d, key + ".cubin"), os.path.join(d, key + ".json")
+            _atomic_write(cubin, code)
+            _atomic_write(meta, info)
+    return cubin, mangled
+
+
+def _compile(spec: KernelSpec, arch: str):
+    """(cubin bytes, mangled name) of one instantiation, compiled now."""
     from cuda.core import Program
     if spec.nvshmem:
         _checked_nvshmem()
@@ -212,9 +304,7 @@ def compile_cubin(spec: KernelSpec, arch: str = "sm_90") -> Tuple[str, str]:
         raise CupyepError(f"compiling {spec.instantiation} ({spec.source}) failed:\n{e}") from None
     mangled = obj.symbol_mapping[spec.instantiation]
     mangled = mangled.decode() if isinstance(mangled, bytes) else mangled
-    _atomic_write(cubin, bytes(code))
-    _atomic_write(meta, json.dumps({"mangled": mangled, "instantiation": spec.instantiation}).encode())
-    return cubin, mangled
+    return bytes(code), mangled
 
 
 def _link_nvshmem(ltoir, arch: str) -> bytes:

@@ -1,8 +1,12 @@
-"""The kernel instantiations the library launches, for compile checks.
+"""The kernel instantiations the library launches.
 
-``representative_specs()`` lists one instantiation per kernel and code path
-at the sizes used in tests and benchmarks; the CPU test suite compiles each
-for sm_90 with NVRTC so a broken kernel fails CI without a GPU.
+One builder per kernel (``intranode_dispatch(...)`` ...) gives the
+:class:`KernelSpec` of an instantiation from the values that shape its code.
+``model_specs(...)`` lists every instantiation a model's calls launch, for
+``cupyep.warmup``. ``representative_specs()`` lists one instantiation per
+kernel and code path at the sizes used in tests and benchmarks; the CPU test
+suite compiles each for sm_90 with NVRTC so a broken kernel fails CI without a
+GPU.
 """
 from __future__ import annotations
 
@@ -11,6 +15,119 @@ from .jit import KernelSpec
 
 def _k(source, name, *targs, nvshmem=False):
     return KernelSpec(f"cupyep/{source}", f"cupyep::{name}", tuple(targs), nvshmem)
+
+
+def layout_spec(idx_type: str, num_topk: int) -> KernelSpec:
+    return _k("layout.cu", "get_dispatch_layout", ("IdxT", idx_type), ("kNumTopk", num_topk))
+
+
+def intranode_notify(num_ranks: int) -> KernelSpec:
+    return _k("intranode.cu", "notify_dispatch", ("kNumRanks", num_ranks))
+
+
+def intranode_barrier(num_ranks: int) -> KernelSpec:
+    return _k("intranode.cu", "barrier", ("kNumRanks", num_ranks))
+
+
+def intranode_dispatch(num_ranks: int, hidden_bytes: int, num_scales: int, num_topk: int,
+                       idx_type: str) -> KernelSpec:
+    """hidden_bytes: bytes of one row (H for FP8, 2H for BF16); num_scales: H/128 with FP8, else 0."""
+    return _k("intranode.cu", "dispatch", ("kNumRanks", num_ranks), ("kHiddenInt4", hidden_bytes // 16),
+              ("kNumScales", num_scales), ("kNumTopk", num_topk), ("IdxT", idx_type))
+
+
+def intranode_combine(num_ranks: int, hidden: int, num_topk: int) -> KernelSpec:
+    """num_topk: K when weights are summed back, else 0."""
+    return _k("intranode.cu", "combine", ("kNumRanks", num_ranks), ("kHiddenInt4", hidden * 2 // 16),
+              ("kNumTopk", num_topk))
+
+
+def internode_spec(name: str, num_ranks: int, *targs) -> KernelSpec:
+    """Inter-node kernels (NVSHMEM-linked): rdma_barrier, notify_dispatch, dispatch, combine."""
+    return KernelSpec("cupyep/internode.cu", f"cupyep::{name}", (("kNumRanks", num_ranks),) + tuple(targs), True)
+
+
+def internode_dispatch(num_ranks: int, ranks_per_node: int, hidden_bytes: int, num_scales: int, num_topk: int,
+                       idx_type: str) -> KernelSpec:
+    return internode_spec("dispatch", num_ranks, ("kRanksPerNode", ranks_per_node),
+                          ("kHiddenInt4", hidden_bytes // 16), ("kNumScales", num_scales), ("kNumTopk", num_topk),
+                          ("IdxT", idx_type))
+
+
+def internode_combine(num_ranks: int, ranks_per_node: int, hidden: int, num_topk: int) -> KernelSpec:
+    return internode_spec("combine", num_ranks, ("kRanksPerNode", ranks_per_node), ("kHiddenInt4", hidden * 2 // 16),
+                          ("kNumTopk", num_topk))
+
+
+def _flag(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def low_latency_dispatch(hidden: int, fp8: bool, round_scale: bool, ue8m0: bool, idx_type: str,
+                         nvshmem: bool, source: str = "cupyep/low_latency.cu") -> KernelSpec:
+    return KernelSpec(source, "cupyep::ll::dispatch",
+                      (("kHidden", hidden), ("kFp8", _flag(fp8)), ("kRoundScale", _flag(round_scale or ue8m0)),
+                       ("kUe8m0", _flag(ue8m0)), ("IdxT", idx_type)), nvshmem)
+
+
+def low_latency_combine(hidden: int, logfmt: bool, idx_type: str, nvshmem: bool,
+                        source: str = "cupyep/low_latency.cu") -> KernelSpec:
+    return KernelSpec(source, "cupyep::ll::combine",
+                      (("kHidden", hidden), ("kLogFmt", _flag(logfmt)), ("IdxT", idx_type)), nvshmem)
+
+
+def model_specs(hidden: int, num_topk: int, num_experts, num_ranks, ranks_per_node=None, fp8: bool = True,
+                bf16: bool = True, low_latency: bool = True, normal: bool = True, logfmt: bool = False,
+                idx_types=("long long",), nvshmem_low_latency: bool = False):
+    """Every instantiation the calls of a model launch.
+
+    Args:
+        hidden, num_topk: H and K.
+        num_experts: E, or several (e.g. 256 for normal calls, 288 for low
+            latency); only the layout kernel's shared memory depends on it, so
+            it does not shape any instantiation (kept for the caller's record).
+        num_ranks: R, or several rank counts.
+        ranks_per_node: P (None or R: one NVLink domain; smaller: the
+            inter-node kernels).
+        fp8, bf16: which dispatch inputs (both: both).
+        low_latency, normal: which kinds of call.
+        logfmt: also the LogFMT low-latency combine.
+        idx_types: C++ types of topk_idx ("long long" for int64, "int").
+        nvshmem_low_latency: also the NVSHMEM-linked low-latency kernels
+            (peers without an NVLink mapping, or transport='nvshmem').
+
+    Returns:
+        list of KernelSpec, without duplicates, in a stable order.
+    """
+    ranks = [num_ranks] if isinstance(num_ranks, int) else list(num_ranks)
+    dtypes = [d for d, on in (("fp8", fp8), ("bf16", bf16)) if on]
+    specs = []
+    for r in ranks:
+        p = r if ranks_per_node is None else min(ranks_per_node, r)
+        for idx_t in idx_types:
+            if normal:
+                specs.append(layout_spec(idx_t, num_topk))
+                for d in dtypes:
+                    row, scales = (hidden, hidden // 128) if d == "fp8" else (2 * hidden, 0)
+                    for k, it in ((num_topk, idx_t), (0, "long long")):  # with top-k; cached / plain rows
+                        if p == r:
+                            specs.append(intranode_dispatch(r, row, scales, k, it))
+                        else:
+                            specs.append(internode_dispatch(r, p, row, scales, k, it))
+            if low_latency:
+                for nv in (False, True) if nvshmem_low_latency else (False,):
+                    for d in dtypes:
+                        specs.append(low_latency_dispatch(hidden, d == "fp8", False, False, idx_t, nv))
+                    for lf in (False, True) if logfmt else (False,):
+                        specs.append(low_latency_combine(hidden, lf, idx_t, nv))
+        if normal:
+            for k in (num_topk, 0):  # combine with weights summed back, and without
+                specs.append(intranode_combine(r, hidden, k) if p == r else internode_combine(r, p, hidden, k))
+            if p == r:
+                specs += [intranode_notify(r), intranode_barrier(r)]
+            else:
+                specs += [internode_spec("notify_dispatch", r, ("kRanksPerNode", p)), internode_spec("rdma_barrier", r)]
+    return list(dict.fromkeys(specs))
 
 
 def representative_specs():
