@@ -2,7 +2,7 @@
 
     mpirun -n 2 python benchmarks/bench_low_latency.py [--transports auto nvshmem]
 
-Protocol (DESIGN.md): 128 tokens per rank, hidden 7168, top-8 of 288 experts,
+Protocol (docs/measuring.md): 128 tokens per rank, hidden 7168, top-8 of 288 experts,
 random routing, FP8 dispatch and BF16 combine. Reported per transport: time of
 one dispatch and one combine (CUDA events around calls queued behind a spin
 kernel, so kernels run back to back; median of --iters, slowest rank), one

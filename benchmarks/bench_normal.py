@@ -3,7 +3,7 @@
     mpirun -n 4 python benchmarks/bench_normal.py [--sms 24] [--sweep 8 16 24 32 48]
     mpirun -n 4 python benchmarks/bench_normal.py --ranks-per-node 2   # inter-node path, 2 x 2
 
-Protocol (DESIGN.md): 4096 tokens per rank, hidden 7168, top-8 of 256 experts,
+Protocol (docs/measuring.md): 4096 tokens per rank, hidden 7168, top-8 of 256 experts,
 random routing. Bandwidth = bytes of the received rows counted as BF16 (times
 (1 + 4/128) / 2 for FP8), self rows included, over the time of one call; CUDA
 events; median of --iters calls after warm-up. With --ranks-per-node the

@@ -82,12 +82,12 @@ def main():
     rank, size = group.rank, group.size
     num_experts = args.experts_per_rank * size
     m, h = args.max_tokens, args.hidden
-    buf = cupyep.Buffer(group, num_nvl_bytes=cupyep.nvl_size_hint(h, m, size, args.max_topk),
-                        num_rdma_bytes=max(cupyep.low_latency_size_hint(m, h, size, num_experts),
-                                           cupyep.rdma_size_hint(h, m, size, group.num_ranks_per_node,
-                                                                 args.max_topk) if internode else 0),
-                        low_latency_mode=True, backend=args.backend)
-    ref = cupyep.Buffer(group, backend="reference")
+    buf_sizes = (cupyep.nvl_size_hint(h, m, size, args.max_topk),
+                 max(cupyep.low_latency_size_hint(m, h, size, num_experts),
+                     cupyep.rdma_size_hint(h, m, size, group.num_ranks_per_node, args.max_topk) if internode else 0))
+    buf = cupyep.Buffer(group, num_nvl_bytes=buf_sizes[0], num_rdma_bytes=buf_sizes[1], low_latency_mode=True,
+                        backend=args.backend)
+    ref = cupyep.Buffer(group, num_nvl_bytes=buf_sizes[0], num_rdma_bytes=buf_sizes[1], backend="reference")
     gpu = buf.backend == "gpu"
     if gpu:
         import cupy

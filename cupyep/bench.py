@@ -2,7 +2,7 @@
 
     mpirun -n 2 python -m cupyep.bench [--plot cupyep-bench.png] [--iters 20]
 
-Protocol of DESIGN.md, hidden 7168. Normal kernels: top-8 of 256 experts,
+Protocol of docs/measuring.md, hidden 7168. Normal kernels: top-8 of 256 experts,
 random routing, 24 SMs; bandwidth = bytes of the received rows counted as BF16
 (times (1 + 4/128) / 2 for FP8), self rows included, over the median time of a
 call (CUDA events around each call; dispatch includes its host synchronisation).
@@ -94,7 +94,7 @@ def _slowest(group, us: float) -> float:
 
 
 def add_protocol_args(ap, tokens: int, experts: int) -> None:
-    """--tokens (per rank), --hidden, --experts, --topk with DESIGN.md's values."""
+    """--tokens (per rank), --hidden, --experts, --topk with the values of docs/measuring.md."""
     ap.add_argument("--tokens", type=int, default=tokens)
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--experts", type=int, default=experts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import weakref
 from typing import Optional
 
 from . import interop, validation
@@ -16,10 +17,48 @@ from .config import Config
 from .errors import InvalidInputError
 from .group import Group, gpu_available, require_gpu
 from .low_latency import LL_MAX_TOPK
+from .sizing import MAX_NVL_RANKS, MAX_RANKS
 from .types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResult,
                     LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle)
 
 _buffer_ids = itertools.count(1)
+
+
+def check_rank_limits(num_ranks: int, ranks_per_node: int) -> None:
+    """The kernels' rank limits (cupyep.sizing), on both backends."""
+    if num_ranks > MAX_RANKS:
+        raise InvalidInputError(f"at most {MAX_RANKS} ranks take part in one Buffer, got {num_ranks}")
+    if ranks_per_node > MAX_NVL_RANKS:
+        raise InvalidInputError(
+            f"at most {MAX_NVL_RANKS} ranks in one NVLink domain (the intranode kernels give each a lane of a "
+            f"warp), got {ranks_per_node}: pass Group(num_ranks_per_node=...) to split them into nodes")
+
+
+def _weak(a):
+    """A weak reference to ``a``, or None where its type takes none."""
+    try:
+        return weakref.ref(a)
+    except TypeError:
+        return None
+
+
+def _check_layout(layout: DispatchLayout, topk_idx, num_experts) -> None:
+    """What can be checked of a layout without device work: its expert count,
+    and the topk_idx it was computed from (while that array is alive)."""
+    if not isinstance(layout, DispatchLayout):
+        raise InvalidInputError(f"layout must be a DispatchLayout (from get_dispatch_layout), got "
+                                f"{type(layout).__name__}")
+    if num_experts is not None and num_experts != layout.num_experts:
+        raise InvalidInputError(f"num_experts={num_experts}, but the layout was computed for "
+                                f"{layout.num_experts} experts")
+    n = tuple(layout.num_tokens_per_expert.shape)
+    if n != (layout.num_experts,):
+        raise InvalidInputError(f"layout.num_tokens_per_expert has shape {n}, expected ({layout.num_experts},)")
+    source = layout.source() if layout.source is not None else None
+    if source is not None and source is not topk_idx:
+        raise InvalidInputError(
+            "the layout was computed from another topk_idx array (still alive) than the one given: compute "
+            "it from this topk_idx, or pass num_experts= instead of layout= to compute it in the call")
 
 
 class Buffer:
@@ -53,6 +92,7 @@ class Buffer:
                  low_latency_mode: bool = False, backend: str = "auto", enable_shrink: bool = False,
                  max_nodes_per_token: Optional[int] = None, warmup: Optional[dict] = None):
         self.group = group if isinstance(group, Group) else Group(group)
+        check_rank_limits(self.group.size, self.group.num_ranks_per_node)
         if max_nodes_per_token is not None and not 1 <= int(max_nodes_per_token) <= self.group.num_nodes:
             raise InvalidInputError(f"max_nodes_per_token must be in [1, {self.group.num_nodes}] "
                                     f"(the number of nodes), got {max_nodes_per_token}")
@@ -69,7 +109,7 @@ class Buffer:
             self._make_frontend = lambda fw: interop.device_frontend(fw, device_id)  # noqa: E731
         elif backend == "reference":
             from .reference_backend import ReferenceBackend
-            self._impl = ReferenceBackend(self.group, max_nodes_per_token or 0)
+            self._impl = ReferenceBackend(self.group, max_nodes_per_token or 0, num_nvl_bytes, num_rdma_bytes)
             self._make_frontend = interop.HostFrontend
         else:
             raise InvalidInputError(f"backend must be 'auto', 'gpu' or 'reference', got {backend!r}")
@@ -126,8 +166,11 @@ class Buffer:
     def _split_x(self, x):
         """x or (x_fp8, scales) -> (data, scales or None, frontend)."""
         if isinstance(x, (tuple, list)):
-            if len(x) != 2:
-                raise InvalidInputError("an FP8 input is a pair (x_e4m3 [T, H], scales [T, H/128])")
+            if len(x) != 2 or not all(hasattr(a, "shape") and hasattr(a, "dtype") for a in x):
+                raise InvalidInputError(
+                    f"x must be an array [T, H] bf16, or an FP8 pair of arrays (e4m3 [T, H], fp32 scales "
+                    f"[T, H/128]); got a {type(x).__name__} of {len(x)} "
+                    f"{type(x[0]).__name__ if len(x) else 'item'}s")
             fe = self._frontend(x[0])
             q, s = self._native(x[0], "x[0]", fe), self._native(x[1], "x[1]", fe)
             validation.check_fp8_pair(q, s)
@@ -168,7 +211,7 @@ class Buffer:
         back = fe.back
         return DispatchLayout(back(lay.num_tokens_per_rank), back(lay.num_tokens_per_node),
                               back(lay.num_tokens_per_expert), back(lay.is_token_in_rank),
-                              lay.num_experts)
+                              lay.num_experts, _weak(topk_idx))
 
     def dispatch(self, x, topk_idx=None, topk_weights=None, *, layout: Optional[DispatchLayout] = None,
                  is_token_in_rank=None, num_experts: Optional[int] = None,
@@ -221,6 +264,7 @@ class Buffer:
                     lay = self._impl.get_dispatch_layout(idx, num_experts)
             else:
                 lay = layout
+                _check_layout(layout, topk_idx, num_experts)
             num_experts = lay.num_experts
             in_rank = self._native(lay.is_token_in_rank, "layout.is_token_in_rank", fe)
             per_expert = self._native(lay.num_tokens_per_expert, "layout.num_tokens_per_expert", fe)
@@ -409,7 +453,7 @@ class Buffer:
         w = self._native(topk_weights, "topk_weights", fe)
         if w is None:
             raise InvalidInputError("low_latency_combine needs topk_weights")
-        validation.check_topk(idx, w, handle.num_tokens)
+        validation.check_topk(idx, w, handle.num_tokens, "the dispatch that made the handle had")
         if idx.shape[1] != handle.num_topk:
             raise InvalidInputError(f"topk_idx has K={idx.shape[1]}, the handle has K={handle.num_topk}")
         out_native = self._native(out, "out", fe)

@@ -63,8 +63,6 @@ class GpuBackend:
         self.num_ranks = group.size
         self.rank = group.rank
         self.max_nodes_per_token = int(max_nodes_per_token or 0)
-        if self.num_ranks > 64:
-            raise InvalidInputError("at most 64 ranks share one NVLink buffer")
         self.num_nvl_bytes = max(int(num_nvl_bytes), sizing.control_bytes(self.num_ranks))
         self.rt = group.gpu_runtime(self.num_nvl_bytes + int(num_rdma_bytes) + (64 << 20))
         self.nvl = self.rt.alloc(self.num_nvl_bytes)

@@ -104,3 +104,13 @@ def check_low_latency_fits(num_rdma_bytes: int, max_tokens: int, hidden: int, nu
             f"M={max_tokens}, hidden={hidden}, {num_ranks} ranks, {num_experts} experts: they need "
             f"{lay.total_bytes} (cupyep.low_latency_size_hint)")
     return lay
+
+
+def check_low_latency_buffer(num_rdma_bytes: int, max_tokens: int, hidden: int, num_ranks: int,
+                             num_experts: int) -> LowLatencyLayout:
+    """The layout of a low-latency call, or the error the GPU backend raises
+    for a buffer without (enough) low-latency memory."""
+    if not num_rdma_bytes:
+        raise InvalidInputError("this Buffer has no low-latency memory: pass num_rdma_bytes="
+                                "cupyep.low_latency_size_hint(M, hidden, ranks, experts)")
+    return check_low_latency_fits(num_rdma_bytes, max_tokens, hidden, num_ranks, num_experts)

@@ -5,18 +5,21 @@ import itertools
 
 import numpy as np
 
-from . import reference, validation
+from . import reference, sizing, validation
+from .config import default_config
 from .errors import InvalidInputError
 from .fp8 import bfloat16
-from .low_latency import TRANSPORTS
+from .low_latency import TRANSPORTS, check_low_latency_buffer
 
 
 class ReferenceBackend:
     """Runs every Buffer call with :mod:`cupyep.reference`; no GPU needed."""
 
-    def __init__(self, group, max_nodes_per_token: int = 0):
+    def __init__(self, group, max_nodes_per_token: int = 0, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0):
         self.group = group
         self.max_nodes_per_token = max_nodes_per_token
+        # Sized as on the GPU: calls that would not fit there raise here too.
+        self.num_nvl_bytes, self.num_rdma_bytes = int(num_nvl_bytes), int(num_rdma_bytes)
         self._calls = itertools.count()
         self._next_combine = None
         self.mask = np.zeros(group.size, np.int32)  # 1 = rank left out of low-latency calls
@@ -37,6 +40,11 @@ class ReferenceBackend:
     def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert,
                  num_experts, expert_alignment, num_worst_tokens, config, previous_event,
                  async_finish, layout_in_call=False):
+        g = self.group
+        cfg = config or default_config(g.size, g.num_nodes)
+        sizing.check_normal_call_fits(self.num_nvl_bytes, self.num_rdma_bytes, g.size, g.num_ranks_per_node,
+                                      x.shape[1], 0 if topk_idx is None else topk_idx.shape[1], cfg.num_channels,
+                                      x.shape[0])
         if topk_idx is not None:
             validation.check_expert_range_host(topk_idx, num_experts)
         return reference.dispatch(self.comm, x, scales, topk_idx, topk_weights, is_token_in_rank,
@@ -55,6 +63,7 @@ class ReferenceBackend:
 
     def low_latency_dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
                              async_finish, return_recv_hook, cumulative_stats=None, wait_stats=None):
+        check_low_latency_buffer(self.num_rdma_bytes, m, x.shape[1], self.group.size, num_experts)
         validation.check_expert_range_host(topk_idx, num_experts)
         out = reference.low_latency_dispatch(self.comm, x, topk_idx, m, num_experts, use_fp8,
                                              round_scale, use_ue8m0, mask=self.mask)

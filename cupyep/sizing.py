@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from .errors import BufferTooSmallError
 
 MAX_CHANNELS = 64
+# Ranks in one NVLink domain: the intranode kernels give each rank a lane of a
+# warp (intranode.cu: static_assert(kNumRanks <= kWarpSize)).
+MAX_NVL_RANKS = 32
+# Ranks in all: the NVLink buffer's control region and the inter-node barrier.
+MAX_RANKS = 64
 MAX_LOCAL_EXPERTS = 512
 # F: combine work-item flags per source rank (kCombineFlags, 256 KB). A layout
 # with more slots per source than F - MAX_CHANNELS gets items of several rows:
@@ -217,3 +222,26 @@ def rdma_max_tokens(num_rdma_bytes: int, num_ranks: int, num_nodes: int, hidden:
     while t > 0 and rdma_layout(num_ranks, num_nodes, hidden, num_topk, t).end > num_rdma_bytes:
         t -= 1
     return t
+
+
+def check_normal_call_fits(num_nvl_bytes: int, num_rdma_bytes: int, num_ranks: int, ranks_per_node: int,
+                           hidden: int, num_topk: int, num_channels: int, num_tokens: int) -> None:
+    """What the GPU backend checks before a normal dispatch, from sizes alone:
+    BufferTooSmallError with the bytes needed. The reference backend makes the
+    same checks, so code developed on a CPU sizes its buffers for the GPU."""
+    import math
+    per_channel = math.ceil(num_tokens / num_channels)
+    lay = check_fits(max(int(num_nvl_bytes), control_bytes(num_ranks)), num_ranks, hidden, num_topk, 0)
+    if per_channel > lay.max_tokens // num_channels:
+        raise BufferTooSmallError(
+            f"num_nvl_bytes={num_nvl_bytes} holds {lay.max_tokens // num_channels * num_channels} tokens per "
+            f"rank at hidden={hidden}, top-{num_topk}; {num_tokens} need num_nvl_bytes >= "
+            f"{nvl_size_hint(hidden, num_tokens, num_ranks, num_topk)} (cupyep.nvl_size_hint)")
+    num_nodes = num_ranks // ranks_per_node
+    if num_nodes > 1:
+        spc = rdma_max_tokens(int(num_rdma_bytes), num_ranks, num_nodes, hidden, num_topk) // num_channels
+        if not num_rdma_bytes or per_channel > spc:
+            raise BufferTooSmallError(
+                f"num_rdma_bytes={num_rdma_bytes} holds {spc * num_channels} tokens per rank at hidden={hidden}, "
+                f"top-{num_topk} across {num_nodes} nodes; {num_tokens} need num_rdma_bytes >= "
+                f"{rdma_size_hint(hidden, num_tokens, num_ranks, ranks_per_node, num_topk)} (cupyep.rdma_size_hint)")

@@ -19,12 +19,16 @@ class DispatchLayout:
         num_tokens_per_expert: [num_experts] int32, (token, expert) pairs.
         is_token_in_rank: [num_tokens, num_ranks] bool.
         num_experts: total number of experts E.
+        source: a weak reference to the ``topk_idx`` it was computed from
+            (None when unknown): a dispatch given another ``topk_idx`` while
+            that one is still alive is refused.
     """
     num_tokens_per_rank: Any
     num_tokens_per_node: Optional[Any]
     num_tokens_per_expert: Any
     is_token_in_rank: Any
     num_experts: int
+    source: Any = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, eq=False)

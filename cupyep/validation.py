@@ -56,14 +56,15 @@ def check_fp8_pair(q, scales, name: str = "x") -> None:
     check_contiguous(scales, f"{name}[1]")
 
 
-def check_topk(topk_idx, topk_weights, num_tokens: int) -> None:
-    """topk_idx [T, K] int64/int32; topk_weights [T, K] fp32 or None."""
+def check_topk(topk_idx, topk_weights, num_tokens: int, tokens_of: str = "x has") -> None:
+    """topk_idx [T, K] int64/int32; topk_weights [T, K] fp32 or None.
+    ``tokens_of`` says where ``num_tokens`` comes from, for the message."""
     if topk_idx.ndim != 2 or dtype_of(topk_idx) not in (np.int64, np.int32):
         raise InvalidInputError(
             f"topk_idx must be 2-D int64 (or int32), got {topk_idx.dtype} {tuple(topk_idx.shape)}")
     if topk_idx.shape[0] != num_tokens:
         raise InvalidInputError(
-            f"topk_idx has {topk_idx.shape[0]} rows but x has {num_tokens} tokens")
+            f"topk_idx has {topk_idx.shape[0]} rows but {tokens_of} {num_tokens} tokens")
     if topk_idx.shape[1] < 1:
         raise InvalidInputError("topk_idx needs at least one column")
     check_contiguous(topk_idx, "topk_idx")

@@ -36,7 +36,7 @@ def test_buffer_returns_callers_framework(group, rng):
     torch = pytest.importorskip("torch")
     import cupyep
     from conftest import SIZE
-    buf = cupyep.Buffer(group, backend="reference")
+    buf = cupyep.Buffer(group, num_nvl_bytes=cupyep.nvl_size_hint(256, 8, SIZE, 1), backend="reference")
     x = torch.randn(8, 256).to(torch.bfloat16)
     idx = torch.zeros(8, 1, dtype=torch.int64)
     d = buf.dispatch(x, idx, num_experts=SIZE)

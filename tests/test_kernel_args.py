@@ -44,3 +44,19 @@ def test_layout_struct_fields_match_the_kernels():
 def test_layout_constants_match_the_kernels(name, value):
     m = re.search(r"constexpr int " + name + r" = (\d+);", _nvl_layout_header())
     assert m and int(m.group(1)) == value
+
+
+def test_rank_limits_match_the_kernels():
+    """Python refuses the rank counts the kernels cannot take, on both backends."""
+    with open(os.path.join(jit.kernel_dir(), "cupyep", "intranode.cu")) as f:
+        intranode = f.read()
+    with open(os.path.join(jit.kernel_dir(), "cupyep", "common.cuh")) as f:
+        warp = int(re.search(r"constexpr int kWarpSize = (\d+);", f.read()).group(1))
+    assert "static_assert(kNumRanks <= kWarpSize" in intranode and sizing.MAX_NVL_RANKS == warp
+    from cupyep.buffer import check_rank_limits
+    from cupyep.errors import InvalidInputError
+    check_rank_limits(sizing.MAX_RANKS, sizing.MAX_NVL_RANKS)
+    with pytest.raises(InvalidInputError, match="NVLink domain"):
+        check_rank_limits(33, 33)
+    with pytest.raises(InvalidInputError, match="at most 64 ranks"):
+        check_rank_limits(65, 8)

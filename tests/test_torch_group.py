@@ -40,7 +40,9 @@ def test_reference_backend_over_torch_group(torch_world, group, rng):
     outs = []
     try:
         for g in (group, tg):
-            buf = cupyep.Buffer(g, backend="reference")
+            buf = cupyep.Buffer(g, num_nvl_bytes=cupyep.nvl_size_hint(x.shape[1], 24, SIZE, 4),
+                                num_rdma_bytes=cupyep.low_latency_size_hint(32, x.shape[1], SIZE, num_experts),
+                                backend="reference")
             d = buf.dispatch(x, idx, w, num_experts=num_experts)
             c = buf.combine(d.recv_x, d.handle, d.recv_topk_weights)
             ll = buf.low_latency_dispatch(x, idx, 32, num_experts, use_fp8=True)

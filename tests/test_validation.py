@@ -349,3 +349,55 @@ def test_heap_too_large_for_ranks_sharing_a_gpu():
     assert heap_problem(1, 0, 1) is None  # NVSHMEM already running: nothing new to place
     msg = heap_problem(4, 40 * gib, 140 * gib, device_id=0)
     assert "4 rank(s) on GPU 0" in msg and "40.00 GiB symmetric heap" in msg and "164.0 GiB" in msg
+
+
+def test_reference_buffers_are_sized_as_on_the_gpu(group, rng):
+    """Sizes the GPU backend would refuse are refused on the CPU too, with the
+    bytes needed; what fits still works on the same buffer."""
+    e = 4 * SIZE
+    x = random_rows(rng, 16, 256)
+    idx = random_topk(rng, 16, e, 2)
+    for nvl in (0, 1024):
+        b = cupyep.Buffer(group, num_nvl_bytes=nvl, backend="reference")
+        with pytest.raises(cupyep.BufferTooSmallError, match=r"num_nvl_bytes >= \d+ \(cupyep.nvl_size_hint\)"):
+            b.dispatch(x, idx, num_experts=e)
+        with pytest.raises(cupyep.InvalidInputError, match="no low-latency memory"):
+            b.low_latency_dispatch(x, idx, 16, e)
+        b.destroy()
+    small = cupyep.low_latency_size_hint(8, 256, SIZE, e)
+    b = cupyep.Buffer(group, num_nvl_bytes=cupyep.nvl_size_hint(256, 16, SIZE, 2), num_rdma_bytes=small,
+                      backend="reference")
+    with pytest.raises(cupyep.BufferTooSmallError, match="low_latency_size_hint"):
+        b.low_latency_dispatch(x, idx, 16, e)
+    d = b.dispatch(x, idx, num_experts=e)  # the normal calls fit
+    b.combine(d.recv_x, d.handle)
+    b.low_latency_dispatch(x[:8], idx[:8], 8, e)
+    b.destroy()
+
+
+def test_misleading_inputs_get_clear_messages(buffer, backend, rng):
+    e = 4 * SIZE
+    x = random_rows(rng, 16, 256)
+    idx = random_topk(rng, 16, e, 2)
+    w = rng.random(idx.shape).astype(np.float32)
+    xb, ib, wb = (to_backend(a, backend) for a in (x, idx, w))
+    with pytest.raises(cupyep.InvalidInputError, match="got a list of 16"):
+        buffer.dispatch([list(r) for r in x.astype(np.float32)], ib, num_experts=e)
+    d = buffer.low_latency_dispatch(xb, ib, 16, e, use_fp8=False)
+    with pytest.raises(cupyep.InvalidInputError, match="topk_idx has 8 rows but the dispatch that made the handle had 16"):
+        buffer.low_latency_combine(d.recv_x, ib[:8].copy(), wb[:8].copy(), d.handle)
+    buffer.low_latency_combine(d.recv_x, ib, wb, d.handle)  # still usable
+
+
+def test_layout_from_another_topk_idx_is_refused(buffer, backend, rng):
+    e = 4 * SIZE
+    x = to_backend(random_rows(rng, 16, 256), backend)
+    idx_a = to_backend(random_topk(rng, 16, e, 2), backend)
+    idx_b = to_backend(random_topk(rng, 16, e, 2), backend)
+    lay = buffer.get_dispatch_layout(idx_a, e)
+    with pytest.raises(cupyep.InvalidInputError, match="computed from another topk_idx"):
+        buffer.dispatch(x, idx_b, layout=lay)
+    with pytest.raises(cupyep.InvalidInputError, match="computed for"):
+        buffer.dispatch(x, idx_a, layout=lay, num_experts=2 * e)
+    d = buffer.dispatch(x, idx_a, layout=lay)  # the right pairing works
+    buffer.combine(d.recv_x, d.handle)
