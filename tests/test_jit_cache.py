@@ -24,17 +24,11 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _compile_in_child(cache_dir, queue):
-    os.environ["CUPYEP_CACHE_DIR"] = cache_dir
-    from cupyep import jit as child_jit
-    child_jit.compile_cubin(SPEC, "sm_90")
-    queue.put(child_jit.compiles)
-
-
 def test_processes_sharing_a_cache_compile_an_entry_once(cache):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_compile_in_child, args=(str(cache), queue)) for _ in range(4)]
+    from jit_child import compile_into
+    procs = [ctx.Process(target=compile_into, args=(str(cache), queue)) for _ in range(4)]
     for p in procs:
         p.start()
     counts = [queue.get(timeout=120) for _ in procs]
