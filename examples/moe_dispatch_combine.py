@@ -58,13 +58,14 @@ def main():
     want = x.astype(np.float32) * want_scale[:, None]
     err = np.abs(out.astype(np.float32) - want).max() / np.abs(want).max()
     ok = group.agree(err < 2e-2)
+    errors = group.comm.gather(float(err), root=0)  # printed by rank 0: lines from ranks would interleave
     if rank == 0:
         print(f"cupyep {buf.backend} backend, {size} ranks, {args.tokens} tokens x {args.hidden}, "
               f"top-{args.topk} of {num_experts} experts")
         print(f"received {d.handle.num_recv_tokens} rows on rank 0; "
               f"tokens per local expert {d.num_recv_tokens_per_expert}")
-    print(f"rank {rank}: max relative error vs single-process layer {err:.2e}")
-    if rank == 0:
+        for r, e in enumerate(errors):
+            print(f"rank {r}: max relative error vs single-process layer {e:.2e}")
         print("OK" if ok else "MISMATCH")
     buf.destroy()
     group.destroy()
