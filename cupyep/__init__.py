@@ -11,7 +11,7 @@ Quick start (run under ``mpiexec -n N``)::
 """
 from .buffer import Buffer
 from .config import Config, default_config
-from .errors import (BackendUnavailableError, BufferTooSmallError, CommTimeoutError,
+from .errors import (BackendUnavailableError, BufferTooSmallError, CallMismatchError, CommTimeoutError,
                      CupyepError, GroupDestroyedError, InvalidInputError)
 from .group import Group, gpu_available
 from .low_latency import low_latency_size_hint
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Buffer", "Config", "default_config", "Group", "gpu_available",
     "nvl_size_hint", "rdma_size_hint", "low_latency_size_hint",
-    "CupyepError", "InvalidInputError", "BufferTooSmallError", "CommTimeoutError",
+    "CupyepError", "InvalidInputError", "BufferTooSmallError", "CommTimeoutError", "CallMismatchError",
     "GroupDestroyedError", "BackendUnavailableError",
     "DispatchLayout", "DispatchHandle", "DispatchResult", "CombineResult",
     "LowLatencyHandle", "LowLatencyDispatchResult", "LowLatencyCombineResult",

@@ -241,6 +241,7 @@ class Buffer:
             :class:`DispatchResult` in the caller's framework.
         """
         self._check_alive()
+        self._impl.next_call()  # counted even if it raises before communicating
         data, scales, fe = self._split_x(x)
         num_tokens, hidden = data.shape
         if expert_alignment < 1:
@@ -319,6 +320,7 @@ class Buffer:
             :class:`CombineResult` in the caller's framework.
         """
         self._check_alive()
+        self._impl.next_call()  # counted even if it raises before communicating
         validation.check_handle(handle, DispatchHandle, self.buffer_id)
         fe = self._frontend(x)
         data = self._native(x, "x", fe)
@@ -376,6 +378,7 @@ class Buffer:
             :class:`LowLatencyDispatchResult` in the caller's framework.
         """
         self._check_alive()
+        self._impl.next_call()  # counted even if it raises before communicating
         fe = self._frontend(x)
         data = self._native(x, "x", fe)
         validation.check_bf16_rows(data)
@@ -441,6 +444,7 @@ class Buffer:
             :class:`LowLatencyCombineResult` in the caller's framework.
         """
         self._check_alive()
+        self._impl.next_call()  # counted even if it raises before communicating
         validation.check_handle(handle, LowLatencyHandle, self.buffer_id)
         fe = self._frontend(x)
         data = self._native(x, "x", fe)
@@ -487,6 +491,7 @@ class Buffer:
         """Reset low-latency flags and counters (collective; after a timeout, or
         to restart the call sequence). Waits for this rank's GPU work first."""
         self._check_alive()
+        self._impl.next_call()  # counted even if it raises before communicating
         self._impl.clean_low_latency_buffer()
 
     # ---- rank masking (low-latency calls) ------------------------------ #

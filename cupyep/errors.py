@@ -13,6 +13,12 @@ class BufferTooSmallError(InvalidInputError):
     """The buffer cannot hold what a call needs; the message says how much."""
 
 
+class CallMismatchError(CupyepError):
+    """Ranks met at different calls, or at one call with different parameters;
+    the message names both ranks and both calls. Nothing was exchanged, and
+    the next call made by every rank pairs correctly again."""
+
+
 class GroupDestroyedError(CupyepError):
     """A call was made on a group or buffer after ``destroy()``."""
 

@@ -98,6 +98,10 @@ class GpuBackend:
         self.rt.sync_barrier()
 
     # ------------------------------------------------------------------ #
+    def next_call(self):
+        """A collective call starts (the reference backend numbers them; the
+        kernels here keep their own sequence)."""
+
     def enter_call(self, frontend):
         """Start a call from ``frontend``'s framework; returns the caller's stream."""
         self.frontend = frontend

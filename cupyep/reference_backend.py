@@ -9,6 +9,7 @@ from . import reference, sizing, validation
 from .config import default_config
 from .errors import InvalidInputError
 from .fp8 import bfloat16
+from .call_check import CallAgreement
 from .low_latency import TRANSPORTS, check_low_latency_buffer
 
 
@@ -20,6 +21,8 @@ class ReferenceBackend:
         self.max_nodes_per_token = max_nodes_per_token
         # Sized as on the GPU: calls that would not fit there raise here too.
         self.num_nvl_bytes, self.num_rdma_bytes = int(num_nvl_bytes), int(num_rdma_bytes)
+        # Ranks agree on each call before moving data (cupyep.call_check).
+        self.calls = CallAgreement(group.comm)
         self._calls = itertools.count()
         self._next_combine = None
         self.mask = np.zeros(group.size, np.int32)  # 1 = rank left out of low-latency calls
@@ -47,15 +50,19 @@ class ReferenceBackend:
                                       x.shape[0])
         if topk_idx is not None:
             validation.check_expert_range_host(topk_idx, num_experts)
+        self.calls.check("dispatch", x.shape[1], 0 if topk_idx is None else topk_idx.shape[1], int(scales is not None),
+                         num_experts or 0, int(topk_weights is not None))
         return reference.dispatch(self.comm, x, scales, topk_idx, topk_weights, is_token_in_rank,
                                   num_experts, expert_alignment, num_worst_tokens)
 
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
+        self.calls.check("cached_dispatch", x.shape[1], int(scales is not None))
         recv_x, recv_s = reference.cached_dispatch(self.comm, handle.state, x, scales,
                                                    handle.num_worst_tokens)
         return recv_x, recv_s, None
 
     def combine(self, handle, x, topk_weights, bias, config, previous_event, async_finish):
+        self.calls.check("combine", x.shape[1], int(topk_weights is not None))
         n = handle.num_recv_tokens
         w = None if topk_weights is None else topk_weights[:n]
         out, wout = reference.combine(self.comm, handle.state, handle.num_tokens, x[:n], w, bias)
@@ -65,6 +72,7 @@ class ReferenceBackend:
                              async_finish, return_recv_hook, cumulative_stats=None, wait_stats=None):
         check_low_latency_buffer(self.num_rdma_bytes, m, x.shape[1], self.group.size, num_experts)
         validation.check_expert_range_host(topk_idx, num_experts)
+        self.calls.check("low_latency_dispatch", m, x.shape[1], num_experts, int(use_fp8), topk_idx.shape[1])
         out = reference.low_latency_dispatch(self.comm, x, topk_idx, m, num_experts, use_fp8,
                                              round_scale, use_ue8m0, mask=self.mask)
         if cumulative_stats is not None:
@@ -77,6 +85,8 @@ class ReferenceBackend:
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, out, async_finish,
                             return_recv_hook, use_logfmt=False, wait_stats=None):
+        self.calls.check("low_latency_combine", handle.num_max_dispatch_tokens_per_rank, handle.hidden,
+                         handle.num_experts, int(use_logfmt), topk_idx.shape[1])
         res = reference.low_latency_combine(self.comm, x, topk_idx, topk_weights, handle.state,
                                             mask=self.mask, use_logfmt=use_logfmt)
         if out is not None:
@@ -110,7 +120,11 @@ class ReferenceBackend:
         self.mask[:] = 0
 
     def clean_low_latency_buffer(self):
+        self.calls.check("clean_low_latency_buffer")
         self.comm.Barrier()  # no state to reset; collective like the GPU's
 
+    def next_call(self):
+        self.calls.next_call()
+
     def destroy(self):
-        pass
+        self.calls.free()
