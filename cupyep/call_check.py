@@ -32,14 +32,20 @@ from .errors import CallMismatchError, CommTimeoutError
 
 _KINDS = ("dispatch", "cached_dispatch", "combine", "low_latency_dispatch", "low_latency_combine",
           "clean_low_latency_buffer")
+# The parameters each kind of call sends, in order (for messages).
+_PARAMS = {"dispatch": ("hidden", "top-k", "fp8", "experts", "weights"), "cached_dispatch": ("hidden", "fp8"),
+           "combine": ("hidden", "weights"), "low_latency_dispatch": ("M", "hidden", "experts", "fp8", "top-k"),
+           "low_latency_combine": ("M", "hidden", "experts", "logfmt", "top-k"), "clean_low_latency_buffer": ()}
 _HEADER, _VERDICT = 0x4E1, 0x4E2  # message tags
 _WORDS = 8  # seq, kind, 6 parameters
 _GO, _MISMATCH, _TIMEOUT = 1, 2, 3
 
 
 def _describe(words) -> str:
+    """'dispatch call #5 (hidden=256, top-k=2, ...)' from a header."""
     kind = _KINDS[int(words[1])] if 0 <= int(words[1]) < len(_KINDS) else f"call kind {int(words[1])}"
-    params = ", ".join(str(int(v)) for v in words[2:] if v != -1)
+    names = _PARAMS.get(kind, ())
+    params = ", ".join(f"{names[i] if i < len(names) else i}={int(v)}" for i, v in enumerate(words[2:]) if v != -1)
     return f"{kind} call #{int(words[0])} ({params})"
 
 
