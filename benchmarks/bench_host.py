@@ -191,7 +191,8 @@ def main():
         calls = low_latency_calls(buf, convert((*ll, y), fw), args, fw)
         if fw == "torch":
             from cupyep import deep_ep
-            facade = deep_ep.Buffer(group.comm, num_rdma_bytes=rdma, low_latency_mode=True)
+            facade = deep_ep.Buffer(group.comm, num_rdma_bytes=rdma, low_latency_mode=True,
+                                    explicitly_destroy=True)
             calls.update(facade_calls(facade, convert((*ll, y), fw), args))
         if not args.no_normal:
             calls.update(normal_calls(buf, convert(normal, fw), args, fw))

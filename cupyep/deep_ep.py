@@ -113,8 +113,9 @@ class Buffer:
         group: a torch.distributed ProcessGroup (or an mpi4py communicator).
         num_nvl_bytes, num_rdma_bytes, low_latency_mode: as in DeepEP.
         The other DeepEP arguments (queue pairs, NVLink use in low-latency
-        mode, MNNVL, fabric, shrink) are accepted; ``explicitly_destroy``
-        requires :meth:`destroy` before exit, as in DeepEP.
+        mode, MNNVL, fabric, shrink) are accepted. ``explicitly_destroy``:
+        as in DeepEP, :meth:`destroy` is allowed only with it (and then
+        expected before exit); without it the buffer is freed at exit.
     """
 
     num_sms: int = 20
@@ -198,7 +199,12 @@ class Buffer:
         return t if size is None else t[:int(np.prod(size))].view(size)
 
     def destroy(self) -> None:
-        """Frees the buffer and the Group this facade made (collective)."""
+        """Frees the buffer and the Group this facade made (collective). As in
+        DeepEP, only for a buffer made with ``explicitly_destroy=True``; others
+        are freed at exit."""
+        if not self.explicitly_destroy:
+            raise InvalidInputError("`explicitly_destroy` flag must be set (as in DeepEP): "
+                                    "Buffer(..., explicitly_destroy=True) to call destroy()")
         self._buffer.destroy()
         self._group.destroy()
 

@@ -54,7 +54,8 @@ def inputs(rng, backend):
 def test_normal_dispatch_combine_like_deepep(torch_world, buffer, backend, inputs):
     (x, topk_idx, topk_weights), arrays, num_experts = inputs
     native = buffer  # cupyep's own API on the same backend gives the expected results
-    buffer = deep_ep.Buffer(torch_world, num_nvl_bytes=cupyep.nvl_size_hint(512, 40, SIZE, 4), backend=backend)
+    buffer = deep_ep.Buffer(torch_world, num_nvl_bytes=cupyep.nvl_size_hint(512, 40, SIZE, 4), backend=backend,
+                            explicitly_destroy=True)
     num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event = \
         buffer.get_dispatch_layout(topk_idx, num_experts, previous_event=None, async_finish=False,
                                    allocate_on_comm_stream=False)
@@ -86,7 +87,7 @@ def test_low_latency_like_deepep(torch_world, buffer, backend, inputs):
     m, h = 64, x.shape[1]
     num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(m, h, SIZE, num_experts)
     buffer = deep_ep.Buffer(torch_world, 0, num_rdma_bytes, low_latency_mode=True,
-                            num_qps_per_rank=num_experts // SIZE, backend=backend)
+                            num_qps_per_rank=num_experts // SIZE, backend=backend, explicitly_destroy=True)
     (recv_q, recv_s), recv_count, handle, event, hook = buffer.low_latency_dispatch(
         x, topk_idx, m, num_experts, use_fp8=True, async_finish=False, return_recv_hook=True)
     hook()
@@ -141,7 +142,7 @@ def test_handles_are_deepep_tuples(torch_world, buffer, backend, inputs):
     (x, topk_idx, topk_weights), arrays, num_experts = inputs
     facade = deep_ep.Buffer(torch_world, num_nvl_bytes=cupyep.nvl_size_hint(512, 40, SIZE, 4),
                             num_rdma_bytes=deep_ep.Buffer.get_low_latency_rdma_size_hint(64, 512, SIZE, num_experts),
-                            low_latency_mode=True, backend=backend)
+                            low_latency_mode=True, backend=backend, explicitly_destroy=True)
     try:
         per_rank, _, per_expert, in_rank, _ = facade.get_dispatch_layout(topk_idx, num_experts)
         config = deep_ep.Config(8)
@@ -191,3 +192,12 @@ def test_handles_are_deepep_tuples(torch_world, buffer, backend, inputs):
         facade.low_latency_combine(lx, topk_idx, topk_weights, lhandle)
     finally:
         facade.destroy()
+
+
+def test_destroy_needs_explicitly_destroy(torch_world, backend):
+    """As in DeepEP: destroy() only for a buffer made with explicitly_destroy=True."""
+    b = deep_ep.Buffer(torch_world, num_nvl_bytes=cupyep.nvl_size_hint(512, 8, SIZE, 2), backend=backend)
+    with pytest.raises(cupyep.InvalidInputError, match="explicitly_destroy"):
+        b.destroy()
+    b._buffer.destroy()  # freed here rather than at exit (collective)
+    b._group.destroy()

@@ -138,7 +138,7 @@ def test_low_latency_in_torch_graph(gpu_buffer, torch_world, rng, api, hook, zer
     else:
         from cupyep import deep_ep
         buf = deep_ep.Buffer(torch_world, num_rdma_bytes=cupyep.low_latency_size_hint(m, h, SIZE, num_experts),
-                             low_latency_mode=True)
+                             low_latency_mode=True, explicitly_destroy=True)
 
         def step():
             recv_x, count, handle, _, recv_hook = buf.low_latency_dispatch(
