@@ -12,6 +12,10 @@
 #   machine with fewer GPUs than ranks; RANKS then defaults to "2 3 4". Every test
 #   runs shared (the inter-node cases as 2 nodes x N/2 at even N); benchmark
 #   figures from shared GPUs are marked NOT comparable.
+#   DEEPEP_TESTS=dir  DeepEP V1's own test programs (test_low_latency.py, test_intranode.py,
+#   utils.py), run from there, unmodified, with `import deep_ep` resolving to cupyep.deep_ep,
+#   at --num-processes $DEEPEP_PROCS (default 1; each process takes cuda:{local_rank});
+#   DEEPEP_ARGS adds flags to test_low_latency.py (e.g. --use-logfmt)
 # $LOG_DIR/summary.txt gets one line per test run: ranks, exit code, wall time, counts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,3 +74,18 @@ for n in ${HOST_BENCH_RANKS:-}; do
   echo "== bench_host at $n ranks"
   timeout ${BENCH_TIMEOUT:-240} $MPIRUN -n $n python3 benchmarks/bench_host.py ${HOST_BENCH_ARGS:-} 2>&1 | tee "$LOG_DIR/bench-host-n$n.log" | tail -40
 done
+if [ -n "${DEEPEP_TESTS:-}" ]; then
+  shim=$(mktemp -d)
+  mkdir -p "$shim/deep_ep"
+  echo "from cupyep.deep_ep import *  # noqa: F401,F403  (import deep_ep -> cupyep's facade)" > "$shim/deep_ep/__init__.py"
+  for t in test_low_latency test_intranode; do
+    echo "== DeepEP's $t.py through cupyep.deep_ep, ${DEEPEP_PROCS:-1} process(es)"
+    args=""; [ "$t" = test_low_latency ] && args="${DEEPEP_ARGS:-}"
+    start=$(date +%s)
+    (cd "$DEEPEP_TESTS" && PYTHONPATH="$shim:$PYTHONPATH" timeout ${DEEPEP_TIMEOUT:-300} python3 "$t.py" \
+      --num-processes ${DEEPEP_PROCS:-1} $args) > "$LOG_DIR/deepep-$t.log" 2>&1
+    rc=$?
+    tail -8 "$LOG_DIR/deepep-$t.log"
+    echo "DeepEP $t.py: rc=$rc, $(( $(date +%s) - start )) s" | tee -a "$LOG_DIR/summary.txt"
+  done
+fi
