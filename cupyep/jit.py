@@ -228,20 +228,28 @@ def _source_text(spec: KernelSpec) -> str:
     return head + body
 
 
-def _options(spec: KernelSpec, arch: str):
-    from cuda.core import ProgramOptions
-    kw = dict(arch=arch, std="c++17", include_path=_cuda_include_dirs(spec.nvshmem),
-              use_fast_math=False)
+def _option_values(spec: KernelSpec, arch: str) -> dict:
+    """The compile options but the include path (which depends on the machine,
+    not on what is compiled: the headers' contents are in the key already)."""
+    kw = dict(arch=arch, std="c++17", use_fast_math=False)
     if spec.nvshmem:
         kw.update(relocatable_device_code=True, link_time_optimization=True,
                   device_as_default_execution_space=True)
-    return ProgramOptions(**kw)
+    return kw
+
+
+def _options(spec: KernelSpec, arch: str):
+    from cuda.core import ProgramOptions
+    return ProgramOptions(include_path=_cuda_include_dirs(spec.nvshmem), **_option_values(spec, arch))
 
 
 def cache_key(spec: KernelSpec, arch: str) -> str:
+    """Covers what changes the binary: source and headers (digest), package
+    version, instantiation, architecture, NVRTC and NVSHMEM versions, options."""
     h = hashlib.sha256()
     for part in (spec.source, spec.instantiation, arch, _nvrtc_version(), sources_digest(),
-                 str(spec.nvshmem), _nvshmem_version() if spec.nvshmem else ""):
+                 str(spec.nvshmem), _nvshmem_version() if spec.nvshmem else "",
+                 json.dumps(_option_values(spec, arch), sort_keys=True)):
         h.update(part.encode())
         h.update(b"\0")
     return f"{spec.readable_key[:120]}-{arch}-{h.hexdigest()[:20]}"

@@ -44,6 +44,10 @@ def test_cache_hit_and_key_sees_headers(monkeypatch):
     jit.sources_digest.cache_clear()
     monkeypatch.setattr(jit, "sources_digest", lambda: "a header changed")
     assert jit.cache_key(spec, "sm_90") != key
+    changed = jit.cache_key(spec, "sm_90")
+    options = jit._option_values
+    monkeypatch.setattr(jit, "_option_values", lambda s, a: dict(options(s, a), use_fast_math=True))
+    assert jit.cache_key(spec, "sm_90") != changed  # the options are in the key too
 
 
 @pytest.mark.parametrize("spec", nvshmem_specs(), ids=lambda s: s.readable_key)
