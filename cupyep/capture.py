@@ -57,14 +57,12 @@ def _cupy_empty(shape, dtype):
 def _zero(a, stream):
     """memset on ``stream``: capturable, and the same for CuPy and torch arrays."""
     import cupy
+
+    from .interop import dtype_of
     from .jit import address
     if stream is None:
         stream = cupy.cuda.get_current_stream()
-    n = int(np.prod(a.shape)) * np.dtype(_itemsize_dtype(a)).itemsize
+    n = int(np.prod(a.shape)) * dtype_of(a).itemsize
     if n:
         cupy.cuda.runtime.memsetAsync(address(a), 0, n, stream.ptr)
 
-
-def _itemsize_dtype(a):
-    from .interop import dtype_of
-    return dtype_of(a)

@@ -19,7 +19,7 @@ from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
 from .events import CallStreams
 from .fp8 import FP8_GROUP, bfloat16
 from .interop import DeviceFrontend, dtype_of
-from .jit import device_ptr as _ptr, index_type, launch
+from .jit import address as _ptr, index_type, launch
 from .capture import KeptArrays, is_capturing
 from .runtime import mapped_host_ints
 

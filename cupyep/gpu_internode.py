@@ -18,7 +18,7 @@ from . import kernel_specs, sizing
 from .errors import BufferTooSmallError, InvalidInputError
 from .gpu_backend import NOTIFY_THREADS
 from .interop import dtype_of
-from .jit import device_ptr as _ptr, index_type, launch
+from .jit import address as _ptr, index_type, launch
 
 
 

@@ -363,11 +363,6 @@ def get_kernel(spec: KernelSpec):
     return _loaded[(spec, dev)]
 
 
-def device_ptr(a) -> int:
-    """Kernel argument for an optional array: its address, 0 for None."""
-    return address(a)
-
-
 def index_type(arr) -> str:
     """C++ type of an int64 or int32 index array (a template argument)."""
     return "long long" if arr is None or dtype_of(arr) == _INT64 else "int"
