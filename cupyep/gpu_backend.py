@@ -19,6 +19,7 @@ from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
 from .events import CallStreams
 from .fp8 import FP8_GROUP, bfloat16
 from .interop import DeviceFrontend, dtype_of
+from . import jit
 from .jit import address as _ptr, index_type, launch
 from .capture import KeptArrays, is_capturing
 from .runtime import mapped_host_ints
@@ -90,6 +91,7 @@ class GpuBackend:
         self._capturing = False  # of the call in progress (set by _begin / get_dispatch_layout)
         self._layouts = {}
         from .gpu_low_latency import GpuLowLatency
+        self._prefetched = set()  # normal-call shapes whose kernels were prefetched
         self.ll = GpuLowLatency(self, num_rdma_bytes, shrink=enable_shrink)
         self.inter = None
         if group.num_nodes > 1:
@@ -215,6 +217,12 @@ class GpuBackend:
         local = 0 if topk_idx is None else num_experts // r
         if local > sizing.MAX_LOCAL_EXPERTS:
             raise InvalidInputError(f"at most {sizing.MAX_LOCAL_EXPERTS} experts per rank")
+        shape = (x.shape[1], dtype_of(x).itemsize, k, index_type(topk_idx))
+        if shape not in self._prefetched:  # a new shape: compile its kernels side by side
+            self._prefetched.add(shape)
+            jit.prefetch(kernel_specs.normal_call_specs(
+                r, self.group.num_ranks_per_node, hidden * shape[1], 0 if scales is None else scales.shape[1],
+                k, shape[3], hidden), jit.device_arch(self.rt.device_id))
         lay, lay_dev = self._layout(hidden, k, c, t)
         rdma_lay = rdma_dev = None
         if self.inter is not None:

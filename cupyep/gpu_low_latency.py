@@ -27,6 +27,7 @@ from .errors import CupyepError, InvalidInputError
 from .fp8 import FP8_GROUP, bfloat16
 from .capture import KeptArrays, is_capturing
 from . import kernel_specs
+from . import jit
 from .jit import PackedKernel, address, index_type
 from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 
@@ -72,6 +73,9 @@ class GpuLowLatency:
         self.num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.transport = "auto"
         self.set_transport(os.environ.get("CUPYEP_LL_TRANSPORT", transport))
+        self.arch = jit.device_arch(backend.rt.device_id)
+        if self.sym is not None and (self._nvshmem_build or backend.group.num_nodes > 1):
+            jit.prefetch_nvshmem_device(self.arch)  # the first NVSHMEM kernel's compile needs it
 
     def claim(self, user: str) -> None:
         """Low-latency and inter-node normal calls share the RDMA memory; a
@@ -127,6 +131,9 @@ class GpuLowLatency:
         be, r = self.be, self.be.num_ranks
         lay = self._layout(m, hidden, num_experts)
         local, rows = num_experts // r, r * m
+        # the combine that follows compiles while this dispatch's kernel does
+        jit.prefetch([kernel_specs.low_latency_combine(hidden, False, idx_type, self._nvshmem_build, self.source)],
+                     self.arch)
         fn = self._kernel(kernel_specs.low_latency_dispatch(hidden, use_fp8, round_scale, use_ue8m0, idx_type,
                                                             self._nvshmem_build, self.source), DISPATCH_ARGS)
         scales = None

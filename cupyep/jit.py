@@ -128,23 +128,23 @@ def _entry_lock(path: str):
         os.close(fd)  # closing releases the lock
 
 
-def _read_entry(cubin: str, meta: str):
-    """The mangled name of a complete, intact entry; None when absent. A
+def _read_entry(path: str, meta: str):
+    """The metadata of a complete, intact entry; None when absent. A
     corrupted entry (checksum, size or JSON) is removed, with a warning."""
-    if not (os.path.exists(cubin) and os.path.exists(meta)):
+    if not (os.path.exists(path) and os.path.exists(meta)):
         return None
     try:
         with open(meta) as f:
             info = json.load(f)
-        with open(cubin, "rb") as f:
+        with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         if info.get("sha256") == digest:
-            return info["mangled"]
+            return info
         problem = "its checksum does not match"
     except (OSError, ValueError, KeyError) as e:
         problem = f"it cannot be read ({e})"
-    warnings.warn(f"kernel cache entry {cubin}: {problem}; compiling it again", RuntimeWarning, stacklevel=3)
-    for p in (cubin, meta):
+    warnings.warn(f"kernel cache entry {path}: {problem}; compiling it again", RuntimeWarning, stacklevel=3)
+    for p in (path, meta):
         try:
             os.unlink(p)
         except OSError:
@@ -215,7 +215,11 @@ _NVSHMEM_PRELUDE = """
 namespace std { using cuda::std::is_integral; using cuda::std::is_same; using cuda::std::enable_if;
 using cuda::std::is_signed; using cuda::std::is_unsigned; using cuda::std::is_floating_point;
 using cuda::std::remove_reference; using cuda::std::conditional; }
+#include <nvshmem.h>
+#include <nvshmemx.h>
 """
+# The one source that includes NVSHMEM's headers (see nvshmem_device.cuh).
+NVSHMEM_DEVICE_SOURCE = "cupyep/nvshmem_device.cu"
 
 
 def _source_text(spec: KernelSpec) -> str:
@@ -224,7 +228,7 @@ def _source_text(spec: KernelSpec) -> str:
     # The digest makes the cache key (and CuPy's own, if used) see headers.
     head = f"// cupyep sources {sources_digest()}\n"
     if spec.nvshmem:
-        head += _NVSHMEM_PRELUDE + "#include <nvshmem.h>\n#include <nvshmemx.h>\n#define CUPYEP_NVSHMEM 1\n"
+        head += '#define CUPYEP_NVSHMEM 1\n#include "cupyep/nvshmem_device.cuh"\n'
     return head + body
 
 
@@ -240,7 +244,7 @@ def _option_values(spec: KernelSpec, arch: str) -> dict:
 
 def _options(spec: KernelSpec, arch: str):
     from cuda.core import ProgramOptions
-    return ProgramOptions(include_path=_cuda_include_dirs(spec.nvshmem), **_option_values(spec, arch))
+    return ProgramOptions(include_path=_cuda_include_dirs(False), **_option_values(spec, arch))
 
 
 def cache_key(spec: KernelSpec, arch: str) -> str:
@@ -267,30 +271,37 @@ def compile_cubin(spec: KernelSpec, arch: str = "sm_90") -> Tuple[str, str]:
     Returns:
         (path of the cubin, mangled kernel name).
     """
-    global compiles
-    key = cache_key(spec, arch)
-    d = cache_dir()
-    cubin, meta = os.path.join(d, key + ".cubin"), os.path.join(d, key + ".json")
-    mangled = _read_entry(cubin, meta)
-    if mangled is not None:
-        return cubin, mangled
-    with _entry_lock(os.path.join(d, key)):
-        mangled = _read_entry(cubin, meta)  # another process may have just written it
-        if mangled is not None:
-            return cubin, mangled
+    def build():
         code, mangled = _compile(spec, arch)
+        return code, {"mangled": mangled, "instantiation": spec.instantiation}
+    path, info = _cached(cache_key(spec, arch) + ".cubin", build)
+    return path, info["mangled"]
+
+
+def _cached(name: str, build) -> Tuple[str, dict]:
+    """(path, metadata) of the cache entry ``name``, built by ``build() ->
+    (bytes, metadata)`` under the entry's lock when absent or corrupted."""
+    global compiles
+    d = cache_dir()
+    path = os.path.join(d, name)
+    info = _read_entry(path, path + ".json")
+    if info is not None:
+        return path, info
+    with _entry_lock(path):
+        info = _read_entry(path, path + ".json")  # another process may have just written it
+        if info is not None:
+            return path, info
+        code, info = build()
         compiles += 1
-        digest = hashlib.sha256(code).hexdigest()
-        info = json.dumps({"mangled": mangled, "instantiation": spec.instantiation, "sha256": digest}).encode()
+        info = dict(info, sha256=hashlib.sha256(code).hexdigest())
         try:
-            _atomic_write(cubin, code)
-            _atomic_write(meta, info)  # written last: an entry without it is incomplete
+            _atomic_write(path, code)
+            _atomic_write(path + ".json", json.dumps(info).encode())  # last: an entry without it is incomplete
         except OSError as e:  # e.g. a full disk
-            d = _fallback_dir(f"cannot write the kernel cache in {d} ({e.strerror})")
-            cubin, meta = os.path.join(d, key + ".cubin"), os.path.join(d, key + ".json")
-            _atomic_write(cubin, code)
-            _atomic_write(meta, info)
-    return cubin, mangled
+            path = os.path.join(_fallback_dir(f"cannot write the kernel cache in {d} ({e.strerror})"), name)
+            _atomic_write(path, code)
+            _atomic_write(path + ".json", json.dumps(info).encode())
+    return path, info
 
 
 def _compile(spec: KernelSpec, arch: str):
@@ -315,12 +326,38 @@ def _compile(spec: KernelSpec, arch: str):
     return bytes(code), mangled
 
 
+def nvshmem_device_ltoir(arch: str) -> str:
+    """Path of nvshmem_device.cu compiled to LTO IR for ``arch`` (cached)."""
+    from cuda.core import Program, ProgramOptions
+    opts = dict(arch=arch, std="c++17", relocatable_device_code=True, link_time_optimization=True,
+                device_as_default_execution_space=True)
+    with open(os.path.join(kernel_dir(), NVSHMEM_DEVICE_SOURCE)) as f:
+        text = _NVSHMEM_PRELUDE + f.read()
+    h = hashlib.sha256()
+    for part in (text, arch, _nvrtc_version(), _nvshmem_version(), json.dumps(opts, sort_keys=True)):
+        h.update(part.encode())
+        h.update(b"\0")
+
+    def build():
+        _checked_nvshmem()
+        if DEBUG:
+            print(f"[cupyep.jit] compiling {NVSHMEM_DEVICE_SOURCE} for {arch}", flush=True)
+        prog = Program(text, "c++", ProgramOptions(include_path=_cuda_include_dirs(True), **opts))
+        try:
+            return bytes(prog.compile("ltoir").code), {"source": NVSHMEM_DEVICE_SOURCE}
+        except Exception as e:
+            raise CupyepError(f"compiling {NVSHMEM_DEVICE_SOURCE} failed:\n{e}") from None
+    return _cached(f"nvshmem-device-{arch}-{h.hexdigest()[:20]}.ltoir", build)[0]
+
+
 def _link_nvshmem(ltoir, arch: str) -> bytes:
     from cuda.core import Linker, LinkerOptions, ObjectCode
     import nvshmem.core
     from nvshmem.core import DeviceLibLanguage  # type: ignore[attr-defined]
     lib = nvshmem.core.find_device_bitcode_library(language=DeviceLibLanguage.STATIC)
-    linker = Linker(ltoir, ObjectCode.from_library(str(lib)),
+    with open(nvshmem_device_ltoir(arch), "rb") as f:
+        wrappers = ObjectCode.from_ltoir(f.read())
+    linker = Linker(ltoir, wrappers, ObjectCode.from_library(str(lib)),
                     options=LinkerOptions(arch=arch, link_time_optimization=True))
     return bytes(linker.link("cubin").code)
 
@@ -338,6 +375,46 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
+_prefetching = {}  # what background threads compile, once per process: key -> thread
+
+
+def prefetch(specs, arch: str) -> None:
+    """Start compiling ``specs`` for ``arch`` in background threads (NVRTC
+    and nvJitLink release the GIL), so that a call's kernels compile at once
+    rather than one after another as the call reaches them. A later
+    :func:`compile_cubin` of a spec in flight waits for it (the entry's lock)
+    and finds the file. Nothing here touches the GPU; errors are left for
+    that later compile to raise."""
+    for spec in specs:
+        _in_background((spec, arch), compile_cubin, spec, arch)
+
+
+def prefetch_nvshmem_device(arch: str) -> None:
+    """Start building the NVSHMEM wrappers (the longest compile) in the background."""
+    _in_background(("nvshmem-device", arch), nvshmem_device_ltoir, arch)
+
+
+def _in_background(key, fn, *args) -> None:
+    import threading
+    if key in _prefetching:
+        return
+
+    def run():
+        try:
+            fn(*args)
+        except Exception:  # the caller's own compile raises it again where it is needed
+            pass
+    t = _prefetching[key] = threading.Thread(target=run, name="cupyep-jit", daemon=True)
+    t.start()
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(device_id: int) -> str:
+    """``"sm_90"`` for a compute capability 9.0 device."""
+    import cupy
+    return "sm_" + cupy.cuda.Device(device_id).compute_capability
+
+
 _loaded = {}
 
 
@@ -348,7 +425,7 @@ def get_kernel(spec: KernelSpec):
     k = _loaded.get((spec, dev))
     if k is not None:
         return k
-    arch = "sm_" + cupy.cuda.Device(dev).compute_capability  # e.g. "90"
+    arch = device_arch(dev)
     path, mangled = compile_cubin(spec, arch)
     module = cupy.RawModule(path=path)
     fn = module.get_function(mangled)

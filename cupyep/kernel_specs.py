@@ -76,6 +76,19 @@ def low_latency_combine(hidden: int, logfmt: bool, idx_type: str, nvshmem: bool,
                       (("kHidden", hidden), ("kLogFmt", _flag(logfmt)), ("IdxT", idx_type)), nvshmem)
 
 
+def normal_call_specs(num_ranks: int, ranks_per_node: int, row_bytes: int, num_scales: int, num_topk: int,
+                      idx_type: str, hidden: int):
+    """The kernels a normal dispatch of these rows and its combine launch
+    (rows of ``row_bytes`` bytes, ``hidden`` bf16 values back)."""
+    r, p = num_ranks, ranks_per_node
+    if p >= r:
+        return [intranode_notify(r), intranode_dispatch(r, row_bytes, num_scales, num_topk, idx_type),
+                intranode_barrier(r), intranode_combine(r, hidden, num_topk)]
+    return [internode_spec("notify_dispatch", r, ("kRanksPerNode", p)),
+            internode_dispatch(r, p, row_bytes, num_scales, num_topk, idx_type),
+            internode_spec("rdma_barrier", r), internode_combine(r, p, hidden, num_topk)]
+
+
 def model_specs(hidden: int, num_topk: int, num_experts, num_ranks, ranks_per_node=None, fp8: bool = True,
                 bf16: bool = True, low_latency: bool = True, normal: bool = True, logfmt: bool = False,
                 idx_types=("long long",), nvshmem_low_latency: bool = False):

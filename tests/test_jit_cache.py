@@ -3,6 +3,7 @@ entries rebuilt, an unusable directory replaced, and cupyep.warmup (NVRTC, no
 GPU needed)."""
 import multiprocessing
 import os
+import re
 import warnings
 
 import pytest
@@ -57,7 +58,7 @@ def test_corrupted_entry_is_detected_and_rebuilt(cache):
     assert jit.compiles == before + 1 and mangled_again == mangled
     mid = len(good) // 2
     assert open(again, "rb").read()[mid:mid + 16] != b"\xff" * 16  # rebuilt (NVRTC output is not byte-stable)
-    with open(again[:-len(".cubin")] + ".json", "w") as f:
+    with open(again + ".json", "w") as f:
         f.write("{not json")
     with pytest.warns(RuntimeWarning, match="cannot be read"):
         jit.compile_cubin(SPEC, "sm_90")
@@ -102,3 +103,28 @@ def test_model_specs_are_the_instantiations_the_backends_build():
     names = {s.instantiation for s in kernel_specs.model_specs(7168, 8, 256, 4, ranks_per_node=2, logfmt=True)}
     assert "cupyep::notify_dispatch<4, 2>" in names and "cupyep::ll::combine<7168, true, long long>" in names
     assert "cupyep::dispatch<4, 2, 448, 56, 8, long long>" in names  # inter-node FP8
+
+
+def test_prefetch_compiles_in_the_background_and_the_call_finds_it(cache):
+    _rank0_only()
+    spec = kernel_specs.intranode_notify(2)
+    before = jit.compiles
+    jit.prefetch([spec, spec], "sm_90")  # a spec is compiled once however often it is asked for
+    jit._prefetching[(spec, "sm_90")].join(timeout=120)
+    assert jit.compiles == before + 1
+    path, _ = jit.compile_cubin(spec, "sm_90")  # the call's own lookup: no compile
+    assert jit.compiles == before + 1 and os.path.getsize(path) > 0
+
+
+def test_only_the_wrappers_parse_nvshmem_headers():
+    """Parsing NVSHMEM's headers is most of a cold compile: kernels declare
+    the wrappers of nvshmem_device.cuh instead (see jit.nvshmem_device_ltoir)."""
+    root = os.path.join(jit.kernel_dir(), "cupyep")
+    including = [f for f in os.listdir(root) if f.endswith((".cu", ".cuh"))
+                 and "#include <nvshmem" in open(os.path.join(root, f)).read()]
+    assert including == []
+    for f in os.listdir(root):
+        if f.endswith((".cu", ".cuh")) and f != "nvshmem_device.cu":
+            code = re.sub(r"//[^\n]*", "", open(os.path.join(root, f)).read())  # comments may name them
+            calls = set(re.findall(r"\b(nvshmemx?_\w+)\s*\(", code))
+            assert not calls, f"{f} calls NVSHMEM directly: {sorted(calls)}"

@@ -72,9 +72,9 @@ __device__ __forceinline__ long long* rdma_word(char* rdma, long long offset) {
 // earlier puts (and, with a quiet before, other warps' completed ones) before
 // the signal.
 __device__ __forceinline__ void signal_set(char* rdma, long long offset, long long value, int pe) {
-    nvshmem_fence();
-    nvshmemx_signal_op(reinterpret_cast<uint64_t*>(rdma + offset), static_cast<uint64_t>(value),
-                       NVSHMEM_SIGNAL_SET, pe);
+    cupyep_nvshmem_fence();
+    cupyep_nvshmem_signal_set(reinterpret_cast<unsigned long long*>(rdma + offset),
+                              static_cast<unsigned long long>(value), pe);
 }
 
 // Barrier over all ranks, run by one block. Everything this rank's earlier
@@ -85,7 +85,7 @@ __device__ __forceinline__ void rdma_barrier_block(char* rdma, const RdmaLayout&
                                                    int* counters, int* err, long long timeout_ns) {
     const long long seq = next_barrier_seq(counters);
     __threadfence_system();
-    nvshmem_quiet();
+    cupyep_nvshmem_quiet();
     for (int j = threadIdx.x; j < kNumRanks; j += blockDim.x) {
         signal_set(rdma, lay.sync + 8ll * rank, seq, j);
         wait_at_least(rdma_word(rdma, lay.sync) + j, seq, timeout_ns, err, kPhaseBarrier, j, -1);
@@ -178,7 +178,7 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
         }
     }
     // Complete this thread's signals before the block reports done.
-    nvshmem_quiet();
+    cupyep_nvshmem_quiet();
 
     __shared__ bool s_last;
     __syncthreads();
@@ -291,14 +291,14 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
                     const int p = pos[m];
                     if (p < 0) continue;
                     // Symmetric address: our recv region `node` names the peer's.
-                    nvshmemx_putmem_nbi_warp(rdma + lay.recv + ((long long)node * lay.max_tokens + p) * stride,
+                    cupyep_nvshmem_putmem_nbi_warp(rdma + lay.recv + ((long long)node * lay.max_tokens + p) * stride,
                                              msg, Msg::kBytes, m * kRanksPerNode + local_rank);
                 }
             }
             // Complete this warp's puts, then the senders' barrier orders
             // them before the signals below.
             __syncwarp();
-            if (lane == 0) nvshmem_quiet();
+            if (lane == 0) cupyep_nvshmem_quiet();
             sync_warps(1, num_senders * kWarpSize);
             const int m = threadIdx.x;
             if (m < kNumNodes) {
@@ -570,11 +570,11 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
                     reinterpret_cast<float*>(msg + Msg::kWeights)[lane] = w;
                 }
                 __syncwarp();
-                nvshmemx_putmem_nbi_warp(rdma + lay.recv + ((long long)node * lay.max_tokens + rdma_base + b + i) * stride,
+                cupyep_nvshmem_putmem_nbi_warp(rdma + lay.recv + ((long long)node * lay.max_tokens + rdma_base + b + i) * stride,
                                          msg, Msg::kBytes, s);
             }
             __syncwarp();
-            if (lane == 0) nvshmem_quiet();
+            if (lane == 0) cupyep_nvshmem_quiet();
             sync_warps(2 + wg.group, wg.size * kWarpSize);
             if (wg.sub == 0 && lane == 0)
                 signal_set(rdma, lay.combine_tail + 8ll * (node * kMaxChannels + c), b + nb, s);

@@ -66,7 +66,7 @@ __device__ __forceinline__ void warp_put(char* local_base, long long dst_off, co
                                          int bytes, int peer) {
 #ifdef CUPYEP_NVSHMEM
     // Symmetric address: our own copy's address names the peer's copy.
-    nvshmemx_putmem_nbi_warp(local_base + dst_off, src, bytes, peer);
+    cupyep_nvshmem_putmem_nbi_warp(local_base + dst_off, src, bytes, peer);
 #endif
 }
 
@@ -76,7 +76,7 @@ __device__ __forceinline__ void warp_put(char* local_base, long long dst_off, co
 __device__ __forceinline__ void warp_complete(bool put, int lane) {
     __syncwarp();
 #ifdef CUPYEP_NVSHMEM
-    if (put && lane == 0) nvshmem_quiet();
+    if (put && lane == 0) cupyep_nvshmem_quiet();
 #endif
 }
 
@@ -86,9 +86,9 @@ __device__ __forceinline__ void set_peer_flag(char* const* peers, char* local_ba
                                               int peer, long long value, bool put) {
     if (put) {
 #ifdef CUPYEP_NVSHMEM
-        nvshmem_fence();
-        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(local_base + off),
-                           static_cast<uint64_t>(value), NVSHMEM_SIGNAL_SET, peer);
+        cupyep_nvshmem_fence();
+        cupyep_nvshmem_signal_set(reinterpret_cast<unsigned long long*>(local_base + off),
+                                  static_cast<unsigned long long>(value), peer);
 #endif
     } else {
         st_release_sys(reinterpret_cast<long long*>(peers[peer] + off), value);

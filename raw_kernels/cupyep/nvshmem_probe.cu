@@ -6,13 +6,13 @@ namespace cupyep {
 __global__ void put_signal_probe(int* dst, const int* src, int num_ints, unsigned long long* signal,
                                  int peer, unsigned long long value) {
     if (threadIdx.x < 32)
-        nvshmemx_putmem_nbi_warp(dst, src, sizeof(int) * num_ints, peer);
+        cupyep_nvshmem_putmem_nbi_warp(dst, src, sizeof(int) * num_ints, peer);
     __syncthreads();
     if (threadIdx.x == 0) {
         // The fence orders the put before the signal at the peer.
-        nvshmem_fence();
-        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(signal), value, NVSHMEM_SIGNAL_SET, peer);
-        nvshmem_signal_wait_until(reinterpret_cast<uint64_t*>(signal), NVSHMEM_CMP_GE, value);
+        cupyep_nvshmem_fence();
+        cupyep_nvshmem_signal_set(signal, value, peer);
+        cupyep_nvshmem_signal_wait_ge(signal, value);
     }
 }
 
