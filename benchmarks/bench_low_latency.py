@@ -129,8 +129,18 @@ def measure(buf, group, x, idx, w, args):
     as_f32 = lambda a: (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)  # noqa: E731
     exact = as_f32(buf.low_latency_combine(y_rand, idx, w, dispatch().handle).combined_x)
     coded = as_f32(buf.low_latency_combine(y_rand, idx, w, dispatch().handle, use_logfmt=True).combined_x)
-    del y_rand
     res["logfmt_error"] = float(cupy.abs(coded - exact).max() / cupy.abs(exact).max())
+    # Where LogFMT's time goes: its halves (send = encode + write, receive =
+    # wait + decode + sum) beside BF16's, on all-ones rows (a group of equal
+    # magnitudes codes without division) and on random rows.
+    for tag, rows in (("ones", y), ("random", y_rand)):
+        for fmt in ("bf16", "logfmt"):
+            def send(rows=rows, lf=fmt == "logfmt"):
+                state["c"] = buf.low_latency_combine(rows, idx, w, state["d"].handle, use_logfmt=lf,
+                                                     return_recv_hook=True)
+            res.update(zip((f"send_combine_{fmt}_{tag}", f"recv_combine_{fmt}_{tag}"),
+                           gpu_times([d_step, send, lambda: state["c"].hook()], args.iters)[1:]))
+    del y_rand
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
     res.update(zip(("send_dispatch", "recv_dispatch", "send_combine", "recv_combine"),
@@ -246,6 +256,8 @@ def main():
         keys = [("dispatch", "dispatch"), ("combine", "combine"),
                 ("kernel_dispatch", "dispatch kernel (profiler)"), ("kernel_combine", "combine kernel (profiler)"),
                 ("combine_logfmt", "combine (LogFMT)"),
+                *[(f"{half}_combine_{fmt}_{data}", f"hook: {fmt} {half}, {data}")
+                  for data in ("ones", "random") for fmt in ("bf16", "logfmt") for half in ("send", "recv")],
                 ("graph_pair", "graph: dispatch+combine"),
                 ("send_dispatch", "hook: dispatch send"), ("recv_dispatch", "hook: dispatch recv"),
                 ("send_combine", "hook: combine send"), ("recv_combine", "hook: combine recv"),
