@@ -153,11 +153,14 @@ class GpuLowLatency:
         plan = self._plans[key] = (fn, lay, outputs, args)
         return plan
 
-    def _outputs(self, key, specs, capturing):
+    def _outputs(self, key, specs, stream):
         """Arrays of the given (shape, dtype) specs (None stays None), from the
-        caller's framework; CuPy callers' kept per key while capturing."""
+        caller's framework; CuPy callers' kept per key while ``stream`` is captured."""
         fe = self.be.frontend
-        if not capturing or not fe.keeps_outputs_in_capture:
+        if not fe.keeps_outputs_in_capture or not is_capturing(stream):
+            many = getattr(fe, "empty_many", None)
+            if many is not None and len(specs) > 1:  # one allocation, views of it
+                return many(specs)
             return [None if sp is None else fe.empty(*sp) for sp in specs]
         return [None if sp is None else self._kept.get(key + (i,), sp[0], sp[1], True, alloc=fe)
                 for i, sp in enumerate(specs)]
@@ -174,7 +177,7 @@ class GpuLowLatency:
         be.check_errors()
         stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
         half = self._next_half()
-        outs = self._outputs(("d", half, id(specs)), specs, is_capturing(stream))
+        outs = self._outputs(("d", half, id(specs)), specs, stream)
         recv_x, recv_s, recv_count, src_info, layout_range, recv_k = outs
         args = list(half_args[half])
         args[0], args[1], args[2], args[3] = address(x), address(topk_idx), t, topk_idx.shape[1]
@@ -256,7 +259,7 @@ class GpuLowLatency:
                 "area this call reads; take it from get_next_low_latency_combine_buffer() after the "
                 "dispatch and before any other low-latency call")
         if out is None:
-            out = self._outputs(("c", half), (((t, lay.hidden), bfloat16),), is_capturing(stream))[0]
+            out = self._outputs(("c", half), (((t, lay.hidden), bfloat16),), stream)[0]
         args[0:8] = [x_ptr, address(handle.src_info), address(st.recv_k), address(handle.layout_range),
                      address(topk_idx), address(topk_weights), t, k]
         args[15], args[21], args[22] = int(zero_copy), address(out), address(wait_stats)

@@ -53,8 +53,9 @@ def dtype_of(a) -> np.dtype:
 
 
 def is_c_contiguous(a) -> bool:
-    flags = getattr(a, "flags", None)
-    return flags.c_contiguous if flags is not None else a.is_contiguous()
+    if framework_of(a) == "torch":  # no getattr miss on the hot path: it costs a raised AttributeError
+        return a.is_contiguous()
+    return a.flags.c_contiguous
 
 
 def strides_of(a) -> tuple:
@@ -64,16 +65,25 @@ def strides_of(a) -> tuple:
     return tuple(s * a.element_size() for s in a.stride())
 
 
+_FRAMEWORK_OF_TYPE = {}  # array type -> framework name (a hot-path lookup)
+
+
 def framework_of(a) -> str:
     """Return 'numpy', 'torch', 'cupy' or 'jax' for an array-like."""
+    fw = _FRAMEWORK_OF_TYPE.get(type(a))
+    if fw is not None:
+        return fw
     mod = type(a).__module__.split(".")[0]
     if mod in ("numpy", "torch", "cupy"):
-        return mod
-    if mod in ("jax", "jaxlib"):
-        return "jax"
-    raise InvalidInputError(
-        f"unsupported array type {type(a).__qualname__} from '{mod}': pass a "
-        "NumPy, CuPy, torch or JAX array")
+        fw = mod
+    elif mod in ("jax", "jaxlib"):
+        fw = "jax"
+    else:
+        raise InvalidInputError(
+            f"unsupported array type {type(a).__qualname__} from '{mod}': pass a "
+            "NumPy, CuPy, torch or JAX array")
+    _FRAMEWORK_OF_TYPE[type(a)] = fw
+    return fw
 
 
 def _torch_dtype_name(t) -> str:
@@ -246,6 +256,8 @@ class TorchFrontend(DeviceFrontend):
         self._raw_stream = torch._C._cuda_getCurrentRawStream
         self._streams = {}  # raw stream -> CuPy ExternalStream
         self._f8 = torch.float8_e4m3fn
+        self._dtypes = {}  # NumPy dtype (or type) -> torch dtype
+        self._carvings = {}  # output specs -> carving()
         _torch_dtypes()
 
     def stream_ptr(self) -> int:
@@ -259,31 +271,81 @@ class TorchFrontend(DeviceFrontend):
         return s
 
     def native(self, a):
-        if type(a).__module__.split(".")[0] != "torch":
+        if framework_of(a) != "torch":
             return super().native(a)
-        if not a.is_cuda:
-            raise InvalidInputError("a CPU tensor was given to the GPU backend; move it to "
-                                    f"cuda:{self.device_id} first")
-        dev = a.get_device()
+        dev = a.get_device()  # -1: CPU
         if dev != self.device_id:
+            if dev < 0:
+                raise InvalidInputError("a CPU tensor was given to the GPU backend; move it to "
+                                        f"cuda:{self.device_id} first")
             raise InvalidInputError(f"tensor on cuda:{dev}, the buffer is on cuda:{self.device_id}")
         return a  # read by address: autograd is the caller's business, as with detach()
 
     def empty(self, shape, dtype):
-        return self._torch.empty(shape, dtype=_NUMPY_TO_TORCH[np.dtype(dtype)], device=self._device)
+        return self._torch.empty(shape, dtype=self._torch_dtype(dtype), device=self._device)
+
+    def empty_many(self, specs):
+        """Tensors of ``specs`` ((shape, dtype) or None, a tuple) carved from
+        one allocation: torch's allocator costs microseconds a call, a view
+        one. They share its memory, freed once every one of them is dropped."""
+        plan = self._carvings.get(specs)
+        if plan is None:
+            plan = self._carvings[specs] = carving(specs)
+        total, parts = plan
+        flat = self._torch.empty(total, dtype=self._torch.int32, device=self._device)
+        strided = self._torch.as_strided
+        out = []
+        for p in parts:
+            if p is None:
+                out.append(None)
+            else:
+                t = strided(flat, p[0], p[1], p[2])
+                out.append(t if p[3] is None else t.view(self._torch_dtype(p[3])))
+        return out
+
+    def _torch_dtype(self, dtype):
+        td = self._dtypes.get(dtype)
+        if td is None:
+            td = self._dtypes[dtype] = _NUMPY_TO_TORCH[np.dtype(dtype)]
+        return td
 
     def record_stream(self, arrays, stream_ptr: int) -> None:
         """Mark tensors as used on another stream, so that torch's allocator
         does not hand their memory out before that stream's work is done."""
         s = self._torch.cuda.ExternalStream(stream_ptr, device=self._device)
         for a in arrays:
-            if a is not None and type(a).__module__.split(".")[0] == "torch":
+            if a is not None and framework_of(a) == "torch":
                 a.record_stream(s)
 
     def back(self, a, fp8: bool = False):
-        if a is None or type(a).__module__.split(".")[0] == "torch":
+        if a is None or framework_of(a) == "torch":
             return a.view(self._f8) if fp8 and a is not None else a
         return from_cupy(a, "torch", fp8)  # a view of cupyep's own memory
+
+
+def carving(specs, align: int = 256):
+    """How :meth:`TorchFrontend.empty_many` lays ``specs`` out in one int32
+    array: (its length, per spec None or (shape, strides, offset) of an int32
+    view and the dtype it is then viewed as, None for int32). Each part starts ``align``
+    bytes after the array's start times a whole number; a part whose last
+    dimension is not a whole number of int32 is refused (ValueError)."""
+    parts, offset = [], 0
+    for sp in specs:
+        if sp is None:
+            parts.append(None)
+            continue
+        shape, dtype = (tuple(sp[0]) if isinstance(sp[0], tuple) else (sp[0],)), np.dtype(sp[1])
+        row_bytes = shape[-1] * dtype.itemsize
+        if row_bytes % 4:
+            raise ValueError(f"{shape} {dtype}: rows of {row_bytes} bytes are not whole int32s")
+        shape32 = shape[:-1] + (row_bytes // 4,)
+        strides, step = [], 1
+        for n in reversed(shape32):
+            strides.insert(0, step)
+            step *= n
+        parts.append((shape32, tuple(strides), offset, None if dtype == np.int32 else dtype))
+        offset += -(-step * 4 // align) * align // 4
+    return max(offset, 1), parts
 
 
 def device_frontend(framework: str, device_id: int) -> DeviceFrontend:

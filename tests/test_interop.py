@@ -73,3 +73,38 @@ def test_jax_arrays_on_the_gpu(buffer, backend, rng):
                        pytest.fail(f"recv_x came back as {type(d.recv_x)}"),
                        check_dispatch(d, everyone, m, h, num_experts // SIZE, False, False, False)))
     buffer.clean_low_latency_buffer()
+
+
+def test_outputs_carved_from_one_allocation_do_not_overlap():
+    """interop.carving: the layout of TorchFrontend.empty_many (torch callers'
+    low-latency dispatch outputs), checked on CPU tensors."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    specs = (((3, 40, 512), np.uint8), None, ((3, 40, 4), np.float32), ((3,), np.int32),
+             ((3, 2), np.int64), ((3, 40, 256), bfloat16), ((0, 5), np.int32))
+    total, parts = interop.carving(specs)
+    flat = torch.zeros(total, dtype=torch.int32)
+    torch_of = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32,
+                np.dtype(np.int64): torch.int64, np.dtype(bfloat16): torch.bfloat16}
+    out = []
+    for sp, p in zip(specs, parts):
+        if sp is None:
+            assert p is None
+            out.append(None)
+            continue
+        t = torch.as_strided(flat, p[0], p[1], p[2])
+        t = t if p[3] is None else t.view(torch_of[np.dtype(p[3])])
+        assert tuple(t.shape) == sp[0] and t.is_contiguous()
+        assert t.numel() == 0 or (t.data_ptr() - flat.data_ptr()) % 256 == 0
+        out.append(t)
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in out if t is not None and t.numel())
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert spans[-1][1] <= flat.data_ptr() + total * 4
+    for i, t in enumerate(out):  # each part keeps what is written into it
+        if t is not None and t.numel():
+            t.view(torch.uint8).fill_(i + 1)
+    for i, t in enumerate(out):
+        if t is not None and t.numel():
+            assert bool((t.view(torch.uint8) == i + 1).all())
+    with pytest.raises(ValueError, match="whole int32"):
+        interop.carving((((4, 3), np.uint8),))

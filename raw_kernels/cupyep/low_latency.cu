@@ -663,73 +663,106 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
 // The fp32 steps use _rn intrinsics so that no FMA contraction moves them
 // away from the NumPy definition.
 constexpr int kLogFmtGroupBytes = 88;
-constexpr int kLogFmtStepBytes = 4 * kLogFmtGroupBytes;  // 256 channels: one int4 of bf16 per lane
+// MUFU log2 / exp2 (relative error ~2^-22): a code or a decoded value may
+// move by one step at a rounding boundary, well inside LogFMT's own error.
+__device__ __forceinline__ float log2_approx(float x) {
+    float y;
+    asm("lg2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+constexpr int kLogFmtWarpBytes = kWarpSize * kLogFmtGroupBytes;  // a round of a warp's encoding
 constexpr float kLogFmtRange = 32.f;
 constexpr float kLogFmtSteps = 510.f;  // codes 1..511
 
 __host__ __device__ constexpr int logfmt_row_bytes(int hidden) { return hidden / 64 * kLogFmtGroupBytes; }
 
-// A warp encodes a bf16 row into dst (16-byte aligned), a 256-channel step at
-// a time through buf (kLogFmtStepBytes of shared memory, 16-byte aligned).
-// Loads are coherent: in zero-copy mode dst is the row itself, and a step
-// writes only bytes that earlier steps have read.
+// A warp encodes a bf16 row into dst (16-byte aligned), 32 groups of 64
+// channels a round: each lane codes one group from its 8 int4 of the row
+// (no shuffles: every value's work is the lane's own, so the 64 log2s are in
+// flight together), into 11 u64 words staged in buf (kLogFmtWarpBytes of
+// shared memory), which the warp then stores coalesced.
+// Zero-copy mode encodes in place (dst is the row itself): a round reads
+// bytes [4096r, 4096r + 4096) and writes [2816r, 2816r + 2816), so once
+// every lane has loaded (the first __syncwarp), no later write of this
+// round or any later round touches bytes still to be read.
 template <int kHidden>
 __device__ __forceinline__ void logfmt_encode_row(char* dst, const int4* src, char* buf, int lane) {
     static_assert(kHidden % 256 == 0, "LogFMT needs a hidden size divisible by 256");
-    constexpr int kSteps = kHidden / 256, kBatch = 4;  // a batch's loads are in flight together
-    for (int s0 = 0; s0 < kSteps; s0 += kBatch) {
-        int4 raw[kBatch];
+    constexpr int kGroups = kHidden / 64;
+    constexpr int kRounds = (kGroups + kWarpSize - 1) / kWarpSize;
+    unsigned long long* words = reinterpret_cast<unsigned long long*>(buf) + lane * (kLogFmtGroupBytes / 8);
+#pragma unroll 1
+    for (int r = 0; r < kRounds; ++r) {
+        const int g = r * kWarpSize + lane;
+        const int groups = min(kWarpSize, kGroups - r * kWarpSize);  // even: kHidden % 256 == 0
+        int4 raw[8];
+        if (lane < groups) {
 #pragma unroll
-        for (int b = 0; b < kBatch; ++b)
-            if (s0 + b < kSteps) raw[b] = src[(s0 + b) * kWarpSize + lane];
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-            const int step_idx = s0 + b;
-            if (step_idx >= kSteps) break;
-            float f[8];
-            bf16x8_to_float(raw[b], f);
+            for (int i = 0; i < 8; ++i) raw[i] = src[g * 8 + i];
+        }
+        __syncwarp();
+        if (lane < groups) {
             float amax = 0.f, amin = __int_as_float(0x7f800000);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float m = fabsf(f[j]);
-                amax = fmaxf(amax, m);
-                if (m > 0.f) amin = fminf(amin, m);
-            }
+            for (int i = 0; i < 8; ++i) {
+                float f[8];
+                bf16x8_to_float(raw[i], f);
 #pragma unroll
-            for (int o = 1; o < 8; o <<= 1) {  // the 8 lanes of one 64-channel group
-                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-                amin = fminf(amin, __shfl_xor_sync(0xffffffffu, amin, o));
+                for (int j = 0; j < 8; ++j) {
+                    const float m = fabsf(f[j]);
+                    amax = fmaxf(amax, m);
+                    if (m > 0.f) amin = fminf(amin, m);
+                }
             }
             const float log_amax = log2f(amax);
             const float log_amin = fmaxf(log2f(amin), __fsub_rn(log_amax, kLogFmtRange));
-            const float step = __fdiv_rn(__fsub_rn(log_amax, log_amin), kLogFmtSteps);
-            unsigned long long lo = 0;  // bits 0-7 signs, then codes at 8 + 9j (code 6 straddles)
-            unsigned hi = 0;
+            const float range = __fsub_rn(log_amax, log_amin);
+            // pos = (log2 m - log_amin) / step, step = range / 510: as a product
+            // (a code may differ by one step from the NumPy definition's quotient)
+            const float per_step = range > 0.f ? __fdiv_rn(kLogFmtSteps, range) : 0.f;
+            unsigned long long w[kLogFmtGroupBytes / 8];
+            w[0] = __float_as_uint(log_amax) | static_cast<unsigned long long>(__float_as_uint(log_amin)) << 32;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float m = fabsf(f[j]);
-                unsigned code = 0;
-                if (m > 0.f) {
-                    const float pos = step > 0.f ? __fdiv_rn(__fsub_rn(log2f(m), log_amin), step) : 0.f;
-                    code = static_cast<unsigned>(fminf(fmaxf(rintf(pos), 0.f), kLogFmtSteps)) + 1;
+            for (int i = 1; i < kLogFmtGroupBytes / 8; ++i) w[i] = 0;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {  // 8 channels: 8 sign bits, then eight 9-bit codes
+                float f[8];
+                bf16x8_to_float(raw[i], f);
+                unsigned long long lo = 0;
+                unsigned hi = 0;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float m = fabsf(f[j]);
+                    unsigned code = 0;
+                    if (m > 0.f) {
+                        const float pos = __fmul_rn(__fsub_rn(log2_approx(m), log_amin), per_step);
+                        code = static_cast<unsigned>(fminf(fmaxf(rintf(pos), 0.f), kLogFmtSteps)) + 1;
+                    }
+                    lo |= static_cast<unsigned long long>(f[j] < 0.f) << j;
+                    if (j < 6) lo |= static_cast<unsigned long long>(code) << (8 + 9 * j);
+                    else if (j == 6) { lo |= static_cast<unsigned long long>(code & 3) << 62; hi |= code >> 2; }
+                    else hi |= code << 7;
                 }
-                lo |= static_cast<unsigned long long>(f[j] < 0.f) << j;
-                if (j < 6) lo |= static_cast<unsigned long long>(code) << (8 + 9 * j);
-                else if (j == 6) { lo |= static_cast<unsigned long long>(code & 3) << 62; hi |= code >> 2; }
-                else hi |= code << 7;
+                // these 80 bits sit at bit 64 + 80i of the group
+                constexpr int kShift[8] = {0, 16, 32, 48, 0, 16, 32, 48};
+                const int word = (64 + 80 * i) / 64, shift = kShift[i];
+                w[word] |= lo << shift;
+                if (shift) w[word + 1] |= lo >> (64 - shift);
+                w[word + 1] |= static_cast<unsigned long long>(hi) << shift;
             }
-            char* group = buf + (lane / 8) * kLogFmtGroupBytes;
-            if (lane % 8 == 0) *reinterpret_cast<float2*>(group) = make_float2(log_amax, log_amin);
-            unsigned short* payload = reinterpret_cast<unsigned short*>(group + 8 + (lane % 8) * 10);
 #pragma unroll
-            for (int w = 0; w < 4; ++w) payload[w] = static_cast<unsigned short>(lo >> (16 * w));
-            payload[4] = static_cast<unsigned short>(hi);
-            __syncwarp();
-            if (lane < kLogFmtStepBytes / 16)
-                st_na(reinterpret_cast<int4*>(dst + step_idx * kLogFmtStepBytes) + lane,
-                      reinterpret_cast<const int4*>(buf)[lane]);
-            __syncwarp();
+            for (int i = 0; i < kLogFmtGroupBytes / 8; ++i) words[i] = w[i];
         }
+        __syncwarp();
+        const int4* staged = reinterpret_cast<const int4*>(buf);
+        int4* out = reinterpret_cast<int4*>(dst + r * kWarpSize * kLogFmtGroupBytes);
+        for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);
+        __syncwarp();  // buf is rewritten in the next round
     }
 }
 
@@ -760,7 +793,7 @@ __device__ __forceinline__ void logfmt_decode8(const LogFmt8& in, float* f) {
         if (j < 6) code = static_cast<unsigned>(lo >> (8 + 9 * j)) & 511u;
         else if (j == 6) code = static_cast<unsigned>(lo >> 62) | ((hi & 127u) << 2);
         else code = (hi >> 7) & 511u;
-        const float v = code == 0 ? 0.f : exp2f(__fadd_rn(logs.y, __fmul_rn(static_cast<float>(code - 1), step)));
+        const float v = code == 0 ? 0.f : exp2_approx(__fadd_rn(logs.y, __fmul_rn(static_cast<float>(code - 1), step)));
         f[j] = (lo >> j) & 1 ? -v : v;
     }
 }
@@ -791,7 +824,7 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
     if (phases & 1) {
         // Rows travel encoded (kLogFmt) or as they are.
         constexpr int kSendBytes = kLogFmt ? logfmt_row_bytes(kHidden) : kRowBytes;
-        __shared__ __align__(16) char s_logfmt[kLogFmt ? kLLWarps * kLogFmtStepBytes : 16];
+        __shared__ __align__(16) char s_logfmt[kLogFmt ? kLLWarps * kLogFmtWarpBytes : 16];
         const int warps_per_group = kLLWarps / num_groups;
         const int group = warp / warps_per_group, wig = warp % warps_per_group;
         if (group < num_groups) {
@@ -809,7 +842,7 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
                     if constexpr (kLogFmt) {
                         char* staged = local_base + off_send + row * kRowBytes;
                         logfmt_encode_row<kHidden>(put ? staged : peers[dst] + off, src,
-                                                   s_logfmt + warp * kLogFmtStepBytes, lane);
+                                                   s_logfmt + warp * kLogFmtWarpBytes, lane);
                         if (put) warp_put(local_base, off, staged, kSendBytes, dst);
                     } else if (put) {
                         char* staged = local_base + off_send + row * kRowBytes;
