@@ -2,7 +2,7 @@
 that leave one stage out, timed against the full kernels in one run.
 
     mpirun -n 2 python benchmarks/breakdown_low_latency.py [--base DIR] [--rows full base ...]
-        [--transport auto]
+        [--transport auto] [--logfmt] [--random]
 
 Each variant is low_latency.cu with its headers inlined (from this checkout,
 or from DIR, e.g. an older checkout's raw_kernels/cupyep, as the "base" row)
@@ -16,6 +16,10 @@ only its time matters. Rows:
     no_recv_rows   dispatch receivers wait and lay out, but copy no rows
     comb_no_rows   combine senders set their flags without the rows
     comb_no_sum    combine receivers wait for their tokens' flags, sum nothing
+    lf_no_encode   (--logfmt) LogFMT combine senders write nothing, encode nothing
+    lf_no_coding   (--logfmt) every value takes code 1: no per-value log2
+    lf_no_stores   (--logfmt) encoded rows are not stored
+    lf_no_decode   (--logfmt) receivers load the encoded rows but decode nothing
     no_count_wait  dispatch flags are set without waiting for the messages
                    and counts (last: it leaves counters off by the late adds,
                    so rows after it are timed on wrong data)
@@ -46,6 +50,11 @@ _PHASES = ["    if (phases & 1) {\n        __shared__ char* s_peers",
            "    if (phases & 2) {\n        // Every block waits",
            "    if (phases & 1) {\n        // Rows travel encoded",
            "    if (phases & 2) {\n        // A block per token. Lane k"]
+# LogFMT combine (with --logfmt): encode, its per-value coding, its stores, decode.
+_LF_ROUNDS = "for (int r = 0; r < kRounds; ++r) {"
+_LF_CODE = "const float pos = __fmul_rn(__fsub_rn(log2_approx(m), log_amin), per_step);"
+_LF_STORE = "for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);"
+_LF_DECODE = "logfmt_decode8(in[b], f);"
 VARIANTS = {
     "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
     "no_payload": [(_PAYLOAD, "                    (void)payload;\n")],
@@ -53,6 +62,10 @@ VARIANTS = {
     "comb_no_rows": [(_COMB_SEND_ROW, ";")],
     "comb_no_sum": [(_COMB_SUM, _COMB_SUM.replace("c < kUnits", "c < 0"))],
     "no_count_wait": [(_COUNT_WAIT, "while (false) {")],
+    "lf_no_encode": [(_LF_ROUNDS, _LF_ROUNDS.replace("r < kRounds", "r < 0"))],
+    "lf_no_coding": [(_LF_CODE, "const float pos = 0.f;")],
+    "lf_no_stores": [(_LF_STORE, ";")],
+    "lf_no_decode": [(_LF_DECODE, "for (int j = 0; j < 8; ++j) f[j] = in[b].logs.x;")],
 }
 
 
@@ -67,6 +80,8 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--transport", default="auto", choices=["auto", "nvshmem"])
+    ap.add_argument("--logfmt", action="store_true", help="combine with use_logfmt=True")
+    ap.add_argument("--random", action="store_true", help="random expert outputs (default: all ones)")
     kernel_variants.add_args(ap)
     args = ap.parse_args()
 
@@ -81,9 +96,12 @@ def main():
         rng = np.random.default_rng(group.rank)
         x, idx, w, _, _ = random_inputs(rng, args.tokens, args.hidden, args.experts, args.topk)
         y = cupy.ones((args.experts // r, r * args.tokens, args.hidden), fp8.bfloat16)
+        if args.random:
+            y = (cupy.random.standard_normal(y.shape, np.float32).view(np.uint32) >> 16).astype(
+                np.uint16).view(fp8.bfloat16)
         m, e = args.tokens, args.experts
         dispatch = lambda **kw: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True, **kw)  # noqa: E731
-        combine = lambda h, **kw: buf.low_latency_combine(y, idx, w, h, **kw)  # noqa: E731
+        combine = lambda h, **kw: buf.low_latency_combine(y, idx, w, h, use_logfmt=args.logfmt, **kw)  # noqa: E731
         state = {}
 
         def d_step(**kw):
@@ -109,7 +127,9 @@ def main():
         ll.source = "cupyep/low_latency.cu"
         if group.rank == 0:
             from cupyep.runtime import card_label
-            print(f"\nlow-latency breakdown, {card_label(group)}, {args.transport}, {args.tokens} tokens x "
+            print(f"\nlow-latency breakdown, {card_label(group)}, {args.transport}, "
+                  f"{'LogFMT' if args.logfmt else 'BF16'} combine of {'random' if args.random else 'all-ones'} rows, "
+                  f"{args.tokens} tokens x "
                   f"{args.hidden}, top-{args.topk} of {args.experts}, FP8 dispatch; us, slowest rank, "
                   f"median of {args.iters}")
             heads = ["dispatch", "combine", "d send", "d recv", "c send", "c recv"]
