@@ -74,6 +74,7 @@ class GpuLowLatency:
         self.transport = "auto"
         self.set_transport(os.environ.get("CUPYEP_LL_TRANSPORT", transport))
         self.arch = jit.device_arch(backend.rt.device_id)
+        jit.prefetch_compiler(self.arch)
         if self.sym is not None and (self._nvshmem_build or backend.group.num_nodes > 1):
             jit.prefetch_nvshmem_device(self.arch)  # the first NVSHMEM kernel's compile needs it
 

@@ -177,8 +177,9 @@ def from_cupy(a, framework: str, fp8: bool = False):
         import torch
         # A capsule carries no stream: torch.from_dlpack(a) would have the
         # current torch stream wait on CuPy's, which breaks graph capture.
+        # (CuPy deprecates toDlpack with a VisibleDeprecationWarning, not the need.)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore")
             if a.dtype == np.bool_:
                 return torch.utils.dlpack.from_dlpack(a.view(np.uint8).toDlpack()).view(torch.bool)
             t = torch.utils.dlpack.from_dlpack(a.toDlpack())

@@ -394,6 +394,16 @@ def prefetch_nvshmem_device(arch: str) -> None:
     _in_background(("nvshmem-device", arch), nvshmem_device_ltoir, arch)
 
 
+def prefetch_compiler(arch: str) -> None:
+    """Load and initialise NVRTC in the background (a trivial compile): its
+    first use in a process costs a few hundred milliseconds, better spent
+    while a Buffer is set up than in its first call."""
+    def touch():
+        from cuda.core import Program, ProgramOptions
+        Program("__global__ void cupyep_touch() {}", "c++", ProgramOptions(arch=arch)).compile("cubin")
+    _in_background(("nvrtc", arch), touch)
+
+
 def _in_background(key, fn, *args) -> None:
     import threading
     if key in _prefetching:

@@ -660,19 +660,21 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
 // LogFMT-10 (defined in cupyep/logfmt.py): per 64 channels, fp32 log2 of the
 // largest and of the smallest non-zero magnitude (clipped to 32 octaves
 // below), then per 8 channels 10 bytes: 8 sign bits and eight 9-bit codes.
-// The fp32 steps use _rn intrinsics so that no FMA contraction moves them
-// away from the NumPy definition.
+// The fp32 steps use _rn intrinsics (no FMA contraction); log2, exp2 and the
+// step are MUFU approximations and products where the definition divides, so
+// a value may land one code away from NumPy's at a rounding boundary (the
+// tests bound the result against cupyep.logfmt, not bit for bit).
 constexpr int kLogFmtGroupBytes = 88;
 // MUFU log2 / exp2 (relative error ~2^-22): a code or a decoded value may
 // move by one step at a rounding boundary, well inside LogFMT's own error.
-__device__ __forceinline__ float log2_approx(float x) {
+__device__ __forceinline__ float log2_approx(float x) {  // denormals count as 0
     float y;
-    asm("lg2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
-__device__ __forceinline__ float exp2_approx(float x) {
+__device__ __forceinline__ float exp2_approx(float x) {  // denormal results flush to 0
     float y;
-    asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
 constexpr int kLogFmtWarpBytes = kWarpSize * kLogFmtGroupBytes;  // a round of a warp's encoding
@@ -731,19 +733,22 @@ __device__ __forceinline__ void logfmt_encode_row(char* dst, const int4* src, ch
             for (int i = 1; i < kLogFmtGroupBytes / 8; ++i) w[i] = 0;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {  // 8 channels: 8 sign bits, then eight 9-bit codes
-                float f[8];
-                bf16x8_to_float(raw[i], f);
-                unsigned long long lo = 0;
+                // Branch-free, so the 64 values' chains (MUFU latency) overlap.
+                const unsigned v[4] = {(unsigned)raw[i].x, (unsigned)raw[i].y, (unsigned)raw[i].z,
+                                       (unsigned)raw[i].w};
+                unsigned long long lo = 0;  // the bf16 sign bits (bits 15 and 31 of each word)
+#pragma unroll
+                for (int k = 0; k < 4; ++k) lo |= ((v[k] >> 15) & 1u) << (2 * k) | (v[k] >> 31) << (2 * k + 1);
                 unsigned hi = 0;
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
-                    const float m = fabsf(f[j]);
-                    unsigned code = 0;
-                    if (m > 0.f) {
-                        const float pos = __fmul_rn(__fsub_rn(log2_approx(m), log_amin), per_step);
-                        code = static_cast<unsigned>(fminf(fmaxf(rintf(pos), 0.f), kLogFmtSteps)) + 1;
-                    }
-                    lo |= static_cast<unsigned long long>(f[j] < 0.f) << j;
+                    const float m = fabsf(__uint_as_float(j % 2 ? v[j / 2] & 0xffff0000u : v[j / 2] << 16));
+                    // log2(0) = -inf: pos is -inf or NaN, both clamp to 0; zero takes code 0 below
+                    const float pos = __fmul_rn(__fsub_rn(log2_approx(m), log_amin), per_step);
+                    const float clamped = fminf(fmaxf(pos, 0.f), kLogFmtSteps);
+                    // + 1.5 * 2^23 rounds to the nearest integer (ties to even, as rintf) into the low bits
+                    const unsigned rounded = __float_as_uint(__fadd_rn(clamped, 12582912.f)) & 511u;
+                    const unsigned code = m > 0.f ? rounded + 1 : 0u;
                     if (j < 6) lo |= static_cast<unsigned long long>(code) << (8 + 9 * j);
                     else if (j == 6) { lo |= static_cast<unsigned long long>(code & 3) << 62; hi |= code >> 2; }
                     else hi |= code << 7;
@@ -786,14 +791,17 @@ __device__ __forceinline__ void logfmt_decode8(const LogFmt8& in, float* f) {
 #pragma unroll
     for (int w = 0; w < 4; ++w) lo |= static_cast<unsigned long long>(in.payload[w]) << (16 * w);
     const unsigned hi = in.payload[4];
-    const float step = __fdiv_rn(__fsub_rn(logs.x, logs.y), kLogFmtSteps);
+    // a product, not the definition's quotient: within an ulp, far below LogFMT's own error
+    const float step = __fmul_rn(__fsub_rn(logs.x, logs.y), 1.f / kLogFmtSteps);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
         unsigned code;
         if (j < 6) code = static_cast<unsigned>(lo >> (8 + 9 * j)) & 511u;
         else if (j == 6) code = static_cast<unsigned>(lo >> 62) | ((hi & 127u) << 2);
         else code = (hi >> 7) & 511u;
-        const float v = code == 0 ? 0.f : exp2_approx(__fadd_rn(logs.y, __fmul_rn(static_cast<float>(code - 1), step)));
+        // code - 1 as a float without a (quarter-rate) conversion: 2^23 + c has c in its low bits
+        const float c = __fsub_rn(__uint_as_float(0x4b000000u | (code - 1)), 8388608.f);
+        const float v = code == 0 ? 0.f : exp2_approx(__fadd_rn(logs.y, __fmul_rn(c, step)));
         f[j] = (lo >> j) & 1 ? -v : v;
     }
 }
