@@ -199,9 +199,9 @@ class GpuBackend:
             spec = kernel_specs.layout_spec(index_type(topk_idx), k)
             grid = min(max(1, (t + 255) // 256), 132)
             launch(spec, (grid,), (256,),
-                   (topk_idx, np.int32(t), np.int32(num_experts), np.int32(r),
-                    np.int32(self.group.num_ranks_per_node), per_rank, _ptr(per_node), per_expert,
-                    in_rank, np.int32(self.max_nodes_per_token), self.layout_error),
+                   (topk_idx, t, num_experts, r,
+                    self.group.num_ranks_per_node, per_rank, _ptr(per_node), per_expert,
+                    in_rank, self.max_nodes_per_token, self.layout_error),
                    shared_mem=4 * (num_experts + r + nodes), stream=self.stream)
         return DispatchLayout(per_rank, per_node, per_expert, in_rank, num_experts)
 
@@ -244,11 +244,11 @@ class GpuBackend:
             send_pos = self._empty("send_pos", (t, r), np.int32)
             spec = kernel_specs.intranode_notify(r)
             launch(spec, (c + 1,), (NOTIFY_THREADS,),
-                   (is_token_in_rank, np.int32(t), np.int32(c), _ptr(per_expert), np.int32(local),
-                    np.int32(expert_alignment), send_pos, self.nvl.peers, lay_dev, np.int32(self.rank),
+                   (is_token_in_rank, t, c, _ptr(per_expert), local,
+                    expert_alignment, send_pos, self.nvl.peers, lay_dev, self.rank,
                     self.counters, self.blocks_done, offsets,
-                    expert_counts, np.uint64(self._info_ptr), self.layout_error, np.uint64(self._err_ptr),
-                    np.int64(self.timeout_ns)), stream=self.stream)
+                    expert_counts, self._info_ptr, self.layout_error, self._err_ptr,
+                    self.timeout_ns), stream=self.stream)
         if num_worst_tokens:
             n_rows, num_recv = num_worst_tokens, -1
             counts = expert_counts[:local] if topk_idx is not None else None
@@ -299,17 +299,17 @@ class GpuBackend:
         spec = kernel_specs.intranode_dispatch(self.num_ranks, hidden_bytes,
                                                0 if scales is None else scales.shape[1], k, index_type(topk_idx))
         launch(spec, (2 * cfg.num_channels,), (32 * cfg.num_warps,),
-               (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), send_pos, np.int32(num_tokens),
-                np.int32(cfg.num_channels), self.nvl.peers, lay_dev, offsets, np.int32(self.rank),
-                np.int32(local), np.int32(n_rows), np.int32(cfg.chunk_tokens),
-                np.int32(round(1024 * own_rows_receiver_share(cfg, self.num_ranks))), recv_x, _ptr(recv_s),
-                _ptr(recv_idx), _ptr(recv_w), recv_src, np.uint64(self._err_ptr), np.int64(self.timeout_ns)),
+               (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), send_pos, num_tokens,
+                cfg.num_channels, self.nvl.peers, lay_dev, offsets, self.rank,
+                local, n_rows, cfg.chunk_tokens,
+                round(1024 * own_rows_receiver_share(cfg, self.num_ranks)), recv_x, _ptr(recv_s),
+                _ptr(recv_idx), _ptr(recv_w), recv_src, self._err_ptr, self.timeout_ns),
                stream=self.stream)
 
     def _barrier(self, lay_dev):
         spec = kernel_specs.intranode_barrier(self.num_ranks)
-        launch(spec, (1,), (32,), (self.nvl.peers, lay_dev, np.int32(self.rank), self.counters,
-                                   np.uint64(self._err_ptr), np.int64(self.timeout_ns)), stream=self.stream)
+        launch(spec, (1,), (32,), (self.nvl.peers, lay_dev, self.rank, self.counters,
+                                   self._err_ptr, self.timeout_ns), stream=self.stream)
 
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
         g: GpuRouting = handle.state
@@ -360,11 +360,11 @@ class GpuBackend:
             return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
         spec = kernel_specs.intranode_combine(self.num_ranks, hidden, k)
         launch(spec, (cfg.num_sms,), (32 * cfg.num_combine_warps,),
-               (x, _ptr(topk_weights), g.send_pos, g.recv_channel_offset, np.int32(t),
-                np.int32(g.num_channels), np.int32(combine_senders(cfg, self.num_ranks)),
-                np.int32(cfg.combine_chunk_rows), self.nvl.peers, lay_dev, np.int32(self.rank), _ptr(b0),
-                _ptr(b1), out, _ptr(out_w), self.counters, self.blocks_done, np.uint64(self._err_ptr),
-                np.int64(self.timeout_ns)),
+               (x, _ptr(topk_weights), g.send_pos, g.recv_channel_offset, t,
+                g.num_channels, combine_senders(cfg, self.num_ranks),
+                cfg.combine_chunk_rows, self.nvl.peers, lay_dev, self.rank, _ptr(b0),
+                _ptr(b1), out, _ptr(out_w), self.counters, self.blocks_done, self._err_ptr,
+                self.timeout_ns),
                stream=self.stream)
         return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
 

@@ -84,12 +84,12 @@ class GpuInternode:
         rdma_recv_count = be._empty("rdma_recv_count", self.num_nodes * num_channels, np.int32)
         spec = self._spec("notify_dispatch", ("kRanksPerNode", self.ranks_per_node))
         launch(spec, (num_channels + 1,), (NOTIFY_THREADS,),
-               (is_token_in_rank, np.int32(num_tokens), np.int32(num_channels), _ptr(per_expert),
-                np.int32(num_local_experts), np.int32(expert_alignment), send_pos, rdma_pos,
-                nvl_dev, np.uint64(self._sym().ptr), rdma_dev, np.int32(be.rank),
+               (is_token_in_rank, num_tokens, num_channels, _ptr(per_expert),
+                num_local_experts, expert_alignment, send_pos, rdma_pos,
+                nvl_dev, self._sym().ptr, rdma_dev, be.rank,
                 be.counters, be.blocks_done, offsets, rdma_recv_count,
-                expert_counts, np.uint64(be._info_ptr), be.layout_error, np.uint64(be._err_ptr),
-                np.int64(be.timeout_ns)), stream=be.stream)
+                expert_counts, be._info_ptr, be.layout_error, be._err_ptr,
+                be.timeout_ns), stream=be.stream)
         return send_pos, rdma_pos, rdma_recv_count
 
     def dispatch(self, cfg, routing, x, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens,
@@ -103,20 +103,20 @@ class GpuInternode:
                           ("kNumTopk", k), ("IdxT", index_type(topk_idx)))
         launch(spec, (2 * routing.num_channels,), (32 * cfg.num_warps,),
                (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), is_token_in_rank,
-                routing.rdma_pos, np.int32(num_tokens), np.int32(routing.num_channels), be.nvl.peers,
-                routing.layout_dev, np.uint64(self._sym().ptr), routing.rdma_layout_dev,
+                routing.rdma_pos, num_tokens, routing.num_channels, be.nvl.peers,
+                routing.layout_dev, self._sym().ptr, routing.rdma_layout_dev,
                 routing.recv_channel_offset, routing.rdma_recv_count,
-                routing.fwd_slots if record_slots else np.uint64(0), np.int32(be.rank), np.int32(local),
-                np.int32(n_rows), np.int32(cfg.chunk_tokens), recv_x, _ptr(recv_s), _ptr(recv_idx),
-                _ptr(recv_w), recv_src, np.uint64(be._err_ptr), np.int64(be.timeout_ns)),
+                routing.fwd_slots if record_slots else 0, be.rank, local,
+                n_rows, cfg.chunk_tokens, recv_x, _ptr(recv_s), _ptr(recv_idx),
+                _ptr(recv_w), recv_src, be._err_ptr, be.timeout_ns),
                stream=be.stream)
 
     def barrier(self, rdma_dev):
         be = self.be
         threads = max(32, (be.num_ranks + 31) // 32 * 32)
         launch(self._spec("rdma_barrier"), (1,), (threads,),
-               (np.uint64(self._sym().ptr), rdma_dev, np.int32(be.rank), be.counters,
-                np.uint64(be._err_ptr), np.int64(be.timeout_ns)), stream=be.stream)
+               (self._sym().ptr, rdma_dev, be.rank, be.counters,
+                be._err_ptr, be.timeout_ns), stream=be.stream)
 
     def combine(self, cfg, routing, x, topk_weights, num_tokens, b0, b1, out, out_w):
         be = self.be
@@ -125,8 +125,8 @@ class GpuInternode:
                           ("kHiddenInt4", x.shape[1] * 2 // 16), ("kNumTopk", k))
         launch(spec, (2 * routing.num_channels,), (32 * cfg.num_combine_warps,),
                (x, _ptr(topk_weights), routing.rdma_pos, routing.recv_channel_offset,
-                routing.rdma_recv_count, routing.fwd_slots, np.int32(num_tokens),
-                np.int32(routing.num_channels), np.int32(cfg.chunk_tokens), be.nvl.peers,
-                routing.layout_dev, np.uint64(self._sym().ptr), routing.rdma_layout_dev,
-                np.int32(be.rank), _ptr(b0), _ptr(b1), out, _ptr(out_w), np.uint64(be._err_ptr),
-                np.int64(be.timeout_ns)), stream=be.stream)
+                routing.rdma_recv_count, routing.fwd_slots, num_tokens,
+                routing.num_channels, cfg.chunk_tokens, be.nvl.peers,
+                routing.layout_dev, self._sym().ptr, routing.rdma_layout_dev,
+                be.rank, _ptr(b0), _ptr(b1), out, _ptr(out_w), be._err_ptr,
+                be.timeout_ns), stream=be.stream)

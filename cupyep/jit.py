@@ -473,7 +473,7 @@ def launch(spec: KernelSpec, grid, block, args, shared_mem: int = 0, stream=None
     if fn is None:
         fn = _packed[key] = PackedKernel(spec, len(args))
     fn.launch(grid[0] if isinstance(grid, tuple) else grid, block[0] if isinstance(block, tuple) else block,
-              [_arg(a) for a in args], stream, shared_mem)
+              [a if type(a) is int else _arg(a) for a in args], stream, shared_mem)
 
 
 _ARG_CONVERTERS = {int: int}  # argument type -> how it becomes a Python int
