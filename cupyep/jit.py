@@ -215,8 +215,9 @@ _NVSHMEM_PRELUDE = """
 namespace std { using cuda::std::is_integral; using cuda::std::is_same; using cuda::std::enable_if;
 using cuda::std::is_signed; using cuda::std::is_unsigned; using cuda::std::is_floating_point;
 using cuda::std::remove_reference; using cuda::std::conditional; }
-#include <nvshmem.h>
-#include <nvshmemx.h>
+#include "non_abi/nvshmem_build_options.h"
+#include "device/nvshmem_defines.h"
+#include "device/nvshmemx_defines.h"
 """
 # The one source that includes NVSHMEM's headers (see nvshmem_device.cuh).
 NVSHMEM_DEVICE_SOURCE = "cupyep/nvshmem_device.cu"
@@ -329,8 +330,11 @@ def _compile(spec: KernelSpec, arch: str):
 def nvshmem_device_ltoir(arch: str) -> str:
     """Path of nvshmem_device.cu compiled to LTO IR for ``arch`` (cached)."""
     from cuda.core import Program, ProgramOptions
+    # Only the device API's headers (nvshmem.h adds the host API: 3x the parse
+    # time) and no NVVM optimisation here (link-time optimisation does it
+    # all): the linked kernels' SASS is the same, the compile ~3x shorter.
     opts = dict(arch=arch, std="c++17", relocatable_device_code=True, link_time_optimization=True,
-                device_as_default_execution_space=True)
+                device_as_default_execution_space=True, device_code_optimize=False)
     with open(os.path.join(kernel_dir(), NVSHMEM_DEVICE_SOURCE)) as f:
         text = _NVSHMEM_PRELUDE + f.read()
     h = hashlib.sha256()
