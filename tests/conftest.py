@@ -21,13 +21,26 @@ BACKENDS = ["reference", "gpu"]
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs the GPU backend")
-    if config.option.basetemp is None:  # ranks must not clean each other's temp dirs
+    if config.option.basetemp is None:
+        # Ranks must not clean each other's temp dirs, nor two test sessions
+        # of one user each other's: named by the session (rank 0's pid) and rank.
         import tempfile
-        config.option.basetemp = os.path.join(tempfile.gettempdir(), f"cupyep-pytest-{os.getuid()}-rank{RANK}")
+        session = COMM.bcast(os.getpid(), root=0)
+        config.option.basetemp = os.path.join(tempfile.gettempdir(),
+                                              f"cupyep-pytest-{os.getuid()}-{session}-rank{RANK}")
+        config._cupyep_basetemp = config.option.basetemp
     if RANK > 0:
         reporter = config.pluginmanager.getplugin("terminalreporter")
         if reporter is not None:
             config.pluginmanager.unregister(reporter)
+
+
+def pytest_unconfigure(config):
+    """The session's own temp dir goes with it (unique names are not reused)."""
+    path = getattr(config, "_cupyep_basetemp", None)
+    if path:
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
