@@ -8,7 +8,8 @@ namespace cupyep {
 
 constexpr int kWarpSize = 32;
 
-// Phases named in timeout reports; keep in sync with PHASES in cupyep/gpu_backend.py.
+// Phases named in timeout reports (PHASES in cupyep/gpu_backend.py; tests/test_shared_constants.py
+// checks the two agree).
 enum Phase : int {
     kPhaseBarrier = 1,
     kPhaseDispatchRecv = 2,
