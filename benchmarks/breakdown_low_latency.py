@@ -36,7 +36,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8, kernel_variants  # noqa: E402
+from cupyep import fp8  # noqa: E402
+import kernel_variants  # noqa: E402  (benchmarks/, beside this file)
 from cupyep.bench import add_protocol_args, random_inputs, teardown  # noqa: E402
 from bench_low_latency import gpu_times  # noqa: E402
 
@@ -70,7 +71,7 @@ VARIANTS = {
 
 
 def variant_sources(base_dir=None):
-    """{row: source text} of every variant (see cupyep.kernel_variants)."""
+    """{row: source text} of every variant (see kernel_variants.py)."""
     return kernel_variants.variant_sources("low_latency.cu", VARIANTS, base_dir)
 
 

@@ -32,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8, kernel_variants  # noqa: E402
+from cupyep import fp8  # noqa: E402
+import kernel_variants  # noqa: E402  (benchmarks/, beside this file)
 from cupyep.bench import add_protocol_args, experts_for_ranks, queued_times, random_inputs, teardown  # noqa: E402
 
 # (old, new) text edits of the inlined source; each `old` must occur once.
@@ -57,7 +58,7 @@ VARIANTS = {
 
 
 def variant_sources(base_dir=None):
-    """{row: source text} of every variant (see cupyep.kernel_variants)."""
+    """{row: source text} of every variant (see kernel_variants.py)."""
     return kernel_variants.variant_sources("intranode.cu", VARIANTS, base_dir)
 
 

@@ -1,4 +1,5 @@
-"""Kernel sources with one stage left out, for the breakdown benchmarks.
+"""Kernel sources with one stage left out, for the breakdown benchmarks (a
+development tool: it lives beside them, outside the installed package).
 
 A variant is a kernel file with its ``cupyep/...`` headers inlined and text
 edits applied; its results are wrong by construction, only its time matters.
@@ -12,7 +13,7 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import jit
+from cupyep import jit
 
 Edits = List[Tuple[str, str]]  # (old, new); each old must occur exactly once
 
