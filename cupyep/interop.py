@@ -40,16 +40,25 @@ def _torch_dtypes():
     return _TORCH_TO_NUMPY, _NUMPY_TO_TORCH
 
 
+_DTYPE_OF = {}  # an array's dtype object (NumPy's or torch's) -> NumPy dtype: one lookup on the hot path
+
+
 def dtype_of(a) -> np.dtype:
     """NumPy dtype of a NumPy, CuPy or torch array (torch's mapped; fp8 as ml_dtypes')."""
     dt = a.dtype
+    found = _DTYPE_OF.get(dt)
+    if found is not None:
+        return found
     if isinstance(dt, np.dtype):
-        return dt
-    to_np = _TORCH_TO_NUMPY or _torch_dtypes()[0]
-    try:
-        return to_np[dt]
-    except KeyError:
-        raise InvalidInputError(f"unsupported dtype {dt}") from None
+        found = dt
+    else:
+        to_np = _TORCH_TO_NUMPY or _torch_dtypes()[0]
+        try:
+            found = to_np[dt]
+        except KeyError:
+            raise InvalidInputError(f"unsupported dtype {dt}") from None
+    _DTYPE_OF[dt] = found
+    return found
 
 
 def is_c_contiguous(a) -> bool:

@@ -13,6 +13,9 @@ from .fp8 import FP8_GROUP, bfloat16, float8_e4m3
 from .interop import dtype_of, is_c_contiguous, strides_of
 
 _FP8_DTYPES = (float8_e4m3, np.dtype(np.uint8))
+# dtype objects, not scalar types: comparing a dtype with np.int64 converts it on every call
+_INDEX_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
+_FLOAT32 = np.dtype(np.float32)
 
 
 def check_contiguous(a, name: str) -> None:
@@ -49,7 +52,7 @@ def check_fp8_pair(q, scales, name: str = "x") -> None:
     check_contiguous(q, f"{name}[0]")
     check_hidden(q.shape[1])
     want = (q.shape[0], q.shape[1] // FP8_GROUP)
-    if dtype_of(scales) != np.float32 or tuple(scales.shape) != want:
+    if dtype_of(scales) != _FLOAT32 or tuple(scales.shape) != want:
         raise InvalidInputError(
             f"{name}[1] (scales) must be float32 of shape {want}, got "
             f"{scales.dtype} {tuple(scales.shape)}")
@@ -59,7 +62,7 @@ def check_fp8_pair(q, scales, name: str = "x") -> None:
 def check_topk(topk_idx, topk_weights, num_tokens: int, tokens_of: str = "x has") -> None:
     """topk_idx [T, K] int64/int32; topk_weights [T, K] fp32 or None.
     ``tokens_of`` says where ``num_tokens`` comes from, for the message."""
-    if topk_idx.ndim != 2 or dtype_of(topk_idx) not in (np.int64, np.int32):
+    if topk_idx.ndim != 2 or dtype_of(topk_idx) not in _INDEX_DTYPES:
         raise InvalidInputError(
             f"topk_idx must be 2-D int64 (or int32), got {topk_idx.dtype} {tuple(topk_idx.shape)}")
     if topk_idx.shape[0] != num_tokens:
@@ -69,9 +72,9 @@ def check_topk(topk_idx, topk_weights, num_tokens: int, tokens_of: str = "x has"
         raise InvalidInputError("topk_idx needs at least one column")
     check_contiguous(topk_idx, "topk_idx")
     if topk_weights is not None:
-        if dtype_of(topk_weights) != np.float32:
+        if dtype_of(topk_weights) != _FLOAT32:
             raise InvalidInputError(f"topk_weights must be float32, got {topk_weights.dtype}")
-        if tuple(topk_weights.shape) != tuple(topk_idx.shape):
+        if topk_weights.shape != topk_idx.shape:  # same framework: tuples or torch.Size
             raise InvalidInputError(
                 f"topk_weights shape {tuple(topk_weights.shape)} differs from "
                 f"topk_idx shape {tuple(topk_idx.shape)}")
