@@ -480,7 +480,7 @@ def launch(spec: KernelSpec, grid, block, args, shared_mem: int = 0, stream=None
               [a if type(a) is int else _arg(a) for a in args], stream, shared_mem)
 
 
-_ARG_CONVERTERS = {int: int}  # argument type -> how it becomes a Python int
+_ARG_CONVERTERS = {}  # argument type -> how it becomes a Python int (launch() passes ints as they are)
 
 
 def _arg(a) -> int:

@@ -34,7 +34,7 @@ def default_arch() -> str:
     """sm_XY of the current GPU, or sm_90 without one."""
     try:
         import cupy
-        return "sm_" + cupy.cuda.Device().compute_capability
+        return jit.device_arch(cupy.cuda.Device().id)
     except Exception:
         return "sm_90"
 
