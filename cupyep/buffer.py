@@ -487,18 +487,37 @@ class Buffer:
         fe = self._frontend(None, handle.framework)
         return fe.back(self._impl.next_low_latency_combine_buffer(handle))
 
-    def clean_low_latency_buffer(self) -> None:
+    def clean_low_latency_buffer(self, *, blocking: bool = False, framework: Optional[str] = None) -> None:
         """Reset low-latency flags and counters (collective; after a timeout, or
-        to restart the call sequence). Waits for this rank's GPU work first."""
+        to restart the call sequence). The mask is kept.
+
+        On the GPU it is ordered on the caller's stream (see
+        :meth:`_enter_array_free_call`): a barrier of the ranks, the zeroing,
+        a second barrier. No host wait, so it can be captured in a CUDA
+        graph. A rank that does not reach the barrier within
+        ``CUPYEP_TIMEOUT_S`` is masked (``enable_shrink``) or named by a
+        CommTimeoutError at the next call; it is then behind the others'
+        count of barriers, so the recovery is ``blocking=True``: a host wait
+        for the device and a host collective, which also zero the counts.
+        """
         self._check_alive()
+        self._enter_array_free_call(framework)
         self._impl.next_call()  # counted even if it raises before communicating
-        self._impl.clean_low_latency_buffer()
+        self._impl.clean_low_latency_buffer(bool(blocking))
+
+    def _enter_array_free_call(self, framework: Optional[str]):
+        """Calls that take no arrays run on the current stream of ``framework``
+        ('torch', 'cupy'; default: that of this buffer's last call, CuPy's
+        before any)."""
+        if self.backend == "gpu":
+            self._frontend(None, framework or self._impl.frontend.name)
 
     # ---- rank masking (low-latency calls) ------------------------------ #
-    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False, *,
+                                       framework: Optional[str] = None) -> None:
         """Leave ``rank_to_mask`` out of later low-latency calls (``mask=True``)
         or take it back in (``False``). Local to this rank, ordered on the
-        current stream.
+        caller's stream (see :meth:`clean_low_latency_buffer`).
 
         A masked rank's experts receive nothing and add nothing to combine;
         rows it sends are ignored. A rank that masks itself sends and waits
@@ -507,34 +526,35 @@ class Buffer:
         self._check_alive()
         if not 0 <= int(rank_to_mask) < self.num_ranks:
             raise InvalidInputError(f"rank_to_mask must be in [0, {self.num_ranks}), got {rank_to_mask}")
+        self._enter_array_free_call(framework)
         self._impl.update_mask(int(rank_to_mask), bool(mask))
 
     def low_latency_query_mask_buffer(self, mask_status=None):
-        """The mask, [R] int32 (1 = left out), as NumPy; also copied into
-        ``mask_status`` ([R] int32 of the backend's kind) when given. Waits
-        for this rank's queued calls, which may mask ranks (enable_shrink)."""
-        self._check_alive()
-        mask = self._impl.query_mask()
-        if mask_status is not None:
-            fe = self._frontend(mask_status)
-            native = self._native(mask_status, "mask_status", fe)
-            if interop.dtype_of(native).name != "int32" or tuple(native.shape) != (self.num_ranks,):
-                raise InvalidInputError(f"mask_status must be int32 [{self.num_ranks}], got "
-                                        f"{native.dtype} {tuple(native.shape)}")
-            if fe.name == "torch":
-                import torch
-                mask_status.copy_(torch.from_numpy(mask))
-            elif self.backend == "gpu":
-                import cupy
-                native[...] = cupy.asarray(mask)
-            else:
-                native[...] = mask
-        return mask
+        """The mask, [R] int32, 1 = left out (``enable_shrink`` masks a rank
+        whose wait timed out).
 
-    def low_latency_clean_mask_buffer(self) -> None:
-        """Take every rank back in (local). Pair it with
-        :meth:`clean_low_latency_buffer` (collective) after a rank recovers."""
+        With ``mask_status`` ([R] int32 of the backend's kind) the mask is
+        copied into it, ordered on its framework's current stream after the
+        calls queued there (no host wait; capturable), and it is returned.
+        Without, a NumPy copy is returned after this device's queued calls.
+        """
         self._check_alive()
+        if mask_status is None:
+            return self._impl.query_mask()
+        fe = self._frontend(mask_status)
+        native = self._native(mask_status, "mask_status", fe)
+        if interop.dtype_of(native).name != "int32" or tuple(native.shape) != (self.num_ranks,):
+            raise InvalidInputError(f"mask_status must be int32 [{self.num_ranks}], got "
+                                    f"{native.dtype} {tuple(native.shape)}")
+        validation.check_contiguous(native, "mask_status")
+        self._impl.copy_mask(native)
+        return mask_status
+
+    def low_latency_clean_mask_buffer(self, *, framework: Optional[str] = None) -> None:
+        """Take every rank back in (local, ordered like the update). Pair it
+        with :meth:`clean_low_latency_buffer` (collective) after a rank recovers."""
+        self._check_alive()
+        self._enter_array_free_call(framework)
         self._impl.clean_mask()
 
     def set_low_latency_transport(self, transport: str) -> None:

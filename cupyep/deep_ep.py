@@ -331,7 +331,7 @@ class Buffer:
     # ---- low-latency kernels ------------------------------------------------- #
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
                                  num_experts: int) -> None:
-        self._buffer.clean_low_latency_buffer()
+        self._buffer.clean_low_latency_buffer(framework="torch")
 
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
@@ -366,14 +366,15 @@ class Buffer:
 
     # ---- rank masking -------------------------------------------------------- #
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        self._buffer.low_latency_update_mask_buffer(rank_to_mask, mask)
+        self._buffer.low_latency_update_mask_buffer(rank_to_mask, mask, framework="torch")
 
     def low_latency_query_mask_buffer(self, mask_status) -> None:
-        """Writes the mask ([R] int32 tensor, 1 = masked) into ``mask_status``."""
+        """Writes the mask ([R] int32 tensor, 1 = masked) into ``mask_status``,
+        ordered on torch's current stream (no host wait)."""
         self._buffer.low_latency_query_mask_buffer(mask_status)
 
     def low_latency_clean_mask_buffer(self) -> None:
-        self._buffer.low_latency_clean_mask_buffer()
+        self._buffer.low_latency_clean_mask_buffer(framework="torch")
 
     def get_next_low_latency_combine_buffer(self, handle):
         """[L, R*M, H] bf16 tensor that the next combine sends from in place."""

@@ -25,7 +25,8 @@ from .capture import KeptArrays, is_capturing
 from .runtime import mapped_host_ints
 
 PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
-          4: "low_latency_dispatch.recv", 5: "low_latency_combine.recv", 6: "low_latency.send"}
+          4: "low_latency_dispatch.recv", 5: "low_latency_combine.recv", 6: "low_latency.send",
+          7: "clean_low_latency_buffer"}
 NOTIFY_THREADS = 256  # per block of the notify kernels
 
 
@@ -385,17 +386,26 @@ class GpuBackend:
     def set_low_latency_transport(self, transport: str):
         self.ll.set_transport(transport)
 
-    def clean_low_latency_buffer(self):
-        self.ll.clean()
+    def _ordered_caller_stream(self):
+        """The stream enter_call named (the caller's), ordered after this
+        buffer's previous call (which may have run on the communication stream)."""
+        return self.streams.begin(self.caller_stream)[0]
+
+    def clean_low_latency_buffer(self, blocking: bool = False):
+        self.ll.clean(self._ordered_caller_stream(), blocking)
 
     def update_mask(self, rank: int, masked: bool):
-        self.ll.update_mask(rank, masked)
+        self.ll.update_mask(rank, masked, self._ordered_caller_stream())
 
     def query_mask(self):
         return self.ll.query_mask()
 
+    def copy_mask(self, dst):
+        """The mask into ``dst`` ([R] int32 on this device), on the caller's stream."""
+        self.ll.copy_mask(_ptr(dst), self._ordered_caller_stream())
+
     def clean_mask(self):
-        self.ll.clean_mask()
+        self.ll.clean_mask(self._ordered_caller_stream())
 
     def destroy(self):
         import cupy

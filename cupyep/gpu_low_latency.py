@@ -30,11 +30,13 @@ from . import kernel_specs
 from . import jit
 from .jit import PackedKernel, address, index_type
 from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
+from .sizing import MAX_RANKS
 
 _THREADS = 512  # kLLThreads in low_latency.cu
 # Parameters of the kernels (tests/test_kernel_args.py checks them against the source).
 DISPATCH_ARGS = 29
 COMBINE_ARGS = 28
+BARRIER_ARGS = 10
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +72,12 @@ class GpuLowLatency:
         self._mask_ptr, self._finish_ptr = self.mask.data.ptr, self._finish.data.ptr
         self._peers_ptr = self.sym.peers.data.ptr if self.sym is not None else 0
         self.shrink = bool(shrink)
+        # clean()'s barrier: [MAX_RANKS] i64 slots in a symmetric allocation of
+        # their own (the zeroing leaves them alone) and this rank's count of
+        # barriers, on the device so that graph replays advance it.
+        self._slots = backend.rt.alloc(8 * MAX_RANKS) if self.sym is not None else None
+        self._barrier_seq = cupy.zeros(1, np.int64)
+        self._one = cupy.ones(1, np.int32)  # copied into the mask to set an entry
         self.num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.transport = "auto"
         self.set_transport(os.environ.get("CUPYEP_LL_TRANSPORT", transport))
@@ -284,25 +292,51 @@ class GpuLowLatency:
         mem = cupy.cuda.UnownedMemory(ptr, int(np.prod(shape)) * 2, self.sym)
         return cupy.ndarray(shape, bfloat16, cupy.cuda.MemoryPointer(mem, 0))
 
-    def clean(self):
-        """Zero flags and counters (collective), e.g. after a timeout."""
-        import cupy
-        cupy.cuda.Device().synchronize()
-        self.be.group.comm.Barrier()
-        if self.sym is not None:
-            cupy.cuda.runtime.memset(self.sym.ptr, 0, self.num_rdma_bytes)
-        self._finish.fill(0)
-        self._blocks_done.fill(0)
-        self._recv_done.fill(0)
+    def clean(self, stream, blocking: bool = False):
+        """Zero flags and counters (collective), ordered on ``stream``: a
+        barrier of the ranks, the zeroing, a second barrier. No host wait and
+        no host collective, so it can be captured in a CUDA graph.
+
+        ``blocking``: instead, wait for this device and the other ranks (host
+        collective) and zero the barrier counts too. A rank that missed a
+        clean is behind in those counts, so after a clean timed out only this
+        brings the ranks back in step."""
+        from cupy.cuda import runtime
+        if blocking:
+            self.be.rt.sync_barrier()
+            for a in (self.sym, self._slots):
+                if a is not None:
+                    runtime.memset(a.ptr, 0, a.nbytes)
+            for a in (self._finish, self._blocks_done, self._recv_done, self._barrier_seq):
+                a.fill(0)
+            self.be.rt.sync_barrier()
+        else:
+            if self.sym is not None:
+                self._barrier(stream)
+                runtime.memsetAsync(self.sym.ptr, 0, self.num_rdma_bytes, stream.ptr)
+            for a in (self._finish, self._blocks_done, self._recv_done):
+                runtime.memsetAsync(a.data.ptr, 0, a.nbytes, stream.ptr)
+            if self.sym is not None:
+                self._barrier(stream)
         self.calls = 0
         self.user = None
-        cupy.cuda.Device().synchronize()
-        self.be.group.comm.Barrier()
 
-    # ---- rank masking ------------------------------------------------ #
-    def update_mask(self, rank: int, masked: bool):
-        """Stream-ordered: calls launched after this see the new entry."""
-        self.mask[rank] = int(masked)
+    def _barrier(self, stream):
+        be = self.be
+        fn = self._kernel(kernel_specs.low_latency_barrier(self._nvshmem_build, self.source), BARRIER_ARGS)
+        fn.launch(1, MAX_RANKS, [self._slots.ptr, self._slots.peers.data.ptr, int(self.transport == "nvshmem"),
+                                 be.rank, be.num_ranks, self._barrier_seq.data.ptr, self._mask_ptr,
+                                 int(self.shrink), be._err_ptr, be.timeout_ns], stream)
+
+    # ---- rank masking: each ordered on the caller's stream -------------- #
+    def update_mask(self, rank: int, masked: bool, stream):
+        """Calls launched after this on ``stream`` see the new entry."""
+        from cupy.cuda import runtime
+        entry = self._mask_ptr + 4 * rank
+        if masked:
+            runtime.memcpyAsync(entry, self._one.data.ptr, 4, runtime.memcpyDeviceToDevice, stream.ptr)
+        else:
+            runtime.memsetAsync(entry, 0, 4, stream.ptr)
 
     def query_mask(self):
         """Host copy, after this device's queued calls (which may set entries)."""
@@ -310,10 +344,17 @@ class GpuLowLatency:
         cupy.cuda.Device().synchronize()
         return cupy.asnumpy(self.mask)
 
-    def clean_mask(self):
-        self.mask.fill(0)
+    def copy_mask(self, dst_ptr: int, stream):
+        """The mask into [R] int32 device memory at ``dst_ptr``, after the calls queued on ``stream``."""
+        from cupy.cuda import runtime
+        runtime.memcpyAsync(dst_ptr, self._mask_ptr, self.mask.nbytes, runtime.memcpyDeviceToDevice, stream.ptr)
+
+    def clean_mask(self, stream):
+        from cupy.cuda import runtime
+        runtime.memsetAsync(self._mask_ptr, 0, self.mask.nbytes, stream.ptr)
 
     def destroy(self):
-        if self.sym is not None:
-            self.be.rt.free(self.sym)
-            self.sym = None
+        for name in ("sym", "_slots"):
+            if getattr(self, name) is not None:
+                self.be.rt.free(getattr(self, name))
+                setattr(self, name, None)

@@ -76,6 +76,10 @@ def low_latency_combine(hidden: int, logfmt: bool, idx_type: str, nvshmem: bool,
                       (("kHidden", hidden), ("kLogFmt", _flag(logfmt)), ("IdxT", idx_type)), nvshmem)
 
 
+def low_latency_barrier(nvshmem: bool, source: str = "cupyep/low_latency.cu") -> KernelSpec:
+    return KernelSpec(source, "cupyep::ll::barrier", (), nvshmem)
+
+
 def normal_call_specs(num_ranks: int, ranks_per_node: int, row_bytes: int, num_scales: int, num_topk: int,
                       idx_type: str, hidden: int):
     """The kernels a normal dispatch of these rows and its combine launch
@@ -133,6 +137,7 @@ def model_specs(hidden: int, num_topk: int, num_experts, num_ranks, ranks_per_no
                         specs.append(low_latency_dispatch(hidden, d == "fp8", False, False, idx_t, nv))
                     for lf in (False, True) if logfmt else (False,):
                         specs.append(low_latency_combine(hidden, lf, idx_t, nv))
+                    specs.append(low_latency_barrier(nv))  # clean_low_latency_buffer
         if normal:
             for k in (num_topk, 0):  # combine with weights summed back, and without
                 specs.append(intranode_combine(r, hidden, k) if p == r else internode_combine(r, p, hidden, k))
@@ -169,8 +174,10 @@ def representative_specs():
 
 
 def low_latency_specs(nvshmem=False):
-    """FP8 (plain, power-of-two scales with UE8M0) and BF16 dispatch; combine, plain and LogFMT."""
+    """FP8 (plain, power-of-two scales with UE8M0) and BF16 dispatch; combine, plain and LogFMT;
+    the barrier of clean_low_latency_buffer."""
     return [
+        _k("low_latency.cu", "ll::barrier", nvshmem=nvshmem),
         _k("low_latency.cu", "ll::dispatch", ("kHidden", 7168), ("kFp8", "true"),
            ("kRoundScale", "false"), ("kUe8m0", "false"), ("IdxT", "long long"), nvshmem=nvshmem),
         _k("low_latency.cu", "ll::dispatch", ("kHidden", 2048), ("kFp8", "true"),

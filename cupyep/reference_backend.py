@@ -116,10 +116,13 @@ class ReferenceBackend:
     def query_mask(self):
         return self.mask.copy()
 
+    def copy_mask(self, dst):
+        dst[...] = self.mask
+
     def clean_mask(self):
         self.mask[:] = 0
 
-    def clean_low_latency_buffer(self):
+    def clean_low_latency_buffer(self, blocking: bool = False):
         self.calls.check("clean_low_latency_buffer")
         self.comm.Barrier()  # no state to reset; collective like the GPU's
 

@@ -16,7 +16,8 @@ def _num_params(source: str, kernel: str) -> int:
 
 
 @pytest.mark.parametrize("kernel, declared", [("dispatch", gpu_low_latency.DISPATCH_ARGS),
-                                              ("combine", gpu_low_latency.COMBINE_ARGS)])
+                                              ("combine", gpu_low_latency.COMBINE_ARGS),
+                                              ("barrier", gpu_low_latency.BARRIER_ARGS)])
 def test_declared_argument_counts_match_the_kernels(kernel, declared):
     with open(os.path.join(jit.kernel_dir(), "cupyep", "low_latency.cu")) as f:
         source = f.read()

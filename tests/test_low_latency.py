@@ -220,6 +220,51 @@ def test_low_latency_timeout_names_the_missing_rank_then_clean(buffer, backend, 
     check_dispatch(res, everyone, m, h, num_experts // SIZE, False, False, False)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shrink", [False, True])
+def test_clean_that_a_rank_misses_then_blocking_clean(buffer, backend, rng, shrink):
+    """Rank 0 skips a clean: the others' barrier times out and names rank 0
+    (CommTimeoutError at their next call), or with shrink masks it. A
+    blocking clean brings every rank back; the next dispatch is right."""
+    if backend != "gpu" or SIZE < 2:
+        pytest.skip("needs the GPU backend and two ranks")
+    import cupy
+    import cupyep
+    from mpi4py import MPI
+    m, h, num_experts = 8, 2048, 2 * SIZE
+    x = random_rows(rng, m, h)
+    idx = random_topk(rng, m, num_experts, 2)
+    impl, ll = buffer._impl, buffer._impl.ll
+    saved = impl.timeout_ns
+    impl.timeout_ns, ll.shrink = int(1e9), shrink
+    right = RANK == 0
+    try:
+        if RANK != 0:
+            buffer.clean_low_latency_buffer()
+            cupy.cuda.Device().synchronize()
+            if shrink:
+                mask = buffer.low_latency_query_mask_buffer()
+                right = list(mask) == [int(r == 0) for r in range(SIZE)]
+                impl.check_errors()  # no error with shrink
+            else:
+                try:
+                    impl.check_errors()
+                except cupyep.CommTimeoutError as e:
+                    right = e.peer == 0 and e.phase == "clean_low_latency_buffer"
+    except Exception as e:  # noqa: BLE001 - every rank must reach the clean below
+        right = repr(e)
+    finally:
+        impl.timeout_ns, ll.shrink = saved, False
+    buffer.low_latency_clean_mask_buffer()
+    buffer.clean_low_latency_buffer(blocking=True)
+    all_right = COMM.allreduce(right is True, op=MPI.LAND)
+    assert all_right, f"rank {RANK}: expected {'rank 0 masked' if shrink else 'a timeout naming rank 0'}: {right}"
+    everyone = gather(x, idx)
+    res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                      use_fp8=False)
+    check_dispatch(res, everyone, m, h, num_experts // SIZE, False, False, False)
+
+
 def masked_everyone(everyone, masked, local):
     """Every rank's (x, topk_idx) as the masked exchange sees it: entries of
     masked ranks' experts dropped, and nothing at all from a masked source."""

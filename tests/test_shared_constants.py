@@ -42,7 +42,8 @@ def _static_asserts():
         checks.append((f"logfmt_row_bytes({h}) == {logfmt.encoded_bytes(h)}", f"LogFMT row bytes, hidden {h}"))
     enum = {"kPhaseBarrier": "barrier", "kPhaseDispatchRecv": "dispatch.recv",
             "kPhaseCombineRecv": "combine.recv", "kPhaseLowLatencyDispatchRecv": "low_latency_dispatch.recv",
-            "kPhaseLowLatencyCombineRecv": "low_latency_combine.recv", "kPhaseLowLatencySend": "low_latency.send"}
+            "kPhaseLowLatencyCombineRecv": "low_latency_combine.recv", "kPhaseLowLatencySend": "low_latency.send",
+            "kPhaseLowLatencyClean": "clean_low_latency_buffer"}
     number = {name: n for n, name in gpu_backend.PHASES.items()}
     assert set(number) == set(enum.values()), "PHASES names a phase the kernels lack, or the reverse"
     for c_name, py_name in enum.items():

@@ -7,7 +7,7 @@ import pytest
 
 import cupyep
 
-from conftest import COMM, SIZE
+from conftest import COMM, RANK, SIZE
 from helpers import agree_all, assert_close_bf16, bits, expected_dispatch, gather, random_rows, random_topk, to_host
 from test_low_latency import check_dispatch, expected_combine
 
@@ -168,6 +168,66 @@ def test_low_latency_in_torch_graph(gpu_buffer, torch_world, rng, api, hook, zer
                 assert_close_bf16(to_host(out), expected_combine(x, idx, w, lambda e: 1.0),
                                   f"combined_x of replay {i}")
             everyone = gather(x, idx)
+            agree(check)
+    finally:
+        if api == "deep_ep":
+            buf.destroy()
+
+
+@pytest.mark.parametrize("api", ["cupyep", "deep_ep"])
+def test_clean_and_mask_calls_in_torch_graph(gpu_buffer, torch_world, rng, api):
+    """clean_low_latency_buffer, a mask update, dispatch + combine, the mask
+    query into a tensor and the mask's reset, in one torch.cuda.graph: none
+    of them waits on the host. Every replay checked, the mask included."""
+    m, h, num_experts, k = 32, 2048, 4 * SIZE, 4
+    local = num_experts // SIZE
+    masked = [SIZE - 1] if SIZE > 1 else []
+    inp = GraphInputs(rng, m, h, num_experts, k)
+    status = torch.full((SIZE,), -1, dtype=torch.int32, device="cuda")
+    if api == "cupyep":
+        buf = gpu_buffer
+
+        def clean():  # no array to say whose stream: torch's, then that of the last call
+            buf.clean_low_latency_buffer(framework="torch")
+    else:
+        from cupyep import deep_ep
+        buf = deep_ep.Buffer(torch_world, num_rdma_bytes=cupyep.low_latency_size_hint(m, h, SIZE, num_experts),
+                             low_latency_mode=True, explicitly_destroy=True)
+
+        def clean():
+            buf.clean_low_latency_buffer(m, h, num_experts)
+
+    def step():
+        clean()
+        for r in masked:
+            buf.low_latency_update_mask_buffer(r, True)
+        if api == "cupyep":
+            d = buf.low_latency_dispatch(inp.x, inp.idx, m, num_experts, use_fp8=False)
+            recv_x, count, handle = d.recv_x, d.recv_count, d.handle
+            out = buf.low_latency_combine(recv_x.clone(), inp.idx, inp.w, handle).combined_x
+        else:
+            recv_x, count, handle, _, _ = buf.low_latency_dispatch(inp.x, inp.idx, m, num_experts, use_fp8=False)
+            out, _, _ = buf.low_latency_combine(recv_x.clone(), inp.idx, inp.w, handle)
+        buf.low_latency_query_mask_buffer(status)
+        buf.low_latency_clean_mask_buffer()
+        return recv_x, count, handle, out
+
+    from test_low_latency import masked_everyone
+    try:
+        graph, (recv_x, count, handle, out) = capture(step, inp.fill)
+        for i in range(6):
+            x, idx, w = inp.fill()
+            status.fill_(-1)
+            graph.replay()
+            torch.cuda.synchronize()
+            res = cupyep.LowLatencyDispatchResult(recv_x, None, count, getattr(handle, "cupyep_handle", handle))
+            seen = masked_everyone(gather(x, idx), masked, local)
+
+            def check():
+                assert status.tolist() == [int(r in masked) for r in range(SIZE)], f"mask of replay {i}"
+                check_dispatch(res, seen, m, h, local, False, False, False)
+                assert_close_bf16(to_host(out), expected_combine(x, seen[RANK][1], w, lambda e: 1.0),
+                                  f"combined_x of replay {i}")
             agree(check)
     finally:
         if api == "deep_ep":

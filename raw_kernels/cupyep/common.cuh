@@ -17,6 +17,7 @@ enum Phase : int {
     kPhaseLowLatencyDispatchRecv = 4,
     kPhaseLowLatencyCombineRecv = 5,
     kPhaseLowLatencySend = 6,
+    kPhaseLowLatencyClean = 7,
 };
 
 // ---- memory ordering ------------------------------------------------------

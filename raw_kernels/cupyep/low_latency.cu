@@ -984,4 +984,51 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
 }
 }  // namespace ll
 
+// ----------------------------------------------------------------------------
+// Barrier of the low-latency ranks, ordered on the caller's stream:
+// clean_low_latency_buffer runs one before zeroing the buffer (every peer's
+// earlier calls have finished writing into it) and one after (no peer writes
+// a fresh call into it before it is zeroed). No host collective, so a clean
+// can be captured in a CUDA graph.
+// slots [R] i64 sit in a symmetric allocation of their own, which the
+// zeroing leaves alone: slot s holds the count of barriers rank s has
+// reached. seq: this rank's count, kept on the device so that a graph replay
+// advances it. One block, a thread per peer. Masked peers are skipped; a
+// peer that does not arrive within timeout_ns is masked (shrink) or
+// reported. A pending error does not cut the wait short: cleaning is how a
+// caller recovers from one.
+namespace ll {
+__global__ void __launch_bounds__(kLLMaxRanks, 1)
+barrier(char* slots, char* const* peers, int force_put, int rank, int num_ranks, long long* seq,
+        int* mask, int shrink, int* err, long long timeout_ns) {
+    __shared__ int s_mask[kLLMaxRanks];
+    load_mask(mask, rank, num_ranks, s_mask);  // its __syncthreads orders every read of *seq first
+    const long long target = *seq + 1;
+#ifdef CUPYEP_NVSHMEM
+    if (threadIdx.x == 0) cupyep_nvshmem_quiet();
+#endif
+    // This rank's earlier kernels wrote into peers; the fence makes those
+    // writes visible system-wide before any peer sees this rank arrive.
+    __threadfence_system();
+    __syncthreads();
+    const int j = threadIdx.x;
+    if (j < num_ranks && j != rank && !s_mask[j]) {
+        set_peer_flag(peers, slots, 8ll * rank, j, target, use_put(peers, j, force_put));
+        const long long* slot = reinterpret_cast<const long long*>(slots) + j;
+        const unsigned long long start = global_timer_ns();
+        for (int spins = 0; ld_acquire_sys(slot) < target; ++spins) {
+            if ((spins & 63) == 63 && global_timer_ns() - start > (unsigned long long)timeout_ns) {
+                if (shrink)
+                    atomicExch(mask + j, 1);
+                else
+                    report_error(err, 1, kPhaseLowLatencyClean, j, -1);
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) *seq = target;
+}
+}  // namespace ll
+
 }  // namespace cupyep
