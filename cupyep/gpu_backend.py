@@ -30,7 +30,7 @@ PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
 NOTIFY_THREADS = 256  # per block of the notify kernels
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class GpuRouting:
     """GPU routing tables kept in a DispatchHandle.
 

@@ -18,6 +18,7 @@ that stays valid; run each shape once outside capture first.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -28,18 +29,40 @@ from .fp8 import FP8_GROUP, bfloat16
 from .capture import KeptArrays, is_capturing
 from . import kernel_specs
 from . import jit
-from .jit import PackedKernel, address, index_type
+from .jit import ArgBlock, PackedKernel, address, index_type
 from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 from .sizing import MAX_RANKS
 
 _THREADS = 512  # kLLThreads in low_latency.cu
-# Parameters of the kernels (tests/test_kernel_args.py checks them against the source).
-DISPATCH_ARGS = 29
-COMBINE_ARGS = 28
-BARRIER_ARGS = 10
+# The kernels' parameters by name, in their order (tests/test_kernel_args.py
+# checks them against low_latency.cu); argument blocks are built by name.
+DISPATCH_PARAMS = ("x", "topk_idx", "num_tokens", "num_topk", "max_tokens", "num_experts", "rank", "num_ranks",
+                   "local_base", "peers", "force_put", "off_flags", "off_area", "off_send", "finish_count",
+                   "recv_done", "recv_x", "recv_scales", "recv_count", "src_info", "layout_range", "recv_k",
+                   "cumulative_expert_stats", "wait_stats", "mask", "shrink", "phases", "err", "timeout_ns")
+COMBINE_PARAMS = ("x", "src_info", "recv_k", "layout_range", "topk_idx", "topk_weights", "num_tokens",
+                  "num_topk", "max_tokens", "num_experts", "rank", "num_ranks", "local_base", "peers",
+                  "force_put", "zero_copy", "off_flags", "off_area", "off_send", "num_groups", "blocks_done",
+                  "out", "wait_stats", "mask", "shrink", "phases", "err", "timeout_ns")
+BARRIER_PARAMS = ("slots", "peers", "force_put", "rank", "num_ranks", "seq", "mask", "shrink", "err",
+                  "timeout_ns")
+# Slots a call sets (the rest are fixed per shape and half). Dispatch: x,
+# topk_idx, num_tokens, num_topk; then its 8 arrays from recv_x on. Combine:
+# its 8 leading parameters; zero_copy, out, wait_stats.
+_D_X, _D_ARRAYS, _D_PHASES = (DISPATCH_PARAMS.index(n) for n in ("x", "recv_x", "phases"))
+_C_X, _C_ZERO_COPY, _C_OUT, _C_PHASES = (COMBINE_PARAMS.index(n) for n in ("x", "zero_copy", "out", "phases"))
+assert DISPATCH_PARAMS[_D_ARRAYS:_D_ARRAYS + 8][-1] == "wait_stats" and COMBINE_PARAMS[_C_OUT + 1] == "wait_stats"
 
 
-@dataclass(frozen=True, eq=False)
+def arg_block(params, **values) -> ArgBlock:
+    """An argument block with every parameter of ``params`` given by name."""
+    if set(values) != set(params):
+        raise CupyepError(f"kernel arguments: missing {set(params) - set(values)}, "
+                          f"unknown {set(values) - set(params)}")
+    return ArgBlock([int(values[p]) for p in params])
+
+
+@dataclass(eq=False, slots=True)
 class GpuLowLatencyState:
     """Kept in a LowLatencyHandle: what combine needs from its dispatch."""
     recv_k: object          # [L, R*M] int32 top-k slot of each received row at its source
@@ -144,7 +167,7 @@ class GpuLowLatency:
         jit.prefetch([kernel_specs.low_latency_combine(hidden, False, idx_type, self._nvshmem_build, self.source)],
                      self.arch)
         fn = self._kernel(kernel_specs.low_latency_dispatch(hidden, use_fp8, round_scale, use_ue8m0, idx_type,
-                                                            self._nvshmem_build, self.source), DISPATCH_ARGS)
+                                                            self._nvshmem_build, self.source), len(DISPATCH_PARAMS))
         scales = None
         if use_fp8:
             scales = ((local, rows, hidden // 512), np.int32) if use_ue8m0 else \
@@ -154,11 +177,14 @@ class GpuLowLatency:
         args = []
         for half in range(2):
             off = lay.offsets(half)
-            args.append([0, 0, 0, 0, m, num_experts, be.rank, r, self.sym.ptr, self._peers_ptr,
-                         int(self.transport == "nvshmem"), off["dispatch_flags"], off["dispatch_area"],
-                         off["send_area"], self._finish_ptr, self._recv_done_addr[half],
-                         0, 0, 0, 0, 0, 0, 0, 0, self._mask_ptr, int(self.shrink), 0, be._err_ptr,
-                         be.timeout_ns])
+            per_call = dict.fromkeys(DISPATCH_PARAMS[_D_ARRAYS:_D_ARRAYS + 8], 0)
+            args.append(arg_block(
+                DISPATCH_PARAMS, x=0, topk_idx=0, num_tokens=0, num_topk=0, max_tokens=m, num_experts=num_experts,
+                rank=be.rank, num_ranks=r, local_base=self.sym.ptr, peers=self._peers_ptr,
+                force_put=self.transport == "nvshmem", off_flags=off["dispatch_flags"],
+                off_area=off["dispatch_area"], off_send=off["send_area"], finish_count=self._finish_ptr,
+                recv_done=self._recv_done_addr[half], **per_call, mask=self._mask_ptr, shrink=self.shrink,
+                phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns))
         plan = self._plans[key] = (fn, lay, outputs, args)
         return plan
 
@@ -188,28 +214,35 @@ class GpuLowLatency:
         half = self._next_half()
         outs = self._outputs(("d", half, id(specs)), specs, stream)
         recv_x, recv_s, recv_count, src_info, layout_range, recv_k = outs
-        args = list(half_args[half])
-        args[0], args[1], args[2], args[3] = address(x), address(topk_idx), t, topk_idx.shape[1]
-        args[16:24] = [address(a) for a in (*outs, cumulative_stats, wait_stats)]
+        args = half_args[half]
+        v = args.values
+        v[_D_X:_D_X + 4] = (address(x), address(topk_idx), t, topk_idx.shape[1])
+        v[_D_ARRAYS:_D_ARRAYS + 8] = [address(a) for a in (*outs, cumulative_stats, wait_stats)]
 
         def run(phases, stream):
-            args[-3] = phases
-            fn.launch(self.num_sms, _THREADS, args, stream)
+            v[_D_PHASES] = phases
+            fn.launch_block(self.num_sms, _THREADS, args, stream.ptr)
 
-        hook = self._send_then_receive(run, stream, return_recv_hook)
+        hook = self._send_then_receive(run, stream, return_recv_hook, args)
         be.keep_for_stream(stream, cur, (x, topk_idx, *outs))
         return {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_count": recv_count,
                 "src_info": src_info, "layout_range": layout_range,
                 "routing": GpuLowLatencyState(recv_k, lay), "call_id": self.calls,
                 "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), "hook": hook}
 
-    def _send_then_receive(self, run, stream, return_recv_hook):
-        """Both halves in one launch, or the send half now and a hook for the other."""
+    def _send_then_receive(self, run, stream, return_recv_hook, args):
+        """Both halves in one launch, or the send half now and a hook for the
+        other (with this call's arguments, whatever calls come in between)."""
         if not return_recv_hook:
             run(3, stream)
             return None
         run(1, stream)
-        return self._hook(lambda s: run(2, s))
+        mine = bytes(args.values)
+
+        def receive(s):
+            ctypes.memmove(args.values, mine, len(mine))
+            run(2, s)
+        return self._hook(receive)
 
     def _hook(self, launch_recv):
         done = []
@@ -232,16 +265,20 @@ class GpuLowLatency:
         be = self.be
         groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
         fn = self._kernel(kernel_specs.low_latency_combine(lay.hidden, use_logfmt, idx_type, self._nvshmem_build,
-                                                           self.source), COMBINE_ARGS)
+                                                           self.source), len(COMBINE_PARAMS))
         args = []
         for half in range(2):
             off = lay.offsets(half)
-            args.append([0, 0, 0, 0, 0, 0, 0, 0, lay.max_tokens, lay.num_experts, be.rank, be.num_ranks,
-                         self.sym.ptr, self._peers_ptr, int(self.transport == "nvshmem"), 0,
-                         off["combine_flags"], off["combine_area"], off["send_area"], groups,
-                         self._blocks_done_addr[half], 0, 0, self._mask_ptr, int(self.shrink), 0, be._err_ptr,
-                         be.timeout_ns])
-        plan = self._plans[key] = (fn, args)
+            args.append(arg_block(
+                COMBINE_PARAMS, x=0, src_info=0, recv_k=0, layout_range=0, topk_idx=0, topk_weights=0,
+                num_tokens=0, num_topk=0, max_tokens=lay.max_tokens, num_experts=lay.num_experts, rank=be.rank,
+                num_ranks=be.num_ranks, local_base=self.sym.ptr, peers=self._peers_ptr,
+                force_put=self.transport == "nvshmem", zero_copy=0, off_flags=off["combine_flags"],
+                off_area=off["combine_area"], off_send=off["send_area"], num_groups=groups,
+                blocks_done=self._blocks_done_addr[half], out=0, wait_stats=0, mask=self._mask_ptr,
+                shrink=self.shrink, phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns))
+        send_areas = [self.sym.ptr + lay.offsets(half)["send_area"] for half in range(2)]
+        plan = self._plans[key] = (fn, args, send_areas)
         return plan
 
     def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
@@ -253,14 +290,12 @@ class GpuLowLatency:
         t, k = topk_idx.shape
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
-        fn, half_args = self._combine_plan(lay, use_logfmt, index_type(topk_idx))
+        fn, half_args, send_areas = self._combine_plan(lay, use_logfmt, index_type(topk_idx))
         be.check_errors()
         stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
         half = self._next_half()
-        args = list(half_args[half])
-        send_area = self.sym.ptr + args[18]
         x_ptr = address(x)
-        zero_copy = x_ptr == send_area
+        zero_copy = x_ptr == send_areas[half]
         if not zero_copy and self.sym.ptr <= x_ptr < self.sym.ptr + self.num_rdma_bytes:
             self.calls -= 1  # nothing launched: the call sequence stays where it was
             raise InvalidInputError(
@@ -269,15 +304,19 @@ class GpuLowLatency:
                 "dispatch and before any other low-latency call")
         if out is None:
             out = self._outputs(("c", half), (((t, lay.hidden), bfloat16),), stream)[0]
-        args[0:8] = [x_ptr, address(handle.src_info), address(st.recv_k), address(handle.layout_range),
-                     address(topk_idx), address(topk_weights), t, k]
-        args[15], args[21], args[22] = int(zero_copy), address(out), address(wait_stats)
+        args = half_args[half]
+        v = args.values
+        v[_C_X:_C_X + 8] = (x_ptr, address(handle.src_info), address(st.recv_k), address(handle.layout_range),
+                            address(topk_idx), address(topk_weights), t, k)
+        v[_C_ZERO_COPY] = zero_copy
+        v[_C_OUT] = address(out)
+        v[_C_OUT + 1] = address(wait_stats)
 
         def run(phases, stream):
-            args[-3] = phases
-            fn.launch(self.num_sms, _THREADS, args, stream)
+            v[_C_PHASES] = phases
+            fn.launch_block(self.num_sms, _THREADS, args, stream.ptr)
 
-        hook = self._send_then_receive(run, stream, return_recv_hook)
+        hook = self._send_then_receive(run, stream, return_recv_hook, args)
         be.keep_for_stream(stream, cur, (x, topk_idx, topk_weights, out))
         return {"combined_x": out, "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr),
                 "hook": hook}
@@ -323,10 +362,12 @@ class GpuLowLatency:
 
     def _barrier(self, stream):
         be = self.be
-        fn = self._kernel(kernel_specs.low_latency_barrier(self._nvshmem_build, self.source), BARRIER_ARGS)
-        fn.launch(1, MAX_RANKS, [self._slots.ptr, self._slots.peers.data.ptr, int(self.transport == "nvshmem"),
-                                 be.rank, be.num_ranks, self._barrier_seq.data.ptr, self._mask_ptr,
-                                 int(self.shrink), be._err_ptr, be.timeout_ns], stream)
+        fn = self._kernel(kernel_specs.low_latency_barrier(self._nvshmem_build, self.source), len(BARRIER_PARAMS))
+        fn.launch_block(1, MAX_RANKS, arg_block(
+            BARRIER_PARAMS, slots=self._slots.ptr, peers=self._slots.peers.data.ptr,
+            force_put=self.transport == "nvshmem", rank=be.rank, num_ranks=be.num_ranks,
+            seq=self._barrier_seq.data.ptr, mask=self._mask_ptr, shrink=self.shrink, err=be._err_ptr,
+            timeout_ns=be.timeout_ns), stream.ptr)
 
     # ---- rank masking: each ordered on the caller's stream -------------- #
     def update_mask(self, rank: int, masked: bool, stream):

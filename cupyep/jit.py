@@ -504,44 +504,66 @@ def _cupy_address(a) -> int:
     return a.data.ptr
 
 
-class PackedKernel:
-    """A kernel whose arguments are written into one block it keeps, then
-    launched with cuLaunchKernel: CuPy's generic call converts each argument
-    (~15 us of host time for the low-latency kernels' ~28).
+class ArgBlock:
+    """A kernel's parameter block: one 8-byte slot per parameter, set by
+    index (``block.values[i] = v``), and the array of pointers to the slots
+    that cuLaunchKernel takes. A slot holds a little-endian int64: an ``int``
+    parameter reads its low 4 bytes (the same value for anything in int32's
+    range), a pointer or ``long long`` all 8. So slots hold Python ints only:
+    device addresses, integers and flags; no float parameters. The driver
+    copies the values during a launch, so a block may change right after."""
 
-    Every argument sits in its own 8-byte slot, as a little-endian int64:
-    an ``int`` parameter reads the slot's low 4 bytes (the same value for
-    anything in int32's range), a pointer or ``long long`` all 8. So
-    ``values`` holds Python ints only: device addresses (``address()``),
-    integers and flags; no float parameters. The driver copies the block
-    during the launch, so it is free again when ``launch`` returns.
-    """
+    __slots__ = ("values", "_params", "params_addr")
+
+    def __init__(self, values):
+        import ctypes
+        n = len(values)
+        self.values = (ctypes.c_int64 * n)(*values)
+        base = ctypes.addressof(self.values)
+        self._params = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+        self.params_addr = ctypes.addressof(self._params)
+
+    def __len__(self):
+        return len(self.values)
+
+
+class PackedKernel:
+    """A kernel launched with cuLaunchKernel from an :class:`ArgBlock`:
+    CuPy's generic call converts each argument (~15 us of host time for the
+    low-latency kernels' ~28 parameters)."""
 
     def __init__(self, spec: KernelSpec, num_args: int):
-        import numpy as np
+        from cupy.cuda import driver
         fn, _ = get_kernel(spec)
         self.spec = spec
+        self.num_args = num_args
         self._fn = fn.kernel.ptr
-        self._values = np.zeros(num_args, np.int64)
-        self._params = np.arange(num_args, dtype=np.uint64) * np.uint64(8) + np.uint64(self._values.ctypes.data)
-        self._params_addr = int(self._params.ctypes.data)
+        self._launch = driver.launchKernel
+        self._block = ArgBlock([0] * num_args)
 
     def launch(self, grid: int, block: int, values, stream, shared_mem: int = 0) -> None:
-        """One launch of grid x block threads on ``stream`` (a CuPy stream)."""
-        from cupy.cuda import driver
-        if len(values) != len(self._values):
+        """One launch of grid x block threads on ``stream`` (a CuPy stream),
+        with ``values`` (Python ints, one per parameter)."""
+        if len(values) != self.num_args:
             raise CupyepError(f"{self.spec.instantiation}: {len(values)} arguments, "
-                              f"the kernel takes {len(self._values)}")
-        self._values[:] = values
+                              f"the kernel takes {self.num_args}")
+        self._block.values[:] = values
+        self.launch_block(grid, block, self._block, stream.ptr, shared_mem)
+
+    def launch_block(self, grid: int, block: int, args: ArgBlock, stream_ptr: int, shared_mem: int = 0) -> None:
+        """One launch with the parameters in ``args`` (built for this kernel)."""
         if DEBUG:
             print(f"[cupyep.jit] launch {self.spec.instantiation} grid={grid} block={block} "
-                  f"smem={shared_mem} stream={stream.ptr:#x}", flush=True)
-        driver.launchKernel(self._fn, grid, 1, 1, block, 1, 1, shared_mem, stream.ptr, self._params_addr, 0)
+                  f"smem={shared_mem} stream={stream_ptr:#x}", flush=True)
+        self._launch(self._fn, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr, args.params_addr, 0)
+
+
+_ADDRESS_OF = {type(None): lambda a: 0}  # array type -> its address getter (hot path: one lookup)
 
 
 def address(a) -> int:
     """Device address of a CuPy array or torch tensor (a Python int), 0 for None."""
-    if a is None:
-        return 0
-    data_ptr = getattr(a, "data_ptr", None)
-    return data_ptr() if data_ptr is not None else a.data.ptr
+    get = _ADDRESS_OF.get(type(a))
+    if get is None:
+        get = _ADDRESS_OF[type(a)] = type(a).data_ptr if hasattr(a, "data_ptr") else _cupy_address
+    return get(a)

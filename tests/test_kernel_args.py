@@ -9,19 +9,30 @@ import pytest
 from cupyep import gpu_low_latency, jit, sizing
 
 
-def _num_params(source: str, kernel: str) -> int:
+def _param_names(source: str, kernel: str) -> list:
     m = re.search(r"\n" + kernel + r"\(([^)]*)\)\s*\{", source)
     assert m, f"{kernel} not found"
-    return len([p for p in m.group(1).split(",") if p.strip()])
+    return [re.findall(r"\w+", p)[-1] for p in m.group(1).split(",") if p.strip()]
 
 
-@pytest.mark.parametrize("kernel, declared", [("dispatch", gpu_low_latency.DISPATCH_ARGS),
-                                              ("combine", gpu_low_latency.COMBINE_ARGS),
-                                              ("barrier", gpu_low_latency.BARRIER_ARGS)])
-def test_declared_argument_counts_match_the_kernels(kernel, declared):
+@pytest.mark.parametrize("kernel, declared", [("dispatch", gpu_low_latency.DISPATCH_PARAMS),
+                                              ("combine", gpu_low_latency.COMBINE_PARAMS),
+                                              ("barrier", gpu_low_latency.BARRIER_PARAMS)])
+def test_declared_parameters_match_the_kernels(kernel, declared):
+    """Argument blocks are built by parameter name: the names and their order
+    must be the kernel's."""
     with open(os.path.join(jit.kernel_dir(), "cupyep", "low_latency.cu")) as f:
         source = f.read()
-    assert _num_params(source, kernel) == declared
+    assert _param_names(source, kernel) == list(declared)
+
+
+def test_arg_block_needs_every_parameter_by_name():
+    block = gpu_low_latency.arg_block(("a", "b"), b=2, a=-1)
+    assert list(block.values) == [-1, 2]
+    with pytest.raises(Exception, match="missing.*'b'"):
+        gpu_low_latency.arg_block(("a", "b"), a=1)
+    with pytest.raises(Exception, match="unknown.*'c'"):
+        gpu_low_latency.arg_block(("a",), a=1, c=3)
 
 
 def _nvl_layout_header() -> str:
