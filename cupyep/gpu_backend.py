@@ -15,19 +15,25 @@ import numpy as np
 
 from . import kernel_specs, sizing
 from .config import Config, combine_senders, default_config, own_rows_receiver_share
-from .errors import BufferTooSmallError, CommTimeoutError, InvalidInputError
+from .errors import BufferTooSmallError, CallMismatchError, CommTimeoutError, InvalidInputError
 from .events import CallStreams
 from .fp8 import FP8_GROUP, bfloat16
 from .interop import DeviceFrontend, dtype_of
 from . import jit
 from .jit import address as _ptr, index_type, launch
 from .capture import KeptArrays, is_capturing
+from .low_latency import describe_call_tag
 from .runtime import mapped_host_ints
 
 PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
           4: "low_latency_dispatch.recv", 5: "low_latency_combine.recv", 6: "low_latency.send",
           7: "clean_low_latency_buffer"}
 NOTIFY_THREADS = 256  # per block of the notify kernels
+# The kernels' error record, by int index (ErrorWord / ErrorKind in common.cuh;
+# tests/test_shared_constants.py checks them). 64-bit fields take two ints.
+ERR_FLAG, ERR_PHASE, ERR_PEER, ERR_CHANNEL, ERR_KIND, ERR_BAD_ITEM, ERR_MIRROR = range(7)
+ERR_PEER_TAG, ERR_CALL_TAG, ERR_BAD_VALUE, ERR_WORDS = 8, 10, 12, 14
+ERR_TIMEOUT, ERR_TOO_MANY_ROWS, ERR_CALL_MISMATCH = 1, 2, 3
 
 
 @dataclass(eq=False, slots=True)
@@ -69,9 +75,9 @@ class GpuBackend:
         self.rt = group.gpu_runtime(self.num_nvl_bytes + int(num_rdma_bytes) + (64 << 20))
         self.nvl = self.rt.alloc(self.num_nvl_bytes)
         # Kernels poll a device error word and mirror failures to host memory.
-        self.err_host, err_host_ptr, self._err_mem = mapped_host_ints(8)
-        self.err_dev = cupy.zeros(8, np.int32)
-        self.err_dev[6:8] = cupy.asarray(np.array([err_host_ptr], np.uint64).view(np.int32))
+        self.err_host, err_host_ptr, self._err_mem = mapped_host_ints(ERR_WORDS)
+        self.err_dev = cupy.zeros(ERR_WORDS, np.int32)
+        self.err_dev[ERR_MIRROR:ERR_MIRROR + 2] = cupy.asarray(np.array([err_host_ptr], np.uint64).view(np.int32))
         self._err_ptr = self.err_dev.data.ptr
         self.info_host, self._info_ptr, self._info_mem = mapped_host_ints(sizing.MAX_LOCAL_EXPERTS + 3)
         # [0] blocks of a kernel done, [1] combine senders' work ticket.
@@ -88,6 +94,7 @@ class GpuBackend:
         # Barrier sequence and notify parity, advanced by the kernels themselves
         # so that CUDA graph replays count as calls.
         self.counters = cupy.zeros(2, np.int32)
+        self.seq = 0  # this buffer's collective calls (next_call)
         self._kept = KeptArrays()
         self._capturing = False  # of the call in progress (set by _begin / get_dispatch_layout)
         self._layouts = {}
@@ -102,8 +109,10 @@ class GpuBackend:
 
     # ------------------------------------------------------------------ #
     def next_call(self):
-        """A collective call starts (the reference backend numbers them; the
-        kernels here keep their own sequence)."""
+        """A collective call starts (counted even if it raises before
+        communicating). Low-latency calls carry the number in their flags'
+        call tags; clean_low_latency_buffer restarts it on every rank."""
+        self.seq += 1
 
     def enter_call(self, frontend):
         """Start a call from ``frontend``'s framework; returns the caller's stream."""
@@ -125,22 +134,35 @@ class GpuBackend:
                 record(arrays, stream.ptr)
 
     def check_errors(self):
-        """Raise what a kernel reported (timeouts, overflow) and clear it."""
-        if self.err_host[0] == 0 and self.err_host[5] == 0:
+        """Raise what a kernel reported (timeouts, overflow, a peer at another
+        call, dropped bad input) and clear it."""
+        h = self.err_host
+        if h[ERR_FLAG] == 0 and h[ERR_BAD_ITEM] == 0:
             return
-        phase, peer, channel, kind, bad_token = (int(v) for v in self.err_host[1:6])
         import cupy
-        cupy.cuda.Device().synchronize()  # the failed kernels have exited
-        self.err_host[:] = 0
-        self.err_dev[:6] = 0
-        if kind == 1:
-            raise CommTimeoutError(self.rank, PHASES.get(phase, str(phase)), peer, channel)
-        if bad_token and not kind:
+        cupy.cuda.Device().synchronize()  # the failed kernels have exited: the record is final
+        phase, peer, channel, kind, bad_item = (int(v) for v in h[ERR_PHASE:ERR_BAD_ITEM + 1])
+        peer_tag, call_tag, bad_value = (int(h[i:i + 2].view(np.int64)[0])
+                                         for i in (ERR_PEER_TAG, ERR_CALL_TAG, ERR_BAD_VALUE))
+        h[:] = 0
+        self.err_dev[:ERR_MIRROR] = 0
+        self.err_dev[ERR_PEER_TAG:] = 0
+        phase_name = PHASES.get(phase, str(phase))
+        call = describe_call_tag(call_tag) if call_tag else ""
+        if kind == ERR_TIMEOUT:
+            raise CommTimeoutError(self.rank, phase_name, peer, channel, call)
+        if kind == ERR_CALL_MISMATCH:
+            raise CallMismatchError(
+                f"rank {self.rank}: in {phase_name}, rank {peer} was at {describe_call_tag(peer_tag)}, this rank "
+                f"at {describe_call_tag(call_tag)}; its rows were not used. Call clean_low_latency_buffer() on "
+                "every rank (it restarts the call sequence), then go on")
+        if bad_item and not kind:
+            of = f" of {call}" if call else ""
             raise InvalidInputError(
-                f"rank {self.rank}: topk_idx of token {bad_token - 1} in a low-latency dispatch holds an "
-                "expert id outside [-1, num_experts); the entry was dropped (reported at the next call)")
+                f"rank {self.rank}: topk_idx of token {bad_item - 1}{of} holds expert id {bad_value}, outside "
+                "[-1, num_experts); the entry was dropped (reported at the next call)")
         raise InvalidInputError(
-            f"rank {self.rank}: more rows arrived in {PHASES.get(phase, phase)} than the output holds "
+            f"rank {self.rank}: more rows arrived in {phase_name} than the output holds "
             f"(from rank {peer}, channel {channel}); raise num_worst_tokens")
 
     def _layout(self, hidden: int, num_topk: int, num_channels: int, num_tokens: int):
@@ -393,6 +415,7 @@ class GpuBackend:
 
     def clean_low_latency_buffer(self, blocking: bool = False):
         self.ll.clean(self._ordered_caller_stream(), blocking)
+        self.seq = 0  # every rank restarts its call sequence here
 
     def update_mask(self, rank: int, masked: bool):
         self.ll.update_mask(rank, masked, self._ordered_caller_stream())

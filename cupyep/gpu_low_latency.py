@@ -30,7 +30,7 @@ from .capture import KeptArrays, is_capturing
 from . import kernel_specs
 from . import jit
 from .jit import ArgBlock, PackedKernel, address, index_type
-from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
+from .low_latency import TRANSPORTS, LowLatencyLayout, call_tag, check_low_latency_fits, tag_of_call
 from .sizing import MAX_RANKS
 
 _THREADS = 512  # kLLThreads in low_latency.cu
@@ -39,18 +39,20 @@ _THREADS = 512  # kLLThreads in low_latency.cu
 DISPATCH_PARAMS = ("x", "topk_idx", "num_tokens", "num_topk", "max_tokens", "num_experts", "rank", "num_ranks",
                    "local_base", "peers", "force_put", "off_flags", "off_area", "off_send", "finish_count",
                    "recv_done", "recv_x", "recv_scales", "recv_count", "src_info", "layout_range", "recv_k",
-                   "cumulative_expert_stats", "wait_stats", "mask", "shrink", "phases", "err", "timeout_ns")
+                   "cumulative_expert_stats", "wait_stats", "mask", "shrink", "phases", "err", "timeout_ns",
+                   "call_tag")
 COMBINE_PARAMS = ("x", "src_info", "recv_k", "layout_range", "topk_idx", "topk_weights", "num_tokens",
                   "num_topk", "max_tokens", "num_experts", "rank", "num_ranks", "local_base", "peers",
                   "force_put", "zero_copy", "off_flags", "off_area", "off_send", "num_groups", "blocks_done",
-                  "out", "wait_stats", "mask", "shrink", "phases", "err", "timeout_ns")
+                  "out", "wait_stats", "mask", "shrink", "phases", "err", "timeout_ns", "call_tag")
 BARRIER_PARAMS = ("slots", "peers", "force_put", "rank", "num_ranks", "seq", "mask", "shrink", "err",
                   "timeout_ns")
 # Slots a call sets (the rest are fixed per shape and half). Dispatch: x,
 # topk_idx, num_tokens, num_topk; then its 8 arrays from recv_x on. Combine:
-# its 8 leading parameters; zero_copy, out, wait_stats.
-_D_X, _D_ARRAYS, _D_PHASES = (DISPATCH_PARAMS.index(n) for n in ("x", "recv_x", "phases"))
-_C_X, _C_ZERO_COPY, _C_OUT, _C_PHASES = (COMBINE_PARAMS.index(n) for n in ("x", "zero_copy", "out", "phases"))
+# its 8 leading parameters; zero_copy, out, wait_stats. Both: phases, call_tag.
+_D_X, _D_ARRAYS, _D_PHASES, _D_TAG = (DISPATCH_PARAMS.index(n) for n in ("x", "recv_x", "phases", "call_tag"))
+_C_X, _C_ZERO_COPY, _C_OUT, _C_PHASES, _C_TAG = (COMBINE_PARAMS.index(n)
+                                                 for n in ("x", "zero_copy", "out", "phases", "call_tag"))
 assert DISPATCH_PARAMS[_D_ARRAYS:_D_ARRAYS + 8][-1] == "wait_stats" and COMBINE_PARAMS[_C_OUT + 1] == "wait_stats"
 
 
@@ -184,8 +186,9 @@ class GpuLowLatency:
                 force_put=self.transport == "nvshmem", off_flags=off["dispatch_flags"],
                 off_area=off["dispatch_area"], off_send=off["send_area"], finish_count=self._finish_ptr,
                 recv_done=self._recv_done_addr[half], **per_call, mask=self._mask_ptr, shrink=self.shrink,
-                phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns))
-        plan = self._plans[key] = (fn, lay, outputs, args)
+                phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
+        tag_base = call_tag(0, False, use_fp8, hidden, 1, num_experts, m)
+        plan = self._plans[key] = (fn, lay, outputs, args, tag_base)
         return plan
 
     def _outputs(self, key, specs, stream):
@@ -206,7 +209,7 @@ class GpuLowLatency:
         t, hidden = x.shape
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
-        fn, lay, specs, half_args = self._dispatch_plan(m, hidden, num_experts, use_fp8, round_scale, use_ue8m0,
+        fn, lay, specs, half_args, tag_base = self._dispatch_plan(m, hidden, num_experts, use_fp8, round_scale, use_ue8m0,
                                                         index_type(topk_idx))
         self.claim("low-latency")
         be.check_errors()
@@ -218,6 +221,7 @@ class GpuLowLatency:
         v = args.values
         v[_D_X:_D_X + 4] = (address(x), address(topk_idx), t, topk_idx.shape[1])
         v[_D_ARRAYS:_D_ARRAYS + 8] = [address(a) for a in (*outs, cumulative_stats, wait_stats)]
+        v[_D_TAG] = tag_of_call(tag_base, be.seq, topk_idx.shape[1])
 
         def run(phases, stream):
             v[_D_PHASES] = phases
@@ -276,9 +280,10 @@ class GpuLowLatency:
                 force_put=self.transport == "nvshmem", zero_copy=0, off_flags=off["combine_flags"],
                 off_area=off["combine_area"], off_send=off["send_area"], num_groups=groups,
                 blocks_done=self._blocks_done_addr[half], out=0, wait_stats=0, mask=self._mask_ptr,
-                shrink=self.shrink, phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns))
+                shrink=self.shrink, phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
         send_areas = [self.sym.ptr + lay.offsets(half)["send_area"] for half in range(2)]
-        plan = self._plans[key] = (fn, args, send_areas)
+        tag_base = call_tag(0, True, use_logfmt, lay.hidden, 1, lay.num_experts, lay.max_tokens)
+        plan = self._plans[key] = (fn, args, send_areas, tag_base)
         return plan
 
     def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
@@ -290,7 +295,7 @@ class GpuLowLatency:
         t, k = topk_idx.shape
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
-        fn, half_args, send_areas = self._combine_plan(lay, use_logfmt, index_type(topk_idx))
+        fn, half_args, send_areas, tag_base = self._combine_plan(lay, use_logfmt, index_type(topk_idx))
         be.check_errors()
         stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
         half = self._next_half()
@@ -311,6 +316,7 @@ class GpuLowLatency:
         v[_C_ZERO_COPY] = zero_copy
         v[_C_OUT] = address(out)
         v[_C_OUT + 1] = address(wait_stats)
+        v[_C_TAG] = tag_of_call(tag_base, be.seq, k)
 
         def run(phases, stream):
             v[_C_PHASES] = phases

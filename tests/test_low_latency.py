@@ -265,6 +265,63 @@ def test_clean_that_a_rank_misses_then_blocking_clean(buffer, backend, rng, shri
     check_dispatch(res, everyone, m, h, num_experts // SIZE, False, False, False)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["hidden", "skipped_call", "fp8", "logfmt"])
+def test_low_latency_call_mismatch_is_reported_then_clean(buffer, backend, rng, case):
+    """Ranks that disagree in a low-latency call (rank 0 with another hidden
+    size, FP8 or LogFMT setting, or the last rank one call ahead after its bad
+    argument): every rank's kernel sees a peer's flag of another call, uses
+    none of its rows, and the rank's next check raises CallMismatchError
+    naming the peer and both calls; after a clean the next call is right."""
+    if backend != "gpu" or SIZE < 2:
+        pytest.skip("needs the GPU backend and two ranks")
+    import cupy
+    import cupyep
+    from mpi4py import MPI
+    m, num_experts, k = 16, 2 * SIZE, 2
+    h = 2048 if case == "hidden" and RANK == 0 else 1024
+    x = random_rows(rng, m, h)
+    idx = random_topk(rng, m, num_experts, k)
+    w = rng.random(idx.shape).astype(np.float32)
+    odd_rank = SIZE - 1 if case == "skipped_call" else 0
+    odd = RANK == odd_rank
+    impl = buffer._impl
+    saved, impl.timeout_ns = impl.timeout_ns, int(2e9)
+    outcome = None
+    try:
+        if case == "skipped_call" and odd:
+            with pytest.raises(cupyep.InvalidInputError):
+                buffer.low_latency_dispatch(to_backend(x.astype(np.float32), backend), to_backend(idx, backend),
+                                            m, num_experts)
+        d = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                        use_fp8=odd if case == "fp8" else False)
+        if case == "logfmt":
+            cupy.cuda.Device().synchronize()
+            impl.check_errors()  # the dispatch itself agreed
+            y = cupy.zeros((num_experts // SIZE, SIZE * m, h), fp8.bfloat16)
+            buffer.low_latency_combine(y, to_backend(idx, backend), to_backend(w, backend), d.handle,
+                                       use_logfmt=odd)
+        cupy.cuda.Device().synchronize()
+        impl.check_errors()
+    except cupyep.CallMismatchError as e:
+        outcome = str(e)
+    except Exception as e:  # noqa: BLE001 - every rank must reach the clean below
+        outcome = repr(e)
+    finally:
+        impl.timeout_ns = saved
+    buffer.clean_low_latency_buffer()
+    peers = [odd_rank] if not odd else [r for r in range(SIZE) if r != odd_rank]
+    right = outcome is not None and any(f"rank {p} was at" in outcome for p in peers)
+    if right and case == "hidden":
+        right = "hidden=2048" in outcome and "hidden=1024" in outcome
+    all_right = COMM.allreduce(bool(right), op=MPI.LAND)
+    assert all_right, f"rank {RANK}: expected a CallMismatchError naming a peer in {peers}, got {outcome!r}"
+    x = random_rows(rng, m, 1024)
+    res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                      use_fp8=False)
+    check_dispatch(res, gather(x, idx), m, 1024, num_experts // SIZE, False, False, False)
+
+
 def masked_everyone(everyone, masked, local):
     """Every rank's (x, topk_idx) as the masked exchange sees it: entries of
     masked ranks' experts dropped, and nothing at all from a masked source."""

@@ -28,6 +28,7 @@ def _static_asserts():
         (f"kLLHeaderBytes == {ll._HEADER_BYTES}", "low-latency message header"),
         # dispatch flags [R] i64, then counts [R][L] i32, inside one half's dispatch-flag region
         (f"kLLCountsOffset + 4 * {ll.LL_MAX_EXPERTS} <= 8 * {ll.LL_MAX_EXPERTS}", "low-latency flag region"),
+        (f"kLLTagShift == {ll.LL_TAG_SHIFT}", "low-latency call tag position in a flag"),
         (f"kFp8Group == {fp8.FP8_GROUP}", "FP8 scale group"),
         (f"kFp8Max == {_c_float(fp8.FP8_MAX)}", "FP8 max"),
         (f"kAmaxFloor == {_c_float(fp8.AMAX_FLOOR)}", "FP8 amax floor"),
@@ -44,6 +45,14 @@ def _static_asserts():
             "kPhaseCombineRecv": "combine.recv", "kPhaseLowLatencyDispatchRecv": "low_latency_dispatch.recv",
             "kPhaseLowLatencyCombineRecv": "low_latency_combine.recv", "kPhaseLowLatencySend": "low_latency.send",
             "kPhaseLowLatencyClean": "clean_low_latency_buffer"}
+    b = gpu_backend
+    for c_name, value in (("kErrFlag", b.ERR_FLAG), ("kErrPhase", b.ERR_PHASE), ("kErrPeer", b.ERR_PEER),
+                          ("kErrChannel", b.ERR_CHANNEL), ("kErrKind", b.ERR_KIND), ("kErrBadItem", b.ERR_BAD_ITEM),
+                          ("kErrMirror", b.ERR_MIRROR), ("kErrPeerTag", b.ERR_PEER_TAG),
+                          ("kErrCallTag", b.ERR_CALL_TAG), ("kErrBadValue", b.ERR_BAD_VALUE),
+                          ("kErrWords", b.ERR_WORDS), ("kErrTimeout", b.ERR_TIMEOUT),
+                          ("kErrTooManyRows", b.ERR_TOO_MANY_ROWS), ("kErrCallMismatch", b.ERR_CALL_MISMATCH)):
+        checks.append((f"{c_name} == {value}", f"error record {c_name}"))
     number = {name: n for n, name in gpu_backend.PHASES.items()}
     assert set(number) == set(enum.values()), "PHASES names a phase the kernels lack, or the reverse"
     for c_name, py_name in enum.items():

@@ -130,7 +130,7 @@ def test_low_latency_bad_arguments(buffer, backend, good, rng):
 def test_low_latency_expert_out_of_range(buffer, backend, good):
     """An id outside [-1, E) is never followed out of bounds: the reference
     raises at once; the GPU drops the entry (no host synchronisation) and the
-    first call after the kernel has run raises."""
+    first call after the kernel has run raises. Both name the value."""
     x, idx, w, e = good
     t = x.shape[0]
     xb, ib, wb = to_backend(x, backend), to_backend(idx, backend), to_backend(w, backend)
@@ -138,7 +138,7 @@ def test_low_latency_expert_out_of_range(buffer, backend, good):
         bad = idx.copy()
         bad[3, 1] = value
         bb = to_backend(bad, backend)
-        with pytest.raises(cupyep.InvalidInputError, match="outside"):
+        with pytest.raises(cupyep.InvalidInputError, match=rf"expert id {value}\b.*outside"):
             res = buffer.low_latency_dispatch(xb, bb, t, e, use_fp8=False)
             if backend == "gpu":  # the report is there once the kernel has run
                 import cupy

@@ -295,40 +295,63 @@ struct WarpGroups {
 };
 
 // ---- errors ---------------------------------------------------------------
-// error word, in device memory: [0] set to 1 by the first failure, [1] phase,
-// [2] peer rank, [3] channel / expert, [4] kind (1 timeout, 2 too many rows),
-// [5] 1 + the item of a dropped bad input (report_bad_input),
-// [6..7] address of a host-mapped mirror that receives the same six ints.
-// Spinning threads poll the device copy (an L2 hit); only a failure touches
-// host memory, so waits never put PCIe reads in front of NVLink traffic.
-__device__ __forceinline__ void report_error(int* err, int kind, int phase, int peer, int channel) {
-    if (atomicCAS(err, 0, 1) == 0) {
-        err[1] = phase;
-        err[2] = peer;
-        err[3] = channel;
-        err[4] = kind;
-        volatile int* mirror = *reinterpret_cast<int* const*>(err + 6);
+// Error record, in device memory, by int index (Python reads its host mirror
+// by the same indices: ERR_* in cupyep/gpu_backend.py, checked by
+// tests/test_shared_constants.py). 64-bit fields take two ints.
+enum ErrorWord : int {
+    kErrFlag = 0,       // set to 1 by the first failure
+    kErrPhase = 1,
+    kErrPeer = 2,
+    kErrChannel = 3,    // channel, expert or slot of the failed wait
+    kErrKind = 4,       // ErrorKind
+    kErrBadItem = 5,    // 1 + the item of a dropped bad input (report_bad_input)
+    kErrMirror = 6,     // [6..7] address of a host-mapped mirror of the record
+    kErrPeerTag = 8,    // [8..9] the peer's call tag (kErrCallMismatch)
+    kErrCallTag = 10,   // [10..11] the reporting call's tag (low-latency calls; else 0)
+    kErrBadValue = 12,  // [12..13] the dropped bad input's value
+    kErrWords = 14,
+};
+enum ErrorKind : int { kErrTimeout = 1, kErrTooManyRows = 2, kErrCallMismatch = 3 };
+
+// The first failure fills the record and its host mirror. Spinning threads
+// poll the device copy (an L2 hit); only a failure touches host memory, so
+// waits never put PCIe reads in front of NVLink traffic.
+__device__ __forceinline__ void report_error(int* err, int kind, int phase, int peer, int channel,
+                                             long long call_tag = 0, long long peer_tag = 0) {
+    if (atomicCAS(err + kErrFlag, 0, 1) == 0) {
+        volatile int* mirror = *reinterpret_cast<int* const*>(err + kErrMirror);
+        volatile int* const records[2] = {err, mirror};
+        for (int i = 0; i < 2; ++i) {
+            volatile int* r = records[i];
+            if (r == nullptr) continue;
+            r[kErrPhase] = phase;
+            r[kErrPeer] = peer;
+            r[kErrChannel] = channel;
+            r[kErrKind] = kind;
+            *reinterpret_cast<volatile long long*>(r + kErrCallTag) = call_tag;
+            *reinterpret_cast<volatile long long*>(r + kErrPeerTag) = peer_tag;
+        }
         if (mirror != nullptr) {
-            mirror[1] = phase;
-            mirror[2] = peer;
-            mirror[3] = channel;
-            mirror[4] = kind;
             __threadfence_system();  // fields before the flag the host reads
-            mirror[0] = 1;
+            mirror[kErrFlag] = 1;
         }
         __threadfence_system();
     }
 }
 
 // Bad input seen inside a kernel that goes on without it (the entry is
-// dropped): err[5] = 1 + item, mirrored to host memory. Unlike report_error
-// it does not set err[0], so no wait gives up and the call completes.
-__device__ __forceinline__ void report_bad_input(int* err, int item) {
-    if (atomicCAS(err + 5, 0, item + 1) == 0) {
-        volatile int* mirror = *reinterpret_cast<int* const*>(err + 6);
+// dropped): item, value and call into the record and its mirror. Unlike
+// report_error it does not set the flag, so no wait gives up and the call
+// completes; the host raises it at the next call.
+__device__ __forceinline__ void report_bad_input(int* err, int item, long long value = 0,
+                                                 long long call_tag = 0) {
+    if (atomicCAS(err + kErrBadItem, 0, item + 1) == 0) {
+        volatile int* mirror = *reinterpret_cast<int* const*>(err + kErrMirror);
         if (mirror != nullptr) {
-            mirror[5] = item + 1;
-            __threadfence_system();
+            *reinterpret_cast<volatile long long*>(mirror + kErrBadValue) = value;
+            *reinterpret_cast<volatile long long*>(mirror + kErrCallTag) = call_tag;
+            __threadfence_system();  // fields before the item the host reads
+            mirror[kErrBadItem] = item + 1;
         }
     }
 }
@@ -347,7 +370,7 @@ __device__ __forceinline__ T wait_at_least(const T* flag, T target, long long ti
         if (v >= target) return v;
         if ((spins & 63) == 63 &&
             (global_timer_ns() - start > (unsigned long long)timeout_ns || *(volatile int*)err != 0)) {
-            report_error(err, 1, phase, peer, channel);
+            report_error(err, kErrTimeout, phase, peer, channel);
             return -1;
         }
     }

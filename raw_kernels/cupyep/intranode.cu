@@ -190,7 +190,7 @@ __device__ __forceinline__ void store_own_row(const int4* __restrict__ x, int t,
                                               int4* recv_x, float* recv_x_scales, long long* recv_topk_idx,
                                               float* recv_topk_weights, int* recv_src_idx, int* err, int lane) {
     if (out >= num_recv_capacity) {
-        if (lane == 0) report_error(err, 2, kPhaseDispatchRecv, rank, c);
+        if (lane == 0) report_error(err, kErrTooManyRows, kPhaseDispatchRecv, rank, c);
         return;
     }
     warp_copy_nc<kHiddenInt4>(recv_x + out * kHiddenInt4, x + (long long)t * kHiddenInt4, lane);

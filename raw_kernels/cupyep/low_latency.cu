@@ -111,25 +111,39 @@ __device__ __forceinline__ void load_mask(const int* mask, int rank, int num_ran
     __syncthreads();
 }
 
-// Spin until a 64-bit flag is non-zero; 0 on timeout, after reporting it,
-// or with shrink (mask != nullptr) after masking the peer instead.
-__device__ __forceinline__ long long wait_nonzero(const long long* flag, long long timeout_ns, int* err,
-                                                  int phase, int peer, int channel, int* shrink_mask = nullptr) {
+// A flag carries the call tag of the call that set it above its count:
+// (tag << kLLTagShift) | count, count >= 1. The tag packs the call's sequence
+// number and parameters (cupyep/low_latency.py: call_tag), so a receiver
+// that meets a peer at another call, or with other shapes, sees it.
+constexpr int kLLTagShift = 17;
+constexpr long long kLLCountMask = (1ll << kLLTagShift) - 1;
+
+// Spin until a flag is set; its count, or 0: on timeout (after reporting it,
+// or with shrink (mask != nullptr) after masking the peer instead), when
+// another thread failed, or when the flag's tag is not call_tag (reported).
+__device__ __forceinline__ long long wait_flag(const long long* flag, long long call_tag, long long timeout_ns,
+                                               int* err, int phase, int peer, int channel,
+                                               int* shrink_mask = nullptr) {
     long long v = ld_acquire_sys(flag);
-    if (v != 0) return v;
-    const unsigned long long start = global_timer_ns();
-    for (int spins = 0;; ++spins) {
-        v = ld_acquire_sys(flag);
-        if (v != 0) return v;
-        if ((spins & 63) == 63 &&
-            (global_timer_ns() - start > (unsigned long long)timeout_ns || *(volatile int*)err != 0)) {
-            if (shrink_mask != nullptr && *(volatile int*)err == 0)
-                atomicExch(shrink_mask + peer, 1);
-            else
-                report_error(err, 1, phase, peer, channel);
-            return 0;
+    if (v == 0) {
+        const unsigned long long start = global_timer_ns();
+        for (int spins = 0; v == 0; ++spins) {
+            v = ld_acquire_sys(flag);
+            if (v == 0 && (spins & 63) == 63 &&
+                (global_timer_ns() - start > (unsigned long long)timeout_ns || *(volatile int*)err != 0)) {
+                if (shrink_mask != nullptr && *(volatile int*)err == 0)
+                    atomicExch(shrink_mask + peer, 1);
+                else
+                    report_error(err, kErrTimeout, phase, peer, channel, call_tag);
+                return 0;
+            }
         }
     }
+    if ((v >> kLLTagShift) != call_tag) {
+        report_error(err, kErrCallMismatch, phase, peer, channel, call_tag, v >> kLLTagShift);
+        return 0;
+    }
+    return v & kLLCountMask;
 }
 
 // Top-k entries of the dispatch, flattened [T*K]: the expert of entry i, or
@@ -223,7 +237,7 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
          int* recv_done, void* recv_x, void* recv_scales, int* recv_count, int* src_info,
          long long* layout_range, int* recv_k, int* cumulative_expert_stats,
          long long* wait_stats, int* mask, int shrink, int phases, int* err,
-         long long timeout_ns) {
+         long long timeout_ns, long long call_tag) {
     constexpr int kMsg = ll_message_bytes(kHidden, kFp8);
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     // Consecutive tasks go to different SMs.
@@ -478,7 +492,7 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
                 const unsigned long long start = global_timer_ns();
                 while (ld_acquire_gpu(finish_count + dst) < expected) {
                     if (global_timer_ns() - start > (unsigned long long)timeout_ns) {
-                        report_error(err, 1, kPhaseLowLatencySend, rank, dst);
+                        report_error(err, kErrTimeout, kPhaseLowLatencySend, rank, dst, call_tag);
                         ok = false;
                         break;
                     }
@@ -492,14 +506,15 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
                          4 * num_local, dst);
             warp_complete(put, lane);
             if (lane == 0 && ok)
-                set_peer_flag(s_peers, local_base, off_flags + 8ll * rank, dst, s_rank_msgs[dst] + 1ll, put);
+                set_peer_flag(s_peers, local_base, off_flags + 8ll * rank, dst,
+                              (call_tag << kLLTagShift) | (s_rank_msgs[dst] + 1ll), put);
         }
         // Ids outside [-1, E) were dropped; block 0 reports them, raised by
         // the next call on this rank (the exchange itself completes).
         if (blockIdx.x == 0)
             for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
                 const long long id = static_cast<long long>(topk_idx[i]);
-                if (id < -1 || id >= num_experts) report_bad_input(err, i / num_topk);
+                if (id < -1 || id >= num_experts) report_bad_input(err, i / num_topk, id, call_tag);
             }
     }
 
@@ -520,7 +535,7 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
             // blocks time out on it may be seen by some of them only, and
             // their row offsets then disagree for that call.
             if (!s_mask[s])
-                v = wait_nonzero(flags + s, timeout_ns, err, kPhaseLowLatencyDispatchRecv, s, 0,
+                v = wait_flag(flags + s, call_tag, timeout_ns, err, kPhaseLowLatencyDispatchRecv, s, 0,
                                  shrink ? mask : nullptr);
             s_seen[s] = v > 0;
             s_msgs_before[s + 1] = v > 0 ? static_cast<int>(v - 1) : 0;
@@ -821,7 +836,7 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
         int num_ranks, char* local_base, char* const* peers, int force_put,
         int zero_copy, long long off_flags, long long off_area, long long off_send,
         int num_groups, int* blocks_done, __nv_bfloat16* out, long long* wait_stats,
-        int* mask, int shrink, int phases, int* err, long long timeout_ns) {
+        int* mask, int shrink, int phases, int* err, long long timeout_ns, long long call_tag) {
     constexpr int kRowBytes = kHidden * 2;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int num_local = num_experts / num_ranks;
@@ -866,7 +881,8 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
                 // flag: only flags some token of dst waits for are set.
                 sync_warps(group + 1, warps_per_group * kWarpSize);
                 if (wig == 0 && lane == 0 && count > 0) {
-                    set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst, 1, put);
+                    set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst,
+                                  (call_tag << kLLTagShift) | 1, put);
                 }
             }
         }
@@ -914,7 +930,7 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
                 if (first >= 0) {
                     // Repeats wait too, so that a timeout (shrink) leaves out every slot of the expert.
                     const unsigned long long start = global_timer_ns();
-                    if (wait_nonzero(flags + e, timeout_ns, err, kPhaseLowLatencyCombineRecv, e / num_local,
+                    if (wait_flag(flags + e, call_tag, timeout_ns, err, kPhaseLowLatencyCombineRecv, e / num_local,
                                      e % num_local, shrink ? mask : nullptr) == 0)
                         first = -1;
                     // Block 0 alone adds its waits (per owner rank).
@@ -1021,7 +1037,7 @@ barrier(char* slots, char* const* peers, int force_put, int rank, int num_ranks,
                 if (shrink)
                     atomicExch(mask + j, 1);
                 else
-                    report_error(err, 1, kPhaseLowLatencyClean, j, -1);
+                    report_error(err, kErrTimeout, kPhaseLowLatencyClean, j, -1);
                 break;
             }
         }
