@@ -505,6 +505,17 @@ class Buffer:
         self._impl.next_call()  # counted even if it raises before communicating
         self._impl.clean_low_latency_buffer(bool(blocking))
 
+    def reset(self) -> None:
+        """Bring every rank back in step after a failed call (collective, with
+        a host wait): after CallMismatchError or CommTimeoutError from any
+        call, or a rank that skipped one. GPU: waits for this device and the
+        other ranks, then zeroes every flag, counter, call tag and call
+        sequence of the buffer (NVLink and RDMA memory; the rank mask is
+        kept). Reference: every rank continues from the highest call number
+        reached. Not for use inside a CUDA graph."""
+        self._check_alive()
+        self._impl.reset()
+
     def _enter_array_free_call(self, framework: Optional[str]):
         """Calls that take no arrays run on the current stream of ``framework``
         ('torch', 'cupy'; default: that of this buffer's last call, CuPy's

@@ -170,6 +170,15 @@ class CallAgreement:
         raise CallMismatchError(f"rank {rank}'s {here} did not run: rank {peer} {what} in this call; "
                                 "nothing was exchanged")
 
+    def reset(self) -> None:
+        """Collective: every rank continues from the highest sequence number
+        any rank reached, and messages kept for later calls are dropped (they
+        belong to calls before the reset)."""
+        if self.comm is not None:
+            from mpi4py import MPI
+            self.seq = self.comm.allreduce(self.seq, op=MPI.MAX)
+        self._early.clear()
+
     def free(self) -> None:
         if self.comm is not None:
             self.comm.Free()

@@ -22,7 +22,7 @@ from .interop import DeviceFrontend, dtype_of
 from . import jit
 from .jit import address as _ptr, index_type, launch
 from .capture import KeptArrays, is_capturing
-from .low_latency import describe_call_tag
+from .call_tags import NORMAL_MARK, describe as describe_call_tag, normal_call_tag
 from .runtime import mapped_host_ints
 
 PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
@@ -152,10 +152,13 @@ class GpuBackend:
         if kind == ERR_TIMEOUT:
             raise CommTimeoutError(self.rank, phase_name, peer, channel, call)
         if kind == ERR_CALL_MISMATCH:
+            low_latency = not call_tag & NORMAL_MARK
+            what = ("its rows were not used. Call clean_low_latency_buffer() on every rank (it restarts the "
+                    "call sequence)" if low_latency else
+                    "that call's results are not valid. Call reset() on every rank")
             raise CallMismatchError(
                 f"rank {self.rank}: in {phase_name}, rank {peer} was at {describe_call_tag(peer_tag)}, this rank "
-                f"at {describe_call_tag(call_tag)}; its rows were not used. Call clean_low_latency_buffer() on "
-                "every rank (it restarts the call sequence), then go on")
+                f"at {describe_call_tag(call_tag)}; {what}, then go on")
         if bad_item and not kind:
             of = f" of {call}" if call else ""
             raise InvalidInputError(
@@ -255,6 +258,8 @@ class GpuBackend:
             per_expert = None
         cur = self._begin(previous_event, async_finish, layout_in_call)
 
+        call_tag = normal_call_tag(self.seq, "dispatch", scales is not None, topk_weights is not None, hidden, k,
+                                   num_experts if topk_idx is not None else 1)
         offsets = self._empty("offsets", r * c + 1, np.int32)
         # The notify kernel writes all L counts when it has per-expert counts.
         expert_counts = self._empty("expert_counts", max(local, 1), np.int32, zero=per_expert is None)
@@ -262,7 +267,7 @@ class GpuBackend:
         if self.inter is not None:
             send_pos, rdma_pos, rdma_recv_count = self.inter.notify(
                 is_token_in_rank, t, c, per_expert, local, expert_alignment, lay_dev, rdma_dev,
-                offsets, expert_counts)
+                offsets, expert_counts, call_tag)
         else:
             send_pos = self._empty("send_pos", (t, r), np.int32)
             spec = kernel_specs.intranode_notify(r)
@@ -271,7 +276,7 @@ class GpuBackend:
                     expert_alignment, send_pos, self.nvl.peers, lay_dev, self.rank,
                     self.counters, self.blocks_done, offsets,
                     expert_counts, self._info_ptr, self.layout_error, self._err_ptr,
-                    self.timeout_ns), stream=self.stream)
+                    self.timeout_ns, call_tag), stream=self.stream)
         if num_worst_tokens:
             n_rows, num_recv = num_worst_tokens, -1
             counts = expert_counts[:local] if topk_idx is not None else None
@@ -329,10 +334,10 @@ class GpuBackend:
                 _ptr(recv_idx), _ptr(recv_w), recv_src, self._err_ptr, self.timeout_ns),
                stream=self.stream)
 
-    def _barrier(self, lay_dev):
+    def _barrier(self, lay_dev, call_tag):
         spec = kernel_specs.intranode_barrier(self.num_ranks)
         launch(spec, (1,), (32,), (self.nvl.peers, lay_dev, self.rank, self.counters,
-                                   self._err_ptr, self.timeout_ns), stream=self.stream)
+                                   self._err_ptr, self.timeout_ns, call_tag), stream=self.stream)
 
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
         g: GpuRouting = handle.state
@@ -347,12 +352,13 @@ class GpuBackend:
         recv_x = self._empty("cached_x", (n_rows, x.shape[1]), np.uint8 if fp8 else bfloat16)
         recv_s = self._empty("cached_s", (n_rows, x.shape[1] // FP8_GROUP), np.float32) if fp8 else None
         recv_src = self._empty("cached_src", n_rows, np.int32)
+        call_tag = normal_call_tag(self.seq, "cached_dispatch", fp8, False, x.shape[1])
         if self.inter is not None:
-            self.inter.barrier(g.rdma_layout_dev)
+            self.inter.barrier(g.rdma_layout_dev, call_tag)
             self.inter.dispatch(cfg, g, x, scales, None, None, handle.is_token_in_rank, handle.num_tokens,
                                 0, n_rows, recv_x, recv_s, None, None, recv_src, False)
             return recv_x, recv_s, self._end(cur, async_finish, (x, scales, recv_x, recv_s, recv_src))
-        self._barrier(g.layout_dev)
+        self._barrier(g.layout_dev, call_tag)
         self._launch_dispatch(cfg, x, scales, None, None, g.send_pos, handle.num_tokens,
                               g.layout_dev, g.recv_channel_offset, 0, n_rows, recv_x, recv_s,
                               None, None, recv_src)
@@ -377,8 +383,9 @@ class GpuBackend:
         out_w = self._empty("out_w", (t, k), np.float32) if k else None
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
+        call_tag = normal_call_tag(self.seq, "combine", False, k > 0, hidden, k)
         if self.inter is not None:
-            self.inter.barrier(g.rdma_layout_dev)
+            self.inter.barrier(g.rdma_layout_dev, call_tag)
             self.inter.combine(cfg, g, x, topk_weights, t, b0, b1, out, out_w)
             return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
         spec = kernel_specs.intranode_combine(self.num_ranks, hidden, k)
@@ -387,7 +394,7 @@ class GpuBackend:
                 g.num_channels, combine_senders(cfg, self.num_ranks),
                 cfg.combine_chunk_rows, self.nvl.peers, lay_dev, self.rank, _ptr(b0),
                 _ptr(b1), out, _ptr(out_w), self.counters, self.blocks_done, self._err_ptr,
-                self.timeout_ns),
+                self.timeout_ns, call_tag),
                stream=self.stream)
         return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
 
@@ -407,6 +414,20 @@ class GpuBackend:
 
     def set_low_latency_transport(self, transport: str):
         self.ll.set_transport(transport)
+
+    def reset(self):
+        """Collective and blocking: after this device's work and every rank's,
+        zero every flag, counter, call tag and sequence of the buffer."""
+        import cupy
+        self.rt.sync_barrier()
+        cupy.cuda.runtime.memset(self.nvl.ptr, 0, sizing.control_bytes(self.num_ranks))
+        for a in (self.counters, self.blocks_done, self.layout_error):
+            a.fill(0)
+        self.err_dev[:ERR_MIRROR] = 0
+        self.err_dev[ERR_PEER_TAG:] = 0
+        self.err_host[:] = 0
+        self.ll.clean(None, blocking=True)  # the RDMA memory (low-latency and inter-node), with a barrier
+        self.seq = 0
 
     def _ordered_caller_stream(self):
         """The stream enter_call named (the caller's), ordered after this

@@ -56,9 +56,7 @@ class GpuInternode:
             t_max = sizing.rdma_max_tokens(nbytes, r, n, hidden, num_topk)
             lay = sizing.rdma_layout(r, n, hidden, max(num_topk, 1), t_max)
             spc = t_max // num_channels
-            arr = np.array([lay.sync, lay.node_counts, lay.rank_counts, lay.expert_counts,
-                            lay.dispatch_tail, lay.combine_tail, lay.recv, lay.send, lay.max_tokens,
-                            spc, lay.message_stride], np.int64)
+            arr = np.array(sizing.rdma_layout_words(lay, spc), np.int64)
             hit = (lay, cupy.asarray(arr), spc)
             self._layouts[key] = hit
         lay, dev, spc = hit
@@ -76,7 +74,7 @@ class GpuInternode:
         self.be.ll.claim("normal inter-node")
 
     def notify(self, is_token_in_rank, num_tokens, num_channels, per_expert, num_local_experts,
-               expert_alignment, nvl_dev, rdma_dev, offsets, expert_counts):
+               expert_alignment, nvl_dev, rdma_dev, offsets, expert_counts, call_tag):
         """Launch notify_dispatch; returns (send_pos [T, R], rdma_pos [T, N], rdma_recv_count [N*C])."""
         be = self.be
         send_pos = be._empty("send_pos", (num_tokens, be.num_ranks), np.int32)
@@ -89,7 +87,7 @@ class GpuInternode:
                 nvl_dev, self._sym().ptr, rdma_dev, be.rank,
                 be.counters, be.blocks_done, offsets, rdma_recv_count,
                 expert_counts, be._info_ptr, be.layout_error, be._err_ptr,
-                be.timeout_ns), stream=be.stream)
+                be.timeout_ns, call_tag), stream=be.stream)
         return send_pos, rdma_pos, rdma_recv_count
 
     def dispatch(self, cfg, routing, x, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens,
@@ -111,12 +109,12 @@ class GpuInternode:
                 _ptr(recv_w), recv_src, be._err_ptr, be.timeout_ns),
                stream=be.stream)
 
-    def barrier(self, rdma_dev):
+    def barrier(self, rdma_dev, call_tag):
         be = self.be
         threads = max(32, (be.num_ranks + 31) // 32 * 32)
         launch(self._spec("rdma_barrier"), (1,), (threads,),
                (self._sym().ptr, rdma_dev, be.rank, be.counters,
-                be._err_ptr, be.timeout_ns), stream=be.stream)
+                be._err_ptr, be.timeout_ns, call_tag), stream=be.stream)
 
     def combine(self, cfg, routing, x, topk_weights, num_tokens, b0, b1, out, out_w):
         be = self.be

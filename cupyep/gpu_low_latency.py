@@ -30,7 +30,8 @@ from .capture import KeptArrays, is_capturing
 from . import kernel_specs
 from . import jit
 from .jit import ArgBlock, PackedKernel, address, index_type
-from .low_latency import TRANSPORTS, LowLatencyLayout, call_tag, check_low_latency_fits, tag_of_call
+from .call_tags import ll_call_tag, with_call
+from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 from .sizing import MAX_RANKS
 
 _THREADS = 512  # kLLThreads in low_latency.cu
@@ -187,7 +188,7 @@ class GpuLowLatency:
                 off_area=off["dispatch_area"], off_send=off["send_area"], finish_count=self._finish_ptr,
                 recv_done=self._recv_done_addr[half], **per_call, mask=self._mask_ptr, shrink=self.shrink,
                 phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
-        tag_base = call_tag(0, False, use_fp8, hidden, 1, num_experts, m)
+        tag_base = ll_call_tag(0, False, use_fp8, hidden, 1, num_experts, m)
         plan = self._plans[key] = (fn, lay, outputs, args, tag_base)
         return plan
 
@@ -221,7 +222,7 @@ class GpuLowLatency:
         v = args.values
         v[_D_X:_D_X + 4] = (address(x), address(topk_idx), t, topk_idx.shape[1])
         v[_D_ARRAYS:_D_ARRAYS + 8] = [address(a) for a in (*outs, cumulative_stats, wait_stats)]
-        v[_D_TAG] = tag_of_call(tag_base, be.seq, topk_idx.shape[1])
+        v[_D_TAG] = with_call(tag_base, be.seq, topk_idx.shape[1])
 
         def run(phases, stream):
             v[_D_PHASES] = phases
@@ -282,7 +283,7 @@ class GpuLowLatency:
                 blocks_done=self._blocks_done_addr[half], out=0, wait_stats=0, mask=self._mask_ptr,
                 shrink=self.shrink, phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
         send_areas = [self.sym.ptr + lay.offsets(half)["send_area"] for half in range(2)]
-        tag_base = call_tag(0, True, use_logfmt, lay.hidden, 1, lay.num_experts, lay.max_tokens)
+        tag_base = ll_call_tag(0, True, use_logfmt, lay.hidden, 1, lay.num_experts, lay.max_tokens)
         plan = self._plans[key] = (fn, args, send_areas, tag_base)
         return plan
 
@@ -316,7 +317,7 @@ class GpuLowLatency:
         v[_C_ZERO_COPY] = zero_copy
         v[_C_OUT] = address(out)
         v[_C_OUT + 1] = address(wait_stats)
-        v[_C_TAG] = tag_of_call(tag_base, be.seq, k)
+        v[_C_TAG] = with_call(tag_base, be.seq, k)
 
         def run(phases, stream):
             v[_C_PHASES] = phases

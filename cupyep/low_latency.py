@@ -47,54 +47,6 @@ def message_bytes(hidden: int, fp8: bool) -> int:
 LL_MAX_EXPERTS = 4096
 _FLAGS_BYTES = 2 * 2 * 8 * LL_MAX_EXPERTS  # two halves, dispatch + combine
 
-# Every flag a low-latency call sets carries its call tag: (tag << LL_TAG_SHIFT)
-# | count (kLLTagShift in low_latency.cu). A receiver compares the tag with
-# its own call's, so ranks that meet at different calls, or with different
-# shapes, report it instead of reading each other's rows. Fields, low bits
-# first, (name, bits); each holds its value minus its offset, modulo 2^bits:
-LL_TAG_SHIFT = 17
-_TAG_FIELDS = (("call", 4, 0), ("combine", 1, 0), ("fp8_or_logfmt", 1, 0), ("hidden/128", 8, 1),
-               ("top-k", 4, 1), ("experts", 12, 1), ("M", 16, 1))
-assert sum(b for _, b, _ in _TAG_FIELDS) + LL_TAG_SHIFT == 63  # a positive i64
-
-
-def call_tag(seq: int, combine: bool, fp8_or_logfmt: bool, hidden: int, topk: int, experts: int,
-             max_tokens: int) -> int:
-    """The tag of low-latency call number ``seq`` (the buffer's call sequence)."""
-    tag, shift = 0, 0
-    for (_, bits, offset), v in zip(_TAG_FIELDS, (seq, combine, fp8_or_logfmt, hidden // 128, topk, experts,
-                                                  max_tokens)):
-        tag |= ((int(v) - offset) % (1 << bits)) << shift
-        shift += bits
-    return tag
-
-
-def _field_shift(name: str) -> int:
-    return sum(b for n, b, _ in _TAG_FIELDS[:[n for n, _, _ in _TAG_FIELDS].index(name)])
-
-
-_CALL_MASK = (1 << _TAG_FIELDS[0][1]) - 1
-_TOPK_SHIFT, _TOPK_MASK = _field_shift("top-k"), (1 << 4) - 1
-
-
-def tag_of_call(base: int, seq: int, topk: int) -> int:
-    """call_tag(seq, ..., topk, ...) from ``base`` = call_tag(0, ..., 1, ...),
-    without the loop (every low-latency call computes one)."""
-    return base | (seq & _CALL_MASK) | (((topk - 1) & _TOPK_MASK) << _TOPK_SHIFT)
-
-
-def describe_call_tag(tag: int) -> str:
-    """'low_latency_dispatch call #3 (mod 16) (hidden=7168, top-k=8, experts=288, M=128, fp8=1)'."""
-    values, shift = {}, 0
-    for name, bits, offset in _TAG_FIELDS:
-        values[name] = ((tag >> shift) & ((1 << bits) - 1)) + offset
-        shift += bits
-    kind = "low_latency_combine" if values["combine"] else "low_latency_dispatch"
-    flag = "logfmt" if values["combine"] else "fp8"
-    return (f"{kind} call #{values['call']} (mod 16) (hidden={values['hidden/128'] * 128}, "
-            f"top-k={values['top-k']}, experts={values['experts']}, M={values['M']}, {flag}={values['fp8_or_logfmt']})")
-
-
 @dataclass(frozen=True)
 class LowLatencyLayout:
     """Offsets in bytes; data halves are ``half_bytes`` apart after the flags."""

@@ -122,6 +122,9 @@ class ReferenceBackend:
     def clean_mask(self):
         self.mask[:] = 0
 
+    def reset(self):
+        self.calls.reset()
+
     def clean_low_latency_buffer(self, blocking: bool = False):
         self.calls.check("clean_low_latency_buffer")
         self.comm.Barrier()  # no state to reset; collective like the GPU's

@@ -4,7 +4,8 @@ One buffer per rank, the same layout on every rank::
 
     control   sync counters [R] u32 | channel counts [2][R][C_MAX] i32 |
               expert counts [2][R][L_MAX] i32 | dispatch tails [R][C_MAX] i32 |
-              combine tails [R][C_MAX] i32 | combine flags [R][F] i32
+              combine tails [R][C_MAX] i32 | combine flags [R][F] i32 |
+              call tags [2][R] i64 (cupyep/call_tags.py; slot [seq & 1][s] by source s)
     data      per source rank s, per slot t < T_MAX:
               rows [R][T_MAX][H] (bf16 bytes, e4m3 use half) |
               scales [R][T_MAX][H/128] f32 | src_idx [R][T_MAX] i32 |
@@ -45,7 +46,7 @@ def _align(n: int, a: int = ALIGN) -> int:
 def control_bytes(num_ranks: int) -> int:
     words = (num_ranks + 2 * num_ranks * MAX_CHANNELS + 2 * num_ranks * MAX_LOCAL_EXPERTS
              + 2 * num_ranks * MAX_CHANNELS + num_ranks * COMBINE_FLAGS)
-    return _align(4 * words)
+    return _align(_align(4 * words, 8) + 8 * 2 * num_ranks)  # then the call tags, i64 [2][R]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class NvlLayout:
     dispatch_tail: int
     combine_tail: int
     combine_flags: int
+    call_tags: int
     rows: int
     scales: int
     src_idx: int
@@ -72,7 +74,7 @@ class NvlLayout:
 # NvlLayout's fields as the kernels' struct (raw_kernels/cupyep/nvl_layout.cuh)
 # holds them, in order, as int64.
 NVL_LAYOUT_FIELDS = ("sync", "channel_counts", "expert_counts", "dispatch_tail", "combine_tail",
-                     "combine_flags", "rows", "scales", "src_idx", "topk_idx", "topk_weights",
+                     "combine_flags", "call_tags", "rows", "scales", "src_idx", "topk_idx", "topk_weights",
                      "max_tokens", "slots_per_channel")
 
 
@@ -93,6 +95,7 @@ def nvl_layout(num_ranks: int, hidden: int, num_topk: int, max_tokens: int) -> N
     dispatch_tail = expert_counts + 4 * 2 * r * MAX_LOCAL_EXPERTS
     combine_tail = dispatch_tail + 4 * r * MAX_CHANNELS
     combine_flags = combine_tail + 4 * r * MAX_CHANNELS
+    call_tags = _align(combine_flags + 4 * r * COMBINE_FLAGS, 8)
     rows = control_bytes(r)
     scales = _align(rows + r * max_tokens * 2 * hidden)
     src_idx = _align(scales + r * max_tokens * (hidden // 128) * 4)
@@ -100,8 +103,8 @@ def nvl_layout(num_ranks: int, hidden: int, num_topk: int, max_tokens: int) -> N
     topk_weights = _align(topk_idx + r * max_tokens * num_topk * 4)
     end = _align(topk_weights + r * max_tokens * num_topk * 4)
     return NvlLayout(r, hidden, num_topk, max_tokens, sync, channel_counts, expert_counts,
-                     dispatch_tail, combine_tail, combine_flags, rows, scales, src_idx, topk_idx, topk_weights,
-                     end)
+                     dispatch_tail, combine_tail, combine_flags, call_tags, rows, scales, src_idx, topk_idx,
+                     topk_weights, end)
 
 
 def nvl_size_hint(hidden: int, num_max_tokens_per_rank: int, num_ranks: int,
@@ -147,7 +150,8 @@ def check_fits(num_nvl_bytes: int, num_ranks: int, hidden: int, num_topk: int,
 #
 #     control   sync [R] u64 | node counts [2][N][C_MAX] u64 |
 #               rank counts [2][R][C_MAX] u64 | expert counts [2][R][L_MAX] u64 |
-#               dispatch tails [N][C_MAX] u64 | combine tails [N][C_MAX] u64
+#               dispatch tails [N][C_MAX] u64 | combine tails [N][C_MAX] u64 |
+#               call tags [2][R] u64
 #     data      recv [N][T_MAX] messages | send [N][T_MAX] messages
 #
 # A dispatch message is one token for one node: row | fp32 scales | src_idx
@@ -169,6 +173,7 @@ class RdmaLayout:
     expert_counts: int
     dispatch_tail: int
     combine_tail: int
+    call_tags: int
     recv: int
     send: int
     end: int
@@ -183,7 +188,7 @@ def rdma_message_bytes(num_ranks: int, hidden: int, num_topk: int) -> int:
 
 def rdma_control_bytes(num_ranks: int, num_nodes: int) -> int:
     words = num_ranks + 2 * num_nodes * MAX_CHANNELS + 2 * num_ranks * MAX_CHANNELS \
-        + 2 * num_ranks * MAX_LOCAL_EXPERTS + 2 * num_nodes * MAX_CHANNELS
+        + 2 * num_ranks * MAX_LOCAL_EXPERTS + 2 * num_nodes * MAX_CHANNELS + 2 * num_ranks
     return _align(8 * words)
 
 
@@ -195,12 +200,24 @@ def rdma_layout(num_ranks: int, num_nodes: int, hidden: int, num_topk: int, max_
     expert_counts = rank_counts + 8 * 2 * r * MAX_CHANNELS
     dispatch_tail = expert_counts + 8 * 2 * r * MAX_LOCAL_EXPERTS
     combine_tail = dispatch_tail + 8 * n * MAX_CHANNELS
+    call_tags = combine_tail + 8 * n * MAX_CHANNELS
     stride = rdma_message_bytes(r, hidden, max(num_topk, 1))
     recv = rdma_control_bytes(r, n)
     send = _align(recv + n * max_tokens * stride)
     end = _align(send + n * max_tokens * stride)
     return RdmaLayout(r, n, max_tokens, stride, sync, node_counts, rank_counts, expert_counts,
-                      dispatch_tail, combine_tail, recv, send, end)
+                      dispatch_tail, combine_tail, call_tags, recv, send, end)
+
+
+# RdmaLayout's fields as the kernels' struct (raw_kernels/cupyep/internode.cu)
+# holds them, in order, as int64 (the last two are per call shape).
+RDMA_LAYOUT_FIELDS = ("sync", "node_counts", "rank_counts", "expert_counts", "dispatch_tail", "combine_tail",
+                      "call_tags", "recv", "send", "max_tokens", "slots_per_channel", "message_stride")
+
+
+def rdma_layout_words(lay: RdmaLayout, slots_per_channel: int) -> list:
+    """The kernels' RdmaLayout struct as a list of int64 values."""
+    return [slots_per_channel if f == "slots_per_channel" else getattr(lay, f) for f in RDMA_LAYOUT_FIELDS]
 
 
 def rdma_size_hint(hidden: int, num_max_tokens_per_rank: int, num_ranks: int, num_ranks_per_node: int,

@@ -96,3 +96,71 @@ def test_a_rank_that_does_not_come_times_out(quick_buffer, rng):
             assert err in (cupyep.CommTimeoutError, cupyep.CallMismatchError), f"rank {r}: {err} {msg}"
             assert f"rank {LAST}" in msg and w < 2.0 + 1.5, (msg, w)
         assert err2 is None, f"rank {r}'s next correct call: {err2} {msg2}"
+
+
+def test_reset_after_a_rank_skipped_a_call(quick_buffer, rng):
+    """The last rank raises on a bad argument; the others' call times out or
+    mismatches; reset() on every rank, and the next calls pair from there."""
+    x, idx, e = inputs(rng)
+    first = outcome(lambda: quick_buffer.dispatch(x, idx.astype(np.float32) if RANK == LAST else idx,
+                                                  num_experts=e))
+    quick_buffer.reset()
+    second = outcome(lambda: quick_buffer.dispatch(x, idx, num_experts=e))
+    third = outcome(lambda: quick_buffer.low_latency_dispatch(x, idx, 32, e, use_fp8=False))
+    for r, (a, b, c) in enumerate(COMM.allgather((first, second, third))):
+        assert a[0] is not None, f"rank {r}'s first call: {a}"
+        assert b[0] is None and c[0] is None, f"rank {r} after reset: {b} {c}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["hidden", "skipped_call", "combine_weights"])
+def test_normal_call_mismatch_on_the_gpu_then_reset(buffer, backend, rng, case):
+    """GPU normal calls: each barrier carries the call's tag. Rank 0 with
+    another hidden size, or without weights in combine, or the last rank one
+    call ahead after its bad argument: every rank raises CallMismatchError
+    naming a peer and both calls; after reset() the next calls are right."""
+    if backend != "gpu":
+        pytest.skip("the GPU's call tags (the reference: test_ranks_passing_different_parameters)")
+    import cupy
+    from helpers import agree_all, bits, expected_dispatch, gather, to_backend, to_host
+    e = 4 * SIZE
+    odd_rank = LAST if case == "skipped_call" else 0
+    odd = RANK == odd_rank
+    h = 2048 if case == "hidden" and odd else 1024
+    x, idx = random_rows(rng, 16, h), random_topk(rng, 16, e, 2)
+    w = rng.random(idx.shape).astype(np.float32)
+    tb = lambda a: to_backend(a, backend)  # noqa: E731
+    impl = buffer._impl
+    saved, impl.timeout_ns = impl.timeout_ns, int(2e9)
+    message = None
+    try:
+        if case == "skipped_call" and odd:
+            with pytest.raises(cupyep.InvalidInputError):
+                buffer.dispatch(tb(x.astype(np.float32)), tb(idx), tb(w), num_experts=e)
+        d = buffer.dispatch(tb(x), tb(idx), tb(w), num_experts=e)
+        if case == "combine_weights":
+            buffer.combine(d.recv_x, d.handle, None if odd else d.recv_topk_weights)
+        cupy.cuda.Device().synchronize()
+        impl.check_errors()
+    except cupyep.CallMismatchError as ex:
+        message = str(ex)
+    except Exception as ex:  # noqa: BLE001 - every rank must reach the reset below
+        message = repr(ex)
+    finally:
+        impl.timeout_ns = saved
+    buffer.reset()
+    peers = [odd_rank] if not odd else [r for r in range(SIZE) if r != odd_rank]
+    right = message is not None and any(f"rank {p} was at" in message for p in peers) and "reset()" in message
+    if right and case == "hidden":
+        right = "hidden=2048" in message and "hidden=1024" in message
+    for r, (ok, msg) in enumerate(COMM.allgather((right, message))):
+        assert ok, f"rank {r}: expected a CallMismatchError naming a peer, got {msg!r}"
+    x = random_rows(rng, 16, 1024)
+    d = buffer.dispatch(tb(x), tb(idx), tb(w), num_experts=e)
+    c = buffer.combine(d.recv_x, d.handle, d.recv_topk_weights)
+    rows, ids, _, _ = expected_dispatch(gather(x, idx, w), e)
+
+    def check():
+        assert (bits(to_host(d.recv_x)) == bits(rows)).all() and (to_host(d.recv_topk_idx) == ids).all()
+        assert to_host(c.combined_x).shape == x.shape
+    agree_all(check)

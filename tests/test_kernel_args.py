@@ -50,6 +50,23 @@ def test_layout_struct_fields_match_the_kernels():
     assert words[-1] == 341
 
 
+def test_rdma_layout_struct_fields_match_the_kernels():
+    with open(os.path.join(jit.kernel_dir(), "cupyep", "internode.cu")) as f:
+        struct = re.search(r"struct RdmaLayout \{(.*?)\};", f.read(), re.S).group(1)
+    fields = re.findall(r"long long (\w+);", struct)
+    assert tuple(fields) == sizing.RDMA_LAYOUT_FIELDS
+    lay = sizing.rdma_layout(4, 2, 7168, 8, 1024)
+    words = sizing.rdma_layout_words(lay, 85)
+    assert len(words) == len(fields) and words[fields.index("call_tags")] == lay.call_tags
+    assert words[fields.index("slots_per_channel")] == 85 and lay.call_tags + 16 * 4 <= lay.recv
+
+
+def test_call_tags_sit_in_the_control_regions():
+    for r in (1, 2, 3, 8, 64):
+        lay = sizing.nvl_layout(r, 7168, 8, 128)
+        assert lay.call_tags % 8 == 0 and lay.call_tags + 16 * r <= lay.rows == sizing.control_bytes(r)
+
+
 @pytest.mark.parametrize("name, value", [("kMaxChannels", sizing.MAX_CHANNELS),
                                          ("kMaxLocalExperts", sizing.MAX_LOCAL_EXPERTS),
                                          ("kCombineFlags", sizing.COMBINE_FLAGS)])

@@ -8,7 +8,7 @@ from conftest import RANK
 
 pytest.importorskip("cuda.core", reason="cuda-core is not installed")
 
-from cupyep import fp8, gpu_backend, gpu_low_latency, jit, logfmt, sizing  # noqa: E402
+from cupyep import call_tags, fp8, gpu_backend, gpu_low_latency, jit, logfmt, sizing  # noqa: E402
 from cupyep import low_latency as ll  # noqa: E402
 from cupyep.jit import KernelSpec  # noqa: E402
 
@@ -28,7 +28,7 @@ def _static_asserts():
         (f"kLLHeaderBytes == {ll._HEADER_BYTES}", "low-latency message header"),
         # dispatch flags [R] i64, then counts [R][L] i32, inside one half's dispatch-flag region
         (f"kLLCountsOffset + 4 * {ll.LL_MAX_EXPERTS} <= 8 * {ll.LL_MAX_EXPERTS}", "low-latency flag region"),
-        (f"kLLTagShift == {ll.LL_TAG_SHIFT}", "low-latency call tag position in a flag"),
+        (f"kLLTagShift == {call_tags.LL_TAG_SHIFT}", "low-latency call tag position in a flag"),
         (f"kFp8Group == {fp8.FP8_GROUP}", "FP8 scale group"),
         (f"kFp8Max == {_c_float(fp8.FP8_MAX)}", "FP8 max"),
         (f"kAmaxFloor == {_c_float(fp8.AMAX_FLOOR)}", "FP8 amax floor"),

@@ -37,6 +37,7 @@ struct RdmaLayout {
     long long expert_counts;  // u64 [2][R][kMaxLocalExperts]
     long long dispatch_tail;  // u64 [N][kMaxChannels]
     long long combine_tail;   // u64 [N][kMaxChannels]
+    long long call_tags;      // u64 [2][R]: call tag of each rank's barrier arrival, by its parity
     long long recv;           // messages [N][max_tokens]
     long long send;           // messages [N][max_tokens] (staging: puts read symmetric memory)
     long long max_tokens;
@@ -79,25 +80,33 @@ __device__ __forceinline__ void signal_set(char* rdma, long long offset, long lo
 
 // Barrier over all ranks, run by one block. Everything this rank's earlier
 // kernels wrote (puts and NVLink stores) is complete and visible when a peer
-// sees our sequence number.
+// sees our sequence number. Call tags travel as in intranode.cu's
+// barrier_block: this rank's into its slot of each peer's call_tags (parity
+// of the sequence), ordered before the sequence by signal_set's fence.
 template <int kNumRanks>
 __device__ __forceinline__ void rdma_barrier_block(char* rdma, const RdmaLayout& lay, int rank,
-                                                   int* counters, int* err, long long timeout_ns) {
+                                                   int* counters, int* err, long long timeout_ns,
+                                                   long long call_tag) {
     const long long seq = next_barrier_seq(counters);
+    const long long tags = lay.call_tags + 8ll * (seq & 1) * kNumRanks;
     __threadfence_system();
     cupyep_nvshmem_quiet();
     for (int j = threadIdx.x; j < kNumRanks; j += blockDim.x) {
+        signal_set(rdma, tags + 8ll * rank, call_tag, j);
         signal_set(rdma, lay.sync + 8ll * rank, seq, j);
-        wait_at_least(rdma_word(rdma, lay.sync) + j, seq, timeout_ns, err, kPhaseBarrier, j, -1);
+        if (wait_at_least(rdma_word(rdma, lay.sync) + j, seq, timeout_ns, err, kPhaseBarrier, j, -1) >= seq) {
+            const long long theirs = *reinterpret_cast<const volatile long long*>(rdma_word(rdma, tags) + j);
+            if (theirs != call_tag) report_error(err, kErrCallMismatch, kPhaseBarrier, j, -1, call_tag, theirs);
+        }
     }
     __syncthreads();
 }
 
 template <int kNumRanks>
 __global__ void rdma_barrier(char* rdma, const RdmaLayout* layout, int rank, int* counters, int* err,
-                             long long timeout_ns) {
+                             long long timeout_ns, long long call_tag) {
     const RdmaLayout lay = *layout;
-    rdma_barrier_block<kNumRanks>(rdma, lay, rank, counters, err, timeout_ns);
+    rdma_barrier_block<kNumRanks>(rdma, lay, rank, counters, err, timeout_ns, call_tag);
 }
 
 // Grid: num_channels + 1 blocks. Block c numbers channel c's tokens per
@@ -116,7 +125,7 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
                                 const RdmaLayout* rdma_layout, int rank, int* counters,
                                 int* blocks_done, int* recv_channel_offset, int* rdma_recv_count,
                                 int* recv_expert_counts, int* host_info, int* layout_error,
-                                int* err, long long timeout_ns) {
+                                int* err, long long timeout_ns, long long call_tag) {
     constexpr int kNumNodes = kNumRanks / kRanksPerNode;
     const NvlLayout nvl = *nvl_layout;
     const RdmaLayout lay = *rdma_layout;
@@ -192,7 +201,7 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
     }
     __syncthreads();
     if (!s_last) return;
-    rdma_barrier_block<kNumRanks>(rdma, lay, rank, counters, err, timeout_ns);
+    rdma_barrier_block<kNumRanks>(rdma, lay, rank, counters, err, timeout_ns, call_tag);
     if (threadIdx.x == 0) counters[1] += 1;
 
     if (threadIdx.x / kWarpSize == 0)

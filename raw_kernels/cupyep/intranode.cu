@@ -17,29 +17,52 @@
 
 namespace cupyep {
 
+// Call tags (cupyep/call_tags.py): before its release of a barrier sequence
+// to a peer, a rank writes its call's tag into its slot of the peer's
+// call_tags, by the sequence's parity; after acquiring a peer's sequence it
+// reads the peer's tag there and reports one other than its own. A peer is
+// at most one barrier ahead (it needs this rank's arrival to pass this
+// one), and then it writes the other parity.
+__device__ __forceinline__ void put_call_tag(char* peer, const NvlLayout& lay, int seq, int rank, int num_ranks,
+                                             long long call_tag) {
+    at<long long>(peer, lay.call_tags)[(seq & 1) * num_ranks + rank] = call_tag;
+}
+
+// After acquiring peer's sequence seq: true when its tag is call_tag, else reported.
+__device__ __forceinline__ bool same_call(char* own, const NvlLayout& lay, int seq, int peer, int num_ranks,
+                                          long long call_tag, int* err) {
+    const long long theirs =
+        *reinterpret_cast<const volatile long long*>(at<long long>(own, lay.call_tags) + (seq & 1) * num_ranks + peer);
+    if (theirs == call_tag) return true;
+    report_error(err, kErrCallMismatch, kPhaseBarrier, peer, -1, call_tag, theirs);
+    return false;
+}
+
 // Cross-rank barrier: one block of kNumRanks threads. Everything this rank's
 // earlier kernels did (including reads of its own buffer) is complete when
 // a peer sees our sequence number (counters: see next_barrier_seq).
 template <int kNumRanks>
 __device__ __forceinline__ void barrier_block(char* const* peers, const NvlLayout& lay, int rank,
-                                              int* counters, int* err, long long timeout_ns) {
+                                              int* counters, int* err, long long timeout_ns, long long call_tag) {
     const int seq = next_barrier_seq(counters);
     const int j = threadIdx.x;
     if (j < kNumRanks) {
         // Make prior kernels' remote stores visible system-wide before the
-        // flag that tells peer j we are here.
+        // flag that tells peer j we are here (the release orders the tag too).
         __threadfence_system();
+        put_call_tag(peers[j], lay, seq, rank, kNumRanks, call_tag);
         st_release_sys(at<int>(peers[j], lay.sync) + rank, seq);
-        wait_at_least(at<int>(peers[rank], lay.sync) + j, seq, timeout_ns, err, kPhaseBarrier, j, -1);
+        if (wait_at_least(at<int>(peers[rank], lay.sync) + j, seq, timeout_ns, err, kPhaseBarrier, j, -1) >= seq)
+            same_call(peers[rank], lay, seq, j, kNumRanks, call_tag, err);
     }
     __syncthreads();
 }
 
 template <int kNumRanks>
 __global__ void barrier(char* const* peers, const NvlLayout* layout, int rank, int* counters, int* err,
-                        long long timeout_ns) {
+                        long long timeout_ns, long long call_tag) {
     const NvlLayout lay = *layout;
-    barrier_block<kNumRanks>(peers, lay, rank, counters, err, timeout_ns);
+    barrier_block<kNumRanks>(peers, lay, rank, counters, err, timeout_ns, call_tag);
 }
 
 // The same barrier inside the combine kernel, instead of a barrier kernel
@@ -54,23 +77,28 @@ struct KernelBarrier {
     int* counters;
     int* blocks_done;
     int seq;
+    long long call_tag;
 
     __device__ __forceinline__ KernelBarrier(int* counters_, int* blocks_done_, char* const* peers,
-                                             const NvlLayout& lay, int rank)
-        : counters(counters_), blocks_done(blocks_done_), seq(counters_[0] + 1) {
+                                             const NvlLayout& lay, int rank, long long call_tag_)
+        : counters(counters_), blocks_done(blocks_done_), seq(counters_[0] + 1), call_tag(call_tag_) {
         if (blockIdx.x == 0 && threadIdx.x < kNumRanks) {
             __threadfence_system();  // as in barrier_block
+            put_call_tag(peers[threadIdx.x], lay, seq, rank, kNumRanks, call_tag);
             st_release_sys(at<int>(peers[threadIdx.x], lay.sync) + rank, seq);
         }
     }
 
-    // Block-wide; false (the error word set) when a peer never arrived.
+    // Block-wide; false (the error word set) when a peer never arrived or
+    // arrived from another call.
     __device__ __forceinline__ bool wait(char* const* peers, const NvlLayout& lay, int rank, int* err,
                                          long long timeout_ns) const {
         bool failed = false;
-        if (threadIdx.x < kNumRanks && threadIdx.x != rank)
-            failed = wait_at_least(at<int>(peers[rank], lay.sync) + threadIdx.x, seq, timeout_ns, err,
-                                   kPhaseBarrier, static_cast<int>(threadIdx.x), -1) < seq;
+        if (threadIdx.x < kNumRanks && threadIdx.x != rank) {
+            const int j = static_cast<int>(threadIdx.x);
+            failed = wait_at_least(at<int>(peers[rank], lay.sync) + j, seq, timeout_ns, err, kPhaseBarrier, j, -1) < seq
+                     || !same_call(peers[rank], lay, seq, j, kNumRanks, call_tag, err);
+        }
         // The acquires above, extended to the block, order its later stores.
         return !__syncthreads_or(failed);
     }
@@ -109,7 +137,7 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
                                 char* const* peers, const NvlLayout* layout, int rank,
                                 int* counters, int* blocks_done, int* recv_channel_offset,
                                 int* recv_expert_counts, int* host_info, int* layout_error,
-                                int* err, long long timeout_ns) {
+                                int* err, long long timeout_ns, long long call_tag) {
     const NvlLayout lay = *layout;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
@@ -160,7 +188,7 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
     }
     __syncthreads();
     if (!s_last) return;
-    barrier_block<kNumRanks>(peers, lay, rank, counters, err, timeout_ns);
+    barrier_block<kNumRanks>(peers, lay, rank, counters, err, timeout_ns, call_tag);
     if (threadIdx.x == 0) counters[1] += 1;
 
     // Peers' counts are visible: each thread d < R acquired peer d's flag and
@@ -472,9 +500,10 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
         const int* __restrict__ send_pos, const int* __restrict__ recv_channel_offset,
         int num_tokens, int num_channels, int num_senders, int chunk_rows, char* const* peers,
         const NvlLayout* layout, int rank, const int4* __restrict__ bias0, const int4* __restrict__ bias1,
-        int4* out, float* out_weights, int* counters, int* scratch, int* err, long long timeout_ns) {
+        int4* out, float* out_weights, int* counters, int* scratch, int* err, long long timeout_ns,
+        long long call_tag) {
     const NvlLayout lay = *layout;
-    const KernelBarrier<kNumRanks> barrier(counters, scratch, peers, lay, rank);
+    const KernelBarrier<kNumRanks> barrier(counters, scratch, peers, lay, rank, call_tag);
     const CombineItems items(lay, chunk_rows);
     const int num_warps = blockDim.x / kWarpSize;
     const int block = static_cast<int>(blockIdx.x);

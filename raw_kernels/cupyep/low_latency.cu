@@ -113,7 +113,7 @@ __device__ __forceinline__ void load_mask(const int* mask, int rank, int num_ran
 
 // A flag carries the call tag of the call that set it above its count:
 // (tag << kLLTagShift) | count, count >= 1. The tag packs the call's sequence
-// number and parameters (cupyep/low_latency.py: call_tag), so a receiver
+// number and parameters (cupyep/call_tags.py), so a receiver
 // that meets a peer at another call, or with other shapes, sees it.
 constexpr int kLLTagShift = 17;
 constexpr long long kLLCountMask = (1ll << kLLTagShift) - 1;

@@ -16,6 +16,7 @@ struct NvlLayout {
     long long dispatch_tail;   // i32 [R][kMaxChannels]: rows published by (source, channel)
     long long combine_tail;    // i32 [R][kMaxChannels] (inter-node combine)
     long long combine_flags;   // i32 [R][kCombineFlags]: call sequence of each work item
+    long long call_tags;       // i64 [2][R]: call tag of each peer's barrier arrival, by its parity
     long long rows;            // [R][max_tokens][row bytes]
     long long scales;          // f32 [R][max_tokens][H/128]
     long long src_idx;         // i32 [R][max_tokens]
