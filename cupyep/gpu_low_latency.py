@@ -50,10 +50,12 @@ BARRIER_PARAMS = ("slots", "peers", "force_put", "rank", "num_ranks", "seq", "ma
                   "timeout_ns")
 # Slots a call sets (the rest are fixed per shape and half). Dispatch: x,
 # topk_idx, num_tokens, num_topk; then its 8 arrays from recv_x on. Combine:
-# its 8 leading parameters; zero_copy, out, wait_stats. Both: phases, call_tag.
-_D_X, _D_ARRAYS, _D_PHASES, _D_TAG = (DISPATCH_PARAMS.index(n) for n in ("x", "recv_x", "phases", "call_tag"))
-_C_X, _C_ZERO_COPY, _C_OUT, _C_PHASES, _C_TAG = (COMBINE_PARAMS.index(n)
-                                                 for n in ("x", "zero_copy", "out", "phases", "call_tag"))
+# its 8 leading parameters; zero_copy, out, wait_stats. Both: phases, call_tag,
+# and the buffer's settings that may change between calls (shrink, timeout_ns).
+_D_X, _D_ARRAYS, _D_PHASES, _D_TAG, _D_SHRINK, _D_TIMEOUT = (
+    DISPATCH_PARAMS.index(n) for n in ("x", "recv_x", "phases", "call_tag", "shrink", "timeout_ns"))
+_C_X, _C_ZERO_COPY, _C_OUT, _C_PHASES, _C_TAG, _C_SHRINK, _C_TIMEOUT = (
+    COMBINE_PARAMS.index(n) for n in ("x", "zero_copy", "out", "phases", "call_tag", "shrink", "timeout_ns"))
 assert DISPATCH_PARAMS[_D_ARRAYS:_D_ARRAYS + 8][-1] == "wait_stats" and COMBINE_PARAMS[_C_OUT + 1] == "wait_stats"
 
 
@@ -223,6 +225,7 @@ class GpuLowLatency:
         v[_D_X:_D_X + 4] = (address(x), address(topk_idx), t, topk_idx.shape[1])
         v[_D_ARRAYS:_D_ARRAYS + 8] = [address(a) for a in (*outs, cumulative_stats, wait_stats)]
         v[_D_TAG] = with_call(tag_base, be.seq, topk_idx.shape[1])
+        v[_D_SHRINK], v[_D_TIMEOUT] = self.shrink, be.timeout_ns
 
         def run(phases, stream):
             v[_D_PHASES] = phases
@@ -318,6 +321,7 @@ class GpuLowLatency:
         v[_C_OUT] = address(out)
         v[_C_OUT + 1] = address(wait_stats)
         v[_C_TAG] = with_call(tag_base, be.seq, k)
+        v[_C_SHRINK], v[_C_TIMEOUT] = self.shrink, be.timeout_ns
 
         def run(phases, stream):
             v[_C_PHASES] = phases
