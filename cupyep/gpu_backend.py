@@ -32,7 +32,7 @@ NOTIFY_THREADS = 256  # per block of the notify kernels
 # The kernels' error record, by int index (ErrorWord / ErrorKind in common.cuh;
 # tests/test_shared_constants.py checks them). 64-bit fields take two ints.
 ERR_FLAG, ERR_PHASE, ERR_PEER, ERR_CHANNEL, ERR_KIND, ERR_BAD_ITEM, ERR_MIRROR = range(7)
-ERR_PEER_TAG, ERR_CALL_TAG, ERR_BAD_VALUE, ERR_WORDS = 8, 10, 12, 14
+ERR_PEER_TAG, ERR_CALL_TAG, ERR_BAD_VALUE, ERR_RUNNING_TAG, ERR_WORDS = 8, 10, 12, 14, 16
 ERR_TIMEOUT, ERR_TOO_MANY_ROWS, ERR_CALL_MISMATCH = 1, 2, 3
 
 
@@ -146,7 +146,7 @@ class GpuBackend:
                                          for i in (ERR_PEER_TAG, ERR_CALL_TAG, ERR_BAD_VALUE))
         h[:] = 0
         self.err_dev[:ERR_MIRROR] = 0
-        self.err_dev[ERR_PEER_TAG:] = 0
+        self.err_dev[ERR_PEER_TAG:ERR_RUNNING_TAG] = 0
         phase_name = PHASES.get(phase, str(phase))
         call = describe_call_tag(call_tag) if call_tag else ""
         if kind == ERR_TIMEOUT:
@@ -164,8 +164,9 @@ class GpuBackend:
             raise InvalidInputError(
                 f"rank {self.rank}: topk_idx of token {bad_item - 1}{of} holds expert id {bad_value}, outside "
                 "[-1, num_experts); the entry was dropped (reported at the next call)")
+        of = f" of {call}" if call else ""
         raise InvalidInputError(
-            f"rank {self.rank}: more rows arrived in {phase_name} than the output holds "
+            f"rank {self.rank}: more rows arrived in {phase_name}{of} than the output holds "
             f"(from rank {peer}, channel {channel}); raise num_worst_tokens")
 
     def _layout(self, hidden: int, num_topk: int, num_channels: int, num_tokens: int):

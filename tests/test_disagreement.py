@@ -164,3 +164,39 @@ def test_normal_call_mismatch_on_the_gpu_then_reset(buffer, backend, rng, case):
         assert (bits(to_host(d.recv_x)) == bits(rows)).all() and (to_host(d.recv_topk_idx) == ids).all()
         assert to_host(c.combined_x).shape == x.shape
     agree_all(check)
+
+
+@pytest.mark.gpu
+def test_normal_timeout_on_the_gpu_names_the_call_then_reset(buffer, backend, rng):
+    """Rank 0 skips a dispatch: the others' notify barrier times out, and the
+    CommTimeoutError names rank 0, the phase and the call; reset() on every
+    rank (their barrier counts went apart), and the next dispatch is right."""
+    if backend != "gpu":
+        pytest.skip("GPU kernels' reports (the reference: test_a_rank_that_does_not_come_times_out)")
+    from helpers import agree_all, bits, expected_dispatch, gather, to_backend, to_host
+    e = 4 * SIZE
+    x, idx = random_rows(rng, 16, 1024), random_topk(rng, 16, e, 2)
+    w = rng.random(idx.shape).astype(np.float32)
+    impl = buffer._impl
+    saved, impl.timeout_ns = impl.timeout_ns, int(1e9)
+    error = None
+    try:
+        if RANK != 0:
+            buffer.dispatch(to_backend(x, backend), to_backend(idx, backend), to_backend(w, backend), num_experts=e)
+    except cupyep.CommTimeoutError as ex:
+        error = ex
+    except Exception as ex:  # noqa: BLE001 - every rank must reach the reset below
+        error = ex
+    finally:
+        impl.timeout_ns = saved
+    buffer.reset()
+    right = RANK == 0 or (isinstance(error, cupyep.CommTimeoutError) and error.peer == 0
+                          and error.phase == "barrier" and "dispatch call #" in error.call)
+    for r, (ok, msg) in enumerate(COMM.allgather((right, repr(error)))):
+        assert ok, f"rank {r}: expected a timeout naming rank 0 and the dispatch call, got {msg}"
+    d = buffer.dispatch(to_backend(x, backend), to_backend(idx, backend), to_backend(w, backend), num_experts=e)
+    rows, ids, _, _ = expected_dispatch(gather(x, idx, w), e)
+
+    def check():
+        assert (bits(to_host(d.recv_x)) == bits(rows)).all() and (to_host(d.recv_topk_idx) == ids).all()
+    agree_all(check)

@@ -50,6 +50,7 @@ def _static_asserts():
                           ("kErrChannel", b.ERR_CHANNEL), ("kErrKind", b.ERR_KIND), ("kErrBadItem", b.ERR_BAD_ITEM),
                           ("kErrMirror", b.ERR_MIRROR), ("kErrPeerTag", b.ERR_PEER_TAG),
                           ("kErrCallTag", b.ERR_CALL_TAG), ("kErrBadValue", b.ERR_BAD_VALUE),
+                          ("kErrRunningTag", b.ERR_RUNNING_TAG),
                           ("kErrWords", b.ERR_WORDS), ("kErrTimeout", b.ERR_TIMEOUT),
                           ("kErrTooManyRows", b.ERR_TOO_MANY_ROWS), ("kErrCallMismatch", b.ERR_CALL_MISMATCH)):
         checks.append((f"{c_name} == {value}", f"error record {c_name}"))

@@ -309,7 +309,8 @@ enum ErrorWord : int {
     kErrPeerTag = 8,    // [8..9] the peer's call tag (kErrCallMismatch)
     kErrCallTag = 10,   // [10..11] the reporting call's tag (low-latency calls; else 0)
     kErrBadValue = 12,  // [12..13] the dropped bad input's value
-    kErrWords = 14,
+    kErrRunningTag = 14,  // [14..15] tag of the normal call whose barrier ran last (set_running_call)
+    kErrWords = 16,
 };
 enum ErrorKind : int { kErrTimeout = 1, kErrTooManyRows = 2, kErrCallMismatch = 3 };
 
@@ -339,6 +340,17 @@ __device__ __forceinline__ void report_error(int* err, int kind, int phase, int 
     }
 }
 
+// Normal calls' kernels name their call in reports through this word: each
+// call's barrier sets it first (calls are ordered, so the kernels that follow
+// are that call's).
+__device__ __forceinline__ void set_running_call(int* err, long long call_tag) {
+    *reinterpret_cast<volatile long long*>(err + kErrRunningTag) = call_tag;
+}
+
+__device__ __forceinline__ long long running_call(const int* err) {
+    return *reinterpret_cast<const volatile long long*>(err + kErrRunningTag);
+}
+
 // Bad input seen inside a kernel that goes on without it (the entry is
 // dropped): item, value and call into the record and its mirror. Unlike
 // report_error it does not set the flag, so no wait gives up and the call
@@ -357,8 +369,8 @@ __device__ __forceinline__ void report_bad_input(int* err, int item, long long v
 }
 
 // Spin until *flag >= target (int or 64-bit flag). Returns the last value
-// read, or -1 (after reporting) when timeout_ns passes or another thread
-// already failed.
+// read, or -1 (after reporting, with the running normal call) when
+// timeout_ns passes or another thread already failed.
 template <typename T>
 __device__ __forceinline__ T wait_at_least(const T* flag, T target, long long timeout_ns,
                                            int* err, int phase, int peer, int channel) {
@@ -370,7 +382,7 @@ __device__ __forceinline__ T wait_at_least(const T* flag, T target, long long ti
         if (v >= target) return v;
         if ((spins & 63) == 63 &&
             (global_timer_ns() - start > (unsigned long long)timeout_ns || *(volatile int*)err != 0)) {
-            report_error(err, kErrTimeout, phase, peer, channel);
+            report_error(err, kErrTimeout, phase, peer, channel, running_call(err));
             return -1;
         }
     }

@@ -89,6 +89,7 @@ __device__ __forceinline__ void rdma_barrier_block(char* rdma, const RdmaLayout&
                                                    long long call_tag) {
     const long long seq = next_barrier_seq(counters);
     const long long tags = lay.call_tags + 8ll * (seq & 1) * kNumRanks;
+    if (threadIdx.x == 0) set_running_call(err, call_tag);
     __threadfence_system();
     cupyep_nvshmem_quiet();
     for (int j = threadIdx.x; j < kNumRanks; j += blockDim.x) {

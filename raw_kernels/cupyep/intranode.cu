@@ -46,6 +46,7 @@ __device__ __forceinline__ void barrier_block(char* const* peers, const NvlLayou
                                               int* counters, int* err, long long timeout_ns, long long call_tag) {
     const int seq = next_barrier_seq(counters);
     const int j = threadIdx.x;
+    if (j == 0) set_running_call(err, call_tag);
     if (j < kNumRanks) {
         // Make prior kernels' remote stores visible system-wide before the
         // flag that tells peer j we are here (the release orders the tag too).
@@ -80,8 +81,9 @@ struct KernelBarrier {
     long long call_tag;
 
     __device__ __forceinline__ KernelBarrier(int* counters_, int* blocks_done_, char* const* peers,
-                                             const NvlLayout& lay, int rank, long long call_tag_)
+                                             const NvlLayout& lay, int rank, long long call_tag_, int* err)
         : counters(counters_), blocks_done(blocks_done_), seq(counters_[0] + 1), call_tag(call_tag_) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) set_running_call(err, call_tag);
         if (blockIdx.x == 0 && threadIdx.x < kNumRanks) {
             __threadfence_system();  // as in barrier_block
             put_call_tag(peers[threadIdx.x], lay, seq, rank, kNumRanks, call_tag);
@@ -218,7 +220,7 @@ __device__ __forceinline__ void store_own_row(const int4* __restrict__ x, int t,
                                               int4* recv_x, float* recv_x_scales, long long* recv_topk_idx,
                                               float* recv_topk_weights, int* recv_src_idx, int* err, int lane) {
     if (out >= num_recv_capacity) {
-        if (lane == 0) report_error(err, kErrTooManyRows, kPhaseDispatchRecv, rank, c);
+        if (lane == 0) report_error(err, kErrTooManyRows, kPhaseDispatchRecv, rank, c, running_call(err));
         return;
     }
     warp_copy_nc<kHiddenInt4>(recv_x + out * kHiddenInt4, x + (long long)t * kHiddenInt4, lane);
@@ -503,7 +505,7 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
         int4* out, float* out_weights, int* counters, int* scratch, int* err, long long timeout_ns,
         long long call_tag) {
     const NvlLayout lay = *layout;
-    const KernelBarrier<kNumRanks> barrier(counters, scratch, peers, lay, rank, call_tag);
+    const KernelBarrier<kNumRanks> barrier(counters, scratch, peers, lay, rank, call_tag, err);
     const CombineItems items(lay, chunk_rows);
     const int num_warps = blockDim.x / kWarpSize;
     const int block = static_cast<int>(blockIdx.x);

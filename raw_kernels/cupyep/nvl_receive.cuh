@@ -66,7 +66,7 @@ __device__ __forceinline__ void receive_channel(
             }
             const long long out = first + n;
             if (out >= num_recv_capacity) {
-                if (lane == 0) report_error(err, kErrTooManyRows, kPhaseDispatchRecv, s, c);
+                if (lane == 0) report_error(err, kErrTooManyRows, kPhaseDispatchRecv, s, c, running_call(err));
                 failed = true;
                 break;
             }
