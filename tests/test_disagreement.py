@@ -113,14 +113,18 @@ def test_reset_after_a_rank_skipped_a_call(quick_buffer, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["hidden", "skipped_call", "combine_weights"])
-def test_normal_call_mismatch_on_the_gpu_then_reset(buffer, backend, rng, case):
+@pytest.mark.parametrize("case", ["hidden", "skipped_call", "combine_weights", "internode_hidden",
+                                  "internode_combine_weights"])
+def test_normal_call_mismatch_on_the_gpu_then_reset(request, backend, rng, case):
     """GPU normal calls: each barrier carries the call's tag. Rank 0 with
     another hidden size, or without weights in combine, or the last rank one
     call ahead after its bad argument: every rank raises CallMismatchError
-    naming a peer and both calls; after reset() the next calls are right."""
+    naming a peer and both calls; after reset() the next calls are right.
+    The internode cases run across two emulated nodes (RDMA barrier)."""
     if backend != "gpu":
         pytest.skip("the GPU's call tags (the reference: test_ranks_passing_different_parameters)")
+    buffer = request.getfixturevalue("internode_buffer" if case.startswith("internode") else "buffer")
+    case = case.removeprefix("internode_")
     import cupy
     from helpers import agree_all, bits, expected_dispatch, gather, to_backend, to_host
     e = 4 * SIZE
