@@ -11,6 +11,12 @@ back-to-back loop of calls (queued without synchronising; the last one
 waited for), and (3) the kernel time of the same call from the CUDA profiler.
 When (2) is close to (3) the host cost hides behind the kernels.
 
+``--stages`` (torch, one rank): where a low-latency call's host time goes,
+each piece timed alone in a tight loop of 2000 (so with warm caches, unlike
+(1)): the outputs (one torch allocation carved into views), the validation,
+the stream lookup, one launch from a packed argument block, and the whole
+calls timed the same way; what the pieces leave is Python bookkeeping.
+
 Shapes: low latency 128 tokens x 7168, top-8 of 288 experts, FP8 dispatch,
 BF16 combine; normal --normal-tokens x 7168, top-8 of 256 experts.
 Frameworks: torch tensors, CuPy arrays, JAX arrays (each where installed),
@@ -136,6 +142,52 @@ def normal_calls(buf, arrays, args, framework):
     }
 
 
+def tight_us(call, n=2000):
+    """Mean time (us) of ``call`` in a tight loop of ``n`` (after 50 warm-up calls)."""
+    import cupy
+    for _ in range(50):
+        call()
+    cupy.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call()
+    dt = (time.perf_counter() - t0) * 1e6 / n
+    cupy.cuda.Device().synchronize()
+    return dt
+
+
+def stage_rows(buf, arrays, args):
+    """(piece, us) of a low-latency call from torch, each piece alone."""
+    import torch
+    from cupyep import jit, validation
+    x, idx, w, y = arrays
+    m, e = args.ll_tokens, args.ll_experts
+    d = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
+    buf.low_latency_combine(y, idx, w, d.handle)
+    fe = buf._frontends["torch"]
+    specs = next(iter(fe._carvings))  # the dispatch's output specs, as its plan holds them
+    flat = torch.empty(1024, dtype=torch.int32, device=x.device)
+    spin = jit.PackedKernel(jit.KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns"), 1)
+    block = jit.ArgBlock([0])
+    stream_ptr = fe.stream_ptr()
+
+    def pair():
+        dd = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
+        buf.low_latency_combine(y, idx, w, dd.handle)
+    return [
+        ("torch.empty (one block)", tight_us(lambda: torch.empty(1024, dtype=torch.int32, device=x.device))),
+        ("a view (torch.as_strided)", tight_us(lambda: torch.as_strided(flat, (32, 32), (32, 1), 0))),
+        ("LL dispatch's 6 outputs (one block, views)", tight_us(lambda: fe.empty_many(specs))),
+        ("validation of x and topk_idx", tight_us(lambda: (validation.check_bf16_rows(x),
+                                                           validation.check_topk(idx, None, m)))),
+        ("the caller's stream (torch's current)", tight_us(fe.stream)),
+        ("one launch from an argument block", tight_us(lambda: spin.launch_block(1, 32, block, stream_ptr))),
+        ("LL dispatch, whole call", tight_us(lambda: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True))),
+        ("LL combine, whole call", tight_us(lambda: buf.low_latency_combine(y, idx, w, d.handle))),
+        ("LL pair, whole calls", tight_us(pair)),
+    ]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frameworks", nargs="+", default=["torch", "cupy", "jax"])
@@ -147,6 +199,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--no-normal", action="store_true")
+    ap.add_argument("--stages", action="store_true", help="where a low-latency call's host time goes (torch)")
     args = ap.parse_args()
     import cupy
     group = cupyep.Group()
@@ -203,6 +256,9 @@ def main():
             loop = loop_us(call, args.iters, group)
             kern = kernel_us(call, min(args.iters, 50)) if fw == "torch" else float("nan")
             rows.append((fw, name, host, loop, kern))
+    stages = []
+    if args.stages and "torch" in available:
+        stages = stage_rows(buf, convert((*ll, y), "torch"), args)
     worst = [(fw, n, group.comm.allreduce(a, op=MPI.MAX), group.comm.allreduce(b, op=MPI.MAX), c)
              for fw, n, a, b, c in rows]
     if group.rank == 0:
@@ -213,6 +269,10 @@ def main():
         print(f"{'framework':9s} {'call':42s} {'host/call us':>12s} {'loop/call us':>12s} {'kernels us':>10s}")
         for fw, n, a, b, c in worst:
             print(f"{fw:9s} {n:42s} {a:12.1f} {b:12.1f} {c:10.1f}")
+        if stages:
+            print("\nwhere a low-latency call's host time goes (torch, rank 0, tight loop of 2000, us)")
+            for name, us in stages:
+                print(f"{name:45s} {us:8.2f}")
     if facade is not None:
         facade.destroy()
     buf.destroy()
