@@ -491,9 +491,9 @@ class Buffer:
         """Reset low-latency flags and counters (collective; after a timeout, or
         to restart the call sequence). The mask is kept.
 
-        On the GPU it is ordered on the caller's stream (see
-        :meth:`_enter_array_free_call`): a barrier of the ranks, the zeroing,
-        a second barrier. No host wait, so it can be captured in a CUDA
+        On the GPU it is ordered on the current stream of ``framework``
+        ('torch' or 'cupy'; default: the framework of this buffer's last
+        call): a barrier of the ranks, the zeroing, a second barrier. No host wait, so it can be captured in a CUDA
         graph. A rank that does not reach the barrier within
         ``CUPYEP_TIMEOUT_S`` is masked (``enable_shrink``) or named by a
         CommTimeoutError at the next call; it is then behind the others'
