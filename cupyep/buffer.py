@@ -516,6 +516,17 @@ class Buffer:
         self._check_alive()
         self._impl.reset()
 
+    def check_errors(self) -> None:
+        """Raise what this buffer's kernels reported (a timeout, a peer at
+        another call, a dropped bad expert id, too many rows), after this
+        device's queued work; GPU calls otherwise raise it at this rank's next
+        call. The reference backend raises in the call itself: nothing here."""
+        self._check_alive()
+        if self.backend == "gpu":
+            import cupy
+            cupy.cuda.Device(self._impl.rt.device_id).synchronize()
+            self._impl.check_errors()
+
     def _enter_array_free_call(self, framework: Optional[str]):
         """Calls that take no arrays run on the current stream of ``framework``
         ('torch', 'cupy'; default: that of this buffer's last call, CuPy's
