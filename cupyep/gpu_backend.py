@@ -21,6 +21,7 @@ from .fp8 import FP8_GROUP, bfloat16
 from .interop import DeviceFrontend, dtype_of
 from . import jit
 from .jit import address as _ptr, index_type, launch
+from .kernel_args import kernel_args
 from .capture import KeptArrays, is_capturing
 from .call_tags import NORMAL_MARK, describe as describe_call_tag, normal_call_tag
 from .runtime import mapped_host_ints
@@ -225,11 +226,12 @@ class GpuBackend:
         if t:
             spec = kernel_specs.layout_spec(index_type(topk_idx), k)
             grid = min(max(1, (t + 255) // 256), 132)
-            launch(spec, (grid,), (256,),
-                   (topk_idx, t, num_experts, r,
-                    self.group.num_ranks_per_node, per_rank, _ptr(per_node), per_expert,
-                    in_rank, self.max_nodes_per_token, self.layout_error),
-                   shared_mem=4 * (num_experts + r + nodes), stream=self.stream)
+            launch(spec, (grid,), (256,), kernel_args(
+                "layout.get_dispatch_layout", topk_idx=topk_idx, num_tokens=t, num_experts=num_experts,
+                num_ranks=r, num_ranks_per_node=self.group.num_ranks_per_node, num_tokens_per_rank=per_rank,
+                num_tokens_per_node=_ptr(per_node), num_tokens_per_expert=per_expert, is_token_in_rank=in_rank,
+                max_nodes_per_token=self.max_nodes_per_token, error=self.layout_error),
+                shared_mem=4 * (num_experts + r + nodes), stream=self.stream)
         return DispatchLayout(per_rank, per_node, per_expert, in_rank, num_experts)
 
     def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert,
@@ -272,12 +274,13 @@ class GpuBackend:
         else:
             send_pos = self._empty("send_pos", (t, r), np.int32)
             spec = kernel_specs.intranode_notify(r)
-            launch(spec, (c + 1,), (NOTIFY_THREADS,),
-                   (is_token_in_rank, t, c, _ptr(per_expert), local,
-                    expert_alignment, send_pos, self.nvl.peers, lay_dev, self.rank,
-                    self.counters, self.blocks_done, offsets,
-                    expert_counts, self._info_ptr, self.layout_error, self._err_ptr,
-                    self.timeout_ns, call_tag), stream=self.stream)
+            launch(spec, (c + 1,), (NOTIFY_THREADS,), kernel_args(
+                "intranode.notify_dispatch", is_token_in_rank=is_token_in_rank, num_tokens=t, num_channels=c,
+                num_tokens_per_expert=_ptr(per_expert), num_local_experts=local, expert_alignment=expert_alignment,
+                send_pos=send_pos, peers=self.nvl.peers, layout=lay_dev, rank=self.rank, counters=self.counters,
+                blocks_done=self.blocks_done, recv_channel_offset=offsets, recv_expert_counts=expert_counts,
+                host_info=self._info_ptr, layout_error=self.layout_error, err=self._err_ptr,
+                timeout_ns=self.timeout_ns, call_tag=call_tag), stream=self.stream)
         if num_worst_tokens:
             n_rows, num_recv = num_worst_tokens, -1
             counts = expert_counts[:local] if topk_idx is not None else None
@@ -327,18 +330,20 @@ class GpuBackend:
         k = 0 if topk_idx is None else topk_idx.shape[1]
         spec = kernel_specs.intranode_dispatch(self.num_ranks, hidden_bytes,
                                                0 if scales is None else scales.shape[1], k, index_type(topk_idx))
-        launch(spec, (2 * cfg.num_channels,), (32 * cfg.num_warps,),
-               (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), send_pos, num_tokens,
-                cfg.num_channels, self.nvl.peers, lay_dev, offsets, self.rank,
-                local, n_rows, cfg.chunk_tokens,
-                round(1024 * own_rows_receiver_share(cfg, self.num_ranks)), recv_x, _ptr(recv_s),
-                _ptr(recv_idx), _ptr(recv_w), recv_src, self._err_ptr, self.timeout_ns),
-               stream=self.stream)
+        launch(spec, (2 * cfg.num_channels,), (32 * cfg.num_warps,), kernel_args(
+            "intranode.dispatch", x=x, x_scales=_ptr(scales), topk_idx=_ptr(topk_idx),
+            topk_weights=_ptr(topk_weights), send_pos=send_pos, num_tokens=num_tokens,
+            num_channels=cfg.num_channels, peers=self.nvl.peers, layout=lay_dev, recv_channel_offset=offsets,
+            rank=self.rank, num_local_experts=local, num_recv_capacity=n_rows, chunk_tokens=cfg.chunk_tokens,
+            own_share_1024=round(1024 * own_rows_receiver_share(cfg, self.num_ranks)), recv_x=recv_x,
+            recv_x_scales=_ptr(recv_s), recv_topk_idx=_ptr(recv_idx), recv_topk_weights=_ptr(recv_w),
+            recv_src_idx=recv_src, err=self._err_ptr, timeout_ns=self.timeout_ns), stream=self.stream)
 
     def _barrier(self, lay_dev, call_tag):
         spec = kernel_specs.intranode_barrier(self.num_ranks)
-        launch(spec, (1,), (32,), (self.nvl.peers, lay_dev, self.rank, self.counters,
-                                   self._err_ptr, self.timeout_ns, call_tag), stream=self.stream)
+        launch(spec, (1,), (32,), kernel_args(
+            "intranode.barrier", peers=self.nvl.peers, layout=lay_dev, rank=self.rank, counters=self.counters,
+            err=self._err_ptr, timeout_ns=self.timeout_ns, call_tag=call_tag), stream=self.stream)
 
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
         g: GpuRouting = handle.state
@@ -390,13 +395,13 @@ class GpuBackend:
             self.inter.combine(cfg, g, x, topk_weights, t, b0, b1, out, out_w)
             return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
         spec = kernel_specs.intranode_combine(self.num_ranks, hidden, k)
-        launch(spec, (cfg.num_sms,), (32 * cfg.num_combine_warps,),
-               (x, _ptr(topk_weights), g.send_pos, g.recv_channel_offset, t,
-                g.num_channels, combine_senders(cfg, self.num_ranks),
-                cfg.combine_chunk_rows, self.nvl.peers, lay_dev, self.rank, _ptr(b0),
-                _ptr(b1), out, _ptr(out_w), self.counters, self.blocks_done, self._err_ptr,
-                self.timeout_ns, call_tag),
-               stream=self.stream)
+        launch(spec, (cfg.num_sms,), (32 * cfg.num_combine_warps,), kernel_args(
+            "intranode.combine", x=x, topk_weights=_ptr(topk_weights), send_pos=g.send_pos,
+            recv_channel_offset=g.recv_channel_offset, num_tokens=t, num_channels=g.num_channels,
+            num_senders=combine_senders(cfg, self.num_ranks), chunk_rows=cfg.combine_chunk_rows,
+            peers=self.nvl.peers, layout=lay_dev, rank=self.rank, bias0=_ptr(b0), bias1=_ptr(b1), out=out,
+            out_weights=_ptr(out_w), counters=self.counters, scratch=self.blocks_done, err=self._err_ptr,
+            timeout_ns=self.timeout_ns, call_tag=call_tag), stream=self.stream)
         return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
 
     # ------------------------------------------------------------------ #

@@ -19,6 +19,7 @@ from .errors import BufferTooSmallError, InvalidInputError
 from .gpu_backend import NOTIFY_THREADS
 from .interop import dtype_of
 from .jit import address as _ptr, index_type, launch
+from .kernel_args import kernel_args
 
 
 
@@ -81,13 +82,14 @@ class GpuInternode:
         rdma_pos = be._empty("rdma_pos", (num_tokens, self.num_nodes), np.int32)
         rdma_recv_count = be._empty("rdma_recv_count", self.num_nodes * num_channels, np.int32)
         spec = self._spec("notify_dispatch", ("kRanksPerNode", self.ranks_per_node))
-        launch(spec, (num_channels + 1,), (NOTIFY_THREADS,),
-               (is_token_in_rank, num_tokens, num_channels, _ptr(per_expert),
-                num_local_experts, expert_alignment, send_pos, rdma_pos,
-                nvl_dev, self._sym().ptr, rdma_dev, be.rank,
-                be.counters, be.blocks_done, offsets, rdma_recv_count,
-                expert_counts, be._info_ptr, be.layout_error, be._err_ptr,
-                be.timeout_ns, call_tag), stream=be.stream)
+        launch(spec, (num_channels + 1,), (NOTIFY_THREADS,), kernel_args(
+            "internode.notify_dispatch", is_token_in_rank=is_token_in_rank, num_tokens=num_tokens,
+            num_channels=num_channels, num_tokens_per_expert=_ptr(per_expert), num_local_experts=num_local_experts,
+            expert_alignment=expert_alignment, send_pos=send_pos, rdma_pos=rdma_pos, nvl_layout=nvl_dev,
+            rdma=self._sym().ptr, rdma_layout=rdma_dev, rank=be.rank, counters=be.counters,
+            blocks_done=be.blocks_done, recv_channel_offset=offsets, rdma_recv_count=rdma_recv_count,
+            recv_expert_counts=expert_counts, host_info=be._info_ptr, layout_error=be.layout_error,
+            err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=call_tag), stream=be.stream)
         return send_pos, rdma_pos, rdma_recv_count
 
     def dispatch(self, cfg, routing, x, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens,
@@ -99,32 +101,34 @@ class GpuInternode:
                           ("kHiddenInt4", x.shape[1] * dtype_of(x).itemsize // 16),
                           ("kNumScales", 0 if scales is None else scales.shape[1]),
                           ("kNumTopk", k), ("IdxT", index_type(topk_idx)))
-        launch(spec, (2 * routing.num_channels,), (32 * cfg.num_warps,),
-               (x, _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), is_token_in_rank,
-                routing.rdma_pos, num_tokens, routing.num_channels, be.nvl.peers,
-                routing.layout_dev, self._sym().ptr, routing.rdma_layout_dev,
-                routing.recv_channel_offset, routing.rdma_recv_count,
-                routing.fwd_slots if record_slots else 0, be.rank, local,
-                n_rows, cfg.chunk_tokens, recv_x, _ptr(recv_s), _ptr(recv_idx),
-                _ptr(recv_w), recv_src, be._err_ptr, be.timeout_ns),
-               stream=be.stream)
+        launch(spec, (2 * routing.num_channels,), (32 * cfg.num_warps,), kernel_args(
+            "internode.dispatch", x=x, x_scales=_ptr(scales), topk_idx=_ptr(topk_idx),
+            topk_weights=_ptr(topk_weights), is_token_in_rank=is_token_in_rank, rdma_pos=routing.rdma_pos,
+            num_tokens=num_tokens, num_channels=routing.num_channels, peers=be.nvl.peers,
+            nvl_layout=routing.layout_dev, rdma=self._sym().ptr, rdma_layout=routing.rdma_layout_dev,
+            recv_channel_offset=routing.recv_channel_offset, rdma_recv_count=routing.rdma_recv_count,
+            fwd_slots=routing.fwd_slots if record_slots else 0, rank=be.rank, num_local_experts=local,
+            num_recv_capacity=n_rows, chunk_tokens=cfg.chunk_tokens, recv_x=recv_x, recv_x_scales=_ptr(recv_s),
+            recv_topk_idx=_ptr(recv_idx), recv_topk_weights=_ptr(recv_w), recv_src_idx=recv_src,
+            err=be._err_ptr, timeout_ns=be.timeout_ns), stream=be.stream)
 
     def barrier(self, rdma_dev, call_tag):
         be = self.be
         threads = max(32, (be.num_ranks + 31) // 32 * 32)
-        launch(self._spec("rdma_barrier"), (1,), (threads,),
-               (self._sym().ptr, rdma_dev, be.rank, be.counters,
-                be._err_ptr, be.timeout_ns, call_tag), stream=be.stream)
+        launch(self._spec("rdma_barrier"), (1,), (threads,), kernel_args(
+            "internode.rdma_barrier", rdma=self._sym().ptr, layout=rdma_dev, rank=be.rank, counters=be.counters,
+            err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=call_tag), stream=be.stream)
 
     def combine(self, cfg, routing, x, topk_weights, num_tokens, b0, b1, out, out_w):
         be = self.be
         k = 0 if topk_weights is None else topk_weights.shape[1]
         spec = self._spec("combine", ("kRanksPerNode", self.ranks_per_node),
                           ("kHiddenInt4", x.shape[1] * 2 // 16), ("kNumTopk", k))
-        launch(spec, (2 * routing.num_channels,), (32 * cfg.num_combine_warps,),
-               (x, _ptr(topk_weights), routing.rdma_pos, routing.recv_channel_offset,
-                routing.rdma_recv_count, routing.fwd_slots, num_tokens,
-                routing.num_channels, cfg.chunk_tokens, be.nvl.peers,
-                routing.layout_dev, self._sym().ptr, routing.rdma_layout_dev,
-                be.rank, _ptr(b0), _ptr(b1), out, _ptr(out_w), be._err_ptr,
-                be.timeout_ns), stream=be.stream)
+        launch(spec, (2 * routing.num_channels,), (32 * cfg.num_combine_warps,), kernel_args(
+            "internode.combine", x=x, topk_weights=_ptr(topk_weights), rdma_pos=routing.rdma_pos,
+            recv_channel_offset=routing.recv_channel_offset, rdma_recv_count=routing.rdma_recv_count,
+            fwd_slots=routing.fwd_slots, num_tokens=num_tokens, num_channels=routing.num_channels,
+            chunk_tokens=cfg.chunk_tokens, peers=be.nvl.peers, nvl_layout=routing.layout_dev,
+            rdma=self._sym().ptr, rdma_layout=routing.rdma_layout_dev, rank=be.rank, bias0=_ptr(b0),
+            bias1=_ptr(b1), out=out, out_weights=_ptr(out_w), err=be._err_ptr, timeout_ns=be.timeout_ns),
+            stream=be.stream)

@@ -30,24 +30,13 @@ from .capture import KeptArrays, is_capturing
 from . import kernel_specs
 from . import jit
 from .jit import ArgBlock, PackedKernel, address, index_type
+from .kernel_args import PARAMS, kernel_args
 from .call_tags import ll_call_tag, with_call
 from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 from .sizing import MAX_RANKS
 
 _THREADS = 512  # kLLThreads in low_latency.cu
-# The kernels' parameters by name, in their order (tests/test_kernel_args.py
-# checks them against low_latency.cu); argument blocks are built by name.
-DISPATCH_PARAMS = ("x", "topk_idx", "num_tokens", "num_topk", "max_tokens", "num_experts", "rank", "num_ranks",
-                   "local_base", "peers", "force_put", "off_flags", "off_area", "off_send", "finish_count",
-                   "recv_done", "recv_x", "recv_scales", "recv_count", "src_info", "layout_range", "recv_k",
-                   "cumulative_expert_stats", "wait_stats", "mask", "shrink", "phases", "err", "timeout_ns",
-                   "call_tag")
-COMBINE_PARAMS = ("x", "src_info", "recv_k", "layout_range", "topk_idx", "topk_weights", "num_tokens",
-                  "num_topk", "max_tokens", "num_experts", "rank", "num_ranks", "local_base", "peers",
-                  "force_put", "zero_copy", "off_flags", "off_area", "off_send", "num_groups", "blocks_done",
-                  "out", "wait_stats", "mask", "shrink", "phases", "err", "timeout_ns", "call_tag")
-BARRIER_PARAMS = ("slots", "peers", "force_put", "rank", "num_ranks", "seq", "mask", "shrink", "err",
-                  "timeout_ns")
+DISPATCH_PARAMS, COMBINE_PARAMS = PARAMS["low_latency.dispatch"], PARAMS["low_latency.combine"]
 # Slots a call sets (the rest are fixed per shape and half). Dispatch: x,
 # topk_idx, num_tokens, num_topk; then its 8 arrays from recv_x on. Combine:
 # its 8 leading parameters; zero_copy, out, wait_stats. Both: phases, call_tag,
@@ -59,12 +48,9 @@ _C_X, _C_ZERO_COPY, _C_OUT, _C_PHASES, _C_TAG, _C_SHRINK, _C_TIMEOUT = (
 assert DISPATCH_PARAMS[_D_ARRAYS:_D_ARRAYS + 8][-1] == "wait_stats" and COMBINE_PARAMS[_C_OUT + 1] == "wait_stats"
 
 
-def arg_block(params, **values) -> ArgBlock:
-    """An argument block with every parameter of ``params`` given by name."""
-    if set(values) != set(params):
-        raise CupyepError(f"kernel arguments: missing {set(params) - set(values)}, "
-                          f"unknown {set(values) - set(params)}")
-    return ArgBlock([int(values[p]) for p in params])
+def arg_block(kernel: str, **values) -> ArgBlock:
+    """An argument block of ``kernel`` (a cupyep.kernel_args name), every parameter by name."""
+    return ArgBlock([int(v) for v in kernel_args(kernel, **values)])
 
 
 @dataclass(eq=False, slots=True)
@@ -184,7 +170,7 @@ class GpuLowLatency:
             off = lay.offsets(half)
             per_call = dict.fromkeys(DISPATCH_PARAMS[_D_ARRAYS:_D_ARRAYS + 8], 0)
             args.append(arg_block(
-                DISPATCH_PARAMS, x=0, topk_idx=0, num_tokens=0, num_topk=0, max_tokens=m, num_experts=num_experts,
+                "low_latency.dispatch", x=0, topk_idx=0, num_tokens=0, num_topk=0, max_tokens=m, num_experts=num_experts,
                 rank=be.rank, num_ranks=r, local_base=self.sym.ptr, peers=self._peers_ptr,
                 force_put=self.transport == "nvshmem", off_flags=off["dispatch_flags"],
                 off_area=off["dispatch_area"], off_send=off["send_area"], finish_count=self._finish_ptr,
@@ -278,7 +264,7 @@ class GpuLowLatency:
         for half in range(2):
             off = lay.offsets(half)
             args.append(arg_block(
-                COMBINE_PARAMS, x=0, src_info=0, recv_k=0, layout_range=0, topk_idx=0, topk_weights=0,
+                "low_latency.combine", x=0, src_info=0, recv_k=0, layout_range=0, topk_idx=0, topk_weights=0,
                 num_tokens=0, num_topk=0, max_tokens=lay.max_tokens, num_experts=lay.num_experts, rank=be.rank,
                 num_ranks=be.num_ranks, local_base=self.sym.ptr, peers=self._peers_ptr,
                 force_put=self.transport == "nvshmem", zero_copy=0, off_flags=off["combine_flags"],
@@ -373,9 +359,10 @@ class GpuLowLatency:
 
     def _barrier(self, stream):
         be = self.be
-        fn = self._kernel(kernel_specs.low_latency_barrier(self._nvshmem_build, self.source), len(BARRIER_PARAMS))
+        fn = self._kernel(kernel_specs.low_latency_barrier(self._nvshmem_build, self.source),
+                          len(PARAMS["low_latency.barrier"]))
         fn.launch_block(1, MAX_RANKS, arg_block(
-            BARRIER_PARAMS, slots=self._slots.ptr, peers=self._slots.peers.data.ptr,
+            "low_latency.barrier", slots=self._slots.ptr, peers=self._slots.peers.data.ptr,
             force_put=self.transport == "nvshmem", rank=be.rank, num_ranks=be.num_ranks,
             seq=self._barrier_seq.data.ptr, mask=self._mask_ptr, shrink=self.shrink, err=be._err_ptr,
             timeout_ns=be.timeout_ns), stream.ptr)

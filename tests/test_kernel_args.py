@@ -1,38 +1,55 @@
-"""What Python hands the kernels must match their source (no GPU needed): the
-low-latency calls' packed parameter blocks (cupyep.jit.PackedKernel), and the
-NVLink buffer's layout struct and constants."""
+"""What Python hands the kernels must match their source (no GPU needed):
+every kernel's parameter names (cupyep.kernel_args), the NVLink and RDMA
+buffers' layout structs and constants."""
 import os
 import re
 
 import pytest
 
-from cupyep import gpu_low_latency, jit, sizing
+from cupyep import gpu_low_latency, jit, kernel_args, sizing
 
 
-def _param_names(source: str, kernel: str) -> list:
-    m = re.search(r"\n" + kernel + r"\(([^)]*)\)\s*\{", source)
-    assert m, f"{kernel} not found"
-    return [re.findall(r"\w+", p)[-1] for p in m.group(1).split(",") if p.strip()]
+def _kernel_params(file: str) -> dict:
+    """{kernel: parameter names} of every __global__ function of raw_kernels/cupyep/<file>.cu."""
+    with open(os.path.join(jit.kernel_dir(), "cupyep", f"{file}.cu")) as f:
+        src = f.read()
+    out = {}
+    for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(", src):
+        depth, j = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(src[j], 0)
+            j += 1
+        out[m.group(1)] = [re.findall(r"\w+", p)[-1] for p in src[m.end():j - 1].split(",") if p.strip()]
+    return out
 
 
-@pytest.mark.parametrize("kernel, declared", [("dispatch", gpu_low_latency.DISPATCH_PARAMS),
-                                              ("combine", gpu_low_latency.COMBINE_PARAMS),
-                                              ("barrier", gpu_low_latency.BARRIER_PARAMS)])
-def test_declared_parameters_match_the_kernels(kernel, declared):
-    """Argument blocks are built by parameter name: the names and their order
-    must be the kernel's."""
-    with open(os.path.join(jit.kernel_dir(), "cupyep", "low_latency.cu")) as f:
-        source = f.read()
-    assert _param_names(source, kernel) == list(declared)
+@pytest.mark.parametrize("kernel", sorted(kernel_args.PARAMS))
+def test_declared_parameters_match_the_kernels(kernel):
+    """Arguments are built by parameter name: the names and their order must
+    be the kernel's own."""
+    file, name = kernel.split(".")
+    assert _kernel_params(file)[name] == list(kernel_args.PARAMS[kernel])
 
 
-def test_arg_block_needs_every_parameter_by_name():
-    block = gpu_low_latency.arg_block(("a", "b"), b=2, a=-1)
-    assert list(block.values) == [-1, 2]
-    with pytest.raises(Exception, match="missing.*'b'"):
-        gpu_low_latency.arg_block(("a", "b"), a=1)
-    with pytest.raises(Exception, match="unknown.*'c'"):
-        gpu_low_latency.arg_block(("a",), a=1, c=3)
+def test_every_launched_kernel_has_its_parameters_declared():
+    for file in ("layout", "intranode", "internode", "low_latency"):
+        for name in _kernel_params(file):
+            assert f"{file}.{name}" in kernel_args.PARAMS, f"{file}.cu's {name} has no parameter list"
+
+
+def test_arguments_are_given_by_name():
+    args = kernel_args.kernel_args("low_latency.barrier", slots=1, peers=2, force_put=0, rank=0, num_ranks=2,
+                                   seq=3, mask=4, shrink=0, err=5, timeout_ns=6)
+    assert args == [1, 2, 0, 0, 2, 3, 4, 0, 5, 6]
+    with pytest.raises(Exception, match="missing.*'timeout_ns'"):
+        kernel_args.kernel_args("low_latency.barrier", slots=1, peers=2, force_put=0, rank=0, num_ranks=2,
+                                seq=3, mask=4, shrink=0, err=5)
+    with pytest.raises(Exception, match="unknown.*'extra'"):
+        kernel_args.kernel_args("intranode.barrier", peers=1, layout=2, rank=0, counters=3, err=4, timeout_ns=5,
+                                call_tag=6, extra=7)
+    block = gpu_low_latency.arg_block("low_latency.barrier", slots=1, peers=2, force_put=True, rank=0,
+                                      num_ranks=2, seq=3, mask=4, shrink=False, err=5, timeout_ns=-1)
+    assert list(block.values) == [1, 2, 1, 0, 2, 3, 4, 0, 5, -1]
 
 
 def _nvl_layout_header() -> str:
