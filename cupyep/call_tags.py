@@ -16,6 +16,7 @@ host raises :class:`cupyep.CallMismatchError` naming both calls.
   the barrier (``call_tags`` of NvlLayout / RdmaLayout): bit 62 marks them.
 
 Each field holds its value minus its offset, modulo 2^bits, low bits first.
+The whole protocol: docs/protocol.md.
 """
 from __future__ import annotations
 
