@@ -5,14 +5,6 @@ import pytest
 
 from cupyep import call_tags as ct
 
-from conftest import RANK
-
-
-@pytest.fixture(autouse=True)
-def _rank0_only():
-    if RANK != 0:
-        pytest.skip("local checks run on rank 0 only")
-
 
 def test_low_latency_tags_fit_beside_the_count_and_read_back():
     rng = np.random.default_rng(7)
