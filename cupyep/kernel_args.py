@@ -8,6 +8,8 @@ moved in a kernel fails on the CPU, not as a wrong pointer on a GPU.
 """
 from __future__ import annotations
 
+from operator import itemgetter
+
 from .errors import CupyepError
 
 PARAMS = {
@@ -57,11 +59,18 @@ PARAMS = {
 }
 
 
-def kernel_args(kernel: str, **values) -> list:
+_GETTERS = {name: itemgetter(*params) for name, params in PARAMS.items()}  # one C call per launch
+
+
+def kernel_args(kernel: str, **values) -> tuple:
     """The arguments of ``kernel`` in its parameter order, every one given by
     name (arrays, addresses or integers, as :func:`cupyep.jit.launch` takes)."""
     params = PARAMS[kernel]
-    if len(values) != len(params) or set(values) != set(params):
+    try:
+        args = _GETTERS[kernel](values)
+    except KeyError:
+        args = None
+    if args is None or len(values) != len(params):
         raise CupyepError(f"{kernel} arguments: missing {sorted(set(params) - set(values))}, "
                           f"unknown {sorted(set(values) - set(params))}")
-    return [values[p] for p in params]
+    return args

@@ -40,7 +40,7 @@ def test_every_launched_kernel_has_its_parameters_declared():
 def test_arguments_are_given_by_name():
     args = kernel_args.kernel_args("low_latency.barrier", slots=1, peers=2, force_put=0, rank=0, num_ranks=2,
                                    seq=3, mask=4, shrink=0, err=5, timeout_ns=6)
-    assert args == [1, 2, 0, 0, 2, 3, 4, 0, 5, 6]
+    assert list(args) == [1, 2, 0, 0, 2, 3, 4, 0, 5, 6]
     with pytest.raises(Exception, match="missing.*'timeout_ns'"):
         kernel_args.kernel_args("low_latency.barrier", slots=1, peers=2, force_put=0, rank=0, num_ranks=2,
                                 seq=3, mask=4, shrink=0, err=5)
