@@ -170,8 +170,8 @@ class GpuLowLatency:
             off = lay.offsets(half)
             per_call = dict.fromkeys(DISPATCH_PARAMS[_D_ARRAYS:_D_ARRAYS + 8], 0)
             args.append(arg_block(
-                "low_latency.dispatch", x=0, topk_idx=0, num_tokens=0, num_topk=0, max_tokens=m, num_experts=num_experts,
-                rank=be.rank, num_ranks=r, local_base=self.sym.ptr, peers=self._peers_ptr,
+                "low_latency.dispatch", x=0, topk_idx=0, num_tokens=0, num_topk=0, max_tokens=m,
+                num_experts=num_experts, rank=be.rank, num_ranks=r, local_base=self.sym.ptr, peers=self._peers_ptr,
                 force_put=self.transport == "nvshmem", off_flags=off["dispatch_flags"],
                 off_area=off["dispatch_area"], off_send=off["send_area"], finish_count=self._finish_ptr,
                 recv_done=self._recv_done_addr[half], **per_call, mask=self._mask_ptr, shrink=self.shrink,
@@ -198,8 +198,8 @@ class GpuLowLatency:
         t, hidden = x.shape
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
-        fn, lay, specs, half_args, tag_base = self._dispatch_plan(m, hidden, num_experts, use_fp8, round_scale, use_ue8m0,
-                                                        index_type(topk_idx))
+        fn, lay, specs, half_args, tag_base = self._dispatch_plan(
+            m, hidden, num_experts, use_fp8, round_scale, use_ue8m0, index_type(topk_idx))
         self.claim("low-latency")
         be.check_errors()
         stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
