@@ -178,8 +178,9 @@ def stage_rows(buf, arrays, args):
         ("torch.empty (one block)", tight_us(lambda: torch.empty(1024, dtype=torch.int32, device=x.device))),
         ("a view (torch.as_strided)", tight_us(lambda: torch.as_strided(flat, (32, 32), (32, 1), 0))),
         ("LL dispatch's 6 outputs (one block, views)", tight_us(lambda: fe.empty_many(specs))),
-        ("validation of x and topk_idx", tight_us(lambda: (validation.check_bf16_rows(x),
-                                                           validation.check_topk(idx, None, m)))),
+        ("the same, a kept set handed out again", tight_us(lambda: fe.outputs(specs, True))),
+        ("validation of x and topk_idx", tight_us(lambda: validation.check_low_latency_dispatch(
+            x, idx, m, e, buf.num_ranks, True, False, 16))),
         ("the caller's stream (torch's current)", tight_us(fe.stream)),
         ("one launch from an argument block", tight_us(lambda: spin.launch_block(1, 32, block, stream_ptr))),
         ("LL dispatch, whole call", tight_us(lambda: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True))),

@@ -117,6 +117,7 @@ class Buffer:
         if warmup and backend == "gpu":
             self._warmup(dict(warmup))
         self._frontends = {}  # framework name -> frontend
+        self._combine_buffers = {}  # get_next_low_latency_combine_buffer: (backend's view, caller's)
         self._destroyed = False
 
     # ------------------------------------------------------------------ #
@@ -375,39 +376,36 @@ class Buffer:
                 call adds the nanoseconds spent waiting for each source rank.
 
         Returns:
-            :class:`LowLatencyDispatchResult` in the caller's framework.
+            :class:`LowLatencyDispatchResult` in the caller's framework. torch
+            callers may get tensors an earlier call returned, once every tensor
+            of that call (and every view of them) has been dropped: the memory
+            torch's allocator would hand out again (:mod:`cupyep.output_sets`;
+            :meth:`drop_kept_outputs`).
         """
         self._check_alive()
         self._impl.next_call()  # counted even if it raises before communicating
         fe = self._frontend(x)
         data = self._native(x, "x", fe)
-        validation.check_bf16_rows(data)
         idx = self._native(topk_idx, "topk_idx", fe)
-        validation.check_topk(idx, None, data.shape[0])
-        validation.check_num_experts(num_experts, self.num_ranks)
-        m = num_max_dispatch_tokens_per_rank
-        if m < 1 or data.shape[0] > m:
-            raise InvalidInputError(
-                f"{data.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={m} (or it is < 1)")
-        if idx.shape[1] > LL_MAX_TOPK:
-            raise InvalidInputError(f"low-latency calls take at most {LL_MAX_TOPK} experts per token, "
-                                    f"got {idx.shape[1]}")
-        if use_ue8m0 and (not use_fp8 or data.shape[1] % 512):
-            raise InvalidInputError("use_ue8m0 needs use_fp8 and a hidden size divisible by 512")
-        local = num_experts // self.num_ranks
-        stats = self._stats(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
-                            "int32", local, fe)
-        waits = self._stats(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", "int64",
-                            self.num_ranks, fe)
+        m, num_ranks = num_max_dispatch_tokens_per_rank, self.group.size
+        validation.check_low_latency_dispatch(data, idx, m, num_experts, num_ranks, use_fp8, use_ue8m0, LL_MAX_TOPK)
+        stats = waits = None
+        if cumulative_local_expert_recv_stats is not None:
+            stats = self._stats(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
+                                "int32", num_experts // num_ranks, fe)
+        if dispatch_wait_recv_cost_stats is not None:
+            waits = self._stats(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", "int64",
+                                num_ranks, fe)
         out = self._impl.low_latency_dispatch(data, idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
                                               async_finish, return_recv_hook, stats, waits)
-        h = LowLatencyHandle(self.buffer_id, out["call_id"], m, data.shape[1], num_experts,
-                             data.shape[0], idx.shape[1], out["src_info"], out["layout_range"],
-                             out["routing"], fe.name)
-        back = fe.back
-        return LowLatencyDispatchResult(back(out["recv_x"], fp8=use_fp8),
-                                        back(out["recv_x_scales"]), back(out["recv_count"]),
-                                        h, out.get("event"), out.get("hook"))
+        (t, hidden), k = data.shape, idx.shape[1]
+        h = LowLatencyHandle(self.buffer_id, out["call_id"], m, hidden, num_experts, t, k, out["src_info"],
+                             out["layout_range"], out["routing"], fe.name)
+        recv_x, scales, count = out["recv_x"], out["recv_x_scales"], out["recv_count"]
+        if not fe.recycles_outputs:  # torch's come as they are (e4m3 as float8_e4m3fn)
+            back = fe.back
+            recv_x, scales, count = back(recv_x, fp8=use_fp8), back(scales), back(count)
+        return LowLatencyDispatchResult(recv_x, scales, count, h, out.get("event"), out.get("hook"))
 
     def _stats(self, a, name, dtype, length, fe):
         """An optional statistics array, updated in place (so no copy is allowed)."""
@@ -441,38 +439,35 @@ class Buffer:
                 adds the nanoseconds its receive half waited for each rank's rows.
 
         Returns:
-            :class:`LowLatencyCombineResult` in the caller's framework.
+            :class:`LowLatencyCombineResult` in the caller's framework
+            (torch: its tensor recycled as in :meth:`low_latency_dispatch`).
         """
         self._check_alive()
         self._impl.next_call()  # counted even if it raises before communicating
         validation.check_handle(handle, LowLatencyHandle, self.buffer_id)
         fe = self._frontend(x)
         data = self._native(x, "x", fe)
-        local = handle.num_experts // self.num_ranks
-        want = (local, self.num_ranks * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
-        if data.ndim != 3 or tuple(data.shape) != want or interop.dtype_of(data) != interop.bfloat16:
-            raise InvalidInputError(f"low_latency_combine: x must be bf16 {want}, got {data.dtype} {tuple(data.shape)}")
-        validation.check_contiguous(data, "x")
         idx = self._native(topk_idx, "topk_idx", fe)
         w = self._native(topk_weights, "topk_weights", fe)
-        if w is None:
-            raise InvalidInputError("low_latency_combine needs topk_weights")
-        validation.check_topk(idx, w, handle.num_tokens, "the dispatch that made the handle had")
-        if idx.shape[1] != handle.num_topk:
-            raise InvalidInputError(f"topk_idx has K={idx.shape[1]}, the handle has K={handle.num_topk}")
-        out_native = self._native(out, "out", fe)
-        if out_native is not None:
+        validation.check_low_latency_combine(data, idx, w, handle.combine_x_shape(self.group.size),
+                                             handle.num_tokens, handle.num_topk)
+        out_native = None
+        if out is not None:
+            out_native = self._native(out, "out", fe)
             validation.check_bf16_rows(out_native, "out", rows=handle.num_tokens)
             if out_native.shape[1] != handle.hidden:
                 raise InvalidInputError(f"out must be [{handle.num_tokens}, {handle.hidden}], "
                                         f"got {tuple(out_native.shape)}")
         if use_logfmt and handle.hidden % 256:
             raise InvalidInputError(f"use_logfmt needs a hidden size divisible by 256, got {handle.hidden}")
-        waits = self._stats(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", "int64",
-                            self.num_ranks, fe)
+        waits = None
+        if combine_wait_recv_cost_stats is not None:
+            waits = self._stats(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", "int64",
+                                self.num_ranks, fe)
         res = self._impl.low_latency_combine(data, idx, w, handle, out_native, async_finish,
                                              return_recv_hook, bool(use_logfmt), waits)
-        combined = out if out is not None else fe.back(res["combined_x"])
+        combined = out if out is not None else res["combined_x"] if fe.recycles_outputs else \
+            fe.back(res["combined_x"])
         return LowLatencyCombineResult(combined, res.get("event"), res.get("hook"))
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
@@ -485,7 +480,14 @@ class Buffer:
         self._check_alive()
         validation.check_handle(handle, LowLatencyHandle, self.buffer_id)
         fe = self._frontend(None, handle.framework)
-        return fe.back(self._impl.next_low_latency_combine_buffer(handle))
+        view = self._impl.next_low_latency_combine_buffer(handle)
+        if self.backend != "gpu":
+            return fe.back(view)
+        key = (id(view), fe.name)  # the GPU backend's view of a layout and half lives as long as the buffer
+        found = self._combine_buffers.get(key)
+        if found is None:
+            found = self._combine_buffers[key] = (view, fe.back(view))
+        return found[1]
 
     def clean_low_latency_buffer(self, *, blocking: bool = False, framework: Optional[str] = None) -> None:
         """Reset low-latency flags and counters (collective; after a timeout, or
@@ -586,10 +588,21 @@ class Buffer:
         self._impl.set_low_latency_transport(transport)
 
     # ------------------------------------------------------------------ #
+    def drop_kept_outputs(self) -> None:
+        """Let go of the output sets kept for reuse (torch callers' low-latency
+        outputs, see :mod:`cupyep.output_sets`): their memory returns to
+        torch's allocator once the caller drops them. Local, no launch."""
+        for fe in self._frontends.values():
+            drop = getattr(fe, "drop_kept_outputs", None)
+            if drop is not None:
+                drop()
+
     def destroy(self):
         """Release the buffer's symmetric memory (collective)."""
         if not self._destroyed:
             self._destroyed = True
+            self.drop_kept_outputs()
+            self._combine_buffers.clear()
             self._impl.destroy()
 
     def __enter__(self):

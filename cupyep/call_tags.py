@@ -20,6 +20,8 @@ The whole protocol: docs/protocol.md.
 """
 from __future__ import annotations
 
+import functools
+
 LL_TAG_SHIFT = 17
 _LL_FIELDS = (("call", 4, 0), ("combine", 1, 0), ("fp8_or_logfmt", 1, 0), ("hidden/128", 8, 1),
               ("top-k", 4, 1), ("experts", 12, 1), ("M", 16, 1))
@@ -54,6 +56,7 @@ def ll_call_tag(seq: int, combine: bool, fp8_or_logfmt: bool, hidden: int, topk:
 
 
 _CALL_MASK = (1 << _LL_FIELDS[0][1]) - 1
+assert _LL_FIELDS[0] == _NORMAL_FIELDS[0] == ("call", 4, 0)  # with_call / normal_call_tag OR it in
 _LL_TOPK_SHIFT = sum(b for _, b, _ in _LL_FIELDS[:4])
 
 
@@ -66,7 +69,13 @@ def with_call(base: int, seq: int, topk: int) -> int:
 def normal_call_tag(seq: int, kind: str, fp8: bool, weights: bool, hidden: int, topk: int = 0,
                     experts: int = 1) -> int:
     """The tag of normal call number ``seq``; ``kind`` one of NORMAL_KINDS."""
-    return NORMAL_MARK | _pack(_NORMAL_FIELDS, (seq, NORMAL_KINDS.index(kind), fp8, weights, hidden // 128,
+    return _normal_base(kind, fp8, weights, hidden, topk, experts) | (seq & _CALL_MASK)
+
+
+@functools.lru_cache(maxsize=256)
+def _normal_base(kind: str, fp8: bool, weights: bool, hidden: int, topk: int, experts: int) -> int:
+    """normal_call_tag of call number 0 (the call field is the lowest)."""
+    return NORMAL_MARK | _pack(_NORMAL_FIELDS, (0, NORMAL_KINDS.index(kind), fp8, weights, hidden // 128,
                                                 topk, experts))
 
 

@@ -1,6 +1,8 @@
 """Kernel launch configuration for normal (high-throughput) kernels."""
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -65,6 +67,7 @@ class Config:
         return self.num_sms // 2
 
 
+@functools.lru_cache(maxsize=None)
 def default_config(num_ranks: int, num_nodes: int = 1) -> Config:
     """Defaults (measured on 2 and 4 H200s, benchmarks/RESULTS.md).
 

@@ -89,18 +89,21 @@ class CallStreams:
         """(stream to launch on, the caller's stream ``cur``), CuPy streams.
         ``after_cur``: order the call after ``cur`` even when it waits on an
         event (work the call itself queued there, e.g. its layout)."""
+        last = self._last
+        if previous_event is None and not async_finish:  # the common case, on every decode step
+            if last is not None and last is not cur and last.ptr != cur.ptr \
+                    and is_capturing(last) == is_capturing(cur):
+                cur.wait_event(last.record())
+            self._last = cur
+            return cur, cur
         import cupy
         ev = event_ptr(previous_event)
-        if previous_event is None and not async_finish:
-            launch = cur
-        else:
-            launch = self.comm
-            if ev:
-                cupy.cuda.runtime.streamWaitEvent(launch.ptr, ev, 0)
-            if not ev or after_cur:  # no event (or one that stands for the caller's stream)
-                launch.wait_event(cur.record())
+        launch = self.comm
+        if ev:
+            cupy.cuda.runtime.streamWaitEvent(launch.ptr, ev, 0)
+        if not ev or after_cur:  # no event (or one that stands for the caller's stream)
+            launch.wait_event(cur.record())
         follows = (launch.ptr,) if ev and not after_cur else (launch.ptr, cur.ptr)  # ordered after these
-        last = self._last
         if last is not None and last.ptr not in follows and is_capturing(last) == is_capturing(launch):
             launch.wait_event(last.record())
         self._last = launch
@@ -112,6 +115,6 @@ class CallStreams:
         framework's current-stream getter, for EventOverlap."""
         if async_finish:
             return EventOverlap(launch.record(), stream_ptr)
-        if launch.ptr != cur.ptr:  # a previous_event put it on the communication stream
+        if launch is not cur and launch.ptr != cur.ptr:  # a previous_event put it on the communication stream
             cur.wait_event(launch.record())
         return None

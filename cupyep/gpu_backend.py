@@ -99,6 +99,7 @@ class GpuBackend:
         self._kept = KeptArrays()
         self._capturing = False  # of the call in progress (set by _begin / get_dispatch_layout)
         self._layouts = {}
+        self._cached_configs = {}  # cached_dispatch's Config per handle shape and given chunking
         from .gpu_low_latency import GpuLowLatency
         self._prefetched = set()  # normal-call shapes whose kernels were prefetched
         self.ll = GpuLowLatency(self, num_rdma_bytes, shrink=enable_shrink)
@@ -348,8 +349,12 @@ class GpuBackend:
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
         g: GpuRouting = handle.state
         given = config or default_config(self.num_ranks, self.group.num_nodes)
-        cfg = Config(num_sms=2 * g.num_channels, num_warps=g.num_warps, chunk_tokens=given.chunk_tokens,
-                     own_rows_receiver_share=given.own_rows_receiver_share)
+        key = (g.num_channels, g.num_warps, given.chunk_tokens, given.own_rows_receiver_share)
+        cfg = self._cached_configs.get(key)
+        if cfg is None:  # the handle's launch shape with the given chunking (Config checks on creation)
+            cfg = self._cached_configs[key] = Config(
+                num_sms=2 * g.num_channels, num_warps=g.num_warps, chunk_tokens=given.chunk_tokens,
+                own_rows_receiver_share=given.own_rows_receiver_share)
         if self.inter is not None:
             self.inter.claim()
         cur = self._begin(previous_event, async_finish)

@@ -10,11 +10,13 @@ Peers reachable over NVLink are written with plain stores. The NVSHMEM-linked
 kernels put through NVSHMEM to peers without a mapping, or to every peer when
 ``transport='nvshmem'`` (or ``CUPYEP_LL_TRANSPORT=nvshmem``).
 
-Outputs are allocated per call by the caller's framework (torch's caching
-allocator for torch callers; inside ``torch.cuda.graph`` that is the graph's
-pool). For CuPy callers, while the stream is being captured they come from
-arrays the buffer keeps per half instead, so a replayed graph writes memory
-that stays valid; run each shape once outside capture first.
+Outputs come from the caller's framework. torch callers get a set of
+tensors made earlier on the same stream once they have dropped every tensor
+of it (cupyep.output_sets), else new ones from torch's caching allocator;
+inside ``torch.cuda.graph`` always new ones, from the graph's pool. CuPy
+callers get new arrays, except while the stream is being captured: then
+arrays the buffer keeps per half, so a replayed graph writes memory that
+stays valid; run each shape once outside capture first.
 """
 from __future__ import annotations
 
@@ -55,9 +57,14 @@ def arg_block(kernel: str, **values) -> ArgBlock:
 
 @dataclass(eq=False, slots=True)
 class GpuLowLatencyState:
-    """Kept in a LowLatencyHandle: what combine needs from its dispatch."""
+    """Kept in a LowLatencyHandle: what combine needs from its dispatch.
+    The addresses are those of recv_k and of the handle's src_info and
+    layout_range (one output block: recv_k keeps it alive)."""
     recv_k: object          # [L, R*M] int32 top-k slot of each received row at its source
     layout: LowLatencyLayout
+    src_info_ptr: int
+    layout_range_ptr: int
+    recv_k_ptr: int
 
 
 class GpuLowLatency:
@@ -75,6 +82,7 @@ class GpuLowLatency:
         self._finish = cupy.zeros(backend.num_ranks, np.int32)
         self._kernels = {}
         self._plans = {}  # per shape and transport: kernel and argument lists (see _dispatch_plan)
+        self._send_views = {}  # (layout, half) -> next_combine_buffer()'s array
         self.source = "cupyep/low_latency.cu"  # the kernels' source (breakdown benchmarks swap variants in)
         self._blocks_done = cupy.zeros(2, np.int32)
         # per half: how many dispatch receive blocks are done reading the flags
@@ -180,22 +188,27 @@ class GpuLowLatency:
         plan = self._plans[key] = (fn, lay, outputs, args, tag_base)
         return plan
 
-    def _outputs(self, key, specs, stream):
-        """Arrays of the given (shape, dtype) specs (None stays None), from the
-        caller's framework; CuPy callers' kept per key while ``stream`` is captured."""
+    def _outputs(self, key, specs, stream, fp8=False):
+        """(arrays of the given (shape, dtype) specs (None stays None), their
+        addresses), from the caller's framework: torch callers' recycled once
+        dropped (cupyep.output_sets); CuPy callers' kept per key while
+        ``stream`` is captured. ``fp8``: the first is e4m3 (torch:
+        float8_e4m3fn, others: uint8)."""
         fe = self.be.frontend
-        if not fe.keeps_outputs_in_capture or not is_capturing(stream):
-            many = getattr(fe, "empty_many", None)
-            if many is not None and len(specs) > 1:  # one allocation, views of it
-                return many(specs)
-            return [None if sp is None else fe.empty(*sp) for sp in specs]
-        return [None if sp is None else self._kept.get(key + (i,), sp[0], sp[1], True, alloc=fe)
-                for i, sp in enumerate(specs)]
+        if fe.recycles_outputs:
+            return fe.outputs(specs, fp8)
+        if fe.keeps_outputs_in_capture and is_capturing(stream):
+            outs = [None if sp is None else self._kept.get(key + (i,), sp[0], sp[1], True, alloc=fe)
+                    for i, sp in enumerate(specs)]
+        else:
+            outs = [None if sp is None else fe.empty(*sp) for sp in specs]
+        return outs, tuple(address(a) for a in outs)
 
     def dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish,
                  return_recv_hook, cumulative_stats=None, wait_stats=None):
         be = self.be
         t, hidden = x.shape
+        k = topk_idx.shape[1]
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
         fn, lay, specs, half_args, tag_base = self._dispatch_plan(
@@ -204,38 +217,41 @@ class GpuLowLatency:
         be.check_errors()
         stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
         half = self._next_half()
-        outs = self._outputs(("d", half, id(specs)), specs, stream)
+        outs, addresses = self._outputs(("d", half, id(specs)), specs, stream, use_fp8)
         recv_x, recv_s, recv_count, src_info, layout_range, recv_k = outs
         args = half_args[half]
         v = args.values
-        v[_D_X:_D_X + 4] = (address(x), address(topk_idx), t, topk_idx.shape[1])
-        v[_D_ARRAYS:_D_ARRAYS + 8] = [address(a) for a in (*outs, cumulative_stats, wait_stats)]
-        v[_D_TAG] = with_call(tag_base, be.seq, topk_idx.shape[1])
+        v[_D_X:_D_X + 4] = (address(x), address(topk_idx), t, k)
+        v[_D_ARRAYS:_D_ARRAYS + 8] = (*addresses, address(cumulative_stats), address(wait_stats))
+        v[_D_TAG] = with_call(tag_base, be.seq, k)
         v[_D_SHRINK], v[_D_TIMEOUT] = self.shrink, be.timeout_ns
-
-        def run(phases, stream):
-            v[_D_PHASES] = phases
-            fn.launch_block(self.num_sms, _THREADS, args, stream.ptr)
-
-        hook = self._send_then_receive(run, stream, return_recv_hook, args)
-        be.keep_for_stream(stream, cur, (x, topk_idx, *outs))
+        hook = self._send_then_receive(fn, stream, return_recv_hook, args, _D_PHASES, outs)
+        if stream is not cur:
+            be.keep_for_stream(stream, cur, (x, topk_idx, *outs))
         return {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_count": recv_count,
                 "src_info": src_info, "layout_range": layout_range,
-                "routing": GpuLowLatencyState(recv_k, lay), "call_id": self.calls,
+                "routing": GpuLowLatencyState(recv_k, lay, *addresses[3:]), "call_id": self.calls,
                 "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), "hook": hook}
 
-    def _send_then_receive(self, run, stream, return_recv_hook, args):
+    def _send_then_receive(self, fn, stream, return_recv_hook, args, phases, outputs):
         """Both halves in one launch, or the send half now and a hook for the
-        other (with this call's arguments, whatever calls come in between)."""
+        other (with this call's arguments, whatever calls come in between).
+        ``phases``: the index of the kernel's ``phases`` parameter. The hook
+        holds ``outputs`` (what its half writes), so they are not handed out
+        again before it has run, even if the caller drops them."""
+        v = args.values
         if not return_recv_hook:
-            run(3, stream)
+            v[phases] = 3
+            fn.launch_block(self.num_sms, _THREADS, args, stream.ptr)
             return None
-        run(1, stream)
-        mine = bytes(args.values)
+        v[phases] = 1
+        fn.launch_block(self.num_sms, _THREADS, args, stream.ptr)
+        v[phases] = 2
+        mine = bytes(v)
 
-        def receive(s):
-            ctypes.memmove(args.values, mine, len(mine))
-            run(2, s)
+        def receive(s, outputs=outputs):
+            ctypes.memmove(v, mine, len(mine))
+            fn.launch_block(self.num_sms, _THREADS, args, s.ptr)
         return self._hook(receive)
 
     def _hook(self, launch_recv):
@@ -298,35 +314,38 @@ class GpuLowLatency:
                 "area this call reads; take it from get_next_low_latency_combine_buffer() after the "
                 "dispatch and before any other low-latency call")
         if out is None:
-            out = self._outputs(("c", half), (((t, lay.hidden), bfloat16),), stream)[0]
+            (out,), (out_ptr,) = self._outputs(("c", half), (((t, lay.hidden), bfloat16),), stream)
+        else:
+            out_ptr = address(out)
         args = half_args[half]
         v = args.values
-        v[_C_X:_C_X + 8] = (x_ptr, address(handle.src_info), address(st.recv_k), address(handle.layout_range),
+        v[_C_X:_C_X + 8] = (x_ptr, st.src_info_ptr, st.recv_k_ptr, st.layout_range_ptr,
                             address(topk_idx), address(topk_weights), t, k)
         v[_C_ZERO_COPY] = zero_copy
-        v[_C_OUT] = address(out)
+        v[_C_OUT] = out_ptr
         v[_C_OUT + 1] = address(wait_stats)
         v[_C_TAG] = with_call(tag_base, be.seq, k)
         v[_C_SHRINK], v[_C_TIMEOUT] = self.shrink, be.timeout_ns
-
-        def run(phases, stream):
-            v[_C_PHASES] = phases
-            fn.launch_block(self.num_sms, _THREADS, args, stream.ptr)
-
-        hook = self._send_then_receive(run, stream, return_recv_hook, args)
-        be.keep_for_stream(stream, cur, (x, topk_idx, topk_weights, out))
+        hook = self._send_then_receive(fn, stream, return_recv_hook, args, _C_PHASES, out)
+        if stream is not cur:
+            be.keep_for_stream(stream, cur, (x, topk_idx, topk_weights, out))
         return {"combined_x": out, "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr),
                 "hook": hook}
 
     def next_combine_buffer(self, handle):
-        """[L, R*M, H] bf16 view of the send area the next call (a combine) reads in place."""
-        import cupy
+        """[L, R*M, H] bf16 view of the send area the next call (a combine)
+        reads in place: one array per layout and half, made once."""
         lay: LowLatencyLayout = handle.state.layout
-        local = lay.num_experts // self.be.num_ranks
-        shape = (local, self.be.num_ranks * lay.max_tokens, lay.hidden)
-        ptr = self.sym.ptr + lay.offsets(self.calls % 2)["send_area"]
-        mem = cupy.cuda.UnownedMemory(ptr, int(np.prod(shape)) * 2, self.sym)
-        return cupy.ndarray(shape, bfloat16, cupy.cuda.MemoryPointer(mem, 0))
+        key = (lay, self.calls % 2)
+        view = self._send_views.get(key)
+        if view is None:
+            import cupy
+            local = lay.num_experts // self.be.num_ranks
+            shape = (local, self.be.num_ranks * lay.max_tokens, lay.hidden)
+            ptr = self.sym.ptr + lay.offsets(key[1])["send_area"]
+            mem = cupy.cuda.UnownedMemory(ptr, int(np.prod(shape)) * 2, self.sym)
+            view = self._send_views[key] = cupy.ndarray(shape, bfloat16, cupy.cuda.MemoryPointer(mem, 0))
+        return view
 
     def clean(self, stream, blocking: bool = False):
         """Zero flags and counters (collective), ordered on ``stream``: a

@@ -18,10 +18,13 @@ it) and FP8 as uint8, since CuPy has no float8 dtype.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .errors import InvalidInputError
 from .fp8 import bfloat16, float8_e4m3
+from .output_sets import OutputSets
 
 _TORCH_TO_NUMPY = {}  # torch dtype -> NumPy dtype, filled on first use
 _NUMPY_TO_TORCH = {}
@@ -218,6 +221,7 @@ class DeviceFrontend:
 
     name = "cupy"
     keeps_outputs_in_capture = True  # CuPy has no graph pool: cupyep.capture keeps them
+    recycles_outputs = False  # see TorchFrontend.outputs
 
     def __init__(self, device_id: int):
         self.device_id = device_id
@@ -257,6 +261,7 @@ class TorchFrontend(DeviceFrontend):
 
     name = "torch"
     keeps_outputs_in_capture = False  # torch.cuda.graph gives allocations its pool
+    recycles_outputs = True
 
     def __init__(self, device_id: int):
         import torch
@@ -268,6 +273,9 @@ class TorchFrontend(DeviceFrontend):
         self._f8 = torch.float8_e4m3fn
         self._dtypes = {}  # NumPy dtype (or type) -> torch dtype
         self._carvings = {}  # output specs -> carving()
+        self._output_sets = {}  # (output specs, fp8) -> OutputSets
+        self.kept_output_sets = int(os.environ.get("CUPYEP_KEPT_OUTPUT_SETS", "2"))
+        self._capturing = torch._C._cuda_isCurrentStreamCapturing
         _torch_dtypes()
 
     def stream_ptr(self) -> int:
@@ -294,10 +302,11 @@ class TorchFrontend(DeviceFrontend):
     def empty(self, shape, dtype):
         return self._torch.empty(shape, dtype=self._torch_dtype(dtype), device=self._device)
 
-    def empty_many(self, specs):
+    def empty_many(self, specs, fp8: bool = False):
         """Tensors of ``specs`` ((shape, dtype) or None, a tuple) carved from
         one allocation: torch's allocator costs microseconds a call, a view
-        one. They share its memory, freed once every one of them is dropped."""
+        one. They share its memory, freed once every one of them is dropped.
+        ``fp8``: the first spec is uint8 holding e4m3; it comes as float8_e4m3fn."""
         plan = self._carvings.get(specs)
         if plan is None:
             plan = self._carvings[specs] = carving(specs)
@@ -310,8 +319,28 @@ class TorchFrontend(DeviceFrontend):
                 out.append(None)
             else:
                 t = strided(flat, p[0], p[1], p[2])
-                out.append(t if p[3] is None else t.view(self._torch_dtype(p[3])))
+                dtype = self._f8 if fp8 and not out else None if p[3] is None else self._torch_dtype(p[3])
+                out.append(t if dtype is None else t.view(dtype))
         return out
+
+    def outputs(self, specs, fp8: bool = False):
+        """(tensors of ``specs`` (as :meth:`empty_many`), their addresses) for
+        a call on the current stream: a set made earlier on this stream once
+        the caller has dropped it (cupyep.output_sets), new ones while the
+        stream is captured."""
+        if self._capturing():
+            out = self.empty_many(specs, fp8)
+            return out, tuple(0 if t is None else t.data_ptr() for t in out)
+        sets = self._output_sets.get((specs, fp8))
+        if sets is None:
+            sets = self._output_sets[(specs, fp8)] = OutputSets(
+                lambda: self.empty_many(specs, fp8), self._torch._C._storage_Use_Count,
+                _storage_handle, self.kept_output_sets)
+        return sets.take(self._raw_stream(self.device_id))
+
+    def drop_kept_outputs(self) -> None:
+        """Stop keeping output sets for reuse (see :meth:`outputs`)."""
+        self._output_sets.clear()
 
     def _torch_dtype(self, dtype):
         td = self._dtypes.get(dtype)
@@ -329,8 +358,13 @@ class TorchFrontend(DeviceFrontend):
 
     def back(self, a, fp8: bool = False):
         if a is None or framework_of(a) == "torch":
-            return a.view(self._f8) if fp8 and a is not None else a
+            return a.view(self._f8) if fp8 and a is not None and a.dtype is not self._f8 else a
         return from_cupy(a, "torch", fp8)  # a view of cupyep's own memory
+
+
+def _storage_handle(tensors) -> int:
+    """What torch._C._storage_Use_Count takes for the memory of a set of tensors."""
+    return next(t for t in tensors if t is not None).untyped_storage()._cdata
 
 
 def carving(specs, align: int = 256):
@@ -372,6 +406,7 @@ class HostFrontend:
     """How reference-backend calls meet arrays of one framework (NumPy views)."""
 
     keeps_outputs_in_capture = True
+    recycles_outputs = False
 
     def __init__(self, framework: str):
         self.name = framework

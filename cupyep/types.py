@@ -128,6 +128,10 @@ class LowLatencyHandle:
     state: Any = field(repr=False, default=None)
     framework: str = "numpy"
 
+    def combine_x_shape(self, num_ranks: int) -> tuple:
+        """(L, R*M, H): the shape of the combine's x."""
+        return (self.num_experts // num_ranks, num_ranks * self.num_max_dispatch_tokens_per_rank, self.hidden)
+
 
 @dataclass(eq=False, slots=True)
 class LowLatencyDispatchResult:

@@ -126,3 +126,49 @@ def check_bias(bias, num_tokens: int, hidden: int) -> None:
         check_bf16_rows(b, f"bias[{i}]", rows=num_tokens)
         if b.shape[1] != hidden:
             raise InvalidInputError(f"bias[{i}] has hidden {b.shape[1]}, expected {hidden}")
+
+
+def check_low_latency_dispatch(x, topk_idx, m: int, num_experts: int, num_ranks: int, use_fp8: bool,
+                               use_ue8m0: bool, max_topk: int) -> None:
+    """A low-latency dispatch's inputs: x [T, H] bf16, topk_idx [T, K]
+    int64/int32, both contiguous, 1 <= T <= m, 1 <= K <= max_topk. Each
+    shape is read once (a torch attribute read costs ~0.25 us); what fails
+    goes through the checks above for their messages."""
+    xs, ks = x.shape, topk_idx.shape
+    if (len(xs) == 2 and len(ks) == 2 and xs[0] == ks[0] and xs[0] <= m and m >= 1 and 1 <= ks[1] <= max_topk
+            and xs[1] > 0 and xs[1] % FP8_GROUP == 0 and dtype_of(x) == bfloat16
+            and dtype_of(topk_idx) in _INDEX_DTYPES and num_experts > 0 and num_experts % num_ranks == 0
+            and not (use_ue8m0 and (not use_fp8 or xs[1] % 512)) and is_c_contiguous(x)
+            and is_c_contiguous(topk_idx)):
+        return
+    check_bf16_rows(x)
+    check_topk(topk_idx, None, xs[0])
+    check_num_experts(num_experts, num_ranks)
+    if m < 1 or xs[0] > m:
+        raise InvalidInputError(f"{xs[0]} tokens exceed num_max_dispatch_tokens_per_rank={m} (or it is < 1)")
+    if ks[1] > max_topk:
+        raise InvalidInputError(f"low-latency calls take at most {max_topk} experts per token, got {ks[1]}")
+    if use_ue8m0 and (not use_fp8 or xs[1] % 512):
+        raise InvalidInputError("use_ue8m0 needs use_fp8 and a hidden size divisible by 512")
+    raise AssertionError(f"check_low_latency_dispatch: no check failed for x {xs}, topk_idx {ks}")
+
+
+def check_low_latency_combine(x, topk_idx, topk_weights, want: tuple, num_tokens: int, num_topk: int) -> None:
+    """A low-latency combine's inputs: x bf16 of shape ``want`` ([L, R*M, H]),
+    topk_idx [T, K] int64/int32 and topk_weights [T, K] fp32 with T and K
+    those of the dispatch; all contiguous. Fast path as in check_low_latency_dispatch."""
+    xs, ks = x.shape, topk_idx.shape
+    if (topk_weights is not None and xs == want and ks == topk_weights.shape and len(ks) == 2 and ks[0] == num_tokens and ks[1] == num_topk
+            and dtype_of(x) == bfloat16 and dtype_of(topk_idx) in _INDEX_DTYPES
+            and dtype_of(topk_weights) == _FLOAT32 and is_c_contiguous(x) and is_c_contiguous(topk_idx)
+            and is_c_contiguous(topk_weights)):
+        return
+    if len(xs) != 3 or tuple(xs) != tuple(want) or dtype_of(x) != bfloat16:
+        raise InvalidInputError(f"low_latency_combine: x must be bf16 {want}, got {x.dtype} {tuple(xs)}")
+    check_contiguous(x, "x")
+    if topk_weights is None:
+        raise InvalidInputError("low_latency_combine needs topk_weights")
+    check_topk(topk_idx, topk_weights, num_tokens, "the dispatch that made the handle had")
+    if ks[1] != num_topk:
+        raise InvalidInputError(f"topk_idx has K={ks[1]}, the handle has K={num_topk}")
+    raise AssertionError(f"check_low_latency_combine: no check failed for x {xs}, topk_idx {ks}")

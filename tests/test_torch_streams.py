@@ -316,3 +316,84 @@ def test_torch_bad_input_launches_nothing(gpu_buffer, rng):
     everyone = gather(x, idx)
     agree(check_dispatch, d, everyone, m, h, num_experts // SIZE, False, False, False)
     buf.clean_low_latency_buffer()
+
+
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_torch_outputs_are_reused_only_once_dropped(gpu_buffer, rng, use_fp8):
+    """A torch caller's low-latency outputs come back (the same memory) once
+    every tensor of the call and every view of one is dropped, never while one
+    is held, on another stream, or inside a graph capture; every call checked."""
+    buf = gpu_buffer
+    m, h, num_experts, k = 32, 2048, 4 * SIZE, 4
+    local = num_experts // SIZE
+
+    def call():
+        x = random_rows(rng, m, h)
+        idx = random_topk(rng, m, num_experts, k, drop=0.1)
+        w = rng.random(idx.shape).astype(np.float32) + 0.5
+        d = buf.low_latency_dispatch(as_torch(x), as_torch(idx), m, num_experts, use_fp8=use_fp8)
+        y = check_now(d, x, idx)
+        c = buf.low_latency_combine(as_torch(y), as_torch(idx), as_torch(w), d.handle)
+        torch.cuda.synchronize()
+        got = to_host(c.combined_x)
+        agree(lambda: assert_close_bf16(got, expected_combine(x, idx, w), "combined_x"))
+        return d, c
+
+    def check_now(d, x, idx):
+        torch.cuda.synchronize()
+        everyone = gather(x, idx)
+        out = []
+        agree(lambda: out.append(check_dispatch(d, everyone, m, h, local, use_fp8, False, False)))
+        assert d.recv_x.dtype == (torch.float8_e4m3fn if use_fp8 else torch.bfloat16)
+        return out[0]
+
+    buf.clean_low_latency_buffer()
+    seen = set()
+    for _ in range(5):  # a decode loop: each step drops the last step's results
+        d, c = call()
+        seen.add(d.recv_x.data_ptr())
+    del d, c
+    first, _ = call()
+    held_view = first.recv_x[0]
+    snapshot = first.recv_x.clone()
+    ptr = first.recv_x.data_ptr()
+    del first  # only a view of one tensor is left
+    second, _ = call()
+    torch.cuda.synchronize()
+    intact = bool(torch.equal(held_view.view(torch.uint8), snapshot[0].view(torch.uint8)))
+    second_ptr = second.recv_x.data_ptr()
+    del held_view, second
+    again, _ = call()
+    again_ptr = again.recv_x.data_ptr()
+    del again
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side, _ = call()
+    side_ptr = on_side.recv_x.data_ptr()
+    del on_side
+
+    x = as_torch(random_rows(rng, m, h))
+    idx = as_torch(random_topk(rng, m, num_experts, k, drop=0.1))
+    with torch.cuda.stream(side):
+        buf.low_latency_dispatch(x, idx, m, num_experts, use_fp8=use_fp8)  # a set of this stream, dropped
+    side.synchronize()
+    COMM.Barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        captured = buf.low_latency_dispatch(x, idx, m, num_experts, use_fp8=use_fp8)
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    kept = {p for s in buf._frontends["torch"]._output_sets.values() for p in
+            (t[0].data_ptr() for t in (e[0] for e in s._sets))}
+
+    def check():
+        assert len(seen) <= 2, f"a loop that drops its results used {len(seen)} output sets"
+        assert intact, "a view the caller held was overwritten"
+        assert second_ptr != ptr, "a set with a live view was handed out"
+        assert again_ptr in (ptr, second_ptr), "dropped sets were not reused"
+        assert side_ptr not in (ptr, second_ptr), "a set went to another stream"
+        assert captured.recv_x.data_ptr() not in kept, "a capture took a kept set"
+    agree(check)
+    buf.clean_low_latency_buffer()

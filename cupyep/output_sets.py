@@ -1,0 +1,76 @@
+"""Output tensors handed out again once the caller has dropped them.
+
+A low-latency call returns up to six tensors carved from one allocation. From
+Python each costs a torch call of 1-3 us (the allocation itself 2-6 us): more
+host time than the kernel launch, every decode step. So the torch frontend
+keeps the last few sets it made, per shape, and hands a set out again when
+nothing outside it refers to it any more: no Python reference to any of its
+tensors (their reference counts are back to what they were when the set was
+made) and no other tensor on its memory (the storage's use count likewise).
+That is the moment torch's caching allocator could reuse the memory too, and,
+as the allocator does, a set is reused only on the stream it was made on, so
+the caller's work on that stream that read it is ordered before the new
+writes. One difference: ``Tensor.record_stream`` on a returned tensor is not
+seen; keep a tensor that another stream reads alive until that work is done.
+
+Outputs made while the stream is captured into a CUDA graph always come
+fresh from the allocator (the graph's pool) and are not kept.
+"""
+from __future__ import annotations
+
+import sys
+
+_refcount = sys.getrefcount
+
+
+def _refs(tensors) -> list:
+    """Python reference counts of ``tensors`` (None: 0), measured the same way each time."""
+    return [0 if t is None else _refcount(t) for t in tensors]
+
+
+class OutputSets:
+    """Up to ``depth`` sets of one kind of outputs, each on the stream it was made on.
+
+    Args:
+        make: () -> tensors (None allowed; torch tensors or anything with
+            ``data_ptr()``) sharing one storage.
+        use_count: storage -> its use count (torch: ``torch._C._storage_Use_Count``
+            of ``untyped_storage()._cdata``).
+        storage_of: a set -> the handle ``use_count`` takes (it must hold no
+            reference to the set's tensors).
+        depth: sets kept; beyond them calls get fresh sets, not kept.
+    """
+
+    __slots__ = ("_make", "_use_count", "_storage_of", "depth", "_sets")
+
+    def __init__(self, make, use_count, storage_of, depth: int = 2):
+        self._make = make
+        self._use_count = use_count
+        self._storage_of = storage_of
+        self.depth = depth
+        # [tensors (a list), stream, storage handle, reference counts, use count, addresses]
+        self._sets = []
+
+    def take(self, stream: int):
+        """(tensors, their addresses (None: 0)) for a call on ``stream`` (an
+        address): a kept set if one made on that stream is free, else a new
+        one (kept if there is room)."""
+        use_count = self._use_count
+        for s in self._sets:
+            if s[1] == stream and use_count(s[2]) == s[4] and _refs(s[0]) == s[3]:
+                return tuple(s[0]), s[5]
+        # Kept in a list of our own (the caller gets a new tuple each time, so
+        # holding it counts as holding its tensors), measured once made.
+        tensors = list(self._make())
+        addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
+        if len(self._sets) < self.depth:
+            storage = self._storage_of(tensors)
+            self._sets.append([tensors, stream, storage, _refs(tensors), use_count(storage), addresses])
+        return tuple(tensors), addresses
+
+    def clear(self) -> None:
+        """Forget the kept sets (their memory goes back to the allocator once the caller drops them)."""
+        self._sets.clear()
+
+    def __len__(self):
+        return len(self._sets)

@@ -1,0 +1,86 @@
+"""cupyep.output_sets: a set of outputs comes back only once nothing outside
+it refers to it (on the CPU with torch tensors; the GPU behaviour is in
+tests/test_torch_streams.py)."""
+import pytest
+
+from cupyep.output_sets import OutputSets
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+
+
+def make_sets(depth=2):
+    made = []
+
+    def make():
+        flat = torch.empty(64, dtype=torch.int32)
+        out = (torch.as_strided(flat, (4, 8), (8, 1), 0), None, torch.as_strided(flat, (8,), (1,), 32).view(torch.float32))
+        made.append(out[0].data_ptr())
+        return out
+
+    sets = OutputSets(make, torch._C._storage_Use_Count, lambda ts: ts[0].untyped_storage()._cdata, depth)
+    return sets, made
+
+
+def test_a_dropped_set_comes_back():
+    sets, made = make_sets()
+    a, _ = sets.take(stream=1)
+    ptr = a[0].data_ptr()
+    del a
+    b, addresses = sets.take(stream=1)
+    assert b[0].data_ptr() == ptr and len(made) == 1
+    assert addresses == (ptr, 0, b[2].data_ptr())
+    assert b[1] is None and b[2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("hold", ["the set", "one tensor", "a view", "a dtype view"])
+def test_a_held_set_is_not_handed_out(hold):
+    sets, made = make_sets()
+    a, _ = sets.take(stream=1)
+    if hold == "the set":
+        kept = a
+    elif hold == "one tensor":
+        kept = a[2]
+    elif hold == "a view":
+        kept = a[0][1:]
+    else:
+        kept = a[0].view(torch.float32)
+    a[0].fill_(7)
+    ptr = a[0].data_ptr()
+    del a
+    b, _ = sets.take(stream=1)
+    assert b[0].data_ptr() != ptr and len(made) == 2
+    b[0].fill_(-1)
+    held = kept if hold != "the set" else kept[0]
+    if hold in ("the set", "a view"):
+        assert (held == 7).all(), "a held set was written"
+    del kept, held, b
+    assert sets.take(stream=1)[0][0].data_ptr() in made[:2] and len(made) == 2
+
+
+def test_a_set_is_reused_only_on_its_stream():
+    sets, made = make_sets()
+    a, _ = sets.take(stream=1)
+    del a
+    sets.take(stream=2)
+    assert len(made) == 2, "a set made on stream 1 went to stream 2"
+
+
+def test_depth_bounds_the_kept_sets():
+    sets, made = make_sets(depth=2)
+    held = [sets.take(stream=1) for _ in range(3)]
+    assert len(made) == 3 and len(sets) == 2
+    del held
+    for _ in range(4):
+        sets.take(stream=1)
+    assert len(made) == 3, "free kept sets were not reused"
+    sets.clear()
+    assert len(sets) == 0
+    sets.take(stream=1)
+    assert len(made) == 4
+
+
+def test_depth_zero_keeps_nothing():
+    sets, made = make_sets(depth=0)
+    for _ in range(3):
+        sets.take(stream=1)
+    assert len(made) == 3 and len(sets) == 0
