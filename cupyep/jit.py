@@ -460,6 +460,14 @@ def index_type(arr) -> str:
 
 
 _packed = {}
+_cupy = None  # the module, once launch() has imported it (an import statement costs a lookup a call)
+
+
+def _import_cupy():
+    global _cupy
+    import cupy
+    _cupy = cupy
+    return cupy
 _INT64 = __import__("numpy").dtype("int64")
 
 
@@ -469,7 +477,7 @@ def launch(spec: KernelSpec, grid, block, args, shared_mem: int = 0, stream=None
     ``args`` may hold arrays (CuPy or torch: passed by address), NumPy or
     Python integers; every kernel parameter is an integer or a pointer.
     """
-    import cupy
+    cupy = _cupy or _import_cupy()
     if stream is None:
         stream = cupy.cuda.get_current_stream()
     key = (spec, len(args), cupy.cuda.runtime.getDevice())

@@ -10,9 +10,12 @@ GPU.
 """
 from __future__ import annotations
 
+import functools
+
 from .jit import KernelSpec
 
 
+@functools.lru_cache(maxsize=None)  # one object per instantiation: launch caches look it up by identity
 def _k(source, name, *targs, nvshmem=False):
     return KernelSpec(f"cupyep/{source}", f"cupyep::{name}", tuple(targs), nvshmem)
 
