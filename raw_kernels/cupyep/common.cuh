@@ -388,6 +388,52 @@ __device__ __forceinline__ T wait_at_least(const T* flag, T target, long long ti
     }
 }
 
+// "Last block done" by a ticket from `done` ([1] i32, zero between launches).
+// What orders a block's earlier writes before its ticket:
+enum class Arrival { kReadsOnly, kGpuWrites, kSystemWrites };
+
+// Block-wide: true in the last block of the grid to get here. That block
+// acquires every block's arrival (a fence after its ticket) and zeroes `done`
+// for the next launch. kGpuWrites / kSystemWrites: a fence (GPU / system
+// scope) orders this block's earlier stores before its ticket, for readers on
+// this GPU / on peers after the last block.
+template <Arrival kOrder>
+__device__ __forceinline__ bool last_block_to_arrive(int* done) {
+    __shared__ bool s_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if constexpr (kOrder == Arrival::kSystemWrites) __threadfence_system();
+        if constexpr (kOrder == Arrival::kGpuWrites) __threadfence();
+        s_last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+        if (s_last) {
+            __threadfence();
+            *done = 0;
+        }
+    }
+    __syncthreads();
+    return s_last;
+}
+
+// The same in two steps, for a block whose ticket's round trip should overlap
+// its work: take() once the block's reads to be covered are done (a fence
+// orders them before the ticket; thread 0), last() later (block-wide). The
+// caller then fences and zeroes `done` itself, with whatever it resets.
+struct ArrivalTicket {
+    int ticket = 0;
+    __device__ __forceinline__ void take(int* done) {
+        if (threadIdx.x == 0) {
+            __threadfence();
+            ticket = atomicAdd(done, 1);
+        }
+    }
+    __device__ __forceinline__ bool last() const {
+        __shared__ int s_last;
+        if (threadIdx.x == 0) s_last = ticket == static_cast<int>(gridDim.x) - 1;
+        __syncthreads();
+        return s_last;
+    }
+};
+
 // Barrier among num_threads threads (whole warps) of a block: named barrier
 // id (1..15; 0 is __syncthreads), or __syncwarp for a single warp.
 __device__ __forceinline__ void sync_warps(int id, int num_threads) {

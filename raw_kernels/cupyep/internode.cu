@@ -190,18 +190,7 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
     // Complete this thread's signals before the block reports done.
     cupyep_nvshmem_quiet();
 
-    __shared__ bool s_last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        s_last = atomicAdd(blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
-        if (s_last) {
-            __threadfence();
-            *blocks_done = 0;
-        }
-    }
-    __syncthreads();
-    if (!s_last) return;
+    if (!last_block_to_arrive<Arrival::kSystemWrites>(blocks_done)) return;
     rdma_barrier_block<kNumRanks>(rdma, lay, rank, counters, err, timeout_ns, call_tag);
     if (threadIdx.x == 0) counters[1] += 1;
 

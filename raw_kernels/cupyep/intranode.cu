@@ -108,17 +108,9 @@ struct KernelBarrier {
     // Block-wide; true in the last block to get here, which advances the
     // sequence (every block read it at its start).
     __device__ __forceinline__ bool finish() const {
-        __shared__ bool s_last;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            s_last = atomicAdd(blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
-            if (s_last) {
-                *blocks_done = 0;
-                counters[0] = seq;
-            }
-        }
-        __syncthreads();
-        return s_last;
+        const bool last = last_block_to_arrive<Arrival::kReadsOnly>(blocks_done);
+        if (last && threadIdx.x == 0) counters[0] = seq;
+        return last;
     }
 };
 
@@ -176,20 +168,9 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
         }
     }
 
-    // Last block done runs the barrier (threadfence-reduction pattern: the
-    // fence orders this block's remote count stores before its arrival).
-    __shared__ bool s_last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        s_last = atomicAdd(blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
-        if (s_last) {
-            __threadfence();  // acquire side of the counter
-            *blocks_done = 0;
-        }
-    }
-    __syncthreads();
-    if (!s_last) return;
+    // The last block done runs the barrier (this block's remote count stores
+    // are ordered before its arrival).
+    if (!last_block_to_arrive<Arrival::kSystemWrites>(blocks_done)) return;
     barrier_block<kNumRanks>(peers, lay, rank, counters, err, timeout_ns, call_tag);
     if (threadIdx.x == 0) counters[1] += 1;
 

@@ -228,33 +228,49 @@ __device__ __forceinline__ unsigned ll_entry(int k, int local_expert, int slot) 
 // resets its entry). recv_done [1]: zero between calls (the receive half's
 // last block resets it), one per buffer half.
 namespace ll {  // cupyep::ll::dispatch: profilers written for DeepEP find "::dispatch"
+// One dispatch: the kernel's parameters (phases aside) and its two halves as
+// member functions, send() for phases & 1 and receive() for phases & 2, both
+// inlined into the kernel below.
 template <int kHidden, bool kFp8, bool kRoundScale, bool kUe8m0, typename IdxT>
-__global__ void __launch_bounds__(kLLThreads, 1)
-dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
-         int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
-         int num_ranks, char* local_base, char* const* peers, int force_put,
-         long long off_flags, long long off_area, long long off_send, int* finish_count,
-         int* recv_done, void* recv_x, void* recv_scales, int* recv_count, int* src_info,
-         long long* layout_range, int* recv_k, int* cumulative_expert_stats,
-         long long* wait_stats, int* mask, int shrink, int phases, int* err,
-         long long timeout_ns, long long call_tag) {
-    constexpr int kMsg = ll_message_bytes(kHidden, kFp8);
-    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-    // Consecutive tasks go to different SMs.
-    const int spread_warp = warp * gridDim.x + blockIdx.x, num_warps = gridDim.x * kLLWarps;
-    const int num_local = num_experts / num_ranks;
-    const int num_entries = num_tokens * num_topk;
-    __shared__ int s_entries[kLLStagedEntries];  // the send half's entries, then the receive half's tables
+struct DispatchCall {
+    const __nv_bfloat16* x;
+    const IdxT* topk_idx;
+    int num_tokens, num_topk, max_tokens, num_experts, rank, num_ranks;
+    char* local_base;
+    char* const* peers;
+    int force_put;
+    long long off_flags, off_area, off_send;
+    int* finish_count;
+    int* recv_done;
+    void* recv_x;
+    void* recv_scales;
+    int* recv_count;
+    int* src_info;
+    long long* layout_range;
+    int* recv_k;
+    int* cumulative_expert_stats;
+    long long* wait_stats;
+    int* mask;
+    int shrink;
+    int* err;
+    long long timeout_ns, call_tag;
+    int num_local;  // E / R, computed once by the kernel
+
+    static constexpr int kMsg = ll_message_bytes(kHidden, kFp8);
     // Send half, a block per token: each thread loads its units of the row
     // once (one load round for hidden up to 8192 with FP8, 4096 in BF16),
     // casts them, and stores them into every message of the token.
-    constexpr int kChannels = kFp8 ? 16 : 8;  // per unit: one int4 stored
-    constexpr int kLoads = kFp8 ? 2 : 1;      // int4 of bf16 loaded per unit
-    constexpr int kUnits = kHidden / kChannels;
-    constexpr int kSteps = (kUnits + kLLThreads - 1) / kLLThreads;
+    static constexpr int kChannels = kFp8 ? 16 : 8;  // per unit: one int4 stored
+    static constexpr int kLoads = kFp8 ? 2 : 1;      // int4 of bf16 loaded per unit
+    static constexpr int kUnits = kHidden / kChannels;
+    static constexpr int kSteps = (kUnits + kLLThreads - 1) / kLLThreads;
     static_assert(kHidden % kChannels == 0, "hidden must be a multiple of 8 (16 with FP8)");
-    int4 raw[kSteps][kLoads];
-    auto load_row = [&](int t) {
+    using Row = int4[kSteps][kLoads];  // this thread's units of one token's row
+
+    // Where expert counts go: [R source][L] i32 after the R source flags.
+    __device__ __forceinline__ long long counts_offset() const { return off_flags + kLLCountsOffset; }
+
+    __device__ __forceinline__ void load_row(Row& raw, int t) const {
         const int4* src = reinterpret_cast<const int4*>(x + (long long)t * kHidden);
 #pragma unroll
         for (int j = 0; j < kSteps; ++j) {
@@ -263,18 +279,19 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
             for (int q = 0; q < kLoads; ++q)
                 raw[j][q] = u < kUnits ? ld_nc(src + kLoads * u + q) : make_int4(0, 0, 0, 0);
         }
-    };
-    // The block's first row is in flight during the mask, the top-k staging
-    // and the counts below: these were serial latencies before any store.
-    if ((phases & 1) && blockIdx.x < num_tokens) load_row(blockIdx.x);
-    __shared__ int s_mask[kLLMaxRanks];
-    load_mask(mask, rank, num_ranks, s_mask);
-    // Where expert counts go: [R source][L] i32 after the R source flags.
-    const long long off_counts = off_flags + kLLCountsOffset;
-    // Counts bound for NVSHMEM puts are staged first: [E] i32 after the message staging.
-    int* count_staging = reinterpret_cast<int*>(local_base + off_send + (long long)max_tokens * kLLMaxTopk * kMsg);
+    }
 
-    if (phases & 1) {
+    // Messages, counts and flags out to every destination rank. ``raw`` holds
+    // the block's first row (the kernel loads it before the mask).
+    __device__ __forceinline__ void send(Row& raw, const int* s_mask, int* s_entries) const {
+        const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+        // Consecutive tasks go to different SMs.
+        const int spread_warp = warp * gridDim.x + blockIdx.x, num_warps = gridDim.x * kLLWarps;
+        const int num_entries = num_tokens * num_topk;
+        const long long off_counts = counts_offset();
+        // Counts bound for NVSHMEM puts are staged first: [E] i32 after the message staging.
+        int* count_staging =
+            reinterpret_cast<int*>(local_base + off_send + (long long)max_tokens * kLLMaxTopk * kMsg);
         __shared__ char* s_peers[kLLMaxRanks];
         // Messages per destination rank (tokens with an expert there).
         __shared__ int s_rank_msgs[kLLMaxRanks];
@@ -342,7 +359,7 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
         __shared__ char* s_msg[kLLMaxTopk];       // where message j is written
         __shared__ int s_num_dst;
         for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
-            if (t != blockIdx.x) load_row(t);
+            if (t != blockIdx.x) load_row(raw, t);
             __syncthreads();  // the previous token's s_* are read no more
             if (warp == 0) {
                 // Lane k: entry k; lanes with the same destination rank
@@ -518,7 +535,11 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
             }
     }
 
-    if (phases & 2) {
+    // Every source's flag, then each message's row copied to its entries' rows.
+    __device__ __forceinline__ void receive(const int* s_mask, int* s_entries) const {
+        const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+        const int spread_warp = warp * gridDim.x + blockIdx.x, num_warps = gridDim.x * kLLWarps;
+        const long long off_counts = counts_offset();
         // Every block waits for every source's flag, reads the expert
         // counts and lays out where each (local expert, source)'s rows
         // begin; then a warp per message copies its row to each of its
@@ -559,11 +580,8 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
         // (recv_done [1], zero between calls): the ticket is taken now and
         // read at the end, so its round trip overlaps the copies. The fence
         // orders this block's reads (bar.sync above) before the ticket.
-        int ticket = 0;
-        if (threadIdx.x == 0) {
-            __threadfence();
-            ticket = atomicAdd(recv_done, 1);
-        }
+        ArrivalTicket ticket;
+        ticket.take(recv_done);
         for (int le = threadIdx.x; le < num_local; le += blockDim.x) {
             int b = 0;
             for (int s = 0; s < num_ranks; ++s) {
@@ -658,16 +676,39 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
                 }
             }
         }
-        __shared__ int s_last;
-        if (threadIdx.x == 0) s_last = ticket == static_cast<int>(gridDim.x) - 1;
-        __syncthreads();
-        if (s_last && threadIdx.x == 0) {
+        if (ticket.last() && threadIdx.x == 0) {
             __threadfence();  // every block's reads (their tickets) before the zeroes
             for (int s = 0; s < num_ranks; ++s)
                 if (!s_mask[s]) flags[s] = 0;
             *recv_done = 0;
         }
     }
+};
+
+template <int kHidden, bool kFp8, bool kRoundScale, bool kUe8m0, typename IdxT>
+__global__ void __launch_bounds__(kLLThreads, 1)
+dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
+         int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
+         int num_ranks, char* local_base, char* const* peers, int force_put,
+         long long off_flags, long long off_area, long long off_send, int* finish_count,
+         int* recv_done, void* recv_x, void* recv_scales, int* recv_count, int* src_info,
+         long long* layout_range, int* recv_k, int* cumulative_expert_stats,
+         long long* wait_stats, int* mask, int shrink, int phases, int* err,
+         long long timeout_ns, long long call_tag) {
+    using Call = DispatchCall<kHidden, kFp8, kRoundScale, kUe8m0, IdxT>;
+    const Call call{x, topk_idx, num_tokens, num_topk, max_tokens, num_experts, rank, num_ranks, local_base,
+                    peers, force_put, off_flags, off_area, off_send, finish_count, recv_done, recv_x,
+                    recv_scales, recv_count, src_info, layout_range, recv_k, cumulative_expert_stats,
+                    wait_stats, mask, shrink, err, timeout_ns, call_tag, num_experts / num_ranks};
+    __shared__ int s_entries[kLLStagedEntries];  // the send half's entries, then the receive half's tables
+    __shared__ int s_mask[kLLMaxRanks];
+    // The block's first row is in flight during the mask, the top-k staging
+    // and the counts: these were serial latencies before any store.
+    typename Call::Row raw;
+    if ((phases & 1) && blockIdx.x < num_tokens) call.load_row(raw, blockIdx.x);
+    load_mask(mask, rank, num_ranks, s_mask);
+    if (phases & 1) call.send(raw, s_mask, s_entries);
+    if (phases & 2) call.receive(s_mask, s_entries);
 }
 }  // namespace ll
 
@@ -827,24 +868,37 @@ __device__ __forceinline__ void logfmt_decode8(const LogFmt8& in, float* f) {
 // dispatch; topk_idx/topk_weights [T][K] of this rank's tokens; out [T][H].
 // num_groups warp groups per block each own one (local expert, destination).
 namespace ll {  // cupyep::ll::combine: profilers written for DeepEP find "::combine"
+// One combine: the kernel's parameters (phases aside) and its two halves,
+// send() for phases & 1 and receive() for phases & 2, inlined into the kernel.
 template <int kHidden, bool kLogFmt, typename IdxT>
-__global__ void __launch_bounds__(kLLThreads, 1)
-combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
-        const int* __restrict__ recv_k, const long long* __restrict__ layout_range,
-        const IdxT* __restrict__ topk_idx, const float* __restrict__ topk_weights,
-        int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
-        int num_ranks, char* local_base, char* const* peers, int force_put,
-        int zero_copy, long long off_flags, long long off_area, long long off_send,
-        int num_groups, int* blocks_done, __nv_bfloat16* out, long long* wait_stats,
-        int* mask, int shrink, int phases, int* err, long long timeout_ns, long long call_tag) {
-    constexpr int kRowBytes = kHidden * 2;
-    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-    const int num_local = num_experts / num_ranks;
-    const int rows_per_expert = num_ranks * max_tokens;
-    __shared__ int s_mask[kLLMaxRanks];
-    load_mask(mask, rank, num_ranks, s_mask);
+struct CombineCall {
+    const __nv_bfloat16* x;
+    const int* src_info;
+    const int* recv_k;
+    const long long* layout_range;
+    const IdxT* topk_idx;
+    const float* topk_weights;
+    int num_tokens, num_topk, max_tokens, num_experts, rank, num_ranks;
+    char* local_base;
+    char* const* peers;
+    int force_put, zero_copy;
+    long long off_flags, off_area, off_send;
+    int num_groups;
+    int* blocks_done;
+    __nv_bfloat16* out;
+    long long* wait_stats;
+    int* mask;
+    int shrink;
+    int* err;
+    long long timeout_ns, call_tag;
+    int num_local;  // E / R, computed once by the kernel
 
-    if (phases & 1) {
+    static constexpr int kRowBytes = kHidden * 2;
+
+    // Each (local expert, destination)'s rows to the destination, then its flag.
+    __device__ __forceinline__ void send(const int* s_mask) const {
+        const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+        const int rows_per_expert = num_ranks * max_tokens;
         // Rows travel encoded (kLogFmt) or as they are.
         constexpr int kSendBytes = kLogFmt ? logfmt_row_bytes(kHidden) : kRowBytes;
         __shared__ __align__(16) char s_logfmt[kLogFmt ? kLLWarps * kLogFmtWarpBytes : 16];
@@ -888,7 +942,8 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
         }
     }
 
-    if (phases & 2) {
+    // A block per token: its experts' flags, then its rows summed in top-k order.
+    __device__ __forceinline__ void receive(const int* s_mask) const {
         // A block per token. Lane k of the first warp waits for the flag of
         // the token's k-th expert (its owner has sent every row it has for
         // this rank), so a token is summed as soon as its own rows are in,
@@ -902,14 +957,8 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
         // experts with rows for this rank. A block takes its ticket once its
         // last token's flags are read, so the round trip overlaps the sums;
         // the fence orders the block's flag reads (bar.sync) before it.
-        int ticket = 0;
-        auto take_ticket = [&]() {
-            if (threadIdx.x == 0) {
-                __threadfence();
-                ticket = atomicAdd(blocks_done, 1);
-            }
-        };
-        if (blockIdx.x >= num_tokens) take_ticket();
+        ArrivalTicket ticket;
+        if (blockIdx.x >= num_tokens) ticket.take(blocks_done);
         constexpr int kUnits = kHidden / 8;
         const char* area = local_base + off_area;
         __shared__ int s_slot[kLLMaxTopk];
@@ -942,7 +991,7 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
                 s_weight[k] = weight;
             }
             __syncthreads();
-            if (t + gridDim.x >= num_tokens) take_ticket();
+            if (t + gridDim.x >= num_tokens) ticket.take(blocks_done);
             const char* token_rows = area + (long long)t * kLLMaxTopk * kRowBytes;
             for (int c = threadIdx.x; c < kUnits && kLogFmt; c += blockDim.x) {
                 float acc[8];
@@ -988,15 +1037,32 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
             }
             __syncthreads();  // s_slot is rewritten for the block's next token
         }
-        __shared__ int s_last;
-        if (threadIdx.x == 0) s_last = ticket == static_cast<int>(gridDim.x) - 1;
-        __syncthreads();
-        if (s_last) {
+        if (ticket.last()) {
             __threadfence();
             for (int e = threadIdx.x; e < num_experts; e += blockDim.x) flags[e] = 0;
             if (threadIdx.x == 0) *blocks_done = 0;
         }
     }
+};
+
+template <int kHidden, bool kLogFmt, typename IdxT>
+__global__ void __launch_bounds__(kLLThreads, 1)
+combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
+        const int* __restrict__ recv_k, const long long* __restrict__ layout_range,
+        const IdxT* __restrict__ topk_idx, const float* __restrict__ topk_weights,
+        int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
+        int num_ranks, char* local_base, char* const* peers, int force_put,
+        int zero_copy, long long off_flags, long long off_area, long long off_send,
+        int num_groups, int* blocks_done, __nv_bfloat16* out, long long* wait_stats,
+        int* mask, int shrink, int phases, int* err, long long timeout_ns, long long call_tag) {
+    const CombineCall<kHidden, kLogFmt, IdxT> call{
+        x, src_info, recv_k, layout_range, topk_idx, topk_weights, num_tokens, num_topk, max_tokens, num_experts,
+        rank, num_ranks, local_base, peers, force_put, zero_copy, off_flags, off_area, off_send, num_groups,
+        blocks_done, out, wait_stats, mask, shrink, err, timeout_ns, call_tag, num_experts / num_ranks};
+    __shared__ int s_mask[kLLMaxRanks];
+    load_mask(mask, rank, num_ranks, s_mask);
+    if (phases & 1) call.send(s_mask);
+    if (phases & 2) call.receive(s_mask);
 }
 }  // namespace ll
 
