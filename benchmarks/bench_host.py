@@ -34,7 +34,7 @@ import numpy as np
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX beside torch and CuPy
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8  # noqa: E402
+from cupyep.formats import fp8  # noqa: E402
 from cupyep.bench import experts_for_ranks, profiled_kernels  # noqa: E402
 
 
@@ -159,7 +159,8 @@ def tight_us(call, n=2000):
 def stage_rows(buf, arrays, args):
     """(piece, us) of a low-latency call from torch, each piece alone."""
     import torch
-    from cupyep import jit, validation
+    from cupyep import validation
+    from cupyep import jit
     x, idx, w, y = arrays
     m, e = args.ll_tokens, args.ll_experts
     d = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
@@ -263,7 +264,7 @@ def main():
     worst = [(fw, n, group.comm.allreduce(a, op=MPI.MAX), group.comm.allreduce(b, op=MPI.MAX), c)
              for fw, n, a, b, c in rows]
     if group.rank == 0:
-        from cupyep.runtime import card_label
+        from cupyep.comm.runtime import card_label
         print(f"\ncupyep host cost per call, {card_label(group)}; LL {args.ll_tokens} x {h}, top-{k} of "
               f"{args.ll_experts}, FP8 dispatch; normal {args.normal_tokens} x {h}, top-{k} of "
               f"{args.normal_experts}; median of {args.iters}, slowest rank")

@@ -5,7 +5,7 @@ creation, first calls from an empty cache, and the ahead-of-time warm-up.
     mpirun -n 2 python benchmarks/bench_jit.py     # also Group / Buffer creation on GPUs
     mpirun -n 2 python benchmarks/bench_jit.py --first-calls [--ranks-per-node 1]
 
-Compiles every kernel instantiation of cupyep.kernel_specs into an empty cache
+Compiles every kernel instantiation of cupyep.jit.specs into an empty cache
 (cold), then looks each up again (warm), for sm_90. With a GPU and mpirun it
 also times cupyep.Group() (NVSHMEM start) and Buffer creation (collective
 symmetric allocation). ``--first-calls`` (GPU) times, each from an empty
@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep import jit  # noqa: E402
-from cupyep.kernel_specs import nvshmem_specs, representative_specs  # noqa: E402
+from cupyep.jit.specs import nvshmem_specs, representative_specs  # noqa: E402
 
 
 def compile_times(specs):
@@ -44,7 +44,7 @@ def first_calls(group, cache, tokens=128, hidden=7168, topk=8, experts=288):
     each on a fresh buffer, compiles included, with ``cache`` as the cache."""
     import cupy
     import numpy as np
-    from cupyep.fp8 import bfloat16, per_token_cast_to_fp8
+    from cupyep.formats.fp8 import bfloat16, per_token_cast_to_fp8
     os.environ["CUPYEP_CACHE_DIR"] = cache
     r = group.size
     experts = max(r, experts - experts % r)
@@ -130,7 +130,7 @@ def main():
 def main_first_calls(args):
     """First calls from an empty cache, the warm-up's wall time, first calls with its cache."""
     from mpi4py import MPI
-    from cupyep.runtime import card_label
+    from cupyep.comm.runtime import card_label
     from cupyep.warmup import warmup
     group = cupyep.Group(num_ranks_per_node=args.ranks_per_node)
     comm = MPI.COMM_WORLD

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8  # noqa: E402
+from cupyep.formats import fp8  # noqa: E402
 
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
@@ -201,7 +201,7 @@ def nccl_baseline(group, x, idx, args, iters, warmup):
     """torch all_to_all_single of one row per (token, expert) after an index_select."""
     import torch
     import torch.distributed as dist
-    from cupyep.torch_comm import init_torch_distributed
+    from cupyep.comm.torch_comm import init_torch_distributed
     init_torch_distributed(group.comm, "nccl")
     x_t, idx_t = torch.from_dlpack(x), torch.from_dlpack(idx)
     local = args.experts // group.size
@@ -249,7 +249,7 @@ def main():
 
     rows = group.comm.gather((results, nccl), root=0)
     if group.rank == 0:
-        from cupyep.runtime import card_label
+        from cupyep.comm.runtime import card_label
         print(f"\ncupyep low-latency kernels, {card_label(group)}, {args.tokens} tokens x {args.hidden}, "
               f"top-{args.topk} of {args.experts} experts, FP8 dispatch, BF16 combine "
               f"(median of {args.iters}, slowest rank)")

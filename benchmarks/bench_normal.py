@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8  # noqa: E402
+from cupyep.formats import fp8  # noqa: E402
 from cupyep.bench import add_protocol_args, experts_for_ranks, event_times, nccl_dispatch, queued_times, teardown  # noqa: E402
 from cupyep.jit import KernelSpec, launch  # noqa: E402
 
@@ -46,7 +46,7 @@ def peer_store_ceiling(buf, num_sms, iters, warmup):
     if r == 1:
         return float("nan")
     nbytes = 64 << 20
-    offset = cupyep.sizing.control_bytes(r)
+    offset = cupyep.layouts.sizing.control_bytes(r)
     assert offset + r * nbytes <= impl.num_nvl_bytes
     src = cupy.ones(nbytes // 4, np.int32)
     spec = KernelSpec("cupyep/bench_kernels.cu", "cupyep::store_to_peers", (("kNumRanks", r),))
@@ -91,7 +91,7 @@ def main():
     r = group.size
     args.experts = experts_for_ranks(args.experts, r)  # printed with the results
     nvl = max(cupyep.nvl_size_hint(args.hidden, args.tokens + 64, r, args.topk),
-              cupyep.sizing.control_bytes(r) + r * (64 << 20))
+              cupyep.layouts.sizing.control_bytes(r) + r * (64 << 20))
     rdma = 0
     if group.num_nodes > 1:
         rdma = cupyep.rdma_size_hint(args.hidden, args.tokens + 64, r, group.num_ranks_per_node, args.topk)
@@ -202,7 +202,7 @@ def main():
 
     rows = group.comm.gather((head, sweep, ceilings, nccl, kernels_only, rdma_bytes, swept), root=0)
     if group.rank == 0:
-        from cupyep.runtime import card_label
+        from cupyep.comm.runtime import card_label
         if group.num_nodes > 1:
             print(f"\ninter-node path: {group.num_nodes} nodes x {group.num_ranks_per_node} ranks emulated on "
                   "one host (the inter-node leg is NVSHMEM puts over NVLink)")

@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8  # noqa: E402
+from cupyep.formats import fp8  # noqa: E402
 import kernel_variants  # noqa: E402  (benchmarks/, beside this file)
 from cupyep.bench import add_protocol_args, random_inputs, teardown  # noqa: E402
 from bench_low_latency import gpu_times  # noqa: E402
@@ -47,10 +47,10 @@ _RECV_ROWS = "for (int first = 0; first < kRowInt4; first += kBatch * kWarpSize)
 _COUNT_WAIT = "while (ld_acquire_gpu(finish_count + dst) < expected) {"
 _COMB_SEND_ROW = "warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(peers[dst] + off), src, lane);"
 _COMB_SUM = "for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {"
-_PHASES = ["    if (phases & 1) {\n        __shared__ char* s_peers",
-           "    if (phases & 2) {\n        // Every block waits",
-           "    if (phases & 1) {\n        // Rows travel encoded",
-           "    if (phases & 2) {\n        // A block per token. Lane k"]
+_PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
+           "    if (phases & 2) call.receive(s_mask, s_entries);",
+           "    if (phases & 1) call.send(s_mask);",
+           "    if (phases & 2) call.receive(s_mask);"]
 # LogFMT combine (with --logfmt): encode, its per-value coding, its stores, decode.
 _LF_ROUNDS = "for (int r = 0; r < kRounds; ++r) {"
 _LF_CODE = "const float pos = __fmul_rn(__fsub_rn(log2_approx(m), log_amin), per_step);"
@@ -127,7 +127,7 @@ def main():
             results[row] = np.max(group.comm.allgather(times), axis=0)  # slowest rank, per column
         ll.source = "cupyep/low_latency.cu"
         if group.rank == 0:
-            from cupyep.runtime import card_label
+            from cupyep.comm.runtime import card_label
             print(f"\nlow-latency breakdown, {card_label(group)}, {args.transport}, "
                   f"{'LogFMT' if args.logfmt else 'BF16'} combine of {'random' if args.random else 'all-ones'} rows, "
                   f"{args.tokens} tokens x "

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8  # noqa: E402
+from cupyep.formats import fp8  # noqa: E402
 import kernel_variants  # noqa: E402  (benchmarks/, beside this file)
 from cupyep.bench import add_protocol_args, experts_for_ranks, queued_times, random_inputs, teardown  # noqa: E402
 
@@ -117,7 +117,7 @@ def main():
                 results[(row, key)] = group.comm.allreduce(t, op=MPI.MAX)
         impl._spec = real_spec
         if group.rank == 0:
-            from cupyep.runtime import card_label
+            from cupyep.comm.runtime import card_label
             own = cupyep.config.own_rows_receiver_share(cfg, r)
             print(f"\nbreakdown, {card_label(group)}, {args.sms} SMs, chunk_tokens={cfg.chunk_tokens}, own rows {own:.2f} by receivers, "
                   f"combine senders {cupyep.config.combine_senders(cfg, r)}, chunk rows {cfg.combine_chunk_rows}, "

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep import fp8  # noqa: E402
+from cupyep.formats import fp8  # noqa: E402
 from cupyep.bench import add_protocol_args, experts_for_ranks, profiled_kernels, queued_times, random_inputs, teardown  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main():
 
     everyone = group.comm.gather(rows, root=0)
     if group.rank == 0:
-        from cupyep.runtime import card_label
+        from cupyep.comm.runtime import card_label
         print(f"\nnormal calls, {card_label(group)}, {args.tokens} tokens x {args.hidden}, top-{args.topk} of "
               f"{args.experts}; queued, median of {args.iters}, slowest rank; kernels from the CUDA profiler")
         for i, (sms, label, _, kernels) in enumerate(rows):

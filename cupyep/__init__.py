@@ -9,15 +9,15 @@ Quick start (run under ``mpiexec -n N``)::
     y = experts(d.recv_x, d.recv_topk_idx, d.recv_topk_weights)
     out = buf.combine(y, d.handle).combined_x
 """
-from .buffer import Buffer
-from .config import Config, default_config
-from .errors import (BackendUnavailableError, BufferTooSmallError, CallMismatchError, CommTimeoutError,
-                     CupyepError, GroupDestroyedError, InvalidInputError)
-from .group import Group, gpu_available
-from .low_latency import low_latency_size_hint
-from .sizing import nvl_size_hint, rdma_size_hint
-from .types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResult,
-                    LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle)
+from cupyep.buffer import Buffer
+from cupyep.config import Config, default_config
+from cupyep.errors import (BackendUnavailableError, BufferTooSmallError, CallMismatchError, CommTimeoutError,
+                           CupyepError, GroupDestroyedError, InvalidInputError)
+from cupyep.comm.group import Group, gpu_available
+from cupyep.layouts.low_latency import low_latency_size_hint
+from cupyep.layouts.sizing import nvl_size_hint, rdma_size_hint
+from cupyep.types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResult,
+                          LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle)
 
 __version__ = "0.1.0"
 

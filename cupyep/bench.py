@@ -20,8 +20,9 @@ import statistics
 
 import numpy as np
 
-from . import Buffer, Config, Group, fp8, low_latency_size_hint, nvl_size_hint
-from .jit import KernelSpec, launch
+from cupyep import Buffer, Config, Group, low_latency_size_hint, nvl_size_hint
+from cupyep.formats import fp8
+from cupyep.jit import KernelSpec, launch
 
 _SPIN = KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns")
 
@@ -130,7 +131,7 @@ def nccl_dispatch(group, x, topk_idx_host, num_experts, per_expert=False):
         import torch.distributed as dist
     except ImportError:
         return None, 0
-    from .torch_comm import init_torch_distributed
+    from cupyep.comm.torch_comm import init_torch_distributed
     init_torch_distributed(group.comm, "nccl")
     local = num_experts // group.size
     valid = topk_idx_host >= 0
@@ -276,7 +277,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--plot", default="cupyep-bench.png", help="PNG path ('' for none)")
     args = ap.parse_args(argv)
-    from .group import gpu_available
+    from cupyep.comm.group import gpu_available
     if not gpu_available():
         raise SystemExit("python -m cupyep.bench measures the GPU kernels: it needs a CUDA GPU, CuPy and "
                          "nvshmem4py (pip install 'cupyep[gpu]'), and none is usable here. Without a GPU, "
@@ -284,7 +285,7 @@ def main(argv=None):
     group = Group()
     buf, rows = run(group, args)
     if group.rank == 0:
-        from cupyep.runtime import card_label
+        from cupyep.comm.runtime import card_label
         title = f"cupyep, {card_label(group)}, hidden {args.hidden}, {args.sms} SMs (normal)"
         print(title)
         print(table(rows))

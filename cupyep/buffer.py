@@ -1,7 +1,7 @@
 """The user-facing communication buffer.
 
 ``Buffer`` validates arguments, meets the caller's framework through a
-frontend (:mod:`cupyep.interop`: its current stream, its allocator, NumPy
+frontend (:mod:`cupyep.arrays.interop`: its current stream, its allocator, NumPy
 views for the reference backend), runs the backend and hands results back in
 that framework: torch in, torch out.
 """
@@ -12,20 +12,21 @@ import itertools
 import weakref
 from typing import Optional
 
-from . import interop, validation
-from .config import Config
-from .errors import InvalidInputError
-from .group import Group, gpu_available, require_gpu
-from .low_latency import LL_MAX_TOPK
-from .sizing import MAX_NVL_RANKS, MAX_RANKS
-from .types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResult,
-                    LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle)
+from cupyep import validation
+from cupyep.arrays import interop
+from cupyep.comm.group import Group, gpu_available, require_gpu
+from cupyep.config import Config
+from cupyep.errors import InvalidInputError
+from cupyep.layouts.low_latency import LL_MAX_TOPK
+from cupyep.layouts.sizing import MAX_NVL_RANKS, MAX_RANKS
+from cupyep.types import (CombineResult, DispatchHandle, DispatchLayout, DispatchResult,
+                          LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle)
 
 _buffer_ids = itertools.count(1)
 
 
 def check_rank_limits(num_ranks: int, ranks_per_node: int) -> None:
-    """The kernels' rank limits (cupyep.sizing), on both backends."""
+    """The kernels' rank limits (cupyep.layouts.sizing), on both backends."""
     if num_ranks > MAX_RANKS:
         raise InvalidInputError(f"at most {MAX_RANKS} ranks take part in one Buffer, got {num_ranks}")
     if ranks_per_node > MAX_NVL_RANKS:
@@ -102,13 +103,13 @@ class Buffer:
             backend = "gpu" if gpu_available() else "reference"
         if backend == "gpu":
             require_gpu()
-            from .gpu_backend import GpuBackend
+            from cupyep.backends.gpu.backend import GpuBackend
             self._impl = GpuBackend(self.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
                                     enable_shrink, max_nodes_per_token or 0)
             device_id = self._impl.rt.device_id
             self._make_frontend = lambda fw: interop.device_frontend(fw, device_id)  # noqa: E731
         elif backend == "reference":
-            from .reference_backend import ReferenceBackend
+            from cupyep.backends.reference.backend import ReferenceBackend
             self._impl = ReferenceBackend(self.group, max_nodes_per_token or 0, num_nvl_bytes, num_rdma_bytes)
             self._make_frontend = interop.HostFrontend
         else:
@@ -138,7 +139,7 @@ class Buffer:
     def _check_alive(self):
         self.group.check_alive()
         if self._destroyed:
-            from .errors import GroupDestroyedError
+            from cupyep.errors import GroupDestroyedError
             raise GroupDestroyedError("this cupyep Buffer was destroyed")
 
     def _frontend(self, a, framework: Optional[str] = None):
@@ -184,7 +185,7 @@ class Buffer:
     def _warmup(self, options: dict) -> None:
         import os
 
-        from .warmup import warmup
+        from cupyep.warmup import warmup
         g = self.group
         options.setdefault("jobs", max(1, (os.cpu_count() or 1) // g.local_size))
         options.setdefault("progress", None)
@@ -379,7 +380,7 @@ class Buffer:
             :class:`LowLatencyDispatchResult` in the caller's framework. torch
             callers may get tensors an earlier call returned, once every tensor
             of that call (and every view of them) has been dropped: the memory
-            torch's allocator would hand out again (:mod:`cupyep.output_sets`;
+            torch's allocator would hand out again (:mod:`cupyep.arrays.output_sets`;
             :meth:`drop_kept_outputs`).
         """
         self._check_alive()
@@ -432,7 +433,7 @@ class Buffer:
                 the dispatch that made ``handle``.
             handle: the :class:`LowLatencyHandle`.
             out: optional [T, H] bf16 array for the result.
-            use_logfmt: send the rows LogFMT-10 encoded (:mod:`cupyep.logfmt`,
+            use_logfmt: send the rows LogFMT-10 encoded (:mod:`cupyep.formats.logfmt`,
                 88 bytes per 64 channels instead of 128; lossy, hidden
                 divisible by 256).
             combine_wait_recv_cost_stats: [R] int64, optional (GPU); each call
@@ -590,7 +591,7 @@ class Buffer:
     # ------------------------------------------------------------------ #
     def drop_kept_outputs(self) -> None:
         """Let go of the output sets kept for reuse (torch callers' low-latency
-        outputs, see :mod:`cupyep.output_sets`): their memory returns to
+        outputs, see :mod:`cupyep.arrays.output_sets`): their memory returns to
         torch's allocator once the caller drops them. Local, no launch."""
         for fe in self._frontends.values():
             drop = getattr(fe, "drop_kept_outputs", None)

@@ -6,7 +6,7 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import InvalidInputError
+from cupyep.errors import InvalidInputError
 
 
 @dataclass(frozen=True)

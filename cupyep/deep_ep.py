@@ -19,14 +19,14 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from . import config as _config
-from . import interop as _interop
-from .buffer import Buffer as _Buffer
-from .errors import InvalidInputError
-from .events import EventOverlap as _EventOverlap
-from .group import Group
-from .low_latency import low_latency_size_hint
-from .types import DispatchLayout
+from cupyep import config as _config
+from cupyep.arrays import interop as _interop
+from cupyep.buffer import Buffer as _Buffer
+from cupyep.comm.group import Group
+from cupyep.errors import InvalidInputError
+from cupyep.events import EventOverlap as _EventOverlap
+from cupyep.layouts.low_latency import low_latency_size_hint
+from cupyep.types import DispatchLayout
 
 try:
     import torch as _torch
@@ -89,13 +89,13 @@ class Config:
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """NVLink bytes for dispatch/combine of ``hidden_bytes``-wide rows at
         up to num_max_nvl_chunked_recv_tokens tokens per rank (as cupyep sizes it)."""
-        from .sizing import nvl_size_hint
+        from cupyep.layouts.sizing import nvl_size_hint
         return nvl_size_hint(max(128, hidden_bytes // 2 // 128 * 128), self.num_max_nvl_chunked_recv_tokens,
                              num_ranks, 8)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """RDMA bytes for the inter-node path (8 ranks per node, as DeepEP assumes)."""
-        from .sizing import rdma_size_hint
+        from cupyep.layouts.sizing import rdma_size_hint
         per_node = min(8, num_ranks)
         return rdma_size_hint(max(128, hidden_bytes // 2 // 128 * 128), self.num_max_rdma_chunked_recv_tokens,
                               num_ranks, per_node, 8)

@@ -8,7 +8,7 @@ call wait (torch's for torch callers, CuPy's otherwise).
 """
 from __future__ import annotations
 
-from .capture import is_capturing
+from cupyep.arrays.capture import is_capturing
 
 
 def _cupy_stream_ptr() -> int:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .fp8 import FP8_GROUP, bfloat16, float8_e4m3
-from .interop import dtype_of, is_c_contiguous, strides_of
+from cupyep.arrays.interop import dtype_of, is_c_contiguous, strides_of
+from cupyep.errors import InvalidInputError
+from cupyep.formats.fp8 import FP8_GROUP, bfloat16, float8_e4m3
 
 _FP8_DTYPES = (float8_e4m3, np.dtype(np.uint8))
 # dtype objects, not scalar types: comparing a dtype with np.int64 converts it on every call

@@ -19,8 +19,8 @@ import os
 import sys
 import time
 
-from . import jit
-from .kernel_specs import model_specs
+from cupyep import jit
+from cupyep.jit.specs import model_specs
 
 
 def _compile_one(spec, arch):
@@ -43,11 +43,11 @@ def warmup(hidden: int, num_topk: int, num_experts=256, num_ranks=(2, 4, 8), ran
            fp8: bool = True, bf16: bool = True, low_latency: bool = True, normal: bool = True,
            logfmt: bool = False, int32_topk: bool = False, nvshmem_low_latency: bool = False,
            arch: str | None = None, jobs: int | None = None, progress=print) -> dict:
-    """Compile every kernel of :func:`cupyep.kernel_specs.model_specs` into the disk cache.
+    """Compile every kernel of :func:`cupyep.jit.specs.model_specs` into the disk cache.
 
     Args:
         hidden, num_topk, num_experts, num_ranks, ranks_per_node, fp8, bf16,
-            low_latency, normal, logfmt: as :func:`cupyep.kernel_specs.model_specs`.
+            low_latency, normal, logfmt: as :func:`cupyep.jit.specs.model_specs`.
         int32_topk: also int32 ``topk_idx`` (int64 always).
         nvshmem_low_latency: also the NVSHMEM-linked low-latency kernels.
         arch: target, e.g. "sm_90" (default: the GPU present, else sm_90).

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 
 import cupyep
-from cupyep import fp8
+from cupyep.formats import fp8
 
 E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(fp8.float8_e4m3).astype(np.float32)
 

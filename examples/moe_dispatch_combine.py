@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 
 import cupyep
-from cupyep.fp8 import bfloat16
+from cupyep.formats.fp8 import bfloat16
 
 
 def main():

@@ -23,7 +23,7 @@ def main():
     args = ap.parse_args()
     os.environ["CUPYEP_TIMEOUT_S"] = str(args.timeout)
     import cupyep
-    from cupyep.fp8 import bfloat16
+    from cupyep.formats.fp8 import bfloat16
     from mpi4py import MPI
 
     group = cupyep.Group()

@@ -144,7 +144,7 @@ def torch_world():
     dist = torch.distributed
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    from cupyep.torch_comm import init_torch_distributed
+    from cupyep.comm.torch_comm import init_torch_distributed
     started = init_torch_distributed(COMM, "gloo", port_base=29700)
     yield dist.group.WORLD
     if started:

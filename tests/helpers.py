@@ -1,11 +1,11 @@
 """Input generators, backend conversion and independent expectations.
 
 The expectations here are computed with plain loops over every rank's inputs
-(gathered with allgather), independently of cupyep.reference.
+(gathered with allgather), independently of cupyep.backends.reference.semantics.
 """
 import numpy as np
 
-from cupyep.fp8 import bfloat16, float8_e4m3
+from cupyep.formats.fp8 import bfloat16, float8_e4m3
 
 from conftest import COMM, RANK, SIZE
 

@@ -6,6 +6,7 @@ import os
 
 def compile_into(cache_dir, queue):
     os.environ["CUPYEP_CACHE_DIR"] = cache_dir
-    from cupyep import jit, kernel_specs
+    from cupyep import jit
+    from cupyep.jit import specs as kernel_specs
     jit.compile_cubin(kernel_specs.intranode_barrier(2), "sm_90")
     queue.put(jit.compiles)

@@ -1,9 +1,9 @@
-"""Call tags (cupyep.call_tags) on the CPU: what the kernels compare must tell
+"""Call tags (cupyep.backends.gpu.call_tags) on the CPU: what the kernels compare must tell
 calls apart, and what the host prints must say which calls they were."""
 import numpy as np
 import pytest
 
-from cupyep import call_tags as ct
+from cupyep.backends.gpu import call_tags as ct
 
 
 def test_low_latency_tags_fit_beside_the_count_and_read_back():

@@ -1,4 +1,4 @@
-"""cupyep.capture.KeptArrays: fresh arrays outside graph capture, kept ones during it.
+"""cupyep.arrays.capture.KeptArrays: fresh arrays outside graph capture, kept ones during it.
 Runs without a GPU (NumPy stands in for CuPy)."""
 import sys
 import types
@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from cupyep.capture import KeptArrays, is_capturing
+from cupyep.arrays.capture import KeptArrays, is_capturing
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from conftest import RANK
 cuda_core = pytest.importorskip("cuda.core", reason="cuda-core is not installed")
 
 from cupyep import jit  # noqa: E402
-from cupyep.kernel_specs import nvshmem_specs, representative_specs  # noqa: E402
+from cupyep.jit.specs import nvshmem_specs, representative_specs  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,7 +1,7 @@
 """FP8 helpers: round-trip error within e4m3's bound, power-of-two scales, UE8M0."""
 import numpy as np
 
-from cupyep import fp8
+from cupyep.formats import fp8
 
 from helpers import random_rows
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import cupyep
-from cupyep.kernel_specs import nvshmem_specs
+from cupyep.jit.specs import nvshmem_specs
 
 from conftest import COMM, RANK, SIZE
 
@@ -51,7 +51,7 @@ def test_one_rank_per_gpu_unless_shared(group):
     """The default refuses more local ranks than GPUs and names the opt-in;
     CUPYEP_SHARE_GPUS=1 (this suite on a one-GPU machine) lets them share."""
     import cupy
-    from cupyep.runtime import GpuRuntime
+    from cupyep.comm.runtime import GpuRuntime
     ndev = cupy.cuda.runtime.getDeviceCount()
     rt = group.gpu_runtime()
     assert rt.ranks_per_gpu == len(range(rt.device_id, group.local_size, ndev))

@@ -1,9 +1,9 @@
 """Arrays come back in the caller's framework, sharing memory where possible."""
 import pytest
 
-from cupyep import interop
+from cupyep.arrays import interop
 from cupyep.errors import InvalidInputError
-from cupyep.fp8 import bfloat16, float8_e4m3
+from cupyep.formats.fp8 import bfloat16, float8_e4m3
 
 from helpers import random_rows
 

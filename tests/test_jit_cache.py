@@ -12,7 +12,8 @@ from conftest import RANK
 
 pytest.importorskip("cuda.core", reason="cuda-core is not installed")
 
-from cupyep import jit, kernel_specs  # noqa: E402
+from cupyep import jit
+from cupyep.jit import specs as kernel_specs  # noqa: E402
 
 SPEC = kernel_specs.intranode_barrier(2)
 

@@ -1,12 +1,15 @@
 """What Python hands the kernels must match their source (no GPU needed):
-every kernel's parameter names (cupyep.kernel_args), the NVLink and RDMA
+every kernel's parameter names (cupyep.jit.args), the NVLink and RDMA
 buffers' layout structs and constants."""
 import os
 import re
 
 import pytest
 
-from cupyep import gpu_low_latency, jit, kernel_args, sizing
+from cupyep import jit
+from cupyep.backends.gpu import low_latency as gpu_low_latency
+from cupyep.jit import args as kernel_args
+from cupyep.layouts import sizing
 
 
 def _kernel_params(file: str) -> dict:

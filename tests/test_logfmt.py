@@ -1,7 +1,8 @@
-"""cupyep.logfmt: the LogFMT-10 definition the reference backend and the GPU kernels follow."""
+"""cupyep.formats.logfmt: the LogFMT-10 definition the reference backend and the GPU kernels follow."""
 import numpy as np
 
-from cupyep import fp8, logfmt
+from cupyep.formats import fp8
+from cupyep.formats import logfmt
 
 
 def test_row_bytes_and_zeros():

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cupyep import fp8
+from cupyep.formats import fp8
 
 from conftest import COMM, RANK, SIZE
 from helpers import (assert_close_bf16, bits, capture_graph, gather, graph_inputs, random_rows, random_topk,
@@ -420,9 +420,9 @@ def test_shrink_masks_a_rank_that_times_out(buffer, backend, rng):
 
 @pytest.mark.parametrize("hidden", [2048, 7168])
 def test_logfmt_combine(buffer, backend, rng, hidden):
-    """use_logfmt: the sum of the LogFMT-decoded expert rows (cupyep.logfmt);
+    """use_logfmt: the sum of the LogFMT-decoded expert rows (cupyep.formats.logfmt);
     its error against the BF16 combine stays within the format's resolution."""
-    from cupyep import logfmt
+    from cupyep.formats import logfmt
     m, local, k = 32, 3, min(8, 3 * SIZE)
     num_experts = local * SIZE
     x = random_rows(rng, 24, hidden)
@@ -445,7 +445,7 @@ def test_logfmt_combine(buffer, backend, rng, hidden):
     if backend == "reference":
         assert_close_bf16(got, want, "logfmt combine")
     else:  # log2f/exp2f may move a code by one step
-        assert float(np.abs(got - want).max()) / peak < 1e-2, "logfmt combine against cupyep.logfmt"
+        assert float(np.abs(got - want).max()) / peak < 1e-2, "logfmt combine against cupyep.formats.logfmt"
     exact = expected_combine(x, idx, w)
     err = float(np.abs(got - exact).max()) / max(float(np.abs(exact).max()), 1e-30)
     assert err < 2e-2, f"LogFMT error against the BF16 combine: {err:.2e}"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import cupyep
-from cupyep import fp8
+from cupyep.formats import fp8
 
 from conftest import RANK, SIZE
 from helpers import (assert_close_bf16, bits, capture_graph, expected_dispatch, gather, graph_inputs, random_rows,

@@ -1,9 +1,9 @@
-"""cupyep.output_sets: a set of outputs comes back only once nothing outside
+"""cupyep.arrays.output_sets: a set of outputs comes back only once nothing outside
 it refers to it (on the CPU with torch tensors; the GPU behaviour is in
 tests/test_torch_streams.py)."""
 import pytest
 
-from cupyep.output_sets import OutputSets
+from cupyep.arrays.output_sets import OutputSets
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 

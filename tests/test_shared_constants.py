@@ -8,8 +8,14 @@ from conftest import RANK
 
 pytest.importorskip("cuda.core", reason="cuda-core is not installed")
 
-from cupyep import call_tags, fp8, gpu_backend, gpu_low_latency, jit, logfmt, sizing  # noqa: E402
-from cupyep import low_latency as ll  # noqa: E402
+from cupyep import jit
+from cupyep.backends.gpu import backend as gpu_backend
+from cupyep.backends.gpu import call_tags
+from cupyep.backends.gpu import low_latency as gpu_low_latency
+from cupyep.formats import fp8
+from cupyep.formats import logfmt
+from cupyep.layouts import sizing  # noqa: E402
+from cupyep.layouts import low_latency as ll  # noqa: E402
 from cupyep.jit import KernelSpec  # noqa: E402
 
 _HIDDENS = (128, 2048, 4096, 5120, 7168, 8192)

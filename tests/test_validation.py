@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import cupyep
-from cupyep import fp8
+from cupyep.formats import fp8
 
 from conftest import SIZE
 from helpers import random_rows, random_topk, to_backend, to_host
@@ -91,7 +91,7 @@ def test_low_latency_too_many_tokens(buffer, backend, good):
 
 def test_low_latency_layout_limits():
     """Limits of the message format: a row slot is 16 bits, flags sit in fixed places."""
-    from cupyep.low_latency import LL_MAX_EXPERTS, LL_MAX_TOKENS, check_low_latency_fits
+    from cupyep.layouts.low_latency import LL_MAX_EXPERTS, LL_MAX_TOKENS, check_low_latency_fits
     big = 1 << 50
     lay = check_low_latency_fits(big, LL_MAX_TOKENS, 512, 2, 2 * SIZE)
     assert lay.total_bytes <= big
@@ -244,7 +244,7 @@ def test_destroyed_buffer(group):
 
 
 def test_size_hint_is_enough_for_every_channel_count():
-    from cupyep import sizing
+    from cupyep.layouts import sizing
     for ranks in (2, 3, 8):
         for tokens in (1, 255, 256, 4096):
             nbytes = cupyep.nvl_size_hint(1024, tokens, ranks, 4)
@@ -256,7 +256,7 @@ def test_size_hint_is_enough_for_every_channel_count():
 def test_combine_flags_never_share_bytes_with_data():
     """Combine's flags live in the control region: no layout's data (any
     hidden, top-k, buffer size) overlaps them, so none reads as a set flag."""
-    from cupyep import sizing
+    from cupyep.layouts import sizing
     for ranks in (2, 3, 8):
         for hidden, topk in ((256, 1), (2560, 4), (7168, 8)):
             for tokens in (1, 4096, 70000):
@@ -329,7 +329,7 @@ def test_mixed_topology_is_refused(group, monkeypatch):
 
 def test_share_gpus_opt_in(monkeypatch):
     """Several ranks per GPU only when asked: the environment or Group(share_gpus=)."""
-    from cupyep.group import share_gpus_requested
+    from cupyep.comm.group import share_gpus_requested
     monkeypatch.delenv("CUPYEP_SHARE_GPUS", raising=False)
     assert not share_gpus_requested()
     assert not cupyep.Group().share_gpus
@@ -343,7 +343,7 @@ def test_share_gpus_opt_in(monkeypatch):
 
 def test_heap_too_large_for_ranks_sharing_a_gpu():
     """Ranks sharing a GPU whose heaps cannot all fit: the message names the per-rank size."""
-    from cupyep.runtime import heap_problem
+    from cupyep.comm.runtime import heap_problem
     gib = 1 << 30
     assert heap_problem(4, 2 * gib, 140 * gib) is None
     assert heap_problem(1, 0, 1) is None  # NVSHMEM already running: nothing new to place

@@ -8,7 +8,7 @@ namespace cupyep {
 
 constexpr int kWarpSize = 32;
 
-// Phases named in timeout reports (PHASES in cupyep/gpu_backend.py; tests/test_shared_constants.py
+// Phases named in timeout reports (PHASES in cupyep/backends/gpu/backend.py; tests/test_shared_constants.py
 // checks the two agree).
 enum Phase : int {
     kPhaseBarrier = 1,
@@ -296,7 +296,7 @@ struct WarpGroups {
 
 // ---- errors ---------------------------------------------------------------
 // Error record, in device memory, by int index (Python reads its host mirror
-// by the same indices: ERR_* in cupyep/gpu_backend.py, checked by
+// by the same indices: ERR_* in cupyep/backends/gpu/backend.py, checked by
 // tests/test_shared_constants.py). 64-bit fields take two ints.
 enum ErrorWord : int {
     kErrFlag = 0,       // set to 1 by the first failure

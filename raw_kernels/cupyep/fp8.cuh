@@ -1,5 +1,5 @@
 // FP8 (e4m3) cast with one fp32 scale per 128 channels, bit-identical to
-// cupyep/fp8.py: scale = max(amax, 1e-4) / 448, optionally rounded up to a
+// cupyep/formats/fp8.py: scale = max(amax, 1e-4) / 448, optionally rounded up to a
 // power of two; q = saturate(x * (1 / scale)) rounded to nearest even, the
 // reciprocal and the product each rounded to nearest in fp32.
 #pragma once

@@ -16,7 +16,7 @@
 // stores bf16. Rows are therefore rounded to bf16 once more than in
 // intranode combine.
 //
-// Buffers are sized for the worst case (cupyep/sizing.py), so no writer ever
+// Buffers are sized for the worst case (cupyep/layouts/sizing.py), so no writer ever
 // waits for space. Progress is published per (source, channel): a u64 tail in
 // the RDMA buffer set with an NVSHMEM signal after a fence, an i32 tail in
 // the NVLink buffer set with a system-scope release store. The reader of a
@@ -28,7 +28,7 @@
 
 namespace cupyep {
 
-// Offsets of the RDMA buffer, built by cupyep/sizing.py as an int64 array in
+// Offsets of the RDMA buffer, built by cupyep/layouts/sizing.py as an int64 array in
 // this field order.
 struct RdmaLayout {
     long long sync;           // u64 [R]: barrier sequence signalled by each rank

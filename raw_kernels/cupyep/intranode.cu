@@ -17,7 +17,7 @@
 
 namespace cupyep {
 
-// Call tags (cupyep/call_tags.py): before its release of a barrier sequence
+// Call tags (cupyep/backends/gpu/call_tags.py): before its release of a barrier sequence
 // to a peer, a rank writes its call's tag into its slot of the peer's
 // call_tags, by the sequence's parity; after acquiring a peer's sequence it
 // reads the peer's tag there and reports one other than its own. A peer is

@@ -2,7 +2,7 @@
 // synchronisation, capturable in CUDA graphs.
 //
 // Every rank owns one symmetric buffer with two halves; call n uses half n % 2
-// (layout in cupyep/low_latency.py). Per half:
+// (layout in cupyep/layouts/low_latency.py). Per half:
 //   dispatch flags [R] i64     messages + 1 that source r sent here, then
 //                 [R][L] i32   rows of each local expert from source r
 //                              (flags sit at fixed offsets whatever the shapes)
@@ -113,7 +113,7 @@ __device__ __forceinline__ void load_mask(const int* mask, int rank, int num_ran
 
 // A flag carries the call tag of the call that set it above its count:
 // (tag << kLLTagShift) | count, count >= 1. The tag packs the call's sequence
-// number and parameters (cupyep/call_tags.py), so a receiver
+// number and parameters (cupyep/backends/gpu/call_tags.py), so a receiver
 // that meets a peer at another call, or with other shapes, sees it.
 constexpr int kLLTagShift = 17;
 constexpr long long kLLCountMask = (1ll << kLLTagShift) - 1;
@@ -713,13 +713,13 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
 }  // namespace ll
 
 // ----------------------------------------------------------------------------
-// LogFMT-10 (defined in cupyep/logfmt.py): per 64 channels, fp32 log2 of the
+// LogFMT-10 (defined in cupyep/formats/logfmt.py): per 64 channels, fp32 log2 of the
 // largest and of the smallest non-zero magnitude (clipped to 32 octaves
 // below), then per 8 channels 10 bytes: 8 sign bits and eight 9-bit codes.
 // The fp32 steps use _rn intrinsics (no FMA contraction); log2, exp2 and the
 // step are MUFU approximations and products where the definition divides, so
 // a value may land one code away from NumPy's at a rounding boundary (the
-// tests bound the result against cupyep.logfmt, not bit for bit).
+// tests bound the result against cupyep.formats.logfmt, not bit for bit).
 constexpr int kLogFmtGroupBytes = 88;
 // MUFU log2 / exp2 (relative error ~2^-22): a code or a decoded value may
 // move by one step at a rounding boundary, well inside LogFMT's own error.

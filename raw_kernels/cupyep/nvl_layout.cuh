@@ -1,4 +1,4 @@
-// Byte offsets of the symmetric NVLink buffer (see cupyep/sizing.py, which
+// Byte offsets of the symmetric NVLink buffer (see cupyep/layouts/sizing.py, which
 // builds this struct as an int64 array in the same field order).
 #pragma once
 

@@ -1,5 +1,5 @@
 // Definitions of nvshmem_device.cuh's wrappers. Compiled on its own to LTO IR,
-// with NVSHMEM's headers (jit.py prepends them), then linked into each
+// with NVSHMEM's headers (cupyep/jit prepends them), then linked into each
 // NVSHMEM kernel, where link-time optimisation inlines the wrappers.
 extern "C" {
 

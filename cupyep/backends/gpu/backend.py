@@ -13,18 +13,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernel_specs, sizing
-from .config import Config, combine_senders, default_config, own_rows_receiver_share
-from .errors import BufferTooSmallError, CallMismatchError, CommTimeoutError, InvalidInputError
-from .events import CallStreams
-from .fp8 import FP8_GROUP, bfloat16
-from .interop import DeviceFrontend, dtype_of
-from . import jit
-from .jit import address as _ptr, index_type, launch
-from .kernel_args import kernel_args
-from .capture import KeptArrays, is_capturing
-from .call_tags import NORMAL_MARK, describe as describe_call_tag, normal_call_tag
-from .runtime import mapped_host_ints
+from cupyep import jit
+from cupyep.arrays.capture import KeptArrays, is_capturing
+from cupyep.arrays.interop import DeviceFrontend, dtype_of
+from cupyep.backends.gpu.call_tags import NORMAL_MARK, describe as describe_call_tag, normal_call_tag
+from cupyep.comm.runtime import mapped_host_ints
+from cupyep.config import Config, combine_senders, default_config, own_rows_receiver_share
+from cupyep.errors import BufferTooSmallError, CallMismatchError, CommTimeoutError, InvalidInputError
+from cupyep.events import CallStreams
+from cupyep.formats.fp8 import FP8_GROUP, bfloat16
+from cupyep.jit import address as _ptr, index_type, launch
+from cupyep.jit import specs as kernel_specs
+from cupyep.jit.args import kernel_args
+from cupyep.layouts import sizing
 
 PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
           4: "low_latency_dispatch.recv", 5: "low_latency_combine.recv", 6: "low_latency.send",
@@ -100,12 +101,12 @@ class GpuBackend:
         self._capturing = False  # of the call in progress (set by _begin / get_dispatch_layout)
         self._layouts = {}
         self._cached_configs = {}  # cached_dispatch's Config per handle shape and given chunking
-        from .gpu_low_latency import GpuLowLatency
+        from cupyep.backends.gpu.low_latency import GpuLowLatency
         self._prefetched = set()  # normal-call shapes whose kernels were prefetched
         self.ll = GpuLowLatency(self, num_rdma_bytes, shrink=enable_shrink)
         self.inter = None
         if group.num_nodes > 1:
-            from .gpu_internode import GpuInternode
+            from cupyep.backends.gpu.internode import GpuInternode
             self.inter = GpuInternode(self)
         self.rt.sync_barrier()
 
@@ -124,7 +125,7 @@ class GpuBackend:
 
     def _empty(self, key, shape, dtype, zero=False):
         """An output of the call in progress, from the caller's framework
-        (cupyep.capture: CuPy callers' are kept while capturing)."""
+        (cupyep.arrays.capture: CuPy callers' are kept while capturing)."""
         return self._kept.get(key, shape, dtype, self._capturing, zero, alloc=self.frontend, stream=self.stream)
 
     def keep_for_stream(self, stream, cur, arrays):
@@ -215,7 +216,7 @@ class GpuBackend:
 
     # ------------------------------------------------------------------ #
     def get_dispatch_layout(self, topk_idx, num_experts):
-        from .types import DispatchLayout
+        from cupyep.types import DispatchLayout
         t, k = topk_idx.shape
         r, nodes = self.num_ranks, self.group.num_nodes
         self.stream = self.caller_stream

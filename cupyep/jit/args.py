@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from operator import itemgetter
 
-from .errors import CupyepError
+from cupyep.errors import CupyepError
 
 PARAMS = {
     "layout.get_dispatch_layout": (

@@ -16,9 +16,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import fp8, logfmt
-from .errors import InvalidInputError
-from .types import DispatchLayout
+from cupyep.errors import InvalidInputError
+from cupyep.formats import fp8
+from cupyep.formats import logfmt
+from cupyep.types import DispatchLayout
 
 bfloat16 = fp8.bfloat16
 
@@ -363,7 +364,7 @@ def low_latency_combine(comm, x, topk_idx, topk_weights, routing: LowLatencyRout
         topk_idx, topk_weights: [T, K] of the dispatch being reversed.
         routing: tables of that dispatch.
         mask: optional [R] int: experts of masked ranks add nothing.
-        use_logfmt: rows travel LogFMT-10 encoded (cupyep.logfmt): the sum
+        use_logfmt: rows travel LogFMT-10 encoded (cupyep.formats.logfmt): the sum
             takes the decoded values.
 
     Returns:

@@ -5,7 +5,7 @@ One buffer per rank, the same layout on every rank::
     control   sync counters [R] u32 | channel counts [2][R][C_MAX] i32 |
               expert counts [2][R][L_MAX] i32 | dispatch tails [R][C_MAX] i32 |
               combine tails [R][C_MAX] i32 | combine flags [R][F] i32 |
-              call tags [2][R] i64 (cupyep/call_tags.py; slot [seq & 1][s] by source s)
+              call tags [2][R] i64 (cupyep/backends/gpu/call_tags.py; slot [seq & 1][s] by source s)
     data      per source rank s, per slot t < T_MAX:
               rows [R][T_MAX][H] (bf16 bytes, e4m3 use half) |
               scales [R][T_MAX][H/128] f32 | src_idx [R][T_MAX] i32 |
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import BufferTooSmallError
+from cupyep.errors import BufferTooSmallError
 
 MAX_CHANNELS = 64
 # Ranks in one NVLink domain: the intranode kernels give each rank a lane of a

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Tuple
 
-from .errors import BackendUnavailableError, CupyepError
-from .interop import dtype_of
+from cupyep.arrays.interop import dtype_of
+from cupyep.errors import BackendUnavailableError, CupyepError
 
 DEBUG = os.environ.get("CUPYEP_JIT_DEBUG", "") not in ("", "0")
 
@@ -65,13 +65,14 @@ def kernel_dir() -> str:
     try:
         return str(resources.files("cupyep.raw_kernels"))
     except ModuleNotFoundError:
-        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "raw_kernels")
+        checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return os.path.join(checkout, "raw_kernels")
 
 
 @functools.lru_cache(maxsize=None)
 def sources_digest() -> str:
     """sha256 over every file in raw_kernels/ and the package version."""
-    from . import __version__
+    from cupyep import __version__
     h = hashlib.sha256(__version__.encode())
     root = kernel_dir()
     for dirpath, _, files in sorted(os.walk(root)):

@@ -1,6 +1,6 @@
 """Low-latency dispatch and combine on the GPU (decoding).
 
-Kernels: raw_kernels/cupyep/low_latency.cu; layout: cupyep/low_latency.py.
+Kernels: raw_kernels/cupyep/low_latency.cu; layout: cupyep/layouts/low_latency.py.
 Calls launch on the caller's current stream (so they can be captured in a CUDA
 graph) unless ``async_finish`` asks for the communication stream and an event.
 With ``return_recv_hook`` the call launches only its send half and returns a
@@ -12,7 +12,7 @@ kernels put through NVSHMEM to peers without a mapping, or to every peer when
 
 Outputs come from the caller's framework. torch callers get a set of
 tensors made earlier on the same stream once they have dropped every tensor
-of it (cupyep.output_sets), else new ones from torch's caching allocator;
+of it (cupyep.arrays.output_sets), else new ones from torch's caching allocator;
 inside ``torch.cuda.graph`` always new ones, from the graph's pool. CuPy
 callers get new arrays, except while the stream is being captured: then
 arrays the buffer keeps per half, so a replayed graph writes memory that
@@ -26,16 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CupyepError, InvalidInputError
-from .fp8 import FP8_GROUP, bfloat16
-from .capture import KeptArrays, is_capturing
-from . import kernel_specs
-from . import jit
-from .jit import ArgBlock, PackedKernel, address, index_type
-from .kernel_args import PARAMS, kernel_args
-from .call_tags import ll_call_tag, with_call
-from .low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
-from .sizing import MAX_RANKS
+from cupyep import jit
+from cupyep.arrays.capture import KeptArrays, is_capturing
+from cupyep.backends.gpu.call_tags import ll_call_tag, with_call
+from cupyep.errors import CupyepError, InvalidInputError
+from cupyep.formats.fp8 import FP8_GROUP, bfloat16
+from cupyep.jit import ArgBlock, PackedKernel, address, index_type
+from cupyep.jit import specs as kernel_specs
+from cupyep.jit.args import PARAMS, kernel_args
+from cupyep.layouts.low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
+from cupyep.layouts.sizing import MAX_RANKS
 
 _THREADS = 512  # kLLThreads in low_latency.cu
 DISPATCH_PARAMS, COMBINE_PARAMS = PARAMS["low_latency.dispatch"], PARAMS["low_latency.combine"]
@@ -51,7 +51,7 @@ assert DISPATCH_PARAMS[_D_ARRAYS:_D_ARRAYS + 8][-1] == "wait_stats" and COMBINE_
 
 
 def arg_block(kernel: str, **values) -> ArgBlock:
-    """An argument block of ``kernel`` (a cupyep.kernel_args name), every parameter by name."""
+    """An argument block of ``kernel`` (a cupyep.jit.args name), every parameter by name."""
     return ArgBlock([int(v) for v in kernel_args(kernel, **values)])
 
 
@@ -191,7 +191,7 @@ class GpuLowLatency:
     def _outputs(self, key, specs, stream, fp8=False):
         """(arrays of the given (shape, dtype) specs (None stays None), their
         addresses), from the caller's framework: torch callers' recycled once
-        dropped (cupyep.output_sets); CuPy callers' kept per key while
+        dropped (cupyep.arrays.output_sets); CuPy callers' kept per key while
         ``stream`` is captured. ``fp8``: the first is e4m3 (torch:
         float8_e4m3fn, others: uint8)."""
         fe = self.be.frontend

@@ -13,7 +13,7 @@ import socket
 
 import numpy as np
 
-from .errors import InvalidInputError
+from cupyep.errors import InvalidInputError
 
 
 class TorchComm:

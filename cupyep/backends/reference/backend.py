@@ -5,23 +5,25 @@ import itertools
 
 import numpy as np
 
-from . import reference, sizing, validation
-from .config import default_config
-from .errors import InvalidInputError
-from .fp8 import bfloat16
-from .call_check import CallAgreement
-from .low_latency import TRANSPORTS, check_low_latency_buffer
+from cupyep import validation
+from cupyep.backends.reference import semantics as reference
+from cupyep.backends.reference.call_check import CallAgreement
+from cupyep.config import default_config
+from cupyep.errors import InvalidInputError
+from cupyep.formats.fp8 import bfloat16
+from cupyep.layouts import sizing
+from cupyep.layouts.low_latency import TRANSPORTS, check_low_latency_buffer
 
 
 class ReferenceBackend:
-    """Runs every Buffer call with :mod:`cupyep.reference`; no GPU needed."""
+    """Runs every Buffer call with :mod:`cupyep.backends.reference.semantics`; no GPU needed."""
 
     def __init__(self, group, max_nodes_per_token: int = 0, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0):
         self.group = group
         self.max_nodes_per_token = max_nodes_per_token
         # Sized as on the GPU: calls that would not fit there raise here too.
         self.num_nvl_bytes, self.num_rdma_bytes = int(num_nvl_bytes), int(num_rdma_bytes)
-        # Ranks agree on each call before moving data (cupyep.call_check).
+        # Ranks agree on each call before moving data (cupyep.backends.reference.call_check).
         self.calls = CallAgreement(group.comm)
         self._calls = itertools.count()
         self._next_combine = None

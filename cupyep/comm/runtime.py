@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 
-from .errors import BufferTooSmallError, CupyepError
-from .group import SHARE_GPUS_ENV
+from cupyep.comm.group import SHARE_GPUS_ENV
+from cupyep.errors import BufferTooSmallError, CupyepError
 
 # NVLink multicast stays off unless the user explicitly turns it on.
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")

@@ -1,7 +1,7 @@
 """Outputs that stay valid across CUDA graph replays.
 
 Calls allocate their outputs fresh, through the caller's framework
-(cupyep.interop's frontends). torch gives allocations made while a graph is
+(cupyep.arrays.interop's frontends). torch gives allocations made while a graph is
 captured the graph's own pool, so they stay valid across replays. CuPy has no
 such pool: while a CuPy caller's stream is being captured, calls take arrays
 kept per (key, shape, dtype) instead, so that every replay writes memory that
@@ -58,8 +58,8 @@ def _zero(a, stream):
     """memset on ``stream``: capturable, and the same for CuPy and torch arrays."""
     import cupy
 
-    from .interop import dtype_of
-    from .jit import address
+    from cupyep.arrays.interop import dtype_of
+    from cupyep.jit import address
     if stream is None:
         stream = cupy.cuda.get_current_stream()
     n = int(np.prod(a.shape)) * dtype_of(a).itemsize

@@ -14,12 +14,13 @@ import math
 
 import numpy as np
 
-from . import kernel_specs, sizing
-from .errors import BufferTooSmallError, InvalidInputError
-from .gpu_backend import NOTIFY_THREADS
-from .interop import dtype_of
-from .jit import address as _ptr, index_type, launch
-from .kernel_args import kernel_args
+from cupyep.arrays.interop import dtype_of
+from cupyep.backends.gpu.backend import NOTIFY_THREADS
+from cupyep.errors import BufferTooSmallError, InvalidInputError
+from cupyep.jit import address as _ptr, index_type, launch
+from cupyep.jit import specs as kernel_specs
+from cupyep.jit.args import kernel_args
+from cupyep.layouts import sizing
 
 
 

@@ -22,9 +22,9 @@ import os
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .fp8 import bfloat16, float8_e4m3
-from .output_sets import OutputSets
+from cupyep.arrays.output_sets import OutputSets
+from cupyep.errors import InvalidInputError
+from cupyep.formats.fp8 import bfloat16, float8_e4m3
 
 _TORCH_TO_NUMPY = {}  # torch dtype -> NumPy dtype, filled on first use
 _NUMPY_TO_TORCH = {}
@@ -220,7 +220,7 @@ class DeviceFrontend:
     """
 
     name = "cupy"
-    keeps_outputs_in_capture = True  # CuPy has no graph pool: cupyep.capture keeps them
+    keeps_outputs_in_capture = True  # CuPy has no graph pool: cupyep.arrays.capture keeps them
     recycles_outputs = False  # see TorchFrontend.outputs
 
     def __init__(self, device_id: int):
@@ -326,7 +326,7 @@ class TorchFrontend(DeviceFrontend):
     def outputs(self, specs, fp8: bool = False):
         """(tensors of ``specs`` (as :meth:`empty_many`), their addresses) for
         a call on the current stream: a set made earlier on this stream once
-        the caller has dropped it (cupyep.output_sets), new ones while the
+        the caller has dropped it (cupyep.arrays.output_sets), new ones while the
         stream is captured."""
         if self._capturing():
             out = self.empty_many(specs, fp8)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from .jit import KernelSpec
+from cupyep.jit import KernelSpec
 
 
 @functools.lru_cache(maxsize=None)  # one object per instantiation: launch caches look it up by identity

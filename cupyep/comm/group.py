@@ -1,7 +1,7 @@
 """Process group: ranks, node layout, GPU choice and NVSHMEM lifetime.
 
 Created from an mpi4py communicator (default ``COMM_WORLD``) or from a
-torch.distributed process group (through :class:`cupyep.torch_comm.TorchComm`).
+torch.distributed process group (through :class:`cupyep.comm.torch_comm.TorchComm`).
 The GPU side (device, NVSHMEM) starts only when a GPU buffer first asks for
 it, so the reference backend needs no GPU.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 
-from .errors import BackendUnavailableError, GroupDestroyedError, InvalidInputError
+from cupyep.errors import BackendUnavailableError, GroupDestroyedError, InvalidInputError
 
 
 def _as_comm(comm):
@@ -22,7 +22,7 @@ def _as_comm(comm):
     if module.startswith("mpi4py") or type(comm).__name__ == "TorchComm":
         return comm
     if module.startswith("torch"):
-        from .torch_comm import TorchComm
+        from cupyep.comm.torch_comm import TorchComm
         return TorchComm(comm)
     raise InvalidInputError(f"expected an mpi4py communicator or a torch.distributed group, got {type(comm)}")
 
@@ -123,7 +123,7 @@ class Group:
         """
         self.check_alive()
         if self._gpu is None:
-            from .runtime import GpuRuntime
+            from cupyep.comm.runtime import GpuRuntime
             self._gpu = GpuRuntime(self, heap_bytes)
         return self._gpu
 

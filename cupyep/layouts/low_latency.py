@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .errors import BufferTooSmallError, InvalidInputError
+from cupyep.errors import BufferTooSmallError, InvalidInputError
 
 LL_MAX_TOPK = 16
 # A message entry holds the row's slot among its source's rows for an expert in 16 bits.

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from .errors import CallMismatchError, CommTimeoutError
+from cupyep.errors import CallMismatchError, CommTimeoutError
 
 _KINDS = ("dispatch", "cached_dispatch", "combine", "low_latency_dispatch", "low_latency_combine",
           "clean_low_latency_buffer")
