@@ -12,6 +12,8 @@ import itertools
 import weakref
 from typing import Optional
 
+import numpy as np
+
 from cupyep import validation
 from cupyep.arrays import interop
 from cupyep.comm.group import Group, gpu_available, require_gpu
@@ -23,6 +25,7 @@ from cupyep.types import (CombineResult, DispatchHandle, DispatchLayout, Dispatc
                           LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle)
 
 _buffer_ids = itertools.count(1)
+_STATS_DTYPES = {"int32": np.dtype(np.int32), "int64": np.dtype(np.int64)}
 
 
 def check_rank_limits(num_ranks: int, ranks_per_node: int) -> None:
@@ -413,7 +416,8 @@ class Buffer:
         if a is None:
             return None
         native = self._native(a, name, fe)
-        if interop.dtype_of(native).name != dtype or tuple(native.shape) != (length,):
+        # dtype objects compared, not their names: numpy's dtype.name is a Python-level property
+        if interop.dtype_of(native) != _STATS_DTYPES[dtype] or tuple(native.shape) != (length,):
             raise InvalidInputError(f"{name} must be {dtype} [{length}], got {native.dtype} "
                                     f"{tuple(native.shape)}")
         validation.check_contiguous(native, name)
