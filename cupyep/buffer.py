@@ -286,16 +286,15 @@ class Buffer:
             out = self._impl.dispatch(data, scales, idx, w, in_rank, per_expert, num_experts, expert_alignment,
                                       num_worst_tokens, config, previous_event, async_finish,
                                       layout_in_call=idx is not None and layout is None)
-        h = DispatchHandle(self.buffer_id, num_tokens, hidden, out["num_recv_tokens"],
+        h = DispatchHandle(self.buffer_id, num_tokens, hidden, out.num_recv_tokens,
                            num_worst_tokens, 0 if idx is None else idx.shape[1], in_rank,
-                           out["recv_src_idx"], out["routing"])
-        counts = out["num_recv_tokens_per_expert"]
+                           out.recv_src_idx, out.routing)
+        counts = out.num_recv_tokens_per_expert
         if num_worst_tokens and counts is not None:
             counts = fe.back(counts)
         back = fe.back
-        return DispatchResult(back(out["recv_x"], fp8=scales is not None),
-                              back(out["recv_x_scales"]), back(out["recv_topk_idx"]),
-                              back(out["recv_topk_weights"]), counts, h, out.get("event"))
+        return DispatchResult(back(out.recv_x, fp8=scales is not None), back(out.recv_x_scales),
+                              back(out.recv_topk_idx), back(out.recv_topk_weights), counts, h, out.event)
 
     def _cached_dispatch(self, handle, data, scales, fe, config, previous_event, async_finish):
         validation.check_handle(handle, DispatchHandle, self.buffer_id)
@@ -304,10 +303,9 @@ class Buffer:
                 f"cached dispatch: x has shape {tuple(data.shape)}, the handle expects "
                 f"{(handle.num_tokens, handle.hidden)}")
         with self._on_caller_stream():
-            recv_x, recv_s, event = self._impl.cached_dispatch(handle, data, scales, config,
-                                                               previous_event, async_finish)
-        return DispatchResult(fe.back(recv_x, fp8=scales is not None), fe.back(recv_s),
-                              None, None, None, handle, event)
+            out = self._impl.cached_dispatch(handle, data, scales, config, previous_event, async_finish)
+        return DispatchResult(fe.back(out.recv_x, fp8=scales is not None), fe.back(out.recv_x_scales),
+                              None, None, None, handle, out.event)
 
     def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, *,
                 config: Optional[Config] = None, previous_event=None,
@@ -351,9 +349,8 @@ class Buffer:
             raise InvalidInputError("combine takes at most two bias arrays")
         validation.check_bias(biases, handle.num_tokens, handle.hidden)
         with self._on_caller_stream():
-            out, wout, event = self._impl.combine(handle, data, w, biases, config, previous_event,
-                                                  async_finish)
-        return CombineResult(fe.back(out), fe.back(wout), event)
+            out = self._impl.combine(handle, data, w, biases, config, previous_event, async_finish)
+        return CombineResult(fe.back(out.combined_x), fe.back(out.combined_topk_weights), out.event)
 
     # ------------------------------------------------------------------ #
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int,
@@ -403,13 +400,13 @@ class Buffer:
         out = self._impl.low_latency_dispatch(data, idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
                                               async_finish, return_recv_hook, stats, waits)
         (t, hidden), k = data.shape, idx.shape[1]
-        h = LowLatencyHandle(self.buffer_id, out["call_id"], m, hidden, num_experts, t, k, out["src_info"],
-                             out["layout_range"], out["routing"], fe.name)
-        recv_x, scales, count = out["recv_x"], out["recv_x_scales"], out["recv_count"]
+        h = LowLatencyHandle(self.buffer_id, out.call_id, m, hidden, num_experts, t, k, out.src_info,
+                             out.layout_range, out.routing, fe.name)
+        recv_x, scales, count = out.recv_x, out.recv_x_scales, out.recv_count
         if not fe.recycles_outputs:  # torch's come as they are (e4m3 as float8_e4m3fn)
             back = fe.back
             recv_x, scales, count = back(recv_x, fp8=use_fp8), back(scales), back(count)
-        return LowLatencyDispatchResult(recv_x, scales, count, h, out.get("event"), out.get("hook"))
+        return LowLatencyDispatchResult(recv_x, scales, count, h, out.event, out.hook)
 
     def _stats(self, a, name, dtype, length, fe):
         """An optional statistics array, updated in place (so no copy is allowed)."""
@@ -471,9 +468,8 @@ class Buffer:
                                 self.num_ranks, fe)
         res = self._impl.low_latency_combine(data, idx, w, handle, out_native, async_finish,
                                              return_recv_hook, bool(use_logfmt), waits)
-        combined = out if out is not None else res["combined_x"] if fe.recycles_outputs else \
-            fe.back(res["combined_x"])
-        return LowLatencyCombineResult(combined, res.get("event"), res.get("hook"))
+        combined = out if out is not None else res.combined_x if fe.recycles_outputs else fe.back(res.combined_x)
+        return LowLatencyCombineResult(combined, res.event, res.hook)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
         """[L, R*M, H] bf16 array that the next low-latency call reads in place.

@@ -1,4 +1,5 @@
-"""What cupyep.Buffer asks of a backend (reference and gpu implement it).
+"""What cupyep.Buffer asks of a backend (reference and gpu implement it), and
+what the calls return.
 
 ``Buffer`` validates every argument and converts arrays to the backend's
 kind (NumPy for the reference backend, CuPy or torch CUDA tensors for the GPU
@@ -8,7 +9,57 @@ that both backends define each method with these parameters.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+
+@dataclass(eq=False, slots=True)
+class NormalDispatchOut:
+    """A normal dispatch's outputs (the backend's arrays; Buffer makes the
+    DispatchResult and its handle from them)."""
+    recv_x: Any                       # [N, H] bf16, or e4m3 (uint8) with scales
+    recv_x_scales: Any                # [N, H/128] fp32, or None
+    recv_topk_idx: Any                # [N, K] local expert ids (-1: another rank's), or None
+    recv_topk_weights: Any            # [N, K] fp32, or None
+    num_recv_tokens_per_expert: Any   # [L] (host list, or a device array with num_worst_tokens)
+    recv_src_idx: Any                 # [N] int32 source token of each row
+    num_recv_tokens: int
+    routing: Any                      # kept in the handle
+    event: Any = None
+
+
+@dataclass(eq=False, slots=True)
+class CachedDispatchOut:
+    recv_x: Any
+    recv_x_scales: Any
+    event: Any = None
+
+
+@dataclass(eq=False, slots=True)
+class CombineOut:
+    combined_x: Any                   # [T, H] bf16
+    combined_topk_weights: Any        # [T, K] fp32, or None
+    event: Any = None
+
+
+@dataclass(eq=False, slots=True)
+class LowLatencyDispatchOut:
+    recv_x: Any                       # [L, R*M, H] bf16, or e4m3 (uint8; torch: float8_e4m3fn)
+    recv_x_scales: Any                # [L, R*M, H/128] fp32, [L, R*M, H/512] int32 (UE8M0) or None
+    recv_count: Any                   # [L] int32
+    src_info: Any                     # [L, R*M] int32
+    layout_range: Any                 # [L, R] int64
+    routing: Any                      # kept in the handle
+    call_id: int
+    event: Any = None
+    hook: Optional[Any] = None
+
+
+@dataclass(eq=False, slots=True)
+class LowLatencyCombineOut:
+    combined_x: Any                   # [T, H] bf16
+    event: Any = None
+    hook: Optional[Any] = None
 
 
 class Backend(Protocol):
@@ -21,25 +72,23 @@ class Backend(Protocol):
 
     def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert, num_experts,
                  expert_alignment, num_worst_tokens, config, previous_event, async_finish,
-                 layout_in_call=False) -> dict:
-        """Normal dispatch. Returns recv_x, recv_x_scales, recv_topk_idx,
-        recv_topk_weights, num_recv_tokens_per_expert, recv_src_idx,
-        num_recv_tokens, routing (kept in the handle), event."""
+                 layout_in_call=False) -> NormalDispatchOut:
+        """Normal dispatch."""
 
-    def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish) -> tuple:
-        """Dispatch along ``handle``'s routing: (recv_x, recv_x_scales, event)."""
+    def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish) -> CachedDispatchOut:
+        """Dispatch along ``handle``'s routing."""
 
-    def combine(self, handle, x, topk_weights, bias, config, previous_event, async_finish) -> tuple:
-        """Reduce back along ``handle``: (combined_x, combined_topk_weights, event)."""
+    def combine(self, handle, x, topk_weights, bias, config, previous_event, async_finish) -> CombineOut:
+        """Reduce back along ``handle``."""
 
     def low_latency_dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
-                             async_finish, return_recv_hook, cumulative_stats=None, wait_stats=None) -> dict:
-        """Returns recv_x, recv_x_scales, recv_count, src_info, layout_range,
-        routing (kept in the handle), call_id, and event / hook where asked."""
+                             async_finish, return_recv_hook, cumulative_stats=None,
+                             wait_stats=None) -> LowLatencyDispatchOut:
+        """Low-latency dispatch; event / hook where asked."""
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, out, async_finish,
-                            return_recv_hook, use_logfmt=False, wait_stats=None) -> dict:
-        """Returns combined_x, and event / hook where asked."""
+                            return_recv_hook, use_logfmt=False, wait_stats=None) -> LowLatencyCombineOut:
+        """Low-latency combine; event / hook where asked."""
 
     def next_low_latency_combine_buffer(self, handle):
         """[L, R*M, H] bf16: where the next combine after ``handle``'s dispatch reads in place."""

@@ -17,6 +17,7 @@ from cupyep import jit
 from cupyep.arrays.capture import KeptArrays, is_capturing
 from cupyep.arrays.interop import DeviceFrontend, dtype_of
 from cupyep.backends.gpu.call_tags import NORMAL_MARK, describe as describe_call_tag, normal_call_tag
+from cupyep.backends.interface import CachedDispatchOut, CombineOut, NormalDispatchOut
 from cupyep.comm.runtime import mapped_host_ints
 from cupyep.config import Config, combine_senders, default_config, own_rows_receiver_share
 from cupyep.errors import BufferTooSmallError, CallMismatchError, CommTimeoutError, InvalidInputError
@@ -320,10 +321,7 @@ class GpuBackend:
         event = self._end(cur, async_finish, (x, scales, topk_idx, topk_weights, is_token_in_rank, recv_x,
                                                 recv_s, recv_idx, recv_w, recv_src, send_pos, offsets,
                                                 expert_counts))
-        return {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_topk_idx": recv_idx,
-                "recv_topk_weights": recv_w, "num_recv_tokens_per_expert": counts,
-                "recv_src_idx": recv_src, "num_recv_tokens": num_recv, "routing": routing,
-                "event": event}
+        return NormalDispatchOut(recv_x, recv_s, recv_idx, recv_w, counts, recv_src, num_recv, routing, event)
 
     def _launch_dispatch(self, cfg, x, scales, topk_idx, topk_weights, send_pos, num_tokens,
                          lay_dev, offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w,
@@ -369,12 +367,12 @@ class GpuBackend:
             self.inter.barrier(g.rdma_layout_dev, call_tag)
             self.inter.dispatch(cfg, g, x, scales, None, None, handle.is_token_in_rank, handle.num_tokens,
                                 0, n_rows, recv_x, recv_s, None, None, recv_src, False)
-            return recv_x, recv_s, self._end(cur, async_finish, (x, scales, recv_x, recv_s, recv_src))
+            return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, (x, scales, recv_x, recv_s, recv_src)))
         self._barrier(g.layout_dev, call_tag)
         self._launch_dispatch(cfg, x, scales, None, None, g.send_pos, handle.num_tokens,
                               g.layout_dev, g.recv_channel_offset, 0, n_rows, recv_x, recv_s,
                               None, None, recv_src)
-        return recv_x, recv_s, self._end(cur, async_finish, (x, scales, recv_x, recv_s, recv_src))
+        return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, (x, scales, recv_x, recv_s, recv_src)))
 
     def _check_sms(self, cfg):
         if cfg.num_sms > self.device_sms:
@@ -399,7 +397,7 @@ class GpuBackend:
         if self.inter is not None:
             self.inter.barrier(g.rdma_layout_dev, call_tag)
             self.inter.combine(cfg, g, x, topk_weights, t, b0, b1, out, out_w)
-            return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
+            return CombineOut(out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w)))
         spec = kernel_specs.intranode_combine(self.num_ranks, hidden, k)
         launch(spec, (cfg.num_sms,), (32 * cfg.num_combine_warps,), kernel_args(
             "intranode.combine", x=x, topk_weights=_ptr(topk_weights), send_pos=g.send_pos,
@@ -408,7 +406,7 @@ class GpuBackend:
             peers=self.nvl.peers, layout=lay_dev, rank=self.rank, bias0=_ptr(b0), bias1=_ptr(b1), out=out,
             out_weights=_ptr(out_w), counters=self.counters, scratch=self.blocks_done, err=self._err_ptr,
             timeout_ns=self.timeout_ns, call_tag=call_tag), stream=self.stream)
-        return out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w))
+        return CombineOut(out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w)))
 
     # ------------------------------------------------------------------ #
     def low_latency_dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,

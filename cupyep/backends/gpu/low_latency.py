@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cupyep import jit
+from cupyep.backends.interface import LowLatencyCombineOut, LowLatencyDispatchOut
 from cupyep.arrays.capture import KeptArrays, is_capturing
 from cupyep.backends.gpu.call_tags import ll_call_tag, with_call
 from cupyep.errors import CupyepError, InvalidInputError
@@ -228,10 +229,9 @@ class GpuLowLatency:
         hook = self._send_then_receive(fn, stream, return_recv_hook, args, _D_PHASES, outs)
         if stream is not cur:
             be.keep_for_stream(stream, cur, (x, topk_idx, *outs))
-        return {"recv_x": recv_x, "recv_x_scales": recv_s, "recv_count": recv_count,
-                "src_info": src_info, "layout_range": layout_range,
-                "routing": GpuLowLatencyState(recv_k, lay, *addresses[3:]), "call_id": self.calls,
-                "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), "hook": hook}
+        return LowLatencyDispatchOut(recv_x, recv_s, recv_count, src_info, layout_range,
+                                     GpuLowLatencyState(recv_k, lay, *addresses[3:]), self.calls,
+                                     be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), hook)
 
     def _send_then_receive(self, fn, stream, return_recv_hook, args, phases, outputs):
         """Both halves in one launch, or the send half now and a hook for the
@@ -329,8 +329,7 @@ class GpuLowLatency:
         hook = self._send_then_receive(fn, stream, return_recv_hook, args, _C_PHASES, out)
         if stream is not cur:
             be.keep_for_stream(stream, cur, (x, topk_idx, topk_weights, out))
-        return {"combined_x": out, "event": be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr),
-                "hook": hook}
+        return LowLatencyCombineOut(out, be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), hook)
 
     def next_combine_buffer(self, handle):
         """[L, R*M, H] bf16 view of the send area the next call (a combine)

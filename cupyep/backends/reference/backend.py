@@ -6,6 +6,8 @@ import itertools
 import numpy as np
 
 from cupyep import validation
+from cupyep.backends.interface import (CachedDispatchOut, CombineOut, LowLatencyCombineOut,
+                                       LowLatencyDispatchOut, NormalDispatchOut)
 from cupyep.backends.reference import semantics as reference
 from cupyep.backends.reference.call_check import CallAgreement
 from cupyep.config import default_config
@@ -54,21 +56,24 @@ class ReferenceBackend:
             validation.check_expert_range_host(topk_idx, num_experts)
         self.calls.check("dispatch", x.shape[1], 0 if topk_idx is None else topk_idx.shape[1], int(scales is not None),
                          num_experts or 0, int(topk_weights is not None))
-        return reference.dispatch(self.comm, x, scales, topk_idx, topk_weights, is_token_in_rank,
-                                  num_experts, expert_alignment, num_worst_tokens)
+        d = reference.dispatch(self.comm, x, scales, topk_idx, topk_weights, is_token_in_rank,
+                               num_experts, expert_alignment, num_worst_tokens)
+        return NormalDispatchOut(d["recv_x"], d.get("recv_x_scales"), d.get("recv_topk_idx"),
+                                 d.get("recv_topk_weights"), d.get("num_recv_tokens_per_expert"),
+                                 d["recv_src_idx"], d["num_recv_tokens"], d["routing"])
 
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
         self.calls.check("cached_dispatch", x.shape[1], int(scales is not None))
         recv_x, recv_s = reference.cached_dispatch(self.comm, handle.state, x, scales,
                                                    handle.num_worst_tokens)
-        return recv_x, recv_s, None
+        return CachedDispatchOut(recv_x, recv_s)
 
     def combine(self, handle, x, topk_weights, bias, config, previous_event, async_finish):
         self.calls.check("combine", x.shape[1], int(topk_weights is not None))
         n = handle.num_recv_tokens
         w = None if topk_weights is None else topk_weights[:n]
         out, wout = reference.combine(self.comm, handle.state, handle.num_tokens, x[:n], w, bias)
-        return out, wout, None
+        return CombineOut(out, wout)
 
     def low_latency_dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
                              async_finish, return_recv_hook, cumulative_stats=None, wait_stats=None):
@@ -80,10 +85,9 @@ class ReferenceBackend:
         if cumulative_stats is not None:
             cumulative_stats += out["recv_count"].astype(cumulative_stats.dtype)
         # wait_stats measure spin time inside GPU kernels; nothing spins here.
-        out["call_id"] = next(self._calls)
-        if return_recv_hook:
-            out["hook"] = lambda: None  # data has already arrived on this backend
-        return out
+        # data has already arrived on this backend: the hook has nothing to do
+        return LowLatencyDispatchOut(**out, call_id=next(self._calls),
+                                     hook=(lambda: None) if return_recv_hook else None)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, out, async_finish,
                             return_recv_hook, use_logfmt=False, wait_stats=None):
@@ -94,10 +98,7 @@ class ReferenceBackend:
         if out is not None:
             out[...] = res
             res = out
-        d = {"combined_x": res}
-        if return_recv_hook:
-            d["hook"] = lambda: None
-        return d
+        return LowLatencyCombineOut(res, hook=(lambda: None) if return_recv_hook else None)
 
     def next_low_latency_combine_buffer(self, handle):
         """The same array for every request with one handle, so expert outputs
