@@ -84,3 +84,14 @@ def test_depth_zero_keeps_nothing():
     for _ in range(3):
         sets.take(stream=1)
     assert len(made) == 3 and len(sets) == 0
+
+
+def test_sets_held_for_good_do_not_stop_reuse():
+    """Two sets the caller keeps forever (two results alive, say) fill the
+    kept places; a later set takes the older one's place and is reused."""
+    sets, made = make_sets(depth=2)
+    held_for_good = [sets.take(stream=1) for _ in range(2)]
+    for _ in range(5):
+        sets.take(stream=1)  # dropped at once
+    assert len(made) == 3, f"{len(made)} sets made: the later calls were not served by one kept set"
+    assert all(t[0][0].data_ptr() in made[:2] for t in held_for_good)

@@ -38,10 +38,13 @@ class OutputSets:
             of ``untyped_storage()._cdata``).
         storage_of: a set -> the handle ``use_count`` takes (it must hold no
             reference to the set's tensors).
-        depth: sets kept; beyond them calls get fresh sets, not kept.
+        depth: sets kept. When every kept set is held, a new one takes the
+            place of the kept set made longest ago (which the caller keeps
+            as long as it likes; it is only no longer tracked), so sets the
+            caller holds for good do not stop the reuse of later ones.
     """
 
-    __slots__ = ("_make", "_use_count", "_storage_of", "depth", "_sets")
+    __slots__ = ("_make", "_use_count", "_storage_of", "depth", "_sets", "_oldest")
 
     def __init__(self, make, use_count, storage_of, depth: int = 2):
         self._make = make
@@ -50,11 +53,12 @@ class OutputSets:
         self.depth = depth
         # [tensors (a list), stream, storage handle, reference counts, use count, addresses]
         self._sets = []
+        self._oldest = 0  # where the next new set goes once depth sets are kept
 
     def take(self, stream: int):
         """(tensors, their addresses (None: 0)) for a call on ``stream`` (an
         address): a kept set if one made on that stream is free, else a new
-        one (kept if there is room)."""
+        one, kept in place of the oldest when depth sets are kept."""
         use_count = self._use_count
         for s in self._sets:
             if s[1] == stream and use_count(s[2]) == s[4] and _refs(s[0]) == s[3]:
@@ -63,14 +67,20 @@ class OutputSets:
         # holding it counts as holding its tensors), measured once made.
         tensors = list(self._make())
         addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
-        if len(self._sets) < self.depth:
+        if self.depth > 0:
             storage = self._storage_of(tensors)
-            self._sets.append([tensors, stream, storage, _refs(tensors), use_count(storage), addresses])
+            entry = [tensors, stream, storage, _refs(tensors), use_count(storage), addresses]
+            if len(self._sets) < self.depth:
+                self._sets.append(entry)
+            else:
+                self._sets[self._oldest] = entry
+                self._oldest = (self._oldest + 1) % self.depth
         return tuple(tensors), addresses
 
     def clear(self) -> None:
         """Forget the kept sets (their memory goes back to the allocator once the caller drops them)."""
         self._sets.clear()
+        self._oldest = 0
 
     def __len__(self):
         return len(self._sets)
