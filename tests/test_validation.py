@@ -401,3 +401,94 @@ def test_layout_from_another_topk_idx_is_refused(buffer, backend, rng):
         buffer.dispatch(x, idx_a, layout=lay, num_experts=2 * e)
     d = buffer.dispatch(x, idx_a, layout=lay)  # the right pairing works
     buffer.combine(d.recv_x, d.handle)
+
+
+def _ll_inputs(rng, t=8, h=512, k=4, e=16):
+    return random_rows(rng, t, h), random_topk(rng, t, e, k)
+
+
+@pytest.mark.parametrize("case", ["good", "float32 x", "3-D x", "int16 ids", "1-D ids", "rows differ", "T > M",
+                                  "M < 1", "K > 16", "K = 0", "hidden % 128", "experts % ranks", "no experts",
+                                  "ue8m0 without fp8", "ue8m0 hidden % 512", "strided x", "strided ids", "no tokens"])
+def test_low_latency_dispatch_check_fast_path_agrees(rng, case):
+    """check_low_latency_dispatch's one-expression fast path passes exactly
+    what its detailed checks pass: each bad case raises, the good ones return."""
+    from cupyep import validation
+    x, idx = _ll_inputs(rng)
+    m, e, r, use_fp8, ue8m0 = 8, 16, 4, True, False
+    if case == "float32 x":
+        x = x.astype(np.float32)
+    elif case == "3-D x":
+        x = x.reshape(2, 4, 512)
+    elif case == "int16 ids":
+        idx = idx.astype(np.int16)
+    elif case == "1-D ids":
+        idx = idx.reshape(-1)
+    elif case == "rows differ":
+        idx = idx[:4]
+    elif case == "T > M":
+        m = 4
+    elif case == "M < 1":
+        x, idx, m = x[:0], idx[:0], 0
+    elif case == "K > 16":
+        idx = np.concatenate([idx] * 5, axis=1)
+    elif case == "K = 0":
+        idx = idx[:, :0]
+    elif case == "hidden % 128":
+        x = random_rows(rng, 8, 192)
+    elif case == "experts % ranks":
+        e = 18
+    elif case == "no experts":
+        e = 0
+    elif case == "ue8m0 without fp8":
+        use_fp8, ue8m0 = False, True
+    elif case == "ue8m0 hidden % 512":
+        x, ue8m0 = random_rows(rng, 8, 384), True
+    elif case == "strided x":
+        x = random_rows(rng, 8, 1024)[:, ::2]
+    elif case == "strided ids":
+        idx = np.asfortranarray(idx)
+    elif case == "no tokens":
+        x, idx = x[:0], idx[:0]
+    check = lambda: validation.check_low_latency_dispatch(x, idx, m, e, r, use_fp8, ue8m0, 16)  # noqa: E731
+    if case in ("good", "no tokens"):
+        assert check() is None
+    else:
+        with pytest.raises(cupyep.InvalidInputError):
+            check()
+
+
+@pytest.mark.parametrize("case", ["good", "no weights", "x shape", "x dtype", "strided x", "ids rows", "ids K",
+                                  "weights shape", "weights dtype", "int16 ids", "strided weights"])
+def test_low_latency_combine_check_fast_path_agrees(rng, case):
+    from cupyep import validation
+    want, t, k = (4, 32, 256), 8, 4
+    x = random_rows(rng, 4 * 32, 256).reshape(want)
+    idx = random_topk(rng, t, 16, k)
+    w = rng.random(idx.shape).astype(np.float32)
+    if case == "no weights":
+        w = None
+    elif case == "x shape":
+        x = x[:2]
+    elif case == "x dtype":
+        x = x.astype(np.float32)
+    elif case == "strided x":
+        x = random_rows(rng, 4 * 32, 512).reshape(4, 32, 512)[:, :, ::2]
+    elif case == "ids rows":
+        idx, w = idx[:4], w[:4]
+    elif case == "ids K":
+        idx, w = idx[:, :2], w[:, :2]
+    elif case == "weights shape":
+        w = w[:, :2]
+    elif case == "weights dtype":
+        w = w.astype(np.float64)
+    elif case == "int16 ids":
+        idx = idx.astype(np.int16)
+    elif case == "strided weights":
+        w = np.asfortranarray(w)
+    check = lambda: validation.check_low_latency_combine(x, idx, w, want, t, k)  # noqa: E731
+    if case == "good":
+        assert check() is None
+    else:
+        with pytest.raises(cupyep.InvalidInputError):
+            check()
