@@ -289,7 +289,11 @@ class GpuLowLatency:
                 shrink=self.shrink, phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
         send_areas = [self.sym.ptr + lay.offsets(half)["send_area"] for half in range(2)]
         tag_base = ll_call_tag(0, True, use_logfmt, lay.hidden, 1, lay.num_experts, lay.max_tokens)
-        plan = self._plans[key] = (fn, args, send_areas, tag_base)
+        # The output is made for M tokens and the call's T rows are a view of it: one
+        # kind of output per layout, whatever T each decode step has (torch callers'
+        # kept output sets are per kind, cupyep.arrays.output_sets).
+        out_specs = (((lay.max_tokens, lay.hidden), bfloat16),)
+        plan = self._plans[key] = (fn, args, send_areas, tag_base, out_specs)
         return plan
 
     def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
@@ -301,7 +305,7 @@ class GpuLowLatency:
         t, k = topk_idx.shape
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
-        fn, half_args, send_areas, tag_base = self._combine_plan(lay, use_logfmt, index_type(topk_idx))
+        fn, half_args, send_areas, tag_base, out_specs = self._combine_plan(lay, use_logfmt, index_type(topk_idx))
         be.check_errors()
         stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
         half = self._next_half()
@@ -314,7 +318,9 @@ class GpuLowLatency:
                 "area this call reads; take it from get_next_low_latency_combine_buffer() after the "
                 "dispatch and before any other low-latency call")
         if out is None:
-            (out,), (out_ptr,) = self._outputs(("c", half), (((t, lay.hidden), bfloat16),), stream)
+            (out,), (out_ptr,) = self._outputs(("c", half), out_specs, stream)
+            if t < lay.max_tokens:
+                out = out[:t]
         else:
             out_ptr = address(out)
         args = half_args[half]
