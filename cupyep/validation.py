@@ -158,10 +158,10 @@ def check_low_latency_combine(x, topk_idx, topk_weights, want: tuple, num_tokens
     topk_idx [T, K] int64/int32 and topk_weights [T, K] fp32 with T and K
     those of the dispatch; all contiguous. Fast path as in check_low_latency_dispatch."""
     xs, ks = x.shape, topk_idx.shape
-    if (topk_weights is not None and xs == want and ks == topk_weights.shape and len(ks) == 2 and ks[0] == num_tokens and ks[1] == num_topk
-            and dtype_of(x) == bfloat16 and dtype_of(topk_idx) in _INDEX_DTYPES
-            and dtype_of(topk_weights) == _FLOAT32 and is_c_contiguous(x) and is_c_contiguous(topk_idx)
-            and is_c_contiguous(topk_weights)):
+    if (topk_weights is not None and xs == want and ks == topk_weights.shape and len(ks) == 2
+            and ks[0] == num_tokens and ks[1] == num_topk and dtype_of(x) == bfloat16
+            and dtype_of(topk_idx) in _INDEX_DTYPES and dtype_of(topk_weights) == _FLOAT32
+            and is_c_contiguous(x) and is_c_contiguous(topk_idx) and is_c_contiguous(topk_weights)):
         return
     if len(xs) != 3 or tuple(xs) != tuple(want) or dtype_of(x) != bfloat16:
         raise InvalidInputError(f"low_latency_combine: x must be bf16 {want}, got {x.dtype} {tuple(xs)}")

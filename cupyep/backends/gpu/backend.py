@@ -363,16 +363,17 @@ class GpuBackend:
         recv_s = self._empty("cached_s", (n_rows, x.shape[1] // FP8_GROUP), np.float32) if fp8 else None
         recv_src = self._empty("cached_src", n_rows, np.int32)
         call_tag = normal_call_tag(self.seq, "cached_dispatch", fp8, False, x.shape[1])
+        used = (x, scales, recv_x, recv_s, recv_src)  # kept alive for the communication stream (async_finish)
         if self.inter is not None:
             self.inter.barrier(g.rdma_layout_dev, call_tag)
             self.inter.dispatch(cfg, g, x, scales, None, None, handle.is_token_in_rank, handle.num_tokens,
                                 0, n_rows, recv_x, recv_s, None, None, recv_src, False)
-            return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, (x, scales, recv_x, recv_s, recv_src)))
+            return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, used))
         self._barrier(g.layout_dev, call_tag)
         self._launch_dispatch(cfg, x, scales, None, None, g.send_pos, handle.num_tokens,
                               g.layout_dev, g.recv_channel_offset, 0, n_rows, recv_x, recv_s,
                               None, None, recv_src)
-        return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, (x, scales, recv_x, recv_s, recv_src)))
+        return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, used))
 
     def _check_sms(self, cfg):
         if cfg.num_sms > self.device_sms:
