@@ -44,7 +44,7 @@ from bench_low_latency import gpu_times  # noqa: E402
 _PAYLOAD = ("                    st_na(reinterpret_cast<int4*>(payload) + u, out[j]);\n"
             "                    if (kFp8 && u % 8 == 0) reinterpret_cast<float*>(payload + kHidden)[u / 8] = scale[j];\n")
 _RECV_ROWS = "for (int first = 0; first < kRowInt4; first += kBatch * kWarpSize) {"
-_COUNT_WAIT = "while (ld_acquire_gpu(finish_count + dst) < expected) {"
+_COUNT_WAIT = "[&](int n) { return n >= expected; }"
 _COMB_SEND_ROW = "warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(peers[dst] + off), src, lane);"
 _COMB_SUM = "for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {"
 _PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
@@ -62,7 +62,7 @@ VARIANTS = {
     "no_recv_rows": [(_RECV_ROWS, _RECV_ROWS.replace("first < kRowInt4", "first < 0"))],
     "comb_no_rows": [(_COMB_SEND_ROW, ";")],
     "comb_no_sum": [(_COMB_SUM, _COMB_SUM.replace("c < kUnits", "c < 0"))],
-    "no_count_wait": [(_COUNT_WAIT, "while (false) {")],
+    "no_count_wait": [(_COUNT_WAIT, "[](int) { return true; }")],
     "lf_no_encode": [(_LF_ROUNDS, _LF_ROUNDS.replace("r < kRounds", "r < 0"))],
     "lf_no_coding": [(_LF_CODE, "const float pos = 0.f;")],
     "lf_no_stores": [(_LF_STORE, ";")],

@@ -278,6 +278,25 @@ __device__ __forceinline__ void warp_receive_offsets(const Count* counts, int nu
     }
 }
 
+// The notify's end, in its last block once every source's counts are
+// visible: per local expert l, the rows all sources send it (experts[s *
+// stride + l]), rounded up to expert_alignment, into recv_expert_counts[l]
+// and host_info[1 + l]; then a system fence, since the host reads host_info.
+template <typename Count>
+__device__ __forceinline__ void finish_expert_counts(const Count* experts, int num_sources, int stride,
+                                                     int num_local_experts, int expert_alignment,
+                                                     int* recv_expert_counts, int* host_info) {
+    if (experts != nullptr)
+        for (int l = threadIdx.x; l < num_local_experts; l += blockDim.x) {
+            long long sum = 0;
+            for (int s = 0; s < num_sources; ++s) sum += experts[s * stride + l];
+            const int padded = static_cast<int>((sum + expert_alignment - 1) / expert_alignment * expert_alignment);
+            recv_expert_counts[l] = padded;
+            host_info[1 + l] = padded;
+        }
+    __threadfence_system();
+}
+
 // ---- warp groups ----------------------------------------------------------
 // num_warps warps split into equal groups over num_items items: several
 // warps per item when there are more warps than items, else one warp per
@@ -368,25 +387,54 @@ __device__ __forceinline__ void report_bad_input(int* err, int item, long long v
     }
 }
 
-// Spin until *flag >= target (int or 64-bit flag). Returns the last value
-// read, or -1 (after reporting, with the running normal call) when
-// timeout_ns passes or another thread already failed.
+// The one timed spin: v = load() until ready(v). True with the value in v;
+// false once timeout_ns has passed or, where err is given, another thread has
+// already failed (*err set). The clock and err are read every 64 loads, so a
+// wait that ends quickly costs one clock read. Every spin-wait in the kernels
+// is this function with its own load (the ordering it needs) and report.
+template <typename T, typename Load, typename Ready>
+__device__ __forceinline__ bool spin_until(T& v, Load load, Ready ready, long long timeout_ns,
+                                           const int* err = nullptr) {
+    v = load();
+    if (ready(v)) return true;
+    const unsigned long long start = global_timer_ns();
+    for (int spins = 0;; ++spins) {
+        v = load();
+        if (ready(v)) return true;
+        if ((spins & 63) == 63 && (global_timer_ns() - start > (unsigned long long)timeout_ns ||
+                                   (err != nullptr && *(const volatile int*)err != 0)))
+            return false;
+    }
+}
+
+// Spin until *flag >= target (int or 64-bit flag, acquired at system scope).
+// Returns the last value read, or -1 (after reporting, with the running
+// normal call) when timeout_ns passes or another thread already failed.
 template <typename T>
 __device__ __forceinline__ T wait_at_least(const T* flag, T target, long long timeout_ns,
                                            int* err, int phase, int peer, int channel) {
-    T v = ld_acquire_sys(flag);
-    if (v >= target) return v;
-    const unsigned long long start = global_timer_ns();
-    for (int spins = 0;; ++spins) {
-        v = ld_acquire_sys(flag);
-        if (v >= target) return v;
-        if ((spins & 63) == 63 &&
-            (global_timer_ns() - start > (unsigned long long)timeout_ns || *(volatile int*)err != 0)) {
-            report_error(err, kErrTimeout, phase, peer, channel, running_call(err));
-            return -1;
+    T v;
+    if (spin_until(v, [&] { return ld_acquire_sys(flag); }, [&](T x) { return x >= target; }, timeout_ns, err))
+        return v;
+    report_error(err, kErrTimeout, phase, peer, channel, running_call(err));
+    return -1;
+}
+
+// A sender's row-count tail for one receiver: published (by `store`, a
+// release) only when the count changed since this thread's last store. The
+// receiver resets the tail once it has seen the final count, and a repeated
+// store of that count would revive it.
+template <typename T>
+struct PublishedTail {
+    T published = 0;
+    template <typename Store>
+    __device__ __forceinline__ void publish(T done, Store store) {
+        if (done != published) {
+            store(done);
+            published = done;
         }
     }
-}
+};
 
 // "Last block done" by a ticket from `done` ([1] i32, zero between launches).
 // What orders a block's earlier writes before its ticket:

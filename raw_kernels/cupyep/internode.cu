@@ -200,17 +200,8 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
     const long long* from_nodes = rdma_word(rdma, node_counts);
     for (int i = threadIdx.x; i < kNumNodes * num_channels; i += blockDim.x)
         rdma_recv_count[i] = static_cast<int>(from_nodes[(i / num_channels) * kMaxChannels + i % num_channels]);
-    if (num_tokens_per_expert != nullptr) {
-        const long long* experts = rdma_word(rdma, expert_counts);
-        for (int l = threadIdx.x; l < num_local_experts; l += blockDim.x) {
-            long long sum = 0;
-            for (int s = 0; s < kNumRanks; ++s) sum += experts[s * kMaxLocalExperts + l];
-            const int padded = static_cast<int>((sum + expert_alignment - 1) / expert_alignment * expert_alignment);
-            recv_expert_counts[l] = padded;
-            host_info[1 + l] = padded;
-        }
-    }
-    __threadfence_system();
+    finish_expert_counts(num_tokens_per_expert != nullptr ? rdma_word(rdma, expert_counts) : nullptr, kNumRanks,
+                         kMaxLocalExperts, num_local_experts, expert_alignment, recv_expert_counts, host_info);
 }
 
 // Grid: 2 * num_channels blocks. Even block 2c: the first half of its warps
@@ -259,7 +250,7 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
         // ---------------- sender: one message per (token, node) ----------------
         int begin, end;
         channel_range(num_tokens, num_channels, c, begin, end);
-        long long published = 0;  // owned by thread m < N
+        PublishedTail<long long> tail;  // owned by thread m < N
         const int round_tokens = num_senders * chunk_tokens;
         for (int round = begin; round < end; round += round_tokens) {
             for (int t = round + warp; t < min(round + round_tokens, end); t += num_senders) {
@@ -302,18 +293,15 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
             const int m = threadIdx.x;
             if (m < kNumNodes) {
                 const int last = min(round + round_tokens, end);
-                long long done = published;
+                long long done = tail.published;
                 for (int tt = round; tt < last; ++tt) {
                     const int p = rdma_pos[(long long)tt * kNumNodes + m];
                     if (p >= 0) done = p - rdma_base + 1;
                 }
-                // Publish only on change: the forwarder resets the tail after
-                // the final count, and a repeated signal would revive it.
-                if (done != published) {
-                    signal_set(rdma, lay.dispatch_tail + 8ll * (node * kMaxChannels + c), done,
+                tail.publish(done, [&](long long n) {
+                    signal_set(rdma, lay.dispatch_tail + 8ll * (node * kMaxChannels + c), n,
                                m * kRanksPerNode + local_rank);
-                    published = done;
-                }
+                });
             }
         }
         return;
@@ -330,7 +318,7 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
         int sent[kRanksPerNode];
 #pragma unroll
         for (int q = 0; q < kRanksPerNode; ++q) sent[q] = 0;
-        int published = 0;  // lane q < P of warp sub 0: rows published to rank (node, q)
+        PublishedTail<int> to_rank;  // lane q < P of warp sub 0: rows published to rank (node, q)
         long long seen = 0;
         for (int b = 0; b < count; b += kWarpSize) {
             const int nb = min(kWarpSize, count - b);
@@ -388,10 +376,9 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
 #pragma unroll
                 for (int q = 0; q < kRanksPerNode; ++q)
                     if (q == lane) now = sent[q];
-                if (now != published) {
-                    st_release_sys(at<int>(peers[node * kRanksPerNode + lane], nvl.dispatch_tail) + s * kMaxChannels + c, now);
-                    published = now;
-                }
+                to_rank.publish(now, [&](int n) {
+                    st_release_sys(at<int>(peers[node * kRanksPerNode + lane], nvl.dispatch_tail) + s * kMaxChannels + c, n);
+                });
             }
         }
         // Every wait on this tail is behind the group's last barrier.
@@ -488,7 +475,7 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
         for (int s = 0; s < kNumRanks; ++s)
             max_count = max(max_count, recv_channel_offset[s * num_channels + c + 1] -
                                            recv_channel_offset[s * num_channels + c]);
-        int published = 0;  // owned by thread s < R
+        PublishedTail<int> tail;  // owned by thread s < R
         const int round_rows = wg.size * chunk_tokens;
         for (int round = 0; round < max_count; round += round_rows) {
             for (int s = wg.group; wg.group < wg.num_groups && s < kNumRanks; s += wg.num_groups) {
@@ -512,12 +499,11 @@ combine(const int4* __restrict__ x, const float* __restrict__ topk_weights,
                 const int count = recv_channel_offset[s * num_channels + c + 1] -
                                   recv_channel_offset[s * num_channels + c];
                 const int done = min(count, round + round_rows);
-                if (done != published) {
+                tail.publish(done, [&](int n) {
                     const long long region = (long long)(s / kRanksPerNode) * kRanksPerNode + local_rank;
                     st_release_sys(at<int>(peers[node * kRanksPerNode + s % kRanksPerNode], nvl.combine_tail) +
-                                       region * kMaxChannels + c, done);
-                    published = done;
-                }
+                                       region * kMaxChannels + c, n);
+                });
             }
         }
         return;

@@ -179,17 +179,9 @@ __global__ void notify_dispatch(const bool* __restrict__ is_token_in_rank, int n
     if (warp == 0)
         warp_receive_offsets(at<int>(peers[rank], counts_base), kNumRanks, num_channels, kMaxChannels,
                              recv_channel_offset, host_info, num_local_experts, lane);
-    if (num_tokens_per_expert != nullptr) {
-        const int* experts = at<int>(peers[rank], experts_base);
-        for (int l = threadIdx.x; l < num_local_experts; l += blockDim.x) {
-            int sum = 0;
-            for (int s = 0; s < kNumRanks; ++s) sum += experts[s * kMaxLocalExperts + l];
-            sum = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
-            recv_expert_counts[l] = sum;
-            host_info[1 + l] = sum;
-        }
-    }
-    __threadfence_system();
+    finish_expert_counts(num_tokens_per_expert != nullptr ? at<int>(peers[rank], experts_base) : nullptr,
+                         kNumRanks, kMaxLocalExperts, num_local_experts, expert_alignment, recv_expert_counts,
+                         host_info);
 }
 
 // Token t of x, a row this rank sends itself, straight into row out of
@@ -243,7 +235,7 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
 
     if (blockIdx.x % 2 == 0) {
         // ---------------- sender ----------------
-        int published = 0;  // owned by thread d < kNumRanks, d != rank
+        PublishedTail<int> tail;  // owned by thread d < kNumRanks, d != rank
         // A round is num_warps * chunk_tokens tokens; warp w copies tokens
         // round + w, round + w + num_warps, ... Publishing once per round keeps
         // the system-scope release (which drains this SM's stores) rare.
@@ -280,17 +272,14 @@ dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,
             const int d = threadIdx.x;
             if (d < kNumRanks && d != rank) {
                 const int last = min(round + round_tokens, end);
-                int done = published;
+                int done = tail.published;
                 for (int tt = round; tt < last; ++tt) {
                     const int slot = send_pos[(long long)tt * kNumRanks + d];
                     if (slot >= 0) done = slot - slot_base + 1;
                 }
-                // Publish only on change: once the receiver has seen the final
-                // count it resets the tail, and a repeated store would revive it.
-                if (done != published) {
-                    st_release_sys(at<int>(peers[d], lay.dispatch_tail) + rank * kMaxChannels + c, done);
-                    published = done;
-                }
+                tail.publish(done, [&](int n) {
+                    st_release_sys(at<int>(peers[d], lay.dispatch_tail) + rank * kMaxChannels + c, n);
+                });
             }
         }
         return;

@@ -124,20 +124,13 @@ constexpr long long kLLCountMask = (1ll << kLLTagShift) - 1;
 __device__ __forceinline__ long long wait_flag(const long long* flag, long long call_tag, long long timeout_ns,
                                                int* err, int phase, int peer, int channel,
                                                int* shrink_mask = nullptr) {
-    long long v = ld_acquire_sys(flag);
-    if (v == 0) {
-        const unsigned long long start = global_timer_ns();
-        for (int spins = 0; v == 0; ++spins) {
-            v = ld_acquire_sys(flag);
-            if (v == 0 && (spins & 63) == 63 &&
-                (global_timer_ns() - start > (unsigned long long)timeout_ns || *(volatile int*)err != 0)) {
-                if (shrink_mask != nullptr && *(volatile int*)err == 0)
-                    atomicExch(shrink_mask + peer, 1);
-                else
-                    report_error(err, kErrTimeout, phase, peer, channel, call_tag);
-                return 0;
-            }
-        }
+    long long v;
+    if (!spin_until(v, [&] { return ld_acquire_sys(flag); }, [](long long x) { return x != 0; }, timeout_ns, err)) {
+        if (shrink_mask != nullptr && *(volatile int*)err == 0)
+            atomicExch(shrink_mask + peer, 1);
+        else
+            report_error(err, kErrTimeout, phase, peer, channel, call_tag);
+        return 0;
     }
     if ((v >> kLLTagShift) != call_tag) {
         report_error(err, kErrCallMismatch, phase, peer, channel, call_tag, v >> kLLTagShift);
@@ -506,14 +499,10 @@ struct DispatchCall {
             bool ok = true;
             if (lane == 0) {
                 const int expected = s_rank_msgs[dst] + num_local;
-                const unsigned long long start = global_timer_ns();
-                while (ld_acquire_gpu(finish_count + dst) < expected) {
-                    if (global_timer_ns() - start > (unsigned long long)timeout_ns) {
-                        report_error(err, kErrTimeout, kPhaseLowLatencySend, rank, dst, call_tag);
-                        ok = false;
-                        break;
-                    }
-                }
+                int landed;
+                ok = spin_until(landed, [&] { return ld_acquire_gpu(finish_count + dst); },
+                                [&](int n) { return n >= expected; }, timeout_ns);
+                if (!ok) report_error(err, kErrTimeout, kPhaseLowLatencySend, rank, dst, call_tag);
                 finish_count[dst] = 0;  // every add for this call has landed
             }
             ok = __shfl_sync(0xffffffffu, ok, 0);
@@ -1097,15 +1086,13 @@ barrier(char* slots, char* const* peers, int force_put, int rank, int num_ranks,
     if (j < num_ranks && j != rank && !s_mask[j]) {
         set_peer_flag(peers, slots, 8ll * rank, j, target, use_put(peers, j, force_put));
         const long long* slot = reinterpret_cast<const long long*>(slots) + j;
-        const unsigned long long start = global_timer_ns();
-        for (int spins = 0; ld_acquire_sys(slot) < target; ++spins) {
-            if ((spins & 63) == 63 && global_timer_ns() - start > (unsigned long long)timeout_ns) {
-                if (shrink)
-                    atomicExch(mask + j, 1);
-                else
-                    report_error(err, kErrTimeout, kPhaseLowLatencyClean, j, -1);
-                break;
-            }
+        long long seen;
+        if (!spin_until(seen, [&] { return ld_acquire_sys(slot); }, [&](long long v) { return v >= target; },
+                        timeout_ns)) {
+            if (shrink)
+                atomicExch(mask + j, 1);
+            else
+                report_error(err, kErrTimeout, kPhaseLowLatencyClean, j, -1);
         }
     }
     __syncthreads();
