@@ -24,35 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import cupyep  # noqa: E402
 from cupyep.formats import fp8  # noqa: E402
 
-from cupyep.jit import KernelSpec, launch  # noqa: E402
-
-from cupyep.bench import add_protocol_args, profiled_kernels, random_inputs, teardown  # noqa: E402
-
-
-SPIN = KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns")
-
-
-def gpu_times(steps, iters, spin_us_per_iter=400):
-    """Median GPU time (us) of each step of a round, over ``iters`` rounds.
-
-    A spin kernel is queued first, so every round is queued while it runs and
-    the GPU then executes the steps back to back: the events time the kernels
-    (including waits on peers), not Python's launch rate.
-    """
-    import cupy
-    launch(SPIN, (1,), (1,), (np.int64(spin_us_per_iter * 1000 * iters),))
-    marks = []
-    for _ in range(iters):
-        row = [cupy.cuda.Event()]
-        row[0].record()
-        for step in steps:
-            step()
-            row.append(cupy.cuda.Event())
-            row[-1].record()
-        marks.append(row)
-    marks[-1][-1].synchronize()
-    return [statistics.median(cupy.cuda.get_elapsed_time(r[j], r[j + 1]) * 1e3 for r in marks)
-            for j in range(len(steps))]
+from cupyep.bench import add_protocol_args, profiled_kernels, queued_step_times, random_inputs, teardown  # noqa: E402
 
 
 def profiled_kernel_times(steps, iters, names):
@@ -117,10 +89,10 @@ def measure(buf, group, x, idx, w, args):
     def c_send():
         state["c"] = combine(state["d"].handle, return_recv_hook=True)
 
-    res = dict(zip(("dispatch", "combine"), gpu_times([d_step, c_step], args.iters)))
+    res = dict(zip(("dispatch", "combine"), queued_step_times([d_step, c_step], args.iters)))
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
-    res["combine_logfmt"] = gpu_times([d_step, lambda: buf.low_latency_combine(
+    res["combine_logfmt"] = queued_step_times([d_step, lambda: buf.low_latency_combine(
         y, idx, w, state["d"].handle, use_logfmt=True)], args.iters)[1]
     # LogFMT's error against the BF16 combine, on random expert outputs
     bits = cupy.random.standard_normal(y.shape, np.float32).view(np.uint32)
@@ -139,12 +111,12 @@ def measure(buf, group, x, idx, w, args):
                 state["c"] = buf.low_latency_combine(rows, idx, w, state["d"].handle, use_logfmt=lf,
                                                      return_recv_hook=True)
             res.update(zip((f"send_combine_{fmt}_{tag}", f"recv_combine_{fmt}_{tag}"),
-                           gpu_times([d_step, send, lambda: state["c"].hook()], args.iters)[1:]))
+                           queued_step_times([d_step, send, lambda: state["c"].hook()], args.iters)[1:]))
     del y_rand
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
     res.update(zip(("send_dispatch", "recv_dispatch", "send_combine", "recv_combine"),
-                   gpu_times([d_send, lambda: state["d"].hook(), c_send, lambda: state["c"].hook()],
+                   queued_step_times([d_send, lambda: state["d"].hook(), c_send, lambda: state["c"].hook()],
                              args.iters)))
     cupy.cuda.Device().synchronize()
     group.comm.Barrier()
@@ -184,7 +156,7 @@ def measure(buf, group, x, idx, w, args):
         stream.begin_capture()
         combine(dispatch().handle)
         graph = stream.end_capture()
-        res["graph_pair"] = gpu_times([lambda: graph.launch(stream)], args.iters)[0]
+        res["graph_pair"] = queued_step_times([lambda: graph.launch(stream)], args.iters)[0]
         stream.synchronize()
         host = []
         for _ in range(args.iters):
@@ -218,7 +190,7 @@ def nccl_baseline(group, x, idx, args, iters, warmup):
         dist.all_to_all_single(out, x_t.index_select(0, rows), recv_splits, send_splits)
     for _ in range(warmup):
         run()
-    return gpu_times([run], iters)[0]  # queued like cupyep's calls
+    return queued_step_times([run], iters)[0]  # queued like cupyep's calls
 
 
 def main():

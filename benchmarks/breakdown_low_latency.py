@@ -38,8 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import cupyep  # noqa: E402
 from cupyep.formats import fp8  # noqa: E402
 import kernel_variants  # noqa: E402  (benchmarks/, beside this file)
-from cupyep.bench import add_protocol_args, random_inputs, teardown  # noqa: E402
-from bench_low_latency import gpu_times  # noqa: E402
+from cupyep.bench import add_protocol_args, queued_step_times, random_inputs, teardown  # noqa: E402
 
 _PAYLOAD = ("                    st_na(reinterpret_cast<int4*>(payload) + u, out[j]);\n"
             "                    if (kFp8 && u % 8 == 0) reinterpret_cast<float*>(payload + kHidden)[u / 8] = scale[j];\n")
@@ -121,7 +120,7 @@ def main():
                 combine(dispatch().handle)
             cupy.cuda.Device().synchronize()
             group.barrier()
-            times = gpu_times(steps, args.iters)
+            times = queued_step_times(steps, args.iters)
             cupy.cuda.Device().synchronize()
             group.barrier()
             results[row] = np.max(group.comm.allgather(times), axis=0)  # slowest rank, per column

@@ -27,19 +27,31 @@ from cupyep.jit import KernelSpec, launch
 _SPIN = KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns")
 
 
+def queued_step_times(steps, iters: int, spin_us_per_iter: int = 400) -> list:
+    """Median GPU time (us) of each of ``steps`` (callables, a round), over
+    ``iters`` rounds queued back to back behind a spin kernel: the GPU then
+    runs the steps one after another, so the events around each time its
+    kernels (waits on peers included), not the host's launch rate."""
+    import cupy
+    launch(_SPIN, (1,), (1,), (np.int64(spin_us_per_iter * 1000 * iters),))
+    marks = []
+    for _ in range(iters):
+        row = [cupy.cuda.Event()]
+        row[0].record()
+        for step in steps:
+            step()
+            row.append(cupy.cuda.Event())
+            row[-1].record()
+        marks.append(row)
+    marks[-1][-1].synchronize()
+    return [statistics.median(cupy.cuda.get_elapsed_time(r[j], r[j + 1]) * 1e3 for r in marks)
+            for j in range(len(steps))]
+
+
 def queued_times(step, iters: int) -> float:
     """Median GPU time (us) of ``step`` over ``iters`` calls queued back to back
-    behind a spin kernel (so the host's launch rate does not enter)."""
-    import cupy
-    launch(_SPIN, (1,), (1,), (np.int64(400_000 * iters),))
-    marks = [cupy.cuda.Event()]
-    marks[0].record()
-    for _ in range(iters):
-        step()
-        marks.append(cupy.cuda.Event())
-        marks[-1].record()
-    marks[-1].synchronize()
-    return statistics.median(cupy.cuda.get_elapsed_time(a, b) * 1e3 for a, b in zip(marks, marks[1:]))
+    behind a spin kernel (queued_step_times of one step)."""
+    return queued_step_times([step], iters)[0]
 
 
 def profiled_kernels(steps, iters: int, spin_us_per_iter: int = 400):
