@@ -23,7 +23,7 @@ def _kernel_variants():
 
 @pytest.fixture(scope="module", params=sorted(_CASES))
 def breakdown(request):
-    sys.path.insert(0, _BENCH)  # breakdown_low_latency imports bench_low_latency
+    sys.path.insert(0, _BENCH)  # the breakdowns import kernel_variants, beside them
     try:
         spec = importlib.util.spec_from_file_location(request.param, os.path.join(_BENCH, request.param + ".py"))
         module = importlib.util.module_from_spec(spec)
