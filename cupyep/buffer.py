@@ -333,12 +333,8 @@ class Buffer:
             raise InvalidInputError(
                 f"combine: x has shape {tuple(data.shape)}, the handle expects {(rows, handle.hidden)}")
         w = self._native(topk_weights, "topk_weights", fe)
-        k = handle.num_topk
-        if w is not None and (interop.dtype_of(w).name != "float32" or tuple(w.shape) != (rows, k) or not k):
-            raise InvalidInputError(f"combine: topk_weights must be float32 [{rows}, {k}] (the "
-                                    f"dispatch's top-k), got {w.dtype} {tuple(w.shape)}")
         if w is not None:
-            validation.check_contiguous(w, "topk_weights")
+            validation.check_combine_weights(w, rows, handle.num_topk)
         if bias is None:
             biases = ()
         elif isinstance(bias, (tuple, list)):

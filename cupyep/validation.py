@@ -121,6 +121,14 @@ def check_handle(handle, handle_type, buffer_id: int) -> None:
         raise InvalidInputError("the handle was made by another buffer")
 
 
+def check_combine_weights(w, rows: int, num_topk: int) -> None:
+    """A normal combine's topk_weights: float32 [rows, K], K the dispatch's top-k (> 0), contiguous."""
+    if dtype_of(w) != _FLOAT32 or tuple(w.shape) != (rows, num_topk) or not num_topk:
+        raise InvalidInputError(f"combine: topk_weights must be float32 [{rows}, {num_topk}] (the "
+                                f"dispatch's top-k), got {w.dtype} {tuple(w.shape)}")
+    check_contiguous(w, "topk_weights")
+
+
 def check_bias(bias, num_tokens: int, hidden: int) -> None:
     for i, b in enumerate(bias):
         check_bf16_rows(b, f"bias[{i}]", rows=num_tokens)

@@ -60,6 +60,32 @@ def _nvl_layout_header() -> str:
         return f.read()
 
 
+def test_arg_plan_keeps_fixed_arguments_and_sets_the_per_call_ones(monkeypatch):
+    """An ArgPlan's block holds every parameter in the kernel's order: the
+    fixed ones as built, the per-call ones as each launch gives them."""
+    launches = []
+
+    class FakeKernel:  # PackedKernel without a GPU: records each launch's block
+        def __init__(self, spec, num_args):
+            self.num_args = num_args
+
+        def launch_block(self, grid, block, args, stream_ptr, shared_mem=0):
+            launches.append((grid, block, list(args.values), stream_ptr, shared_mem))
+
+    monkeypatch.setattr(jit, "PackedKernel", FakeKernel)
+    names = kernel_args.PARAMS["intranode.barrier"]
+    fixed = dict(peers=11, layout=12, rank=3, counters=14, err=15)
+    plan = jit.ArgPlan("intranode.barrier", None, 1, 32, ("timeout_ns", "call_tag"), **fixed)
+    plan.launch(99, 5_000_000_000, 7)
+    plan.launch(99, 6, 8)
+    first, second = (dict(zip(names, v[2])) for v in launches)
+    assert first == dict(fixed, timeout_ns=5_000_000_000, call_tag=7)
+    assert second == dict(fixed, timeout_ns=6, call_tag=8)
+    assert launches[0][:2] == (1, 32) and launches[0][3] == 99
+    with pytest.raises(jit.CupyepError, match="missing.*call_tag"):
+        jit.ArgPlan("intranode.barrier", None, 1, 32, ("timeout_ns",), **fixed)
+
+
 def test_layout_struct_fields_match_the_kernels():
     struct = re.search(r"struct NvlLayout \{(.*?)\};", _nvl_layout_header(), re.S).group(1)
     fields = re.findall(r"long long (\w+);", struct)

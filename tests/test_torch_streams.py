@@ -397,3 +397,51 @@ def test_torch_outputs_are_reused_only_once_dropped(gpu_buffer, rng, use_fp8):
         assert captured.recv_x.data_ptr() not in kept, "a capture took a kept set"
     agree(check)
     buf.clean_low_latency_buffer()
+
+
+def test_torch_cached_dispatch_and_combine_outputs_reused_once_dropped(gpu_buffer, rng):
+    """A torch caller's cached dispatch and combine outputs (shapes fixed by
+    the handle) come back once dropped, never while one is held; every
+    call's results checked against the reference."""
+    buf = gpu_buffer
+    t, h, k, num_experts = 64, 1024, 4, 4 * SIZE
+    local = num_experts // SIZE
+    idx = random_topk(rng, t, num_experts, k, drop=0.1)
+    w = rng.random(idx.shape).astype(np.float32) + 0.5
+    handle = buf.dispatch(as_torch(random_rows(rng, t, h)), as_torch(idx), as_torch(w),
+                          num_experts=num_experts).handle
+    in_rank = np.stack([((idx >= r * local) & (idx < (r + 1) * local)).any(1) for r in range(SIZE)], 1)
+    failures = []
+
+    def call(label):
+        x = random_rows(rng, t, h)
+        d = buf.dispatch(as_torch(x), handle=handle)
+        c = buf.combine(d.recv_x, handle)
+        torch.cuda.synchronize()
+        rows = expected_dispatch(gather(x, idx, w), num_experts)[0]
+        if not (bits(to_host(d.recv_x)) == bits(rows)).all():
+            failures.append(f"cached dispatch rows of {label}")
+        try:
+            assert_close_bf16(to_host(c.combined_x), x.astype(np.float32) * in_rank.sum(1, keepdims=True), label)
+        except AssertionError as e:
+            failures.append(str(e))
+        return d, c
+
+    seen = set()
+    for i in range(5):  # a loop that drops each step's results
+        d, c = call(f"step {i}")
+        seen.add((d.recv_x.data_ptr(), c.combined_x.data_ptr()))
+    del d, c
+    held, held_c = call("held")
+    snapshot, snapshot_c = held.recv_x.clone(), held_c.combined_x.clone()
+    nxt, nxt_c = call("next")
+    torch.cuda.synchronize()
+    intact = bool(torch.equal(held.recv_x, snapshot)) and bool(torch.equal(held_c.combined_x, snapshot_c))
+    distinct = (held.recv_x.data_ptr() != nxt.recv_x.data_ptr()
+                and held_c.combined_x.data_ptr() != nxt_c.combined_x.data_ptr())
+
+    def check():
+        assert not failures, failures
+        assert len(seen) <= 2, f"a loop that drops its results used {len(seen)} output sets"
+        assert intact and distinct, "outputs the caller held were handed out again"
+    agree(check)

@@ -567,6 +567,33 @@ class PackedKernel:
         self._launch(self._fn, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr, args.params_addr, 0)
 
 
+class ArgPlan:
+    """One kernel's launch with its arguments kept between calls: built once,
+    every parameter by name (cupyep.jit.args), the ones that change per call
+    named in ``per_call`` and passed by position to :meth:`launch` (Python
+    ints: addresses, counts, tags). Saves what a launch by name costs each
+    call: the arguments looked up and converted, the block filled again."""
+
+    __slots__ = ("_fn", "_block", "_slots", "grid", "threads", "shared_mem")
+
+    def __init__(self, kernel: str, spec: KernelSpec, grid: int, threads: int, per_call: Tuple[str, ...],
+                 shared_mem: int = 0, **fixed):
+        from cupyep.jit.args import PARAMS, kernel_args
+        params = PARAMS[kernel]
+        values = kernel_args(kernel, **dict.fromkeys(per_call, 0), **fixed)  # every name, once
+        self._fn = PackedKernel(spec, len(params))
+        self._block = ArgBlock([a if type(a) is int else _arg(a) for a in values])
+        self._slots = tuple(params.index(p) for p in per_call)
+        self.grid, self.threads, self.shared_mem = grid, threads, shared_mem
+
+    def launch(self, stream_ptr: int, *values) -> None:
+        """Launch with ``values`` for the ``per_call`` parameters, in that order."""
+        v = self._block.values
+        for i, a in zip(self._slots, values):
+            v[i] = a
+        self._fn.launch_block(self.grid, self.threads, self._block, stream_ptr, self.shared_mem)
+
+
 _ADDRESS_OF = {type(None): lambda a: 0}  # array type -> its address getter (hot path: one lookup)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from cupyep.config import Config, combine_senders, default_config, own_rows_rece
 from cupyep.errors import BufferTooSmallError, CallMismatchError, CommTimeoutError, InvalidInputError
 from cupyep.events import CallStreams
 from cupyep.formats.fp8 import FP8_GROUP, bfloat16
-from cupyep.jit import address as _ptr, index_type, launch
+from cupyep.jit import ArgPlan, address as _ptr, index_type, launch
 from cupyep.jit import specs as kernel_specs
 from cupyep.jit.args import kernel_args
 from cupyep.layouts import sizing
@@ -51,6 +51,8 @@ class GpuRouting:
     node's RDMA region (-1 if not sent), rdma_recv_count [N * C] int32
     messages this rank forwarded per (source node, channel), fwd_slots
     [N * T_MAX * P] int32 where each went, rdma_layout_dev.
+    plans: the launches of the calls that reuse the handle (cached
+    dispatch, combine), their arguments but the per-call ones kept.
     """
     send_pos: object
     recv_channel_offset: object
@@ -62,6 +64,7 @@ class GpuRouting:
     rdma_recv_count: object = None
     fwd_slots: object = None
     rdma_layout_dev: object = None
+    plans: dict = field(default_factory=dict)  # the handle's launches (ArgPlan) by kernel and launch shape
 
 
 class GpuBackend:
@@ -128,6 +131,17 @@ class GpuBackend:
         """An output of the call in progress, from the caller's framework
         (cupyep.arrays.capture: CuPy callers' are kept while capturing)."""
         return self._kept.get(key, shape, dtype, self._capturing, zero, alloc=self.frontend, stream=self.stream)
+
+    def _fixed_outputs(self, key, specs, recycle, fp8=False):
+        """Outputs of shapes a handle fixes ((shape, dtype) specs, None stays
+        None): torch callers' from the frontend's kept sets (handed out again
+        once dropped, cupyep.arrays.output_sets) where ``recycle`` (the call's
+        stream is ordered after the caller's), else as :meth:`_empty` makes them.
+        ``fp8``: the first is e4m3 (torch: float8_e4m3fn)."""
+        fe = self.frontend
+        if recycle and fe.recycles_outputs and not self._capturing:
+            return fe.outputs(specs, fp8)[0]
+        return [None if sp is None else self._empty((key, i), *sp) for i, sp in enumerate(specs)]
 
     def keep_for_stream(self, stream, cur, arrays):
         """torch arrays used on the communication stream: tell torch's allocator
@@ -339,11 +353,30 @@ class GpuBackend:
             recv_x_scales=_ptr(recv_s), recv_topk_idx=_ptr(recv_idx), recv_topk_weights=_ptr(recv_w),
             recv_src_idx=recv_src, err=self._err_ptr, timeout_ns=self.timeout_ns), stream=self.stream)
 
-    def _barrier(self, lay_dev, call_tag):
-        spec = kernel_specs.intranode_barrier(self.num_ranks)
-        launch(spec, (1,), (32,), kernel_args(
-            "intranode.barrier", peers=self.nvl.peers, layout=lay_dev, rank=self.rank, counters=self.counters,
-            err=self._err_ptr, timeout_ns=self.timeout_ns, call_tag=call_tag), stream=self.stream)
+    def _barrier(self, g: GpuRouting, call_tag):
+        plan = g.plans.get("barrier")
+        if plan is None:
+            plan = g.plans["barrier"] = ArgPlan(
+                "intranode.barrier", kernel_specs.intranode_barrier(self.num_ranks), 1, 32,
+                ("timeout_ns", "call_tag"), peers=self.nvl.peers, layout=g.layout_dev, rank=self.rank,
+                counters=self.counters, err=self._err_ptr)
+        plan.launch(self.stream.ptr, self.timeout_ns, call_tag)
+
+    def _cached_dispatch_plan(self, g: GpuRouting, cfg, hidden_bytes, num_scales, n_rows, num_tokens):
+        key = ("dispatch", cfg, hidden_bytes, num_scales, n_rows)
+        plan = g.plans.get(key)
+        if plan is None:
+            spec = kernel_specs.intranode_dispatch(self.num_ranks, hidden_bytes, num_scales, 0, index_type(None))
+            plan = g.plans[key] = ArgPlan(
+                "intranode.dispatch", spec, 2 * cfg.num_channels, 32 * cfg.num_warps,
+                ("x", "x_scales", "recv_x", "recv_x_scales", "recv_src_idx", "timeout_ns"),
+                topk_idx=0, topk_weights=0, send_pos=g.send_pos, num_tokens=num_tokens,
+                num_channels=cfg.num_channels, peers=self.nvl.peers, layout=g.layout_dev,
+                recv_channel_offset=g.recv_channel_offset, rank=self.rank, num_local_experts=0,
+                num_recv_capacity=n_rows, chunk_tokens=cfg.chunk_tokens,
+                own_share_1024=round(1024 * own_rows_receiver_share(cfg, self.num_ranks)),
+                recv_topk_idx=0, recv_topk_weights=0, err=self._err_ptr)
+        return plan
 
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
         g: GpuRouting = handle.state
@@ -359,9 +392,13 @@ class GpuBackend:
         cur = self._begin(previous_event, async_finish)
         n_rows = handle.num_worst_tokens or handle.num_recv_tokens
         fp8 = scales is not None
-        recv_x = self._empty("cached_x", (n_rows, x.shape[1]), np.uint8 if fp8 else bfloat16)
-        recv_s = self._empty("cached_s", (n_rows, x.shape[1] // FP8_GROUP), np.float32) if fp8 else None
-        recv_src = self._empty("cached_src", n_rows, np.int32)
+        hidden = x.shape[1]
+        specs = g.plans.get(("cached_outputs", fp8))
+        if specs is None:
+            specs = g.plans[("cached_outputs", fp8)] = (
+                ((n_rows, hidden), np.uint8 if fp8 else bfloat16),
+                ((n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None, ((n_rows,), np.int32))
+        recv_x, recv_s, recv_src = self._fixed_outputs("cached", specs, previous_event is None, fp8)
         call_tag = normal_call_tag(self.seq, "cached_dispatch", fp8, False, x.shape[1])
         used = (x, scales, recv_x, recv_s, recv_src)  # kept alive for the communication stream (async_finish)
         if self.inter is not None:
@@ -369,10 +406,11 @@ class GpuBackend:
             self.inter.dispatch(cfg, g, x, scales, None, None, handle.is_token_in_rank, handle.num_tokens,
                                 0, n_rows, recv_x, recv_s, None, None, recv_src, False)
             return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, used))
-        self._barrier(g.layout_dev, call_tag)
-        self._launch_dispatch(cfg, x, scales, None, None, g.send_pos, handle.num_tokens,
-                              g.layout_dev, g.recv_channel_offset, 0, n_rows, recv_x, recv_s,
-                              None, None, recv_src)
+        self._barrier(g, call_tag)
+        plan = self._cached_dispatch_plan(g, cfg, hidden * dtype_of(x).itemsize,
+                                          0 if scales is None else scales.shape[1], n_rows, handle.num_tokens)
+        plan.launch(self.stream.ptr, _ptr(x), _ptr(scales), _ptr(recv_x), _ptr(recv_s), _ptr(recv_src),
+                    self.timeout_ns)
         return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, used))
 
     def _check_sms(self, cfg):
@@ -386,12 +424,14 @@ class GpuBackend:
         self._check_sms(cfg)
         t, hidden = handle.num_tokens, handle.hidden
         k = 0 if topk_weights is None else topk_weights.shape[1]
-        lay_dev = g.layout_dev
         if self.inter is not None:
             self.inter.claim()
         cur = self._begin(previous_event, async_finish)
-        out = self._empty("out", (t, hidden), bfloat16)
-        out_w = self._empty("out_w", (t, k), np.float32) if k else None
+        specs = g.plans.get(("combine_outputs", k))
+        if specs is None:
+            specs = g.plans[("combine_outputs", k)] = (((t, hidden), bfloat16),
+                                                       ((t, k), np.float32) if k else None)
+        out, out_w = self._fixed_outputs("combine", specs, previous_event is None)
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
         call_tag = normal_call_tag(self.seq, "combine", False, k > 0, hidden, k)
@@ -399,14 +439,19 @@ class GpuBackend:
             self.inter.barrier(g.rdma_layout_dev, call_tag)
             self.inter.combine(cfg, g, x, topk_weights, t, b0, b1, out, out_w)
             return CombineOut(out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w)))
-        spec = kernel_specs.intranode_combine(self.num_ranks, hidden, k)
-        launch(spec, (cfg.num_sms,), (32 * cfg.num_combine_warps,), kernel_args(
-            "intranode.combine", x=x, topk_weights=_ptr(topk_weights), send_pos=g.send_pos,
-            recv_channel_offset=g.recv_channel_offset, num_tokens=t, num_channels=g.num_channels,
-            num_senders=combine_senders(cfg, self.num_ranks), chunk_rows=cfg.combine_chunk_rows,
-            peers=self.nvl.peers, layout=lay_dev, rank=self.rank, bias0=_ptr(b0), bias1=_ptr(b1), out=out,
-            out_weights=_ptr(out_w), counters=self.counters, scratch=self.blocks_done, err=self._err_ptr,
-            timeout_ns=self.timeout_ns, call_tag=call_tag), stream=self.stream)
+        key = ("combine", cfg, k)
+        plan = g.plans.get(key)
+        if plan is None:
+            plan = g.plans[key] = ArgPlan(
+                "intranode.combine", kernel_specs.intranode_combine(self.num_ranks, hidden, k), cfg.num_sms,
+                32 * cfg.num_combine_warps,
+                ("x", "topk_weights", "bias0", "bias1", "out", "out_weights", "timeout_ns", "call_tag"),
+                send_pos=g.send_pos, recv_channel_offset=g.recv_channel_offset, num_tokens=t,
+                num_channels=g.num_channels, num_senders=combine_senders(cfg, self.num_ranks),
+                chunk_rows=cfg.combine_chunk_rows, peers=self.nvl.peers, layout=g.layout_dev, rank=self.rank,
+                counters=self.counters, scratch=self.blocks_done, err=self._err_ptr)
+        plan.launch(self.stream.ptr, _ptr(x), _ptr(topk_weights), _ptr(b0), _ptr(b1), _ptr(out), _ptr(out_w),
+                    self.timeout_ns, call_tag)
         return CombineOut(out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w)))
 
     # ------------------------------------------------------------------ #
