@@ -11,6 +11,8 @@ pool fills).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -62,7 +64,7 @@ def _zero(a, stream):
     from cupyep.jit import address
     if stream is None:
         stream = cupy.cuda.get_current_stream()
-    n = int(np.prod(a.shape)) * dtype_of(a).itemsize
+    n = math.prod(a.shape) * dtype_of(a).itemsize
     if n:
         cupy.cuda.runtime.memsetAsync(address(a), 0, n, stream.ptr)
 
