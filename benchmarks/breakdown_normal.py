@@ -95,15 +95,14 @@ def main():
                             own_rows_receiver_share=args.own_share,
                             num_combine_senders=args.combine_senders,
                             combine_chunk_rows=args.combine_chunk or base_cfg.combine_chunk_rows)
-        d = buf.dispatch(x, idx, w, num_experts=args.experts, config=cfg)
-        n = int(d.recv_x.shape[0])
-        nbytes = n * args.hidden * 2
         impl = buf._impl
-        real_spec = impl._spec
         results = {}
         for row, source in names.items():
-            impl._spec = lambda src, name, *t, _s=source: real_spec(
-                _s.split("/", 1)[1] if src == "intranode.cu" else src, name, *t)
+            impl.intranode_source = source.split("/", 1)[1]
+            # A handle per row: its launch plans keep the kernels they were made with.
+            d = buf.dispatch(x, idx, w, num_experts=args.experts, config=cfg)
+            n = int(d.recv_x.shape[0])
+            nbytes = n * args.hidden * 2
             steps = {"bf16": lambda: buf.dispatch(x, handle=d.handle, config=cfg),
                      "fp8": lambda: buf.dispatch(xq, handle=d.handle, config=cfg),
                      "combine": lambda: buf.combine(d.recv_x, d.handle, config=cfg)}
@@ -115,7 +114,7 @@ def main():
                 cupy.cuda.Device().synchronize()
                 group.barrier()
                 results[(row, key)] = group.comm.allreduce(t, op=MPI.MAX)
-        impl._spec = real_spec
+        impl.intranode_source = "intranode.cu"
         if group.rank == 0:
             from cupyep.comm.runtime import card_label
             own = cupyep.config.own_rows_receiver_share(cfg, r)

@@ -24,24 +24,26 @@ def layout_spec(idx_type: str, num_topk: int) -> KernelSpec:
     return _k("layout.cu", "get_dispatch_layout", ("IdxT", idx_type), ("kNumTopk", num_topk))
 
 
-def intranode_notify(num_ranks: int) -> KernelSpec:
-    return _k("intranode.cu", "notify_dispatch", ("kNumRanks", num_ranks))
+# The intranode builders' ``source``: the file under raw_kernels/cupyep (a
+# kernel variant's copy in benchmarks/breakdown_normal.py).
+def intranode_notify(num_ranks: int, source: str = "intranode.cu") -> KernelSpec:
+    return _k(source, "notify_dispatch", ("kNumRanks", num_ranks))
 
 
-def intranode_barrier(num_ranks: int) -> KernelSpec:
-    return _k("intranode.cu", "barrier", ("kNumRanks", num_ranks))
+def intranode_barrier(num_ranks: int, source: str = "intranode.cu") -> KernelSpec:
+    return _k(source, "barrier", ("kNumRanks", num_ranks))
 
 
 def intranode_dispatch(num_ranks: int, hidden_bytes: int, num_scales: int, num_topk: int,
-                       idx_type: str) -> KernelSpec:
+                       idx_type: str, source: str = "intranode.cu") -> KernelSpec:
     """hidden_bytes: bytes of one row (H for FP8, 2H for BF16); num_scales: H/128 with FP8, else 0."""
-    return _k("intranode.cu", "dispatch", ("kNumRanks", num_ranks), ("kHiddenInt4", hidden_bytes // 16),
+    return _k(source, "dispatch", ("kNumRanks", num_ranks), ("kHiddenInt4", hidden_bytes // 16),
               ("kNumScales", num_scales), ("kNumTopk", num_topk), ("IdxT", idx_type))
 
 
-def intranode_combine(num_ranks: int, hidden: int, num_topk: int) -> KernelSpec:
+def intranode_combine(num_ranks: int, hidden: int, num_topk: int, source: str = "intranode.cu") -> KernelSpec:
     """num_topk: K when weights are summed back, else 0."""
-    return _k("intranode.cu", "combine", ("kNumRanks", num_ranks), ("kHiddenInt4", hidden * 2 // 16),
+    return _k(source, "combine", ("kNumRanks", num_ranks), ("kHiddenInt4", hidden * 2 // 16),
               ("kNumTopk", num_topk))
 
 

@@ -107,6 +107,9 @@ class GpuBackend:
         self._cached_configs = {}  # cached_dispatch's Config per handle shape and given chunking
         from cupyep.backends.gpu.low_latency import GpuLowLatency
         self._prefetched = set()  # normal-call shapes whose kernels were prefetched
+        # intranode.cu under raw_kernels/cupyep (benchmarks/breakdown_normal.py times variants of it);
+        # a handle's launch plans keep the kernels they were made with
+        self.intranode_source = "intranode.cu"
         self.ll = GpuLowLatency(self, num_rdma_bytes, shrink=enable_shrink)
         self.inter = None
         if group.num_nodes > 1:
@@ -290,7 +293,7 @@ class GpuBackend:
                 offsets, expert_counts, call_tag)
         else:
             send_pos = self._empty("send_pos", (t, r), np.int32)
-            spec = kernel_specs.intranode_notify(r)
+            spec = kernel_specs.intranode_notify(r, self.intranode_source)
             launch(spec, (c + 1,), (NOTIFY_THREADS,), kernel_args(
                 "intranode.notify_dispatch", is_token_in_rank=is_token_in_rank, num_tokens=t, num_channels=c,
                 num_tokens_per_expert=_ptr(per_expert), num_local_experts=local, expert_alignment=expert_alignment,
@@ -342,8 +345,8 @@ class GpuBackend:
                          recv_src):
         hidden_bytes = x.shape[1] * dtype_of(x).itemsize
         k = 0 if topk_idx is None else topk_idx.shape[1]
-        spec = kernel_specs.intranode_dispatch(self.num_ranks, hidden_bytes,
-                                               0 if scales is None else scales.shape[1], k, index_type(topk_idx))
+        spec = kernel_specs.intranode_dispatch(self.num_ranks, hidden_bytes, 0 if scales is None else scales.shape[1],
+                                               k, index_type(topk_idx), self.intranode_source)
         launch(spec, (2 * cfg.num_channels,), (32 * cfg.num_warps,), kernel_args(
             "intranode.dispatch", x=x, x_scales=_ptr(scales), topk_idx=_ptr(topk_idx),
             topk_weights=_ptr(topk_weights), send_pos=send_pos, num_tokens=num_tokens,
@@ -357,7 +360,7 @@ class GpuBackend:
         plan = g.plans.get("barrier")
         if plan is None:
             plan = g.plans["barrier"] = ArgPlan(
-                "intranode.barrier", kernel_specs.intranode_barrier(self.num_ranks), 1, 32,
+                "intranode.barrier", kernel_specs.intranode_barrier(self.num_ranks, self.intranode_source), 1, 32,
                 ("timeout_ns", "call_tag"), peers=self.nvl.peers, layout=g.layout_dev, rank=self.rank,
                 counters=self.counters, err=self._err_ptr)
         plan.launch(self.stream.ptr, self.timeout_ns, call_tag)
@@ -366,7 +369,8 @@ class GpuBackend:
         key = ("dispatch", cfg, hidden_bytes, num_scales, n_rows)
         plan = g.plans.get(key)
         if plan is None:
-            spec = kernel_specs.intranode_dispatch(self.num_ranks, hidden_bytes, num_scales, 0, index_type(None))
+            spec = kernel_specs.intranode_dispatch(self.num_ranks, hidden_bytes, num_scales, 0, index_type(None),
+                                                   self.intranode_source)
             plan = g.plans[key] = ArgPlan(
                 "intranode.dispatch", spec, 2 * cfg.num_channels, 32 * cfg.num_warps,
                 ("x", "x_scales", "recv_x", "recv_x_scales", "recv_src_idx", "timeout_ns"),
@@ -443,7 +447,8 @@ class GpuBackend:
         plan = g.plans.get(key)
         if plan is None:
             plan = g.plans[key] = ArgPlan(
-                "intranode.combine", kernel_specs.intranode_combine(self.num_ranks, hidden, k), cfg.num_sms,
+                "intranode.combine", kernel_specs.intranode_combine(self.num_ranks, hidden, k, self.intranode_source),
+                cfg.num_sms,
                 32 * cfg.num_combine_warps,
                 ("x", "topk_weights", "bias0", "bias1", "out", "out_weights", "timeout_ns", "call_tag"),
                 send_pos=g.send_pos, recv_channel_offset=g.recv_channel_offset, num_tokens=t,
