@@ -10,8 +10,8 @@ import cupyep
 from cupyep.formats import fp8
 
 from conftest import RANK, SIZE
-from helpers import (assert_close_bf16, bits, capture_graph, expected_dispatch, gather, graph_inputs, random_rows,
-                     random_topk, replay_and_check, to_backend, to_host)
+from helpers import (agree_all, assert_close_bf16, bits, capture_graph, expected_dispatch, gather, graph_inputs,
+                     random_rows, random_topk, replay_and_check, to_backend, to_host)
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,29 @@ def test_dispatch_combine(normal_buffer, backend, rng, case):
 @pytest.mark.parametrize("case", SHAPES, ids=lambda c: c.name)
 def test_launch_shapes(buffer, backend, rng, case):
     _dispatch_combine(buffer, backend, rng, case)
+
+
+def test_layout_counts_call_after_call(buffer, backend, rng):
+    """get_dispatch_layout's counts and mask, call after call with the outputs
+    kept (the GPU kernel leaves its scratch zeroed for the next launch), for
+    token counts of one block, several (256 tokens a block), and none."""
+    num_experts = 4 * SIZE
+    local = num_experts // SIZE
+    layouts = []
+    for t in (700, 1, 0, 300, 700):
+        idx = random_topk(rng, t, num_experts, 4, drop=0.2)
+        layouts.append((idx, buffer.get_dispatch_layout(to_backend(idx, backend), num_experts)))
+
+    def check():
+        for idx, lay in layouts:
+            in_rank = np.zeros((idx.shape[0], SIZE), bool)
+            for r in range(SIZE):
+                in_rank[:, r] = ((idx >= r * local) & (idx < (r + 1) * local)).any(axis=1)
+            assert (to_host(lay.is_token_in_rank) == in_rank).all(), f"mask, T={idx.shape[0]}"
+            assert (to_host(lay.num_tokens_per_rank) == in_rank.sum(0)).all(), f"per rank, T={idx.shape[0]}"
+            per_expert = np.array([(idx == e).sum() for e in range(num_experts)])
+            assert (to_host(lay.num_tokens_per_expert) == per_expert).all(), f"per expert, T={idx.shape[0]}"
+    agree_all(check)
 
 
 def _dispatch_combine(buffer, backend, rng, case, roundings=1):

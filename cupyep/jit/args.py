@@ -15,7 +15,8 @@ from cupyep.errors import CupyepError
 PARAMS = {
     "layout.get_dispatch_layout": (
         "topk_idx", "num_tokens", "num_experts", "num_ranks", "num_ranks_per_node", "num_tokens_per_rank",
-        "num_tokens_per_node", "num_tokens_per_expert", "is_token_in_rank", "max_nodes_per_token", "error"),
+        "num_tokens_per_node", "num_tokens_per_expert", "is_token_in_rank", "max_nodes_per_token", "error",
+        "scratch"),
     "intranode.barrier": ("peers", "layout", "rank", "counters", "err", "timeout_ns", "call_tag"),
     "intranode.notify_dispatch": (
         "is_token_in_rank", "num_tokens", "num_channels", "num_tokens_per_expert", "num_local_experts",

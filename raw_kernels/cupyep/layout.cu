@@ -5,15 +5,19 @@
 namespace cupyep {
 
 // Grid: enough blocks to cover the tokens; shared memory: (E + R + nodes) ints.
-// The count outputs must be zeroed before the launch. A bad expert id sets
-// error[0] to 2, a token whose experts span more than max_nodes_per_token
-// nodes (when > 0: group-limited routing) to 3; the next dispatch reports it.
+// scratch: [E + R + nodes + 1] int32, zero between launches (the last word is
+// the blocks' arrival ticket): blocks add their counts there, and the last
+// block to arrive writes the count outputs and zeroes scratch again, so the
+// outputs need no zeroing before the launch (and a CUDA graph replays it as
+// it is). A bad expert id sets error[0] to 2, a token whose experts span more
+// than max_nodes_per_token nodes (when > 0: group-limited routing) to 3; the
+// next dispatch reports it.
 template <typename IdxT, int kNumTopk>
 __global__ void get_dispatch_layout(const IdxT* __restrict__ topk_idx, int num_tokens,
                                     int num_experts, int num_ranks, int num_ranks_per_node,
                                     int* num_tokens_per_rank, int* num_tokens_per_node,
                                     int* num_tokens_per_expert, bool* is_token_in_rank,
-                                    int max_nodes_per_token, int* error) {
+                                    int max_nodes_per_token, int* error, int* scratch) {
     extern __shared__ int smem_counts[];
     const int num_nodes = num_ranks / num_ranks_per_node;
     int* s_expert = smem_counts;
@@ -52,13 +56,24 @@ __global__ void get_dispatch_layout(const IdxT* __restrict__ topk_idx, int num_t
         if (max_nodes_per_token > 0 && __popcll(node_mask) > max_nodes_per_token) atomicExch(error, 3);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < num_experts; i += blockDim.x)
-        if (s_expert[i]) atomicAdd(num_tokens_per_expert + i, s_expert[i]);
-    for (int i = threadIdx.x; i < num_ranks; i += blockDim.x)
-        if (s_rank[i]) atomicAdd(num_tokens_per_rank + i, s_rank[i]);
-    if (num_tokens_per_node != nullptr)
-        for (int i = threadIdx.x; i < num_nodes; i += blockDim.x)
-            if (s_node[i]) atomicAdd(num_tokens_per_node + i, s_node[i]);
+    // Shared counts into scratch (same order: experts, ranks, nodes).
+    const int num_counts = num_experts + num_ranks + num_nodes;
+    for (int i = threadIdx.x; i < num_counts; i += blockDim.x)
+        if (smem_counts[i]) atomicAdd(scratch + i, smem_counts[i]);
+    // The ticket's fence orders this block's adds before its arrival; the
+    // last block's acquire (in last_block_to_arrive) orders them before its
+    // reads, which go to L2 (__ldcg), where the adds were made.
+    if (!last_block_to_arrive<Arrival::kGpuWrites>(scratch + num_counts)) return;
+    for (int i = threadIdx.x; i < num_counts; i += blockDim.x) {
+        const int v = __ldcg(scratch + i);
+        scratch[i] = 0;
+        if (i < num_experts)
+            num_tokens_per_expert[i] = v;
+        else if (i < num_experts + num_ranks)
+            num_tokens_per_rank[i - num_experts] = v;
+        else if (num_tokens_per_node != nullptr)
+            num_tokens_per_node[i - num_experts - num_ranks] = v;
+    }
 }
 
 }  // namespace cupyep

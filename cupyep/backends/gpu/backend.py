@@ -104,6 +104,7 @@ class GpuBackend:
         self._kept = KeptArrays()
         self._capturing = False  # of the call in progress (set by _begin / get_dispatch_layout)
         self._layouts = {}
+        self._layout_state = {}  # get_dispatch_layout's output specs and scratch, per number of experts
         self._cached_configs = {}  # cached_dispatch's Config per handle shape and given chunking
         from cupyep.backends.gpu.low_latency import GpuLowLatency
         self._prefetched = set()  # normal-call shapes whose kernels were prefetched
@@ -237,21 +238,26 @@ class GpuBackend:
         from cupyep.types import DispatchLayout
         t, k = topk_idx.shape
         r, nodes = self.num_ranks, self.group.num_nodes
-        self.stream = self.caller_stream
+        # After this buffer's previous call: the kernel's scratch is the buffer's.
+        self.stream = self.streams.begin(self.caller_stream)[0]
         self._capturing = is_capturing(self.stream)
-        per_rank = self._empty("per_rank", r, np.int32, zero=True)
-        per_expert = self._empty("per_expert", num_experts, np.int32, zero=True)
-        per_node = self._empty("per_node", nodes, np.int32, zero=True) if nodes > 1 else None
+        found = self._layout_state.get(num_experts)
+        if found is None:
+            import cupy
+            specs = (((r,), np.int32), ((num_experts,), np.int32), ((nodes,), np.int32) if nodes > 1 else None)
+            # counts by expert, rank, node, then the blocks' arrival ticket; zero between launches
+            found = self._layout_state[num_experts] = (specs, cupy.zeros(num_experts + r + nodes + 1, np.int32))
+        specs, scratch = found
+        per_rank, per_expert, per_node = self._fixed_outputs("layout", specs, True)
         in_rank = self._empty("in_rank", (t, r), np.bool_)
-        if t:
-            spec = kernel_specs.layout_spec(index_type(topk_idx), k)
-            grid = min(max(1, (t + 255) // 256), 132)
-            launch(spec, (grid,), (256,), kernel_args(
-                "layout.get_dispatch_layout", topk_idx=topk_idx, num_tokens=t, num_experts=num_experts,
-                num_ranks=r, num_ranks_per_node=self.group.num_ranks_per_node, num_tokens_per_rank=per_rank,
-                num_tokens_per_node=_ptr(per_node), num_tokens_per_expert=per_expert, is_token_in_rank=in_rank,
-                max_nodes_per_token=self.max_nodes_per_token, error=self.layout_error),
-                shared_mem=4 * (num_experts + r + nodes), stream=self.stream)
+        launch(kernel_specs.layout_spec(index_type(topk_idx), k), (min(max(1, (t + 255) // 256), 132),), (256,),
+               kernel_args("layout.get_dispatch_layout", topk_idx=topk_idx, num_tokens=t, num_experts=num_experts,
+                           num_ranks=r, num_ranks_per_node=self.group.num_ranks_per_node,
+                           num_tokens_per_rank=per_rank, num_tokens_per_node=_ptr(per_node),
+                           num_tokens_per_expert=per_expert, is_token_in_rank=in_rank,
+                           max_nodes_per_token=self.max_nodes_per_token, error=self.layout_error,
+                           scratch=scratch),
+               shared_mem=4 * (num_experts + r + nodes), stream=self.stream)
         return DispatchLayout(per_rank, per_node, per_expert, in_rank, num_experts)
 
     def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert,
@@ -482,7 +488,7 @@ class GpuBackend:
         import cupy
         self.rt.sync_barrier()
         cupy.cuda.runtime.memset(self.nvl.ptr, 0, sizing.control_bytes(self.num_ranks))
-        for a in (self.counters, self.blocks_done, self.layout_error):
+        for a in (self.counters, self.blocks_done, self.layout_error, *(sc for _, sc in self._layout_state.values())):
             a.fill(0)
         self.err_dev[:ERR_MIRROR] = 0
         self.err_dev[ERR_PEER_TAG:] = 0
