@@ -64,10 +64,18 @@ def dtype_of(a) -> np.dtype:
     return found
 
 
-def is_c_contiguous(a) -> bool:
-    if framework_of(a) == "torch":  # no getattr miss on the hot path: it costs a raised AttributeError
-        return a.is_contiguous()
+_IS_CONTIGUOUS = {}  # array type -> its C-contiguity test (a hot-path lookup)
+
+
+def _flags_c_contiguous(a) -> bool:
     return a.flags.c_contiguous
+
+
+def is_c_contiguous(a) -> bool:
+    test = _IS_CONTIGUOUS.get(type(a))
+    if test is None:  # torch's method, else NumPy's / CuPy's flags (no getattr miss: it raises inside)
+        test = _IS_CONTIGUOUS[type(a)] = type(a).is_contiguous if framework_of(a) == "torch" else _flags_c_contiguous
+    return test(a)
 
 
 def strides_of(a) -> tuple:
@@ -267,6 +275,7 @@ class TorchFrontend(DeviceFrontend):
         import torch
         super().__init__(device_id)
         self._torch = torch
+        self._tensor = torch.Tensor
         self._device = torch.device("cuda", device_id)
         self._raw_stream = torch._C._cuda_getCurrentRawStream
         self._streams = {}  # raw stream -> CuPy ExternalStream
@@ -289,7 +298,7 @@ class TorchFrontend(DeviceFrontend):
         return s
 
     def native(self, a):
-        if framework_of(a) != "torch":
+        if type(a) is not self._tensor and framework_of(a) != "torch":  # a plain tensor: one identity test
             return super().native(a)
         dev = a.get_device()  # -1: CPU
         if dev != self.device_id:

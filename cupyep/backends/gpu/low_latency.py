@@ -223,7 +223,8 @@ class GpuLowLatency:
         args = half_args[half]
         v = args.values
         v[_D_X:_D_X + 4] = (address(x), address(topk_idx), t, k)
-        v[_D_ARRAYS:_D_ARRAYS + 8] = (*addresses, address(cumulative_stats), address(wait_stats))
+        v[_D_ARRAYS:_D_ARRAYS + 8] = (*addresses, 0 if cumulative_stats is None else address(cumulative_stats),
+                                      0 if wait_stats is None else address(wait_stats))
         v[_D_TAG] = with_call(tag_base, be.seq, k)
         v[_D_SHRINK], v[_D_TIMEOUT] = self.shrink, be.timeout_ns
         hook = self._send_then_receive(fn, stream, return_recv_hook, args, _D_PHASES, outs)
@@ -329,7 +330,7 @@ class GpuLowLatency:
                             address(topk_idx), address(topk_weights), t, k)
         v[_C_ZERO_COPY] = zero_copy
         v[_C_OUT] = out_ptr
-        v[_C_OUT + 1] = address(wait_stats)
+        v[_C_OUT + 1] = 0 if wait_stats is None else address(wait_stats)
         v[_C_TAG] = with_call(tag_base, be.seq, k)
         v[_C_SHRINK], v[_C_TIMEOUT] = self.shrink, be.timeout_ns
         hook = self._send_then_receive(fn, stream, return_recv_hook, args, _C_PHASES, out)
