@@ -418,10 +418,12 @@ def test_shrink_masks_a_rank_that_times_out(buffer, backend, rng):
     check_dispatch(res, everyone, m, h, local, False, False, False)
 
 
-@pytest.mark.parametrize("hidden", [2048, 7168])
-def test_logfmt_combine(buffer, backend, rng, hidden):
+@pytest.mark.parametrize("hidden,zero_copy", [(2048, False), (7168, False), (7168, True)])
+def test_logfmt_combine(buffer, backend, transport, rng, hidden, zero_copy):
     """use_logfmt: the sum of the LogFMT-decoded expert rows (cupyep.formats.logfmt);
-    its error against the BF16 combine stays within the format's resolution."""
+    its error against the BF16 combine stays within the format's resolution.
+    Over NVLink stores and NVSHMEM puts; zero_copy: x is the send buffer,
+    which puts encode in place."""
     from cupyep.formats import logfmt
     m, local, k = 32, 3, min(8, 3 * SIZE)
     num_experts = local * SIZE
@@ -432,8 +434,12 @@ def test_logfmt_combine(buffer, backend, rng, hidden):
     res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
                                       use_fp8=False)
     y = check_dispatch(res, everyone, m, h=hidden, local=local, use_fp8=False, round_scale=False, ue8m0=False)
-    c = buffer.low_latency_combine(to_backend(y, backend), to_backend(idx, backend), to_backend(w, backend),
-                                   res.handle, use_logfmt=True)
+    y_in = to_backend(y, backend)
+    if zero_copy:
+        y_in = buffer.get_next_low_latency_combine_buffer(res.handle)
+        y_in[...] = to_backend(y, backend)
+    c = buffer.low_latency_combine(y_in, to_backend(idx, backend), to_backend(w, backend), res.handle,
+                                   use_logfmt=True)
     got = to_host(c.combined_x).astype(np.float32)
     want = np.zeros(got.shape, np.float32)
     for kk in range(k):

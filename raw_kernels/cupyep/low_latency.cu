@@ -728,92 +728,100 @@ constexpr float kLogFmtSteps = 510.f;  // codes 1..511
 
 __host__ __device__ constexpr int logfmt_row_bytes(int hidden) { return hidden / 64 * kLogFmtGroupBytes; }
 
-// A warp encodes a bf16 row into dst (16-byte aligned), 32 groups of 64
-// channels a round: each lane codes one group from its 8 int4 of the row
-// (no shuffles: every value's work is the lane's own, so the 64 log2s are in
-// flight together), into 11 u64 words staged in buf (kLogFmtWarpBytes of
-// shared memory), which the warp then stores coalesced.
-// Zero-copy mode encodes in place (dst is the row itself): a round reads
-// bytes [4096r, 4096r + 4096) and writes [2816r, 2816r + 2816), so once
-// every lane has loaded (the first __syncwarp), no later write of this
-// round or any later round touches bytes still to be read.
+__host__ __device__ constexpr int logfmt_rounds(int hidden) { return (hidden / 64 + kWarpSize - 1) / kWarpSize; }
+
+// A warp encodes round r of a bf16 row: groups 32r .. 32r + 31 of 64 channels
+// (fewer in the last round), into bytes [2816r, 2816r + 88 * groups) of dst
+// (the encoded row, 16-byte aligned). Each lane codes one group from its 8
+// int4 of the row (no shuffles: every value's work is the lane's own, so the
+// 64 log2s are in flight together), into 11 u64 words staged in buf
+// (kLogFmtWarpBytes of shared memory), which the warp then stores coalesced.
+// Returns the bytes written.
 template <int kHidden>
-__device__ __forceinline__ void logfmt_encode_row(char* dst, const int4* src, char* buf, int lane) {
+__device__ __forceinline__ int logfmt_encode_round(char* dst, const int4* src, char* buf, int lane, int r) {
     static_assert(kHidden % 256 == 0, "LogFMT needs a hidden size divisible by 256");
     constexpr int kGroups = kHidden / 64;
-    constexpr int kRounds = (kGroups + kWarpSize - 1) / kWarpSize;
     unsigned long long* words = reinterpret_cast<unsigned long long*>(buf) + lane * (kLogFmtGroupBytes / 8);
-#pragma unroll 1
-    for (int r = 0; r < kRounds; ++r) {
-        const int g = r * kWarpSize + lane;
-        const int groups = min(kWarpSize, kGroups - r * kWarpSize);  // even: kHidden % 256 == 0
-        int4 raw[8];
-        if (lane < groups) {
+    const int g = r * kWarpSize + lane;
+    const int groups = min(kWarpSize, kGroups - r * kWarpSize);  // even: kHidden % 256 == 0
+    int4 raw[8];
+    if (lane < groups) {
 #pragma unroll
-            for (int i = 0; i < 8; ++i) raw[i] = src[g * 8 + i];
-        }
-        __syncwarp();
-        if (lane < groups) {
-            float amax = 0.f, amin = __int_as_float(0x7f800000);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                float f[8];
-                bf16x8_to_float(raw[i], f);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float m = fabsf(f[j]);
-                    amax = fmaxf(amax, m);
-                    if (m > 0.f) amin = fminf(amin, m);
-                }
-            }
-            const float log_amax = log2f(amax);
-            const float log_amin = fmaxf(log2f(amin), __fsub_rn(log_amax, kLogFmtRange));
-            const float range = __fsub_rn(log_amax, log_amin);
-            // pos = (log2 m - log_amin) / step, step = range / 510: as a product
-            // (a code may differ by one step from the NumPy definition's quotient)
-            const float per_step = range > 0.f ? __fdiv_rn(kLogFmtSteps, range) : 0.f;
-            unsigned long long w[kLogFmtGroupBytes / 8];
-            w[0] = __float_as_uint(log_amax) | static_cast<unsigned long long>(__float_as_uint(log_amin)) << 32;
-#pragma unroll
-            for (int i = 1; i < kLogFmtGroupBytes / 8; ++i) w[i] = 0;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {  // 8 channels: 8 sign bits, then eight 9-bit codes
-                // Branch-free, so the 64 values' chains (MUFU latency) overlap.
-                const unsigned v[4] = {(unsigned)raw[i].x, (unsigned)raw[i].y, (unsigned)raw[i].z,
-                                       (unsigned)raw[i].w};
-                unsigned long long lo = 0;  // the bf16 sign bits (bits 15 and 31 of each word)
-#pragma unroll
-                for (int k = 0; k < 4; ++k) lo |= ((v[k] >> 15) & 1u) << (2 * k) | (v[k] >> 31) << (2 * k + 1);
-                unsigned hi = 0;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float m = fabsf(__uint_as_float(j % 2 ? v[j / 2] & 0xffff0000u : v[j / 2] << 16));
-                    // log2(0) = -inf: pos is -inf or NaN, both clamp to 0; zero takes code 0 below
-                    const float pos = __fmul_rn(__fsub_rn(log2_approx(m), log_amin), per_step);
-                    const float clamped = fminf(fmaxf(pos, 0.f), kLogFmtSteps);
-                    // + 1.5 * 2^23 rounds to the nearest integer (ties to even, as rintf) into the low bits
-                    const unsigned rounded = __float_as_uint(__fadd_rn(clamped, 12582912.f)) & 511u;
-                    const unsigned code = m > 0.f ? rounded + 1 : 0u;
-                    if (j < 6) lo |= static_cast<unsigned long long>(code) << (8 + 9 * j);
-                    else if (j == 6) { lo |= static_cast<unsigned long long>(code & 3) << 62; hi |= code >> 2; }
-                    else hi |= code << 7;
-                }
-                // these 80 bits sit at bit 64 + 80i of the group
-                constexpr int kShift[8] = {0, 16, 32, 48, 0, 16, 32, 48};
-                const int word = (64 + 80 * i) / 64, shift = kShift[i];
-                w[word] |= lo << shift;
-                if (shift) w[word + 1] |= lo >> (64 - shift);
-                w[word + 1] |= static_cast<unsigned long long>(hi) << shift;
-            }
-#pragma unroll
-            for (int i = 0; i < kLogFmtGroupBytes / 8; ++i) words[i] = w[i];
-        }
-        __syncwarp();
-        const int4* staged = reinterpret_cast<const int4*>(buf);
-        int4* out = reinterpret_cast<int4*>(dst + r * kWarpSize * kLogFmtGroupBytes);
-        for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);
-        __syncwarp();  // buf is rewritten in the next round
+        for (int i = 0; i < 8; ++i) raw[i] = src[g * 8 + i];
     }
+    __syncwarp();
+    if (lane < groups) {
+        float amax = 0.f, amin = __int_as_float(0x7f800000);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            float f[8];
+            bf16x8_to_float(raw[i], f);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float m = fabsf(f[j]);
+                amax = fmaxf(amax, m);
+                if (m > 0.f) amin = fminf(amin, m);
+            }
+        }
+        const float log_amax = log2f(amax);
+        const float log_amin = fmaxf(log2f(amin), __fsub_rn(log_amax, kLogFmtRange));
+        const float range = __fsub_rn(log_amax, log_amin);
+        // pos = (log2 m - log_amin) / step, step = range / 510: as a product
+        // (a code may differ by one step from the NumPy definition's quotient)
+        const float per_step = range > 0.f ? __fdiv_rn(kLogFmtSteps, range) : 0.f;
+        unsigned long long w[kLogFmtGroupBytes / 8];
+        w[0] = __float_as_uint(log_amax) | static_cast<unsigned long long>(__float_as_uint(log_amin)) << 32;
+#pragma unroll
+        for (int i = 1; i < kLogFmtGroupBytes / 8; ++i) w[i] = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {  // 8 channels: 8 sign bits, then eight 9-bit codes
+            // Branch-free, so the 64 values' chains (MUFU latency) overlap.
+            const unsigned v[4] = {(unsigned)raw[i].x, (unsigned)raw[i].y, (unsigned)raw[i].z,
+                                   (unsigned)raw[i].w};
+            unsigned long long lo = 0;  // the bf16 sign bits (bits 15 and 31 of each word)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) lo |= ((v[k] >> 15) & 1u) << (2 * k) | (v[k] >> 31) << (2 * k + 1);
+            unsigned hi = 0;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float m = fabsf(__uint_as_float(j % 2 ? v[j / 2] & 0xffff0000u : v[j / 2] << 16));
+                // log2(0) = -inf: pos is -inf or NaN, both clamp to 0; zero takes code 0 below
+                const float pos = __fmul_rn(__fsub_rn(log2_approx(m), log_amin), per_step);
+                const float clamped = fminf(fmaxf(pos, 0.f), kLogFmtSteps);
+                // + 1.5 * 2^23 rounds to the nearest integer (ties to even, as rintf) into the low bits
+                const unsigned rounded = __float_as_uint(__fadd_rn(clamped, 12582912.f)) & 511u;
+                const unsigned code = m > 0.f ? rounded + 1 : 0u;
+                if (j < 6) lo |= static_cast<unsigned long long>(code) << (8 + 9 * j);
+                else if (j == 6) { lo |= static_cast<unsigned long long>(code & 3) << 62; hi |= code >> 2; }
+                else hi |= code << 7;
+            }
+            // these 80 bits sit at bit 64 + 80i of the group
+            constexpr int kShift[8] = {0, 16, 32, 48, 0, 16, 32, 48};
+            const int word = (64 + 80 * i) / 64, shift = kShift[i];
+            w[word] |= lo << shift;
+            if (shift) w[word + 1] |= lo >> (64 - shift);
+            w[word + 1] |= static_cast<unsigned long long>(hi) << shift;
+        }
+#pragma unroll
+        for (int i = 0; i < kLogFmtGroupBytes / 8; ++i) words[i] = w[i];
+    }
+    __syncwarp();
+    const int4* staged = reinterpret_cast<const int4*>(buf);
+    int4* out = reinterpret_cast<int4*>(dst + r * kWarpSize * kLogFmtGroupBytes);
+    for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);
+    __syncwarp();  // buf is rewritten by the warp's next round
+    return groups * kLogFmtGroupBytes;
+}
+
+// A warp encodes a whole row, round after round. Zero-copy mode encodes in
+// place (dst is the row itself): round r reads bytes [4096r, 4096r + 4096)
+// and writes [2816r, 2816r + 2816), so once every lane has loaded (the
+// round's first __syncwarp), no later write of this round or any later round
+// touches bytes still to be read.
+template <int kHidden>
+__device__ __forceinline__ void logfmt_encode_row(char* dst, const int4* src, char* buf, int lane) {
+#pragma unroll 1
+    for (int r = 0; r < logfmt_rounds(kHidden); ++r) logfmt_encode_round<kHidden>(dst, src, buf, lane, r);
 }
 
 // Channels 8u .. 8u+7 of an encoded row: the group's logs and 10 bytes.
@@ -886,11 +894,16 @@ struct CombineCall {
 
     // Each (local expert, destination)'s rows to the destination, then its flag.
     __device__ __forceinline__ void send(const int* s_mask) const {
+        if constexpr (kLogFmt)
+            send_logfmt(s_mask);
+        else
+            send_rows(s_mask);
+    }
+
+    // BF16 rows: a group of warps per pair, a warp per row.
+    __device__ __forceinline__ void send_rows(const int* s_mask) const {
         const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
         const int rows_per_expert = num_ranks * max_tokens;
-        // Rows travel encoded (kLogFmt) or as they are.
-        constexpr int kSendBytes = kLogFmt ? logfmt_row_bytes(kHidden) : kRowBytes;
-        __shared__ __align__(16) char s_logfmt[kLogFmt ? kLLWarps * kLogFmtWarpBytes : 16];
         const int warps_per_group = kLLWarps / num_groups;
         const int group = warp / warps_per_group, wig = warp % warps_per_group;
         if (group < num_groups) {
@@ -905,12 +918,7 @@ struct CombineCall {
                     const long long off =
                         off_area + ((long long)src_info[row] * kLLMaxTopk + recv_k[row]) * kRowBytes;
                     const int4* src = reinterpret_cast<const int4*>(x + row * kHidden);
-                    if constexpr (kLogFmt) {
-                        char* staged = local_base + off_send + row * kRowBytes;
-                        logfmt_encode_row<kHidden>(put ? staged : peers[dst] + off, src,
-                                                   s_logfmt + warp * kLogFmtWarpBytes, lane);
-                        if (put) warp_put(local_base, off, staged, kSendBytes, dst);
-                    } else if (put) {
+                    if (put) {
                         char* staged = local_base + off_send + row * kRowBytes;
                         if (!zero_copy) warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(staged), src, lane);
                         __syncwarp();
@@ -926,6 +934,83 @@ struct CombineCall {
                 if (wig == 0 && lane == 0 && count > 0) {
                     set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst,
                                   (call_tag << kLLTagShift) | 1, put);
+                }
+            }
+        }
+    }
+
+    // The same with rows LogFMT-encoded. Encoding a row is latency-bound
+    // (each round: loads, then a chain of MUFU work per value), so the unit of
+    // work is a round of a row (32 groups of 64 channels, rounds are
+    // independent) and every warp of the block takes units of the block's
+    // (local expert, destination) pairs, kMaxPairs at a time: a pair's rows
+    // no longer wait on the few warps of one group. The warp that finishes a
+    // pair's last unit sets its flag. Zero-copy rows sent by put are encoded
+    // in place, so a unit there is a whole row (its rounds in order, see
+    // logfmt_encode_row).
+    __device__ __forceinline__ void send_logfmt(const int* s_mask) const {
+        constexpr int kMaxPairs = 16;
+        constexpr int kRounds = logfmt_rounds(kHidden);
+        const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+        const int rows_per_expert = num_ranks * max_tokens;
+        __shared__ __align__(16) char s_logfmt[kLLWarps * kLogFmtWarpBytes];
+        __shared__ int s_begin[kMaxPairs], s_units_before[kMaxPairs + 1], s_left[kMaxPairs];
+        char* buf = s_logfmt + warp * kLogFmtWarpBytes;
+        // The block's pairs: blockIdx.x + j * gridDim.x.
+        for (int first = blockIdx.x; first < num_experts; first += kMaxPairs * gridDim.x) {
+            __syncthreads();  // the previous chunk's units are all taken
+            if (threadIdx.x == 0) {
+                int units = 0;
+                for (int j = 0; j < kMaxPairs; ++j) {
+                    const int p = first + j * gridDim.x;
+                    int begin = 0, count = 0;
+                    if (p < num_experts && !s_mask[p % num_ranks]) {
+                        const long long range = layout_range[p];  // [L][R]: p = le * R + dst
+                        begin = static_cast<int>(range >> 32);
+                        count = static_cast<int>(range & 0xffffffff);
+                    }
+                    const bool in_place = zero_copy && use_put(peers, p % num_ranks, force_put);
+                    s_begin[j] = begin;
+                    s_units_before[j] = units;
+                    s_left[j] = count * (in_place ? 1 : kRounds);
+                    units += s_left[j];
+                }
+                s_units_before[kMaxPairs] = units;
+            }
+            __syncthreads();
+            for (int u = warp; u < s_units_before[kMaxPairs]; u += kLLWarps) {
+                int j = 0;
+                while (s_units_before[j + 1] <= u) ++j;
+                const int p = first + j * gridDim.x;
+                const int le = p / num_ranks, dst = p % num_ranks;
+                const bool put = use_put(peers, dst, force_put);
+                const int rounds = zero_copy && put ? 1 : kRounds;  // units per row
+                const int unit = u - s_units_before[j];
+                const long long row = (long long)le * rows_per_expert + s_begin[j] + unit / rounds;
+                const long long off = off_area + ((long long)src_info[row] * kLLMaxTopk + recv_k[row]) * kRowBytes;
+                const int4* src = reinterpret_cast<const int4*>(x + row * kHidden);
+                char* staged = local_base + off_send + row * kRowBytes;
+                char* out_row = put ? staged : peers[dst] + off;
+                if (rounds == 1) {
+                    logfmt_encode_row<kHidden>(out_row, src, buf, lane);
+                    if (put) warp_put(local_base, off, staged, logfmt_row_bytes(kHidden), dst);
+                } else {
+                    const int r = unit % rounds;
+                    const int bytes = logfmt_encode_round<kHidden>(out_row, src, buf, lane, r);
+                    const int at = r * kLogFmtWarpBytes;
+                    if (put) warp_put(local_base, off + at, staged + at, bytes, dst);
+                }
+                warp_complete(put, lane);  // the warp's stores before lane 0's fence, its puts done
+                if (lane == 0) {
+                    // CTA-scope release and acquire around the count: the last
+                    // unit's warp has observed every unit's stores (and done
+                    // puts), so its flag's release orders them all before it.
+                    __threadfence_block();
+                    if (atomicSub(s_left + j, 1) == 1) {
+                        __threadfence_block();
+                        set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst,
+                                      (call_tag << kLLTagShift) | 1, put);
+                    }
                 }
             }
         }
