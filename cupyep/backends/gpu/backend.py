@@ -51,8 +51,9 @@ class GpuRouting:
     node's RDMA region (-1 if not sent), rdma_recv_count [N * C] int32
     messages this rank forwarded per (source node, channel), fwd_slots
     [N * T_MAX * P] int32 where each went, rdma_layout_dev.
-    plans: the launches of the calls that reuse the handle (cached
-    dispatch, combine), their arguments but the per-call ones kept.
+    plans: what the calls that reuse the handle (cached dispatch, combine)
+    make once: their launches (jit.ArgPlan, the arguments but the per-call
+    ones kept) and their outputs' (shape, dtype) specs.
     """
     send_pos: object
     recv_channel_offset: object
@@ -64,7 +65,7 @@ class GpuRouting:
     rdma_recv_count: object = None
     fwd_slots: object = None
     rdma_layout_dev: object = None
-    plans: dict = field(default_factory=dict)  # the handle's launches (ArgPlan) by kernel and launch shape
+    plans: dict = field(default_factory=dict)  # by kernel and launch shape, or by outputs
 
 
 class GpuBackend:
