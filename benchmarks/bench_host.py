@@ -16,6 +16,10 @@ each piece timed alone in a tight loop of 2000 (so with warm caches, unlike
 (1)): the outputs (one torch allocation carved into views), the validation,
 the stream lookup, one launch from a packed argument block, and the whole
 calls timed the same way; what the pieces leave is Python bookkeeping.
+``--profile N``: Python's cProfile around N calls of each call in a
+tight loop, the functions that take most per call (their own and cumulative
+us, profiled: cProfile inflates small functions ~2-3x; compare within a run),
+printed for rank 0.
 
 Shapes: low latency 128 tokens x 7168, top-8 of 288 experts, FP8 dispatch,
 BF16 combine; normal --normal-tokens x 7168, top-8 of 256 experts.
@@ -24,7 +28,9 @@ and the DeepEP facade (torch). Median over --iters. One rank per GPU for
 figures (ranks that share a GPU are flagged).
 """
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -190,6 +196,33 @@ def stage_rows(buf, arrays, args):
     ]
 
 
+def profile_rows(calls, n, top=12):
+    """Per call in ``calls`` ({name: call}): (name, tight-loop us, [(own us,
+    cumulative us, calls, function)] of the ``top`` functions by own time),
+    from cProfile around ``n`` calls after 20 unprofiled ones."""
+    import cupy
+    out = []
+    for name, call in calls.items():
+        for _ in range(20):
+            call()
+        cupy.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call()
+        loop = (time.perf_counter() - t0) * 1e6 / n
+        cupy.cuda.Device().synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            call()
+        prof.disable()
+        cupy.cuda.Device().synchronize()
+        rows = sorted(((v[2] * 1e6 / n, v[3] * 1e6 / n, v[1] / n, f"{os.path.basename(k[0])}:{k[1]}({k[2]})")
+                       for k, v in pstats.Stats(prof).stats.items()), reverse=True)
+        out.append((name, loop, rows[:top]))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frameworks", nargs="+", default=["torch", "cupy", "jax"])
@@ -202,6 +235,8 @@ def main():
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--no-normal", action="store_true")
     ap.add_argument("--stages", action="store_true", help="where a low-latency call's host time goes (torch)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="cProfile of N calls of each call (first framework; rank 0 prints)")
     args = ap.parse_args()
     import cupy
     group = cupyep.Group()
@@ -239,6 +274,7 @@ def main():
         if group.comm.allreduce(ok, op=MPI.LAND):
             available.append(fw)
     facade = None
+    profiles = []
     for fw in available:
         if fw == "torch":
             import torch
@@ -258,6 +294,8 @@ def main():
             loop = loop_us(call, args.iters, group)
             kern = kernel_us(call, min(args.iters, 50)) if fw == "torch" else float("nan")
             rows.append((fw, name, host, loop, kern))
+        if args.profile and fw == available[0]:  # every rank: the calls are collective
+            profiles = profile_rows(calls, args.profile)
     stages = []
     if args.stages and "torch" in available:
         stages = stage_rows(buf, convert((*ll, y), "torch"), args)
@@ -275,6 +313,11 @@ def main():
             print("\nwhere a low-latency call's host time goes (torch, rank 0, tight loop of 2000, us)")
             for name, us in stages:
                 print(f"{name:45s} {us:8.2f}")
+        for name, loop, top in profiles:
+            print(f"\n{available[0]} {name}: {loop:.1f} us a call in a tight loop of {args.profile}; "
+                  "cProfile per call: own us, cumulative us, calls, function")
+            for own, cum, calls_, fn in top:
+                print(f"  {own:7.2f} {cum:8.2f} {calls_:5.1f}  {fn}")
     if facade is not None:
         facade.destroy()
     buf.destroy()
