@@ -51,9 +51,9 @@ class GpuRouting:
     node's RDMA region (-1 if not sent), rdma_recv_count [N * C] int32
     messages this rank forwarded per (source node, channel), fwd_slots
     [N * T_MAX * P] int32 where each went, rdma_layout_dev.
-    plans: what the calls that reuse the handle (cached dispatch, combine)
-    make once: their launches (jit.ArgPlan, the arguments but the per-call
-    ones kept) and their outputs' (shape, dtype) specs.
+    plans: the launches of the calls that reuse the handle (cached
+    dispatch, combine), made once (jit.ArgPlan: the arguments but the
+    per-call ones kept).
     """
     send_pos: object
     recv_channel_offset: object
@@ -65,7 +65,7 @@ class GpuRouting:
     rdma_recv_count: object = None
     fwd_slots: object = None
     rdma_layout_dev: object = None
-    plans: dict = field(default_factory=dict)  # by kernel and launch shape, or by outputs
+    plans: dict = field(default_factory=dict)  # by kernel and launch shape
 
 
 class GpuBackend:
@@ -137,15 +137,14 @@ class GpuBackend:
         (cupyep.arrays.capture: CuPy callers' are kept while capturing)."""
         return self._kept.get(key, shape, dtype, self._capturing, zero, alloc=self.frontend, stream=self.stream)
 
-    def _fixed_outputs(self, key, specs, recycle, fp8=False):
-        """Outputs of shapes a handle fixes ((shape, dtype) specs, None stays
-        None): torch callers' from the frontend's kept sets (handed out again
-        once dropped, cupyep.arrays.output_sets) where ``recycle`` (the call's
-        stream is ordered after the caller's), else as :meth:`_empty` makes them.
-        ``fp8``: the first is e4m3 (torch: float8_e4m3fn)."""
+    def _kept_outputs(self, key, specs):
+        """Outputs of a call on the caller's stream whose shapes repeat call after
+        call ((shape, dtype) specs, None stays None; few kinds, so few sets are
+        kept): torch callers' from the frontend's kept sets (handed out again
+        once dropped, cupyep.arrays.output_sets), else as :meth:`_empty` makes them."""
         fe = self.frontend
-        if recycle and fe.recycles_outputs and not self._capturing:
-            return fe.outputs(specs, fp8)[0]
+        if fe.recycles_outputs and not self._capturing:
+            return fe.outputs(specs)[0]
         return [None if sp is None else self._empty((key, i), *sp) for i, sp in enumerate(specs)]
 
     def keep_for_stream(self, stream, cur, arrays):
@@ -249,7 +248,7 @@ class GpuBackend:
             # counts by expert, rank, node, then the blocks' arrival ticket; zero between launches
             found = self._layout_state[num_experts] = (specs, cupy.zeros(num_experts + r + nodes + 1, np.int32))
         specs, scratch = found
-        per_rank, per_expert, per_node = self._fixed_outputs("layout", specs, True)
+        per_rank, per_expert, per_node = self._kept_outputs("layout", specs)
         in_rank = self._empty("in_rank", (t, r), np.bool_)
         launch(kernel_specs.layout_spec(index_type(topk_idx), k), (min(max(1, (t + 255) // 256), 132),), (256,),
                kernel_args("layout.get_dispatch_layout", topk_idx=topk_idx, num_tokens=t, num_experts=num_experts,
@@ -404,12 +403,11 @@ class GpuBackend:
         n_rows = handle.num_worst_tokens or handle.num_recv_tokens
         fp8 = scales is not None
         hidden = x.shape[1]
-        specs = g.plans.get(("cached_outputs", fp8))
-        if specs is None:
-            specs = g.plans[("cached_outputs", fp8)] = (
-                ((n_rows, hidden), np.uint8 if fp8 else bfloat16),
-                ((n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None, ((n_rows,), np.int32))
-        recv_x, recv_s, recv_src = self._fixed_outputs("cached", specs, previous_event is None, fp8)
+        # Fresh outputs (not kept sets as in low-latency calls): their shapes change with every
+        # dispatch's counts, and sets kept per shape would pin memory for shapes never seen again.
+        recv_x = self._empty("cached_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
+        recv_s = self._empty("cached_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
+        recv_src = self._empty("cached_src", n_rows, np.int32)
         call_tag = normal_call_tag(self.seq, "cached_dispatch", fp8, False, x.shape[1])
         used = (x, scales, recv_x, recv_s, recv_src)  # kept alive for the communication stream (async_finish)
         if self.inter is not None:
@@ -438,11 +436,8 @@ class GpuBackend:
         if self.inter is not None:
             self.inter.claim()
         cur = self._begin(previous_event, async_finish)
-        specs = g.plans.get(("combine_outputs", k))
-        if specs is None:
-            specs = g.plans[("combine_outputs", k)] = (((t, hidden), bfloat16),
-                                                       ((t, k), np.float32) if k else None)
-        out, out_w = self._fixed_outputs("combine", specs, previous_event is None)
+        out = self._empty("out", (t, hidden), bfloat16)  # fresh, as in cached_dispatch
+        out_w = self._empty("out_w", (t, k), np.float32) if k else None
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
         call_tag = normal_call_tag(self.seq, "combine", False, k > 0, hidden, k)
