@@ -199,18 +199,11 @@ def stage_rows(buf, arrays, args):
 def profile_rows(calls, n, top=12):
     """Per call in ``calls`` ({name: call}): (name, tight-loop us, [(own us,
     cumulative us, calls, function)] of the ``top`` functions by own time),
-    from cProfile around ``n`` calls after 20 unprofiled ones."""
+    from cProfile around ``n`` calls after a tight loop of as many unprofiled."""
     import cupy
     out = []
     for name, call in calls.items():
-        for _ in range(20):
-            call()
-        cupy.cuda.Device().synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            call()
-        loop = (time.perf_counter() - t0) * 1e6 / n
-        cupy.cuda.Device().synchronize()
+        loop = tight_us(call, n)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(n):
