@@ -730,26 +730,59 @@ __host__ __device__ constexpr int logfmt_row_bytes(int hidden) { return hidden /
 
 __host__ __device__ constexpr int logfmt_rounds(int hidden) { return (hidden / 64 + kWarpSize - 1) / kWarpSize; }
 
-// A warp encodes round r of a bf16 row: groups 32r .. 32r + 31 of 64 channels
-// (fewer in the last round), into bytes [2816r, 2816r + 88 * groups) of dst
-// (the encoded row, 16-byte aligned). Each lane codes one group from its 8
-// int4 of the row (no shuffles: every value's work is the lane's own, so the
-// 64 log2s are in flight together), into 11 u64 words staged in buf
-// (kLogFmtWarpBytes of shared memory), which the warp then stores coalesced.
-// Returns the bytes written.
+// Groups of 64 channels in round r of a row: 32, fewer in the last round
+// (a multiple of 4, since kHidden % 256 == 0).
 template <int kHidden>
-__device__ __forceinline__ int logfmt_encode_round(char* dst, const int4* src, char* buf, int lane, int r) {
+__device__ __forceinline__ int logfmt_round_groups(int r) {
     static_assert(kHidden % 256 == 0, "LogFMT needs a hidden size divisible by 256");
-    constexpr int kGroups = kHidden / 64;
-    unsigned long long* words = reinterpret_cast<unsigned long long*>(buf) + lane * (kLogFmtGroupBytes / 8);
-    const int g = r * kWarpSize + lane;
-    const int groups = min(kWarpSize, kGroups - r * kWarpSize);  // even: kHidden % 256 == 0
-    int4 raw[8];
-    if (lane < groups) {
+    return min(kWarpSize, kHidden / 64 - r * kWarpSize);
+}
+
+// A warp loads round r of a bf16 row (groups 32r .. 32r + 31, 4 KB),
+// coalesced: lane l holds words l + 32k (k < 8) of the round, 16 bytes each.
+template <int kHidden>
+__device__ __forceinline__ void logfmt_load_round(int4 (&in)[8], const int4* row, int r, int lane) {
+    const int words = logfmt_round_groups<kHidden>(r) * 8;
+    const int4* src = row + r * kWarpSize * 8;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) raw[i] = src[g * 8 + i];
+    for (int k = 0; k < 8; ++k)
+        if (k * kWarpSize + lane < words) in[k] = src[k * kWarpSize + lane];
+}
+
+// ... then encodes it into bytes [2816r, 2816r + 88 * groups) of dst (the
+// encoded row, 16-byte aligned) and returns the bytes written. Lane g codes
+// group g, whose 8 words reach it through buf (kLogFmtWarpBytes of shared
+// memory) in two halves of 16 groups (2 KB each): word p of group g sits in
+// slot 8 (g % 16) + (p ^ (g % 8)), so the coalesced writes and each lane's
+// reads of its own group are both free of bank conflicts. Every value's work
+// is then the lane's own (no shuffles), so its 64 log2s are in flight
+// together; its 11 u64 words are staged in buf and stored coalesced.
+// Zero-copy mode encodes in place (dst is the row itself): round r reads
+// bytes [4096r, 4096r + 4096) and writes [2816r, 2816r + 2816), so once the
+// round is loaded, no write of this round or a later one touches bytes still
+// to be read.
+template <int kHidden>
+__device__ __forceinline__ int logfmt_encode_round(char* dst, const int4 (&in)[8], char* buf, int lane, int r) {
+    const int groups = logfmt_round_groups<kHidden>(r);
+    int4* slots = reinterpret_cast<int4*>(buf);
+    int4 raw[8];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        if (half * 16 >= groups) break;  // warp-uniform
+        __syncwarp();  // the other half's reads (or the last round's stores) are done
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const int k = 4 * half + kk, g = 4 * k + lane / 8, p = lane % 8;
+            if (g < groups) slots[8 * (g % 16) + (p ^ (g % 8))] = in[k];
+        }
+        __syncwarp();
+        if (lane / 16 == half && lane < groups) {
+#pragma unroll
+            for (int p = 0; p < 8; ++p) raw[p] = slots[8 * (lane % 16) + (p ^ (lane % 8))];
+        }
     }
-    __syncwarp();
+    __syncwarp();  // buf now stages the encoded words
+    unsigned long long* words = reinterpret_cast<unsigned long long*>(buf) + lane * (kLogFmtGroupBytes / 8);
     if (lane < groups) {
         float amax = 0.f, amin = __int_as_float(0x7f800000);
 #pragma unroll
@@ -766,9 +799,10 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, const int4* src, c
         const float log_amax = log2f(amax);
         const float log_amin = fmaxf(log2f(amin), __fsub_rn(log_amax, kLogFmtRange));
         const float range = __fsub_rn(log_amax, log_amin);
-        // pos = (log2 m - log_amin) / step, step = range / 510: as a product
+        // pos = (log2 m - log_amin) / step, step = range / 510: as one FMA
         // (a code may differ by one step from the NumPy definition's quotient)
         const float per_step = range > 0.f ? __fdiv_rn(kLogFmtSteps, range) : 0.f;
+        const float pos0 = -__fmul_rn(log_amin, per_step);
         unsigned long long w[kLogFmtGroupBytes / 8];
         w[0] = __float_as_uint(log_amax) | static_cast<unsigned long long>(__float_as_uint(log_amin)) << 32;
 #pragma unroll
@@ -786,11 +820,11 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, const int4* src, c
             for (int j = 0; j < 8; ++j) {
                 const float m = fabsf(__uint_as_float(j % 2 ? v[j / 2] & 0xffff0000u : v[j / 2] << 16));
                 // log2(0) = -inf: pos is -inf or NaN, both clamp to 0; zero takes code 0 below
-                const float pos = __fmul_rn(__fsub_rn(log2_approx(m), log_amin), per_step);
+                const float pos = fmaf(log2_approx(m), per_step, pos0);
                 const float clamped = fminf(fmaxf(pos, 0.f), kLogFmtSteps);
-                // + 1.5 * 2^23 rounds to the nearest integer (ties to even, as rintf) into the low bits
-                const unsigned rounded = __float_as_uint(__fadd_rn(clamped, 12582912.f)) & 511u;
-                const unsigned code = m > 0.f ? rounded + 1 : 0u;
+                // + (1.5 * 2^23 + 1) rounds to the nearest integer (ties to even,
+                // as rintf) plus one into the low bits: codes 1..511
+                const unsigned code = m > 0.f ? __float_as_uint(__fadd_rn(clamped, 12582913.f)) & 1023u : 0u;
                 if (j < 6) lo |= static_cast<unsigned long long>(code) << (8 + 9 * j);
                 else if (j == 6) { lo |= static_cast<unsigned long long>(code & 3) << 62; hi |= code >> 2; }
                 else hi |= code << 7;
@@ -809,41 +843,44 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, const int4* src, c
     const int4* staged = reinterpret_cast<const int4*>(buf);
     int4* out = reinterpret_cast<int4*>(dst + r * kWarpSize * kLogFmtGroupBytes);
     for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);
-    __syncwarp();  // buf is rewritten by the warp's next round
-    return groups * kLogFmtGroupBytes;
+    return groups * kLogFmtGroupBytes;  // the next round's first __syncwarp orders these reads of buf
 }
 
-// A warp encodes a whole row, round after round. Zero-copy mode encodes in
-// place (dst is the row itself): round r reads bytes [4096r, 4096r + 4096)
-// and writes [2816r, 2816r + 2816), so once every lane has loaded (the
-// round's first __syncwarp), no later write of this round or any later round
-// touches bytes still to be read.
+// A warp encodes a whole row, round after round (in place too, see above).
 template <int kHidden>
 __device__ __forceinline__ void logfmt_encode_row(char* dst, const int4* src, char* buf, int lane) {
 #pragma unroll 1
-    for (int r = 0; r < logfmt_rounds(kHidden); ++r) logfmt_encode_round<kHidden>(dst, src, buf, lane, r);
+    for (int r = 0; r < logfmt_rounds(kHidden); ++r) {
+        int4 in[8];
+        logfmt_load_round<kHidden>(in, src, r, lane);
+        logfmt_encode_round<kHidden>(dst, in, buf, lane, r);
+    }
 }
 
-// Channels 8u .. 8u+7 of an encoded row: the group's logs and 10 bytes.
+// Channels 8u .. 8u+7 of an encoded row: the group's logs and 80 bits (8
+// sign bits, eight 9-bit codes), which start 2-byte aligned at byte
+// 8 + 10 (u % 8) of the group: two aligned u64 loads hold them.
 struct LogFmt8 {
     float2 logs;
-    unsigned short payload[5];
+    unsigned long long lo;  // bits 0..63
+    unsigned hi;            // bits 64..79
     __device__ __forceinline__ void load(const char* row, int u) {
         const char* group = row + (u / 8) * kLogFmtGroupBytes;
         logs = *reinterpret_cast<const float2*>(group);
-        const unsigned short* p = reinterpret_cast<const unsigned short*>(group + 8 + (u % 8) * 10);
-#pragma unroll
-        for (int w = 0; w < 5; ++w) payload[w] = p[w];
+        const int at = 8 + (u % 8) * 10;  // even; at % 8 is 0, 2, 4 or 6
+        const unsigned long long* p = reinterpret_cast<const unsigned long long*>(group + (at & ~7));
+        const unsigned long long w0 = p[0], w1 = p[1];
+        const int shift = 8 * (at & 7);
+        lo = shift ? w0 >> shift | w1 << (64 - shift) : w0;
+        hi = static_cast<unsigned>(w1 >> shift) & 0xffffu;
     }
 };
 
 // ... decoded to fp32.
 __device__ __forceinline__ void logfmt_decode8(const LogFmt8& in, float* f) {
     const float2 logs = in.logs;
-    unsigned long long lo = 0;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) lo |= static_cast<unsigned long long>(in.payload[w]) << (16 * w);
-    const unsigned hi = in.payload[4];
+    const unsigned long long lo = in.lo;
+    const unsigned hi = in.hi;
     // a product, not the definition's quotient: within an ulp, far below LogFMT's own error
     const float step = __fmul_rn(__fsub_rn(logs.x, logs.y), 1.f / kLogFmtSteps);
 #pragma unroll
@@ -854,7 +891,7 @@ __device__ __forceinline__ void logfmt_decode8(const LogFmt8& in, float* f) {
         else code = (hi >> 7) & 511u;
         // code - 1 as a float without a (quarter-rate) conversion: 2^23 + c has c in its low bits
         const float c = __fsub_rn(__uint_as_float(0x4b000000u | (code - 1)), 8388608.f);
-        const float v = code == 0 ? 0.f : exp2_approx(__fadd_rn(logs.y, __fmul_rn(c, step)));
+        const float v = code == 0 ? 0.f : exp2_approx(fmaf(c, step, logs.y));
         f[j] = (lo >> j) & 1 ? -v : v;
     }
 }
@@ -882,6 +919,7 @@ struct CombineCall {
     long long off_flags, off_area, off_send;
     int num_groups;
     int* blocks_done;
+    int* pair_done;
     __nv_bfloat16* out;
     long long* wait_stats;
     int* mask;
@@ -939,80 +977,98 @@ struct CombineCall {
         }
     }
 
-    // The same with rows LogFMT-encoded. Encoding a row is latency-bound
-    // (each round: loads, then a chain of MUFU work per value), so the unit of
-    // work is a round of a row (32 groups of 64 channels, rounds are
-    // independent) and every warp of the block takes units of the block's
-    // (local expert, destination) pairs, kMaxPairs at a time: a pair's rows
-    // no longer wait on the few warps of one group. The warp that finishes a
-    // pair's last unit sets its flag. Zero-copy rows sent by put are encoded
-    // in place, so a unit there is a whole row (its rounds in order, see
-    // logfmt_encode_row).
+    // The same with rows LogFMT-encoded. Encoding is the bound here (loads,
+    // then ~16 instructions a value), so the work is spread evenly over every
+    // warp of the grid: a unit is a round of a row (32 groups of 64 channels;
+    // rounds are independent), and the units of all pairs, in pair order,
+    // are dealt to the grid's warps in turn. (Pairs dealt to blocks left the
+    // busiest block ~2x the mean.) Each block numbers the units of kChunk
+    // pairs at a time from layout_range alone, so every block deals the same
+    // units; a rank masked since would change the count, so its units are
+    // dealt and skipped. The warp that completes a pair's count (pair_done,
+    // zero between calls) sets its flag and zeroes the count. Zero-copy rows
+    // sent by put are encoded in place, so a unit there is a whole row (its
+    // rounds in order, see logfmt_encode_round).
     __device__ __forceinline__ void send_logfmt(const int* s_mask) const {
-        constexpr int kMaxPairs = 16;
+        constexpr int kChunk = 512;
         constexpr int kRounds = logfmt_rounds(kHidden);
         const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+        const int num_warps = gridDim.x * kLLWarps;
+        const int my_warp = warp * gridDim.x + blockIdx.x;  // a unit's next units go to other SMs
         const int rows_per_expert = num_ranks * max_tokens;
         __shared__ __align__(16) char s_logfmt[kLLWarps * kLogFmtWarpBytes];
-        __shared__ int s_begin[kMaxPairs], s_units_before[kMaxPairs + 1], s_left[kMaxPairs];
+        __shared__ int s_units_before[kChunk + 1];
         char* buf = s_logfmt + warp * kLogFmtWarpBytes;
-        // The block's pairs: blockIdx.x + j * gridDim.x.
-        for (int first = blockIdx.x; first < num_experts; first += kMaxPairs * gridDim.x) {
-            __syncthreads();  // the previous chunk's units are all taken
-            if (threadIdx.x == 0) {
-                int units = 0;
-                for (int j = 0; j < kMaxPairs; ++j) {
-                    const int p = first + j * gridDim.x;
-                    int begin = 0, count = 0;
-                    if (p < num_experts && !s_mask[p % num_ranks]) {
-                        const long long range = layout_range[p];  // [L][R]: p = le * R + dst
-                        begin = static_cast<int>(range >> 32);
-                        count = static_cast<int>(range & 0xffffffff);
+        int dealt = 0;  // units of earlier chunks, mod num_warps: where this chunk's dealing starts
+        for (int first = 0; first < num_experts; first += kChunk) {
+            const int num_pairs = min(kChunk, num_experts - first);
+            __syncthreads();  // the previous chunk's counts are read
+            if (warp == 0) {
+                int before = 0;
+                for (int j0 = 0; j0 < num_pairs; j0 += kWarpSize) {
+                    const int j = j0 + lane, p = first + j;  // [L][R]: p = le * R + dst
+                    int units = 0;
+                    if (j < num_pairs) {
+                        const bool in_place = zero_copy && use_put(peers, p % num_ranks, force_put);
+                        units = static_cast<int>(layout_range[p] & 0xffffffff) * (in_place ? 1 : kRounds);
                     }
-                    const bool in_place = zero_copy && use_put(peers, p % num_ranks, force_put);
-                    s_begin[j] = begin;
-                    s_units_before[j] = units;
-                    s_left[j] = count * (in_place ? 1 : kRounds);
-                    units += s_left[j];
+                    const int inclusive = warp_inclusive_sum(units, lane);
+                    if (j < num_pairs) s_units_before[j + 1] = before + inclusive;
+                    before += __shfl_sync(0xffffffffu, inclusive, kWarpSize - 1);
                 }
-                s_units_before[kMaxPairs] = units;
+                if (lane == 0) s_units_before[0] = 0;
             }
             __syncthreads();
-            for (int u = warp; u < s_units_before[kMaxPairs]; u += kLLWarps) {
-                int j = 0;
-                while (s_units_before[j + 1] <= u) ++j;
-                const int p = first + j * gridDim.x;
+            const int total = s_units_before[num_pairs];
+            for (int u = (my_warp - dealt + num_warps) % num_warps; u < total; u += num_warps) {
+                int j = 0, past = num_pairs;  // s_units_before[j] <= u < s_units_before[past]
+                while (past - j > 1) {
+                    const int mid = (j + past) / 2;
+                    if (s_units_before[mid] <= u) j = mid; else past = mid;
+                }
+                const int p = first + j;
                 const int le = p / num_ranks, dst = p % num_ranks;
                 const bool put = use_put(peers, dst, force_put);
+                const bool skip = s_mask[dst];
                 const int rounds = zero_copy && put ? 1 : kRounds;  // units per row
                 const int unit = u - s_units_before[j];
-                const long long row = (long long)le * rows_per_expert + s_begin[j] + unit / rounds;
-                const long long off = off_area + ((long long)src_info[row] * kLLMaxTopk + recv_k[row]) * kRowBytes;
-                const int4* src = reinterpret_cast<const int4*>(x + row * kHidden);
-                char* staged = local_base + off_send + row * kRowBytes;
-                char* out_row = put ? staged : peers[dst] + off;
-                if (rounds == 1) {
-                    logfmt_encode_row<kHidden>(out_row, src, buf, lane);
-                    if (put) warp_put(local_base, off, staged, logfmt_row_bytes(kHidden), dst);
-                } else {
-                    const int r = unit % rounds;
-                    const int bytes = logfmt_encode_round<kHidden>(out_row, src, buf, lane, r);
-                    const int at = r * kLogFmtWarpBytes;
-                    if (put) warp_put(local_base, off + at, staged + at, bytes, dst);
+                if (!skip) {
+                    const int begin = static_cast<int>(layout_range[p] >> 32);
+                    const long long row = (long long)le * rows_per_expert + begin + unit / rounds;
+                    const long long off =
+                        off_area + ((long long)src_info[row] * kLLMaxTopk + recv_k[row]) * kRowBytes;
+                    const int4* src = reinterpret_cast<const int4*>(x + row * kHidden);
+                    char* staged = local_base + off_send + row * kRowBytes;
+                    char* out_row = put ? staged : peers[dst] + off;
+                    if (rounds == 1) {
+                        logfmt_encode_row<kHidden>(out_row, src, buf, lane);
+                        if (put) warp_put(local_base, off, staged, logfmt_row_bytes(kHidden), dst);
+                    } else {
+                        const int r = unit % rounds;
+                        int4 in[8];
+                        logfmt_load_round<kHidden>(in, src, r, lane);
+                        const int bytes = logfmt_encode_round<kHidden>(out_row, in, buf, lane, r);
+                        const int at = r * kLogFmtWarpBytes;
+                        if (put) warp_put(local_base, off + at, staged + at, bytes, dst);
+                    }
                 }
-                warp_complete(put, lane);  // the warp's stores before lane 0's fence, its puts done
+                warp_complete(put && !skip, lane);  // the warp's stores before lane 0's fence, its puts done
                 if (lane == 0) {
-                    // CTA-scope release and acquire around the count: the last
-                    // unit's warp has observed every unit's stores (and done
-                    // puts), so its flag's release orders them all before it.
-                    __threadfence_block();
-                    if (atomicSub(s_left + j, 1) == 1) {
-                        __threadfence_block();
-                        set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst,
-                                      (call_tag << kLLTagShift) | 1, put);
+                    // GPU-scope release and acquire around the count: the warp
+                    // that completes it has observed every unit's stores (and
+                    // done puts), so its flag's release orders them all first.
+                    __threadfence();
+                    const int units = s_units_before[j + 1] - s_units_before[j];
+                    if (atomicAdd(pair_done + p, 1) == units - 1) {
+                        __threadfence();
+                        pair_done[p] = 0;  // the next call on this half comes after this kernel
+                        if (!skip)
+                            set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst,
+                                          (call_tag << kLLTagShift) | 1, put);
                     }
                 }
             }
+            dealt = (dealt + total) % num_warps;
         }
     }
 
@@ -1084,7 +1140,7 @@ struct CombineCall {
                         float f[8];
                         logfmt_decode8(in[b], f);
 #pragma unroll
-                        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(s_weight[k0 + b], f[j]));
+                        for (int j = 0; j < 8; ++j) acc[j] = fmaf(s_weight[k0 + b], f[j], acc[j]);
                     }
                 }
                 reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
@@ -1127,12 +1183,12 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
         int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
         int num_ranks, char* local_base, char* const* peers, int force_put,
         int zero_copy, long long off_flags, long long off_area, long long off_send,
-        int num_groups, int* blocks_done, __nv_bfloat16* out, long long* wait_stats,
+        int num_groups, int* blocks_done, int* pair_done, __nv_bfloat16* out, long long* wait_stats,
         int* mask, int shrink, int phases, int* err, long long timeout_ns, long long call_tag) {
     const CombineCall<kHidden, kLogFmt, IdxT> call{
         x, src_info, recv_k, layout_range, topk_idx, topk_weights, num_tokens, num_topk, max_tokens, num_experts,
         rank, num_ranks, local_base, peers, force_put, zero_copy, off_flags, off_area, off_send, num_groups,
-        blocks_done, out, wait_stats, mask, shrink, err, timeout_ns, call_tag, num_experts / num_ranks};
+        blocks_done, pair_done, out, wait_stats, mask, shrink, err, timeout_ns, call_tag, num_experts / num_ranks};
     __shared__ int s_mask[kLLMaxRanks];
     load_mask(mask, rank, num_ranks, s_mask);
     if (phases & 1) call.send(s_mask);

@@ -35,7 +35,7 @@ from cupyep.formats.fp8 import FP8_GROUP, bfloat16
 from cupyep.jit import ArgBlock, PackedKernel, address, index_type
 from cupyep.jit import specs as kernel_specs
 from cupyep.jit.args import PARAMS, kernel_args
-from cupyep.layouts.low_latency import TRANSPORTS, LowLatencyLayout, check_low_latency_fits
+from cupyep.layouts.low_latency import LL_MAX_EXPERTS, TRANSPORTS, LowLatencyLayout, check_low_latency_fits
 from cupyep.layouts.sizing import MAX_RANKS
 
 _THREADS = 512  # kLLThreads in low_latency.cu
@@ -89,6 +89,8 @@ class GpuLowLatency:
         # per half: how many dispatch receive blocks are done reading the flags
         self._recv_done = cupy.zeros(2, np.int32)
         self._blocks_done_addr = [address(self._blocks_done[h:h + 1]) for h in range(2)]
+        # per half and (local expert, destination): units of a LogFMT combine's send done
+        self._pair_done = cupy.zeros((2, LL_MAX_EXPERTS), np.int32)
         self._recv_done_addr = [address(self._recv_done[h:h + 1]) for h in range(2)]
         # [R] int32, 1 = rank left out; with shrink a timed-out wait sets it.
         self.mask = cupy.zeros(backend.num_ranks, np.int32)
@@ -286,7 +288,7 @@ class GpuLowLatency:
                 num_ranks=be.num_ranks, local_base=self.sym.ptr, peers=self._peers_ptr,
                 force_put=self.transport == "nvshmem", zero_copy=0, off_flags=off["combine_flags"],
                 off_area=off["combine_area"], off_send=off["send_area"], num_groups=groups,
-                blocks_done=self._blocks_done_addr[half], out=0, wait_stats=0, mask=self._mask_ptr,
+                blocks_done=self._blocks_done_addr[half], pair_done=address(self._pair_done[half]), out=0, wait_stats=0, mask=self._mask_ptr,
                 shrink=self.shrink, phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
         send_areas = [self.sym.ptr + lay.offsets(half)["send_area"] for half in range(2)]
         tag_base = ll_call_tag(0, True, use_logfmt, lay.hidden, 1, lay.num_experts, lay.max_tokens)
@@ -368,14 +370,14 @@ class GpuLowLatency:
             for a in (self.sym, self._slots):
                 if a is not None:
                     runtime.memset(a.ptr, 0, a.nbytes)
-            for a in (self._finish, self._blocks_done, self._recv_done, self._barrier_seq):
+            for a in (self._finish, self._blocks_done, self._pair_done, self._recv_done, self._barrier_seq):
                 a.fill(0)
             self.be.rt.sync_barrier()
         else:
             if self.sym is not None:
                 self._barrier(stream)
                 runtime.memsetAsync(self.sym.ptr, 0, self.num_rdma_bytes, stream.ptr)
-            for a in (self._finish, self._blocks_done, self._recv_done):
+            for a in (self._finish, self._blocks_done, self._pair_done, self._recv_done):
                 runtime.memsetAsync(a.data.ptr, 0, a.nbytes, stream.ptr)
             if self.sym is not None:
                 self._barrier(stream)
