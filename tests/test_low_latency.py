@@ -424,11 +424,28 @@ def test_logfmt_combine(buffer, backend, transport, rng, hidden, zero_copy):
     its error against the BF16 combine stays within the format's resolution.
     Over NVLink stores and NVSHMEM puts; zero_copy: x is the send buffer,
     which puts encode in place."""
+    check_logfmt_combine(buffer, backend, rng, m=32, t=24, hidden=hidden, local=3, k=min(8, 3 * SIZE),
+                         zero_copy=zero_copy)
+
+
+def test_logfmt_combine_many_experts_call_after_call(buffer, backend, transport, rng):
+    """The LogFMT send numbers its work over every (expert, destination) pair
+    in chunks of 512 and counts each pair's units in device memory, zeroed by
+    the pair's last unit: over ~1,030 experts (three chunks) and three calls
+    in a row, each with fresh rows and routing."""
+    local = -(-1030 // SIZE)
+    for _ in range(3):
+        check_logfmt_combine(buffer, backend, rng, m=16, t=16, hidden=256, local=local, k=8, zero_copy=False)
+
+
+def check_logfmt_combine(buffer, backend, rng, m, t, hidden, local, k, zero_copy):
+    """A dispatch of t random rows (top-k of local * SIZE experts) then a
+    LogFMT combine of the dispatched rows, checked against the reference
+    format and against the BF16 combine."""
     from cupyep.formats import logfmt
-    m, local, k = 32, 3, min(8, 3 * SIZE)
     num_experts = local * SIZE
-    x = random_rows(rng, 24, hidden)
-    idx = random_topk(rng, 24, num_experts, k, drop=0.1)
+    x = random_rows(rng, t, hidden)
+    idx = random_topk(rng, t, num_experts, k, drop=0.1)
     w = rng.random(idx.shape).astype(np.float32)
     everyone = gather(x, idx)
     res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,

@@ -857,30 +857,26 @@ __device__ __forceinline__ void logfmt_encode_row(char* dst, const int4* src, ch
     }
 }
 
-// Channels 8u .. 8u+7 of an encoded row: the group's logs and 80 bits (8
-// sign bits, eight 9-bit codes), which start 2-byte aligned at byte
-// 8 + 10 (u % 8) of the group: two aligned u64 loads hold them.
+// Channels 8u .. 8u+7 of an encoded row: the group's logs and 10 bytes.
 struct LogFmt8 {
     float2 logs;
-    unsigned long long lo;  // bits 0..63
-    unsigned hi;            // bits 64..79
+    unsigned short payload[5];
     __device__ __forceinline__ void load(const char* row, int u) {
         const char* group = row + (u / 8) * kLogFmtGroupBytes;
         logs = *reinterpret_cast<const float2*>(group);
-        const int at = 8 + (u % 8) * 10;  // even; at % 8 is 0, 2, 4 or 6
-        const unsigned long long* p = reinterpret_cast<const unsigned long long*>(group + (at & ~7));
-        const unsigned long long w0 = p[0], w1 = p[1];
-        const int shift = 8 * (at & 7);
-        lo = shift ? w0 >> shift | w1 << (64 - shift) : w0;
-        hi = static_cast<unsigned>(w1 >> shift) & 0xffffu;
+        const unsigned short* p = reinterpret_cast<const unsigned short*>(group + 8 + (u % 8) * 10);
+#pragma unroll
+        for (int w = 0; w < 5; ++w) payload[w] = p[w];
     }
 };
 
 // ... decoded to fp32.
 __device__ __forceinline__ void logfmt_decode8(const LogFmt8& in, float* f) {
     const float2 logs = in.logs;
-    const unsigned long long lo = in.lo;
-    const unsigned hi = in.hi;
+    unsigned long long lo = 0;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) lo |= static_cast<unsigned long long>(in.payload[w]) << (16 * w);
+    const unsigned hi = in.payload[4];
     // a product, not the definition's quotient: within an ulp, far below LogFMT's own error
     const float step = __fmul_rn(__fsub_rn(logs.x, logs.y), 1.f / kLogFmtSteps);
 #pragma unroll
@@ -985,55 +981,56 @@ struct CombineCall {
     // busiest block ~2x the mean.) Each block numbers the units of kChunk
     // pairs at a time from layout_range alone, so every block deals the same
     // units; a rank masked since would change the count, so its units are
-    // dealt and skipped. The warp that completes a pair's count (pair_done,
-    // zero between calls) sets its flag and zeroes the count. Zero-copy rows
-    // sent by put are encoded in place, so a unit there is a whole row (its
-    // rounds in order, see logfmt_encode_round).
+    // dealt and skipped. A warp counts its units done in pair_done (zero
+    // between calls) a few at a time (PendingPairs); the warp that completes
+    // a pair's count sets its flag and zeroes the count. Zero-copy rows sent
+    // by put are encoded in place, so a unit there is a whole row (its rounds
+    // in order, see logfmt_encode_round).
     __device__ __forceinline__ void send_logfmt(const int* s_mask) const {
-        constexpr int kChunk = 512;
+        constexpr int kChunk = kLLThreads;  // a pair per thread
         constexpr int kRounds = logfmt_rounds(kHidden);
         const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
         const int num_warps = gridDim.x * kLLWarps;
         const int my_warp = warp * gridDim.x + blockIdx.x;  // a unit's next units go to other SMs
         const int rows_per_expert = num_ranks * max_tokens;
         __shared__ __align__(16) char s_logfmt[kLLWarps * kLogFmtWarpBytes];
-        __shared__ int s_units_before[kChunk + 1];
+        __shared__ int s_units_before[kChunk + 1], s_warp_units[kLLWarps];
         char* buf = s_logfmt + warp * kLogFmtWarpBytes;
+        PendingPairs done;
         int dealt = 0;  // units of earlier chunks, mod num_warps: where this chunk's dealing starts
         for (int first = 0; first < num_experts; first += kChunk) {
-            const int num_pairs = min(kChunk, num_experts - first);
-            __syncthreads();  // the previous chunk's counts are read
-            if (warp == 0) {
-                int before = 0;
-                for (int j0 = 0; j0 < num_pairs; j0 += kWarpSize) {
-                    const int j = j0 + lane, p = first + j;  // [L][R]: p = le * R + dst
-                    int units = 0;
-                    if (j < num_pairs) {
-                        const bool in_place = zero_copy && use_put(peers, p % num_ranks, force_put);
-                        units = static_cast<int>(layout_range[p] & 0xffffffff) * (in_place ? 1 : kRounds);
-                    }
-                    const int inclusive = warp_inclusive_sum(units, lane);
-                    if (j < num_pairs) s_units_before[j + 1] = before + inclusive;
-                    before += __shfl_sync(0xffffffffu, inclusive, kWarpSize - 1);
-                }
-                if (lane == 0) s_units_before[0] = 0;
+            // Units before each pair of the chunk: a block-wide prefix sum.
+            const int p = first + threadIdx.x;  // [L][R]: p = le * R + dst
+            int units = 0;
+            if (p < num_experts) {
+                const bool in_place = zero_copy && use_put(peers, p % num_ranks, force_put);
+                units = static_cast<int>(layout_range[p] & 0xffffffff) * (in_place ? 1 : kRounds);
             }
+            const int inclusive = warp_inclusive_sum(units, lane);
+            __syncthreads();  // the previous chunk's sums are read
+            if (lane == kWarpSize - 1) s_warp_units[warp] = inclusive;
             __syncthreads();
-            const int total = s_units_before[num_pairs];
+            int before = 0;
+            for (int w = 0; w < warp; ++w) before += s_warp_units[w];
+            s_units_before[threadIdx.x + 1] = before + inclusive;  // past the last pair: the total
+            if (threadIdx.x == 0) s_units_before[0] = 0;
+            __syncthreads();
+            const int num_pairs = min(kChunk, num_experts - first);
+            const int total = s_units_before[kChunk];
             for (int u = (my_warp - dealt + num_warps) % num_warps; u < total; u += num_warps) {
                 int j = 0, past = num_pairs;  // s_units_before[j] <= u < s_units_before[past]
                 while (past - j > 1) {
                     const int mid = (j + past) / 2;
                     if (s_units_before[mid] <= u) j = mid; else past = mid;
                 }
-                const int p = first + j;
-                const int le = p / num_ranks, dst = p % num_ranks;
+                const int pair = first + j;
+                const int le = pair / num_ranks, dst = pair % num_ranks;
                 const bool put = use_put(peers, dst, force_put);
                 const bool skip = s_mask[dst];
                 const int rounds = zero_copy && put ? 1 : kRounds;  // units per row
                 const int unit = u - s_units_before[j];
                 if (!skip) {
-                    const int begin = static_cast<int>(layout_range[p] >> 32);
+                    const int begin = static_cast<int>(layout_range[pair] >> 32);
                     const long long row = (long long)le * rows_per_expert + begin + unit / rounds;
                     const long long off =
                         off_area + ((long long)src_info[row] * kLLMaxTopk + recv_k[row]) * kRowBytes;
@@ -1052,24 +1049,54 @@ struct CombineCall {
                         if (put) warp_put(local_base, off + at, staged + at, bytes, dst);
                     }
                 }
-                warp_complete(put && !skip, lane);  // the warp's stores before lane 0's fence, its puts done
-                if (lane == 0) {
-                    // GPU-scope release and acquire around the count: the warp
-                    // that completes it has observed every unit's stores (and
-                    // done puts), so its flag's release orders them all first.
-                    __threadfence();
-                    const int units = s_units_before[j + 1] - s_units_before[j];
-                    if (atomicAdd(pair_done + p, 1) == units - 1) {
-                        __threadfence();
-                        pair_done[p] = 0;  // the next call on this half comes after this kernel
-                        if (!skip)
-                            set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst,
-                                          (call_tag << kLLTagShift) | 1, put);
-                    }
-                }
+                if (done.add(pair, s_units_before[j + 1] - s_units_before[j], put && !skip)) count_done(done, s_mask, lane);
             }
             dealt = (dealt + total) % num_warps;
         }
+        count_done(done, s_mask, lane);
+    }
+
+    // A warp's units done, not yet counted: their pairs and the pairs' units.
+    struct PendingPairs {
+        static constexpr int kMax = 4;
+        int pair[kMax], units[kMax];
+        int n = 0;
+        bool put = false;  // some unit was sent by put
+        // Returns whether the list is full.
+        __device__ __forceinline__ bool add(int p, int u, bool by_put) {
+#pragma unroll
+            for (int i = 0; i < kMax; ++i)
+                if (i == n) pair[i] = p, units[i] = u;
+            put |= by_put;
+            return ++n == kMax;
+        }
+    };
+
+    // Lane i counts the warp's pending unit i: one fence and the atomics in
+    // parallel, not a round trip each. GPU-scope release and acquire around
+    // the count: the lane that completes a pair's count has observed every
+    // unit's stores (and puts, completed), so its flag's release orders
+    // them all first.
+    __device__ __forceinline__ void count_done(PendingPairs& done, const int* s_mask, int lane) const {
+        warp_complete(done.put, lane);  // the warp's stores before the fences, its puts done
+        if (lane < done.n) {
+            int p = 0, units = 0;
+#pragma unroll
+            for (int i = 0; i < PendingPairs::kMax; ++i)
+                if (i == lane) p = done.pair[i], units = done.units[i];
+            __threadfence();
+            if (atomicAdd(pair_done + p, 1) == units - 1) {
+                __threadfence();
+                pair_done[p] = 0;  // the next call on this half comes after this kernel
+                const int le = p / num_ranks, dst = p % num_ranks;
+                if (!s_mask[dst])
+                    set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst,
+                                  (call_tag << kLLTagShift) | 1, use_put(peers, dst, force_put));
+            }
+        }
+        __syncwarp();
+        done.n = 0;
+        done.put = false;
     }
 
     // A block per token: its experts' flags, then its rows summed in top-k order.
@@ -1127,7 +1154,7 @@ struct CombineCall {
                 float acc[8];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-                constexpr int kBatch = 4;  // rows whose loads are in flight together
+                constexpr int kBatch = 8;  // rows whose loads are in flight together
                 for (int k0 = 0; k0 < num_topk; k0 += kBatch) {
                     LogFmt8 in[kBatch];
 #pragma unroll
