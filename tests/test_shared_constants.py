@@ -32,6 +32,7 @@ def _static_asserts():
         (f"kLLMaxTopk == {ll.LL_MAX_TOPK}", "low-latency top-k limit"),
         (f"kLLMaxRanks == {sizing.MAX_RANKS}", "rank limit"),
         (f"kLLHeaderBytes == {ll._HEADER_BYTES}", "low-latency message header"),
+        (f"kLogFmtSendSmem == {gpu_low_latency._LOGFMT_SEND_SMEM}", "LogFMT combine's dynamic shared memory"),
         # dispatch flags [R] i64, then counts [R][L] i32, inside one half's dispatch-flag region
         (f"kLLCountsOffset + 4 * {ll.LL_MAX_EXPERTS} <= 8 * {ll.LL_MAX_EXPERTS}", "low-latency flag region"),
         (f"kLLTagShift == {call_tags.LL_TAG_SHIFT}", "low-latency call tag position in a flag"),

@@ -536,19 +536,28 @@ class ArgBlock:
         return len(self.values)
 
 
+_DEFAULT_SHARED_MEM = 48 << 10  # a kernel's limit unless allowed more
+_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+
+
 class PackedKernel:
     """A kernel launched with cuLaunchKernel from an :class:`ArgBlock`:
     CuPy's generic call converts each argument (~15 us of host time for the
     low-latency kernels' ~28 parameters)."""
 
-    def __init__(self, spec: KernelSpec, num_args: int):
+    def __init__(self, spec: KernelSpec, num_args: int, shared_mem: int = 0):
+        """``shared_mem``: the dynamic shared memory its launches take (the
+        caller passes it); above the default 48 KB the kernel is allowed it."""
         from cupy.cuda import driver
         fn, _ = get_kernel(spec)
         self.spec = spec
         self.num_args = num_args
+        self.shared_mem = shared_mem
         self._fn = fn.kernel.ptr
         self._launch = driver.launchKernel
         self._block = ArgBlock([0] * num_args)
+        if shared_mem > _DEFAULT_SHARED_MEM:
+            driver.funcSetAttribute(self._fn, _MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
 
     def launch(self, grid: int, block: int, values, stream, shared_mem: int = 0) -> None:
         """One launch of grid x block threads on ``stream`` (a CuPy stream),

@@ -738,51 +738,50 @@ __device__ __forceinline__ int logfmt_round_groups(int r) {
     return min(kWarpSize, kHidden / 64 - r * kWarpSize);
 }
 
-// A warp loads round r of a bf16 row (groups 32r .. 32r + 31, 4 KB),
-// coalesced: lane l holds words l + 32k (k < 8) of the round, 16 bytes each.
+// A round of bf16 input (4 KB) in shared memory; a warp of the LogFMT send
+// keeps two, one being encoded while the next one's copy is in flight.
+constexpr int kLogFmtRoundBytes = kWarpSize * 8 * 16;
+constexpr int kLogFmtSendSmem = kLLWarps * 2 * kLogFmtRoundBytes;  // dynamic shared memory of the LogFMT combine
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>  // wait until at most kPending of this thread's newest groups are in flight
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory"); }
+
+// A warp copies round r of a bf16 row (groups 32r .. 32r + 31) into slots
+// (kLogFmtRoundBytes of shared memory) asynchronously, coalesced: word p of
+// group g (16 bytes: channels 64g + 8p ..) lands in slot 8g + (p ^ (g % 8)),
+// so that the copies and each lane's reads of its own group are both free
+// of bank conflicts. The caller commits and waits.
 template <int kHidden>
-__device__ __forceinline__ void logfmt_load_round(int4 (&in)[8], const int4* row, int r, int lane) {
+__device__ __forceinline__ void logfmt_stage_round(int4* slots, const int4* row, int r, int lane) {
     const int words = logfmt_round_groups<kHidden>(r) * 8;
     const int4* src = row + r * kWarpSize * 8;
 #pragma unroll
-    for (int k = 0; k < 8; ++k)
-        if (k * kWarpSize + lane < words) in[k] = src[k * kWarpSize + lane];
+    for (int k = 0; k < 8; ++k) {
+        const int i = k * kWarpSize + lane, g = i / 8, p = i % 8;
+        if (i < words) cp_async_16(slots + 8 * g + (p ^ (g % 8)), src + i);
+    }
 }
 
-// ... then encodes it into bytes [2816r, 2816r + 88 * groups) of dst (the
-// encoded row, 16-byte aligned) and returns the bytes written. Lane g codes
-// group g, whose 8 words reach it through buf (kLogFmtWarpBytes of shared
-// memory) in two halves of 16 groups (2 KB each): word p of group g sits in
-// slot 8 (g % 16) + (p ^ (g % 8)), so the coalesced writes and each lane's
-// reads of its own group are both free of bank conflicts. Every value's work
-// is then the lane's own (no shuffles), so its 64 log2s are in flight
-// together; its 11 u64 words are staged in buf and stored coalesced.
-// Zero-copy mode encodes in place (dst is the row itself): round r reads
-// bytes [4096r, 4096r + 4096) and writes [2816r, 2816r + 2816), so once the
-// round is loaded, no write of this round or a later one touches bytes still
-// to be read.
+// ... then, once it is in, encodes it into bytes [2816r, 2816r + 88 * groups)
+// of dst (the encoded row, 16-byte aligned) and returns the bytes written.
+// Lane g codes group g: every value's work is the lane's own (no shuffles),
+// so its 64 log2s are in flight together; its 11 u64 words are staged in
+// slots (read out by then) and stored coalesced.
 template <int kHidden>
-__device__ __forceinline__ int logfmt_encode_round(char* dst, const int4 (&in)[8], char* buf, int lane, int r) {
+__device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int lane, int r) {
     const int groups = logfmt_round_groups<kHidden>(r);
-    int4* slots = reinterpret_cast<int4*>(buf);
     int4 raw[8];
+    if (lane < groups) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        if (half * 16 >= groups) break;  // warp-uniform
-        __syncwarp();  // the other half's reads (or the last round's stores) are done
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            const int k = 4 * half + kk, g = 4 * k + lane / 8, p = lane % 8;
-            if (g < groups) slots[8 * (g % 16) + (p ^ (g % 8))] = in[k];
-        }
-        __syncwarp();
-        if (lane / 16 == half && lane < groups) {
-#pragma unroll
-            for (int p = 0; p < 8; ++p) raw[p] = slots[8 * (lane % 16) + (p ^ (lane % 8))];
-        }
+        for (int p = 0; p < 8; ++p) raw[p] = slots[8 * lane + (p ^ (lane % 8))];
     }
-    __syncwarp();  // buf now stages the encoded words
-    unsigned long long* words = reinterpret_cast<unsigned long long*>(buf) + lane * (kLogFmtGroupBytes / 8);
+    __syncwarp();  // slots now stage the encoded words
+    unsigned long long* words = reinterpret_cast<unsigned long long*>(slots) + lane * (kLogFmtGroupBytes / 8);
     if (lane < groups) {
         float amax = 0.f, amin = __int_as_float(0x7f800000);
 #pragma unroll
@@ -840,21 +839,10 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, const int4 (&in)[8
         for (int i = 0; i < kLogFmtGroupBytes / 8; ++i) words[i] = w[i];
     }
     __syncwarp();
-    const int4* staged = reinterpret_cast<const int4*>(buf);
+    const int4* staged = slots;
     int4* out = reinterpret_cast<int4*>(dst + r * kWarpSize * kLogFmtGroupBytes);
     for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);
-    return groups * kLogFmtGroupBytes;  // the next round's first __syncwarp orders these reads of buf
-}
-
-// A warp encodes a whole row, round after round (in place too, see above).
-template <int kHidden>
-__device__ __forceinline__ void logfmt_encode_row(char* dst, const int4* src, char* buf, int lane) {
-#pragma unroll 1
-    for (int r = 0; r < logfmt_rounds(kHidden); ++r) {
-        int4 in[8];
-        logfmt_load_round<kHidden>(in, src, r, lane);
-        logfmt_encode_round<kHidden>(dst, in, buf, lane, r);
-    }
+    return groups * kLogFmtGroupBytes;
 }
 
 // Channels 8u .. 8u+7 of an encoded row: the group's logs and 10 bytes.
@@ -981,31 +969,31 @@ struct CombineCall {
     // busiest block ~2x the mean.) Each block numbers the units of kChunk
     // pairs at a time from layout_range alone, so every block deals the same
     // units; a rank masked since would change the count, so its units are
-    // dealt and skipped. A warp counts its units done in pair_done (zero
-    // between calls) a few at a time (PendingPairs); the warp that completes
-    // a pair's count sets its flag and zeroes the count. Zero-copy rows sent
-    // by put are encoded in place, so a unit there is a whole row (its rounds
-    // in order, see logfmt_encode_round).
+    // dealt and skipped. A warp's rounds are pipelined: the next one's copy
+    // into shared memory is in flight while this one is encoded. A warp
+    // counts its units done in pair_done (zero between calls) a few at a
+    // time (PendingPairs); the warp that completes a pair's count sets its
+    // flag and zeroes the count. Zero-copy rows sent by put are encoded in
+    // place, so a unit there is a whole row, its rounds in order: round r
+    // reads bytes [4096r, 4096r + 4096) and writes [2816r, 2816r + 2816), so
+    // no write of a round touches bytes a later round has still to read.
     __device__ __forceinline__ void send_logfmt(const int* s_mask) const {
         constexpr int kChunk = kLLThreads;  // a pair per thread
-        constexpr int kRounds = logfmt_rounds(kHidden);
+        constexpr int kRoundInt4 = kLogFmtRoundBytes / 16;
         const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
         const int num_warps = gridDim.x * kLLWarps;
         const int my_warp = warp * gridDim.x + blockIdx.x;  // a unit's next units go to other SMs
-        const int rows_per_expert = num_ranks * max_tokens;
-        __shared__ __align__(16) char s_logfmt[kLLWarps * kLogFmtWarpBytes];
+        extern __shared__ int4 s_rounds[];  // kLogFmtSendSmem: two rounds a warp
         __shared__ int s_units_before[kChunk + 1], s_warp_units[kLLWarps];
-        char* buf = s_logfmt + warp * kLogFmtWarpBytes;
+        int4* bufs = s_rounds + warp * 2 * kRoundInt4;
         PendingPairs done;
         int dealt = 0;  // units of earlier chunks, mod num_warps: where this chunk's dealing starts
         for (int first = 0; first < num_experts; first += kChunk) {
             // Units before each pair of the chunk: a block-wide prefix sum.
             const int p = first + threadIdx.x;  // [L][R]: p = le * R + dst
             int units = 0;
-            if (p < num_experts) {
-                const bool in_place = zero_copy && use_put(peers, p % num_ranks, force_put);
-                units = static_cast<int>(layout_range[p] & 0xffffffff) * (in_place ? 1 : kRounds);
-            }
+            if (p < num_experts)
+                units = static_cast<int>(layout_range[p] & 0xffffffff) * units_per_row(p % num_ranks);
             const int inclusive = warp_inclusive_sum(units, lane);
             __syncthreads();  // the previous chunk's sums are read
             if (lane == kWarpSize - 1) s_warp_units[warp] = inclusive;
@@ -1015,45 +1003,99 @@ struct CombineCall {
             s_units_before[threadIdx.x + 1] = before + inclusive;  // past the last pair: the total
             if (threadIdx.x == 0) s_units_before[0] = 0;
             __syncthreads();
-            const int num_pairs = min(kChunk, num_experts - first);
+            const LogFmtUnits chunk{s_units_before, first, min(kChunk, num_experts - first)};
             const int total = s_units_before[kChunk];
-            for (int u = (my_warp - dealt + num_warps) % num_warps; u < total; u += num_warps) {
-                int j = 0, past = num_pairs;  // s_units_before[j] <= u < s_units_before[past]
-                while (past - j > 1) {
-                    const int mid = (j + past) / 2;
-                    if (s_units_before[mid] <= u) j = mid; else past = mid;
+            // The warp's steps: (unit u, round r), r in [first_round, end_round) of u.
+            int u = (my_warp - dealt + num_warps) % num_warps, r = 0, b = 0;
+            if (u < total) r = stage_first_round(chunk, u, s_mask, bufs, lane);
+            cp_async_commit();
+            while (u < total) {
+                int j, unit;
+                chunk.find(u, j, unit);
+                const int pair = first + j, dst = pair % num_ranks;
+                const int rounds = rounds_per_unit(dst);
+                const long long row = chunk.row(this, pair, unit);
+                const bool put = use_put(peers, dst, force_put), skip = s_mask[dst];
+                // Stage the next step: the unit's next round, or the warp's next unit.
+                int next_u = u, next_r = r + 1;
+                __syncwarp();  // buffer b ^ 1 was last read by the step before this one
+                if (next_r == (rounds == 1 ? r + 1 : rounds)) {
+                    next_u = u + num_warps;
+                    if (next_u < total)
+                        next_r = stage_first_round(chunk, next_u, s_mask, bufs + (b ^ 1) * kRoundInt4, lane);
+                } else if (!skip) {
+                    logfmt_stage_round<kHidden>(bufs + (b ^ 1) * kRoundInt4,
+                                                reinterpret_cast<const int4*>(x + row * kHidden), next_r, lane);
                 }
-                const int pair = first + j;
-                const int le = pair / num_ranks, dst = pair % num_ranks;
-                const bool put = use_put(peers, dst, force_put);
-                const bool skip = s_mask[dst];
-                const int rounds = zero_copy && put ? 1 : kRounds;  // units per row
-                const int unit = u - s_units_before[j];
+                cp_async_commit();
+                cp_async_wait<1>();  // this step's round is in (this lane's copies)
+                __syncwarp();        // ... and every lane's
                 if (!skip) {
-                    const int begin = static_cast<int>(layout_range[pair] >> 32);
-                    const long long row = (long long)le * rows_per_expert + begin + unit / rounds;
                     const long long off =
                         off_area + ((long long)src_info[row] * kLLMaxTopk + recv_k[row]) * kRowBytes;
-                    const int4* src = reinterpret_cast<const int4*>(x + row * kHidden);
                     char* staged = local_base + off_send + row * kRowBytes;
-                    char* out_row = put ? staged : peers[dst] + off;
-                    if (rounds == 1) {
-                        logfmt_encode_row<kHidden>(out_row, src, buf, lane);
-                        if (put) warp_put(local_base, off, staged, logfmt_row_bytes(kHidden), dst);
-                    } else {
-                        const int r = unit % rounds;
-                        int4 in[8];
-                        logfmt_load_round<kHidden>(in, src, r, lane);
-                        const int bytes = logfmt_encode_round<kHidden>(out_row, in, buf, lane, r);
-                        const int at = r * kLogFmtWarpBytes;
-                        if (put) warp_put(local_base, off + at, staged + at, bytes, dst);
-                    }
+                    const int bytes = logfmt_encode_round<kHidden>(put ? staged : peers[dst] + off,
+                                                                   bufs + b * kRoundInt4, lane, r);
+                    const int at = r * kLogFmtWarpBytes;
+                    if (put && rounds == 1) warp_put(local_base, off + at, staged + at, bytes, dst);
+                    if (put && rounds > 1 && r == rounds - 1)
+                        warp_put(local_base, off, staged, logfmt_row_bytes(kHidden), dst);
                 }
-                if (done.add(pair, s_units_before[j + 1] - s_units_before[j], put && !skip)) count_done(done, s_mask, lane);
+                if (next_u != u && done.add(pair, chunk.units_of(j), put && !skip)) count_done(done, s_mask, lane);
+                u = next_u, r = next_r, b ^= 1;
             }
             dealt = (dealt + total) % num_warps;
         }
         count_done(done, s_mask, lane);
+    }
+
+    // A row encoded in place (zero-copy, sent by put) is one unit of a row's
+    // rounds; any other row is a row's rounds of one round each.
+    __device__ __forceinline__ bool in_place(int dst) const { return zero_copy && use_put(peers, dst, force_put); }
+    __device__ __forceinline__ int units_per_row(int dst) const {
+        return in_place(dst) ? 1 : logfmt_rounds(kHidden);
+    }
+    __device__ __forceinline__ int rounds_per_unit(int dst) const {
+        return in_place(dst) ? logfmt_rounds(kHidden) : 1;
+    }
+
+    // A chunk's units: units_before [num_pairs + 1] of pairs first, first + 1, ...
+    struct LogFmtUnits {
+        const int* units_before;
+        int first, num_pairs;
+        // Unit u is unit `unit` of the chunk's pair j.
+        __device__ __forceinline__ void find(int u, int& j, int& unit) const {
+            int past = num_pairs;  // units_before[j] <= u < units_before[past]
+            j = 0;
+            while (past - j > 1) {
+                const int mid = (j + past) / 2;
+                if (units_before[mid] <= u) j = mid; else past = mid;
+            }
+            unit = u - units_before[j];
+        }
+        __device__ __forceinline__ int units_of(int j) const { return units_before[j + 1] - units_before[j]; }
+        // The row [L][R*M] of a pair's unit.
+        __device__ __forceinline__ long long row(const CombineCall* call, int pair, int unit) const {
+            const int begin = static_cast<int>(call->layout_range[pair] >> 32);
+            return (long long)(pair / call->num_ranks) * call->num_ranks * call->max_tokens + begin +
+                   unit / call->units_per_row(pair % call->num_ranks);
+        }
+    };
+
+    // Stages unit u's first round into buf (nothing for a masked
+    // destination); returns the round.
+    __device__ __forceinline__ int stage_first_round(const LogFmtUnits& chunk, int u, const int* s_mask, int4* buf,
+                                                     int lane) const {
+        int j, unit;
+        chunk.find(u, j, unit);
+        const int pair = chunk.first + j, dst = pair % num_ranks;
+        const int rounds = rounds_per_unit(dst);
+        const int r = rounds == 1 ? unit % logfmt_rounds(kHidden) : 0;
+        if (!s_mask[dst]) {
+            const long long row = chunk.row(this, pair, unit);
+            logfmt_stage_round<kHidden>(buf, reinterpret_cast<const int4*>(x + row * kHidden), r, lane);
+        }
+        return r;
     }
 
     // A warp's units done, not yet counted: their pairs and the pairs' units.

@@ -39,6 +39,8 @@ from cupyep.layouts.low_latency import LL_MAX_EXPERTS, TRANSPORTS, LowLatencyLay
 from cupyep.layouts.sizing import MAX_RANKS
 
 _THREADS = 512  # kLLThreads in low_latency.cu
+# kLogFmtSendSmem: dynamic shared memory of a LogFMT combine, two 4 KB rounds a warp
+_LOGFMT_SEND_SMEM = (_THREADS // 32) * 2 * 4096
 DISPATCH_PARAMS, COMBINE_PARAMS = PARAMS["low_latency.dispatch"], PARAMS["low_latency.combine"]
 # Slots a call sets (the rest are fixed per shape and half). Dispatch: x,
 # topk_idx, num_tokens, num_topk; then its 8 arrays from recv_x on. Combine:
@@ -145,11 +147,11 @@ class GpuLowLatency:
         self.calls += 1
         return half
 
-    def _kernel(self, spec, num_args):
+    def _kernel(self, spec, num_args, shared_mem=0):
         """The loaded kernel (plans cache it: this runs once per shape)."""
         fn = self._kernels.get(spec)
         if fn is None:
-            fn = self._kernels[spec] = PackedKernel(spec, num_args)
+            fn = self._kernels[spec] = PackedKernel(spec, num_args, shared_mem)
         return fn
 
     # ------------------------------------------------------------------ #
@@ -243,18 +245,19 @@ class GpuLowLatency:
         holds ``outputs`` (what its half writes), so they are not handed out
         again before it has run, even if the caller drops them."""
         v = args.values
+        smem = fn.shared_mem
         if not return_recv_hook:
             v[phases] = 3
-            fn.launch_block(self.num_sms, _THREADS, args, stream.ptr)
+            fn.launch_block(self.num_sms, _THREADS, args, stream.ptr, smem)
             return None
         v[phases] = 1
-        fn.launch_block(self.num_sms, _THREADS, args, stream.ptr)
+        fn.launch_block(self.num_sms, _THREADS, args, stream.ptr, smem)
         v[phases] = 2
         mine = bytes(v)
 
         def receive(s, outputs=outputs):
             ctypes.memmove(v, mine, len(mine))
-            fn.launch_block(self.num_sms, _THREADS, args, s.ptr)
+            fn.launch_block(self.num_sms, _THREADS, args, s.ptr, smem)
         return self._hook(receive)
 
     def _hook(self, launch_recv):
@@ -278,7 +281,8 @@ class GpuLowLatency:
         be = self.be
         groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
         fn = self._kernel(kernel_specs.low_latency_combine(lay.hidden, use_logfmt, idx_type, self._nvshmem_build,
-                                                           self.source), len(COMBINE_PARAMS))
+                                                           self.source), len(COMBINE_PARAMS),
+                          _LOGFMT_SEND_SMEM if use_logfmt else 0)
         args = []
         for half in range(2):
             off = lay.offsets(half)
@@ -288,8 +292,8 @@ class GpuLowLatency:
                 num_ranks=be.num_ranks, local_base=self.sym.ptr, peers=self._peers_ptr,
                 force_put=self.transport == "nvshmem", zero_copy=0, off_flags=off["combine_flags"],
                 off_area=off["combine_area"], off_send=off["send_area"], num_groups=groups,
-                blocks_done=self._blocks_done_addr[half], pair_done=address(self._pair_done[half]), out=0, wait_stats=0, mask=self._mask_ptr,
-                shrink=self.shrink, phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
+                blocks_done=self._blocks_done_addr[half], pair_done=address(self._pair_done[half]), out=0,
+                wait_stats=0, mask=self._mask_ptr, shrink=self.shrink, phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
         send_areas = [self.sym.ptr + lay.offsets(half)["send_area"] for half in range(2)]
         tag_base = ll_call_tag(0, True, use_logfmt, lay.hidden, 1, lay.num_experts, lay.max_tokens)
         # The output is made for M tokens and the call's T rows are a view of it: one
