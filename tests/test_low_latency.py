@@ -334,10 +334,12 @@ def masked_everyone(everyone, masked, local):
     return out
 
 
-def test_masked_rank_is_left_out(buffer, backend, rng):
+@pytest.mark.parametrize("use_logfmt", [False, True])
+def test_masked_rank_is_left_out(buffer, backend, rng, use_logfmt):
     """Every rank masks the last rank: it receives nothing, sends nothing, and
-    the others' results are those of the remaining ranks; after cleaning the
-    mask a call includes it again."""
+    the others' results are those of the remaining ranks (a BF16 or a LogFMT
+    combine, whose send deals the masked rank's work and skips it); after
+    cleaning the mask a call includes it again."""
     m, h, local, k = 32, 2048, 3, 4
     num_experts = local * SIZE
     masked = [SIZE - 1]
@@ -355,10 +357,13 @@ def test_masked_rank_is_left_out(buffer, backend, rng):
         except AssertionError as e:
             error, y = e, np.zeros((local, SIZE * m, h), fp8.bfloat16)
         c = buffer.low_latency_combine(to_backend(y, backend), to_backend(idx, backend),
-                                       to_backend(w, backend), res.handle)
+                                       to_backend(w, backend), res.handle, use_logfmt=use_logfmt)
         if error is None:
             assert list(buffer.low_latency_query_mask_buffer()) == [int(r in masked) for r in range(SIZE)]
-            assert_close_bf16(to_host(c.combined_x), expected_combine(x, everyone[RANK][1], w), "masked combine")
+            if use_logfmt:
+                check_logfmt_result(to_host(c.combined_x), x, everyone[RANK][1], w, backend)
+            else:
+                assert_close_bf16(to_host(c.combined_x), expected_combine(x, everyone[RANK][1], w), "masked combine")
     except AssertionError as e:
         error = error or e
     finally:
@@ -442,7 +447,6 @@ def check_logfmt_combine(buffer, backend, rng, m, t, hidden, local, k, zero_copy
     """A dispatch of t random rows (top-k of local * SIZE experts) then a
     LogFMT combine of the dispatched rows, checked against the reference
     format and against the BF16 combine."""
-    from cupyep.formats import logfmt
     num_experts = local * SIZE
     x = random_rows(rng, t, hidden)
     idx = random_topk(rng, t, num_experts, k, drop=0.1)
@@ -457,9 +461,18 @@ def check_logfmt_combine(buffer, backend, rng, m, t, hidden, local, k, zero_copy
         y_in[...] = to_backend(y, backend)
     c = buffer.low_latency_combine(y_in, to_backend(idx, backend), to_backend(w, backend), res.handle,
                                    use_logfmt=True)
-    got = to_host(c.combined_x).astype(np.float32)
+    check_logfmt_result(to_host(c.combined_x), x, idx, w, backend)
+
+
+def check_logfmt_result(got, x, idx, w, backend):
+    """got [T, H]: the LogFMT combine of the rows x [T, H] sent to idx [T, K]
+    (each times expert_scale), weights w: within the format's resolution of
+    the sum of LogFMT-decoded rows (cupyep.formats.logfmt), and of the BF16
+    combine."""
+    from cupyep.formats import logfmt
+    got = got.astype(np.float32)
     want = np.zeros(got.shape, np.float32)
-    for kk in range(k):
+    for kk in range(idx.shape[1]):
         e = idx[:, kk]
         scale = np.array([expert_scale(v) for v in np.where(e >= 0, e, 0)], np.float32)
         rows = logfmt.quantize((x.astype(np.float32) * scale[:, None]).astype(fp8.bfloat16))
