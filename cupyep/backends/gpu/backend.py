@@ -85,8 +85,8 @@ class GpuBackend:
         self.err_host, err_host_ptr, self._err_mem = mapped_host_ints(ERR_WORDS)
         self.err_dev = cupy.zeros(ERR_WORDS, np.int32)
         self.err_dev[ERR_MIRROR:ERR_MIRROR + 2] = cupy.asarray(np.array([err_host_ptr], np.uint64).view(np.int32))
-        self._err_ptr = self.err_dev.data.ptr
-        self.info_host, self._info_ptr, self._info_mem = mapped_host_ints(sizing.MAX_LOCAL_EXPERTS + 3)
+        self.err_ptr = self.err_dev.data.ptr
+        self.info_host, self.info_ptr, self._info_mem = mapped_host_ints(sizing.MAX_LOCAL_EXPERTS + 3)
         # [0] blocks of a kernel done, [1] combine senders' work ticket.
         self.blocks_done = cupy.zeros(2, np.int32)
         self.layout_error = cupy.zeros(1, np.int32)
@@ -132,20 +132,22 @@ class GpuBackend:
         self.caller_stream = frontend.stream()
         return self.caller_stream
 
-    def _empty(self, key, shape, dtype, zero=False):
-        """An output of the call in progress, from the caller's framework
-        (cupyep.arrays.capture: CuPy callers' are kept while capturing)."""
+    def call_array(self, key, shape, dtype, zero=False):
+        """An array of the call in progress (an output or a routing table; the
+        backend's low-latency and inter-node parts make theirs here too), from
+        the caller's framework (cupyep.arrays.capture: CuPy callers' are kept
+        while capturing)."""
         return self._kept.get(key, shape, dtype, self._capturing, zero, alloc=self.frontend, stream=self.stream)
 
     def _kept_outputs(self, key, specs):
         """Outputs of a call on the caller's stream whose shapes repeat call after
         call ((shape, dtype) specs, None stays None; few kinds, so few sets are
         kept): torch callers' from the frontend's kept sets (handed out again
-        once dropped, cupyep.arrays.output_sets), else as :meth:`_empty` makes them."""
+        once dropped, cupyep.arrays.output_sets), else as :meth:`call_array` makes them."""
         fe = self.frontend
         if fe.recycles_outputs and not self._capturing:
             return fe.outputs(specs)[0]
-        return [None if sp is None else self._empty((key, i), *sp) for i, sp in enumerate(specs)]
+        return [None if sp is None else self.call_array((key, i), *sp) for i, sp in enumerate(specs)]
 
     def keep_for_stream(self, stream, cur, arrays):
         """torch arrays used on the communication stream: tell torch's allocator
@@ -249,7 +251,7 @@ class GpuBackend:
             found = self._layout_state[num_experts] = (specs, cupy.zeros(num_experts + r + nodes + 1, np.int32))
         specs, scratch = found
         per_rank, per_expert, per_node = self._kept_outputs("layout", specs)
-        in_rank = self._empty("in_rank", (t, r), np.bool_)
+        in_rank = self.call_array("in_rank", (t, r), np.bool_)
         launch(kernel_specs.layout_spec(index_type(topk_idx), k), (min(max(1, (t + 255) // 256), 132),), (256,),
                kernel_args("layout.get_dispatch_layout", topk_idx=topk_idx, num_tokens=t, num_experts=num_experts,
                            num_ranks=r, num_ranks_per_node=self.group.num_ranks_per_node,
@@ -289,23 +291,23 @@ class GpuBackend:
 
         call_tag = normal_call_tag(self.seq, "dispatch", scales is not None, topk_weights is not None, hidden, k,
                                    num_experts if topk_idx is not None else 1)
-        offsets = self._empty("offsets", r * c + 1, np.int32)
+        offsets = self.call_array("offsets", r * c + 1, np.int32)
         # The notify kernel writes all L counts when it has per-expert counts.
-        expert_counts = self._empty("expert_counts", max(local, 1), np.int32, zero=per_expert is None)
+        expert_counts = self.call_array("expert_counts", max(local, 1), np.int32, zero=per_expert is None)
         rdma_pos = rdma_recv_count = None
         if self.inter is not None:
             send_pos, rdma_pos, rdma_recv_count = self.inter.notify(
                 is_token_in_rank, t, c, per_expert, local, expert_alignment, lay_dev, rdma_dev,
                 offsets, expert_counts, call_tag)
         else:
-            send_pos = self._empty("send_pos", (t, r), np.int32)
+            send_pos = self.call_array("send_pos", (t, r), np.int32)
             spec = kernel_specs.intranode_notify(r, self.intranode_source)
             launch(spec, (c + 1,), (NOTIFY_THREADS,), kernel_args(
                 "intranode.notify_dispatch", is_token_in_rank=is_token_in_rank, num_tokens=t, num_channels=c,
                 num_tokens_per_expert=_ptr(per_expert), num_local_experts=local, expert_alignment=expert_alignment,
                 send_pos=send_pos, peers=self.nvl.peers, layout=lay_dev, rank=self.rank, counters=self.counters,
                 blocks_done=self.blocks_done, recv_channel_offset=offsets, recv_expert_counts=expert_counts,
-                host_info=self._info_ptr, layout_error=self.layout_error, err=self._err_ptr,
+                host_info=self.info_ptr, layout_error=self.layout_error, err=self.err_ptr,
                 timeout_ns=self.timeout_ns, call_tag=call_tag), stream=self.stream)
         if num_worst_tokens:
             n_rows, num_recv = num_worst_tokens, -1
@@ -325,17 +327,17 @@ class GpuBackend:
             counts = [int(v) for v in self.info_host[1:1 + local]] if topk_idx is not None else None
 
         fp8 = scales is not None
-        recv_x = self._empty("recv_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
-        recv_s = self._empty("recv_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
-        recv_idx = self._empty("recv_idx", (n_rows, k), np.int64) if k else None
-        recv_w = self._empty("recv_w", (n_rows, k), np.float32) if k else None
-        recv_src = self._empty("recv_src", n_rows, np.int32)
+        recv_x = self.call_array("recv_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
+        recv_s = self.call_array("recv_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
+        recv_idx = self.call_array("recv_idx", (n_rows, k), np.int64) if k else None
+        recv_w = self.call_array("recv_w", (n_rows, k), np.float32) if k else None
+        recv_src = self.call_array("recv_src", n_rows, np.int32)
         if self.inter is None:
             routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev)
             self._launch_dispatch(cfg, x, scales, topk_idx, topk_weights, send_pos, t, lay_dev,
                                   offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src)
         else:
-            fwd_slots = self._empty("fwd_slots", self.group.num_nodes * rdma_lay.max_tokens *
+            fwd_slots = self.call_array("fwd_slots", self.group.num_nodes * rdma_lay.max_tokens *
                                     self.group.num_ranks_per_node, np.int32)
             routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev, rdma_pos,
                                  rdma_recv_count, fwd_slots, rdma_dev)
@@ -360,7 +362,7 @@ class GpuBackend:
             rank=self.rank, num_local_experts=local, num_recv_capacity=n_rows, chunk_tokens=cfg.chunk_tokens,
             own_share_1024=round(1024 * own_rows_receiver_share(cfg, self.num_ranks)), recv_x=recv_x,
             recv_x_scales=_ptr(recv_s), recv_topk_idx=_ptr(recv_idx), recv_topk_weights=_ptr(recv_w),
-            recv_src_idx=recv_src, err=self._err_ptr, timeout_ns=self.timeout_ns), stream=self.stream)
+            recv_src_idx=recv_src, err=self.err_ptr, timeout_ns=self.timeout_ns), stream=self.stream)
 
     def _barrier(self, g: GpuRouting, call_tag):
         plan = g.plans.get("barrier")
@@ -368,7 +370,7 @@ class GpuBackend:
             plan = g.plans["barrier"] = ArgPlan(
                 "intranode.barrier", kernel_specs.intranode_barrier(self.num_ranks, self.intranode_source), 1, 32,
                 ("timeout_ns", "call_tag"), peers=self.nvl.peers, layout=g.layout_dev, rank=self.rank,
-                counters=self.counters, err=self._err_ptr)
+                counters=self.counters, err=self.err_ptr)
         plan.launch(self.stream.ptr, self.timeout_ns, call_tag)
 
     def _cached_dispatch_plan(self, g: GpuRouting, cfg, hidden_bytes, num_scales, n_rows, num_tokens):
@@ -385,7 +387,7 @@ class GpuBackend:
                 recv_channel_offset=g.recv_channel_offset, rank=self.rank, num_local_experts=0,
                 num_recv_capacity=n_rows, chunk_tokens=cfg.chunk_tokens,
                 own_share_1024=round(1024 * own_rows_receiver_share(cfg, self.num_ranks)),
-                recv_topk_idx=0, recv_topk_weights=0, err=self._err_ptr)
+                recv_topk_idx=0, recv_topk_weights=0, err=self.err_ptr)
         return plan
 
     def cached_dispatch(self, handle, x, scales, config, previous_event, async_finish):
@@ -405,9 +407,9 @@ class GpuBackend:
         hidden = x.shape[1]
         # Fresh outputs (not kept sets as in low-latency calls): their shapes change with every
         # dispatch's counts, and sets kept per shape would pin memory for shapes never seen again.
-        recv_x = self._empty("cached_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
-        recv_s = self._empty("cached_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
-        recv_src = self._empty("cached_src", n_rows, np.int32)
+        recv_x = self.call_array("cached_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
+        recv_s = self.call_array("cached_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
+        recv_src = self.call_array("cached_src", n_rows, np.int32)
         call_tag = normal_call_tag(self.seq, "cached_dispatch", fp8, False, x.shape[1])
         used = (x, scales, recv_x, recv_s, recv_src)  # kept alive for the communication stream (async_finish)
         if self.inter is not None:
@@ -436,8 +438,8 @@ class GpuBackend:
         if self.inter is not None:
             self.inter.claim()
         cur = self._begin(previous_event, async_finish)
-        out = self._empty("out", (t, hidden), bfloat16)  # fresh, as in cached_dispatch
-        out_w = self._empty("out_w", (t, k), np.float32) if k else None
+        out = self.call_array("out", (t, hidden), bfloat16)  # fresh, as in cached_dispatch
+        out_w = self.call_array("out_w", (t, k), np.float32) if k else None
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
         call_tag = normal_call_tag(self.seq, "combine", False, k > 0, hidden, k)
@@ -456,7 +458,7 @@ class GpuBackend:
                 send_pos=g.send_pos, recv_channel_offset=g.recv_channel_offset, num_tokens=t,
                 num_channels=g.num_channels, num_senders=combine_senders(cfg, self.num_ranks),
                 chunk_rows=cfg.combine_chunk_rows, peers=self.nvl.peers, layout=g.layout_dev, rank=self.rank,
-                counters=self.counters, scratch=self.blocks_done, err=self._err_ptr)
+                counters=self.counters, scratch=self.blocks_done, err=self.err_ptr)
         plan.launch(self.stream.ptr, _ptr(x), _ptr(topk_weights), _ptr(b0), _ptr(b1), _ptr(out), _ptr(out_w),
                     self.timeout_ns, call_tag)
         return CombineOut(out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w)))

@@ -79,9 +79,9 @@ class GpuInternode:
                expert_alignment, nvl_dev, rdma_dev, offsets, expert_counts, call_tag):
         """Launch notify_dispatch; returns (send_pos [T, R], rdma_pos [T, N], rdma_recv_count [N*C])."""
         be = self.be
-        send_pos = be._empty("send_pos", (num_tokens, be.num_ranks), np.int32)
-        rdma_pos = be._empty("rdma_pos", (num_tokens, self.num_nodes), np.int32)
-        rdma_recv_count = be._empty("rdma_recv_count", self.num_nodes * num_channels, np.int32)
+        send_pos = be.call_array("send_pos", (num_tokens, be.num_ranks), np.int32)
+        rdma_pos = be.call_array("rdma_pos", (num_tokens, self.num_nodes), np.int32)
+        rdma_recv_count = be.call_array("rdma_recv_count", self.num_nodes * num_channels, np.int32)
         spec = self._spec("notify_dispatch", ("kRanksPerNode", self.ranks_per_node))
         launch(spec, (num_channels + 1,), (NOTIFY_THREADS,), kernel_args(
             "internode.notify_dispatch", is_token_in_rank=is_token_in_rank, num_tokens=num_tokens,
@@ -89,8 +89,8 @@ class GpuInternode:
             expert_alignment=expert_alignment, send_pos=send_pos, rdma_pos=rdma_pos, nvl_layout=nvl_dev,
             rdma=self._sym().ptr, rdma_layout=rdma_dev, rank=be.rank, counters=be.counters,
             blocks_done=be.blocks_done, recv_channel_offset=offsets, rdma_recv_count=rdma_recv_count,
-            recv_expert_counts=expert_counts, host_info=be._info_ptr, layout_error=be.layout_error,
-            err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=call_tag), stream=be.stream)
+            recv_expert_counts=expert_counts, host_info=be.info_ptr, layout_error=be.layout_error,
+            err=be.err_ptr, timeout_ns=be.timeout_ns, call_tag=call_tag), stream=be.stream)
         return send_pos, rdma_pos, rdma_recv_count
 
     def dispatch(self, cfg, routing, x, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens,
@@ -111,14 +111,14 @@ class GpuInternode:
             fwd_slots=routing.fwd_slots if record_slots else 0, rank=be.rank, num_local_experts=local,
             num_recv_capacity=n_rows, chunk_tokens=cfg.chunk_tokens, recv_x=recv_x, recv_x_scales=_ptr(recv_s),
             recv_topk_idx=_ptr(recv_idx), recv_topk_weights=_ptr(recv_w), recv_src_idx=recv_src,
-            err=be._err_ptr, timeout_ns=be.timeout_ns), stream=be.stream)
+            err=be.err_ptr, timeout_ns=be.timeout_ns), stream=be.stream)
 
     def barrier(self, rdma_dev, call_tag):
         be = self.be
         threads = max(32, (be.num_ranks + 31) // 32 * 32)
         launch(self._spec("rdma_barrier"), (1,), (threads,), kernel_args(
             "internode.rdma_barrier", rdma=self._sym().ptr, layout=rdma_dev, rank=be.rank, counters=be.counters,
-            err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=call_tag), stream=be.stream)
+            err=be.err_ptr, timeout_ns=be.timeout_ns, call_tag=call_tag), stream=be.stream)
 
     def combine(self, cfg, routing, x, topk_weights, num_tokens, b0, b1, out, out_w):
         be = self.be
@@ -131,5 +131,5 @@ class GpuInternode:
             fwd_slots=routing.fwd_slots, num_tokens=num_tokens, num_channels=routing.num_channels,
             chunk_tokens=cfg.chunk_tokens, peers=be.nvl.peers, nvl_layout=routing.layout_dev,
             rdma=self._sym().ptr, rdma_layout=routing.rdma_layout_dev, rank=be.rank, bias0=_ptr(b0),
-            bias1=_ptr(b1), out=out, out_weights=_ptr(out_w), err=be._err_ptr, timeout_ns=be.timeout_ns),
+            bias1=_ptr(b1), out=out, out_weights=_ptr(out_w), err=be.err_ptr, timeout_ns=be.timeout_ns),
             stream=be.stream)

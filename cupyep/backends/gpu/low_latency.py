@@ -188,7 +188,7 @@ class GpuLowLatency:
                 force_put=self.transport == "nvshmem", off_flags=off["dispatch_flags"],
                 off_area=off["dispatch_area"], off_send=off["send_area"], finish_count=self._finish_ptr,
                 recv_done=self._recv_done_addr[half], **per_call, mask=self._mask_ptr, shrink=self.shrink,
-                phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
+                phases=0, err=be.err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
         tag_base = ll_call_tag(0, False, use_fp8, hidden, 1, num_experts, m)
         plan = self._plans[key] = (fn, lay, outputs, args, tag_base)
         return plan
@@ -293,7 +293,8 @@ class GpuLowLatency:
                 force_put=self.transport == "nvshmem", zero_copy=0, off_flags=off["combine_flags"],
                 off_area=off["combine_area"], off_send=off["send_area"], num_groups=groups,
                 blocks_done=self._blocks_done_addr[half], pair_done=address(self._pair_done[half]), out=0,
-                wait_stats=0, mask=self._mask_ptr, shrink=self.shrink, phases=0, err=be._err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
+                wait_stats=0, mask=self._mask_ptr, shrink=self.shrink, phases=0, err=be.err_ptr,
+                timeout_ns=be.timeout_ns, call_tag=0))
         send_areas = [self.sym.ptr + lay.offsets(half)["send_area"] for half in range(2)]
         tag_base = ll_call_tag(0, True, use_logfmt, lay.hidden, 1, lay.num_experts, lay.max_tokens)
         # The output is made for M tokens and the call's T rows are a view of it: one
@@ -395,7 +396,7 @@ class GpuLowLatency:
         fn.launch_block(1, MAX_RANKS, arg_block(
             "low_latency.barrier", slots=self._slots.ptr, peers=self._slots.peers.data.ptr,
             force_put=self.transport == "nvshmem", rank=be.rank, num_ranks=be.num_ranks,
-            seq=self._barrier_seq.data.ptr, mask=self._mask_ptr, shrink=self.shrink, err=be._err_ptr,
+            seq=self._barrier_seq.data.ptr, mask=self._mask_ptr, shrink=self.shrink, err=be.err_ptr,
             timeout_ns=be.timeout_ns), stream.ptr)
 
     # ---- rank masking: each ordered on the caller's stream -------------- #
