@@ -970,7 +970,9 @@ struct CombineCall {
     // pairs at a time from layout_range alone, so every block deals the same
     // units; a rank masked since would change the count, so its units are
     // dealt and skipped. A warp's rounds are pipelined: the next one's copy
-    // into shared memory is in flight while this one is encoded. A warp
+    // into shared memory is in flight while this one is encoded (this pays
+    // where the warp's own put follows each round; with stores, the SM's
+    // other warps hid the loads already). A warp
     // counts its units done in pair_done (zero between calls) a few at a
     // time (PendingPairs); the warp that completes a pair's count sets its
     // flag and zeroes the count. Zero-copy rows sent by put are encoded in
