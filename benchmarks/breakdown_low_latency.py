@@ -52,7 +52,7 @@ _PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
            "    if (phases & 2) call.receive(s_mask);"]
 # LogFMT combine (with --logfmt): encode, its per-value coding, its stores, decode.
 _LF_ROUNDS = "return min(kWarpSize, kHidden / 64 - r * kWarpSize);"
-_LF_CODE = "const float pos = fmaf(log2_approx(m), per_step, pos0);"
+_LF_CODE = "const float pos = fmaf(log2_approx(fabsf(x)), per_step, pos0);"
 _LF_STORE = "for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);"
 _LF_DECODE = "logfmt_decode8(in[b], f);"
 VARIANTS = {

@@ -730,6 +730,23 @@ __host__ __device__ constexpr int logfmt_row_bytes(int hidden) { return hidden /
 
 __host__ __device__ constexpr int logfmt_rounds(int hidden) { return (hidden / 64 + kWarpSize - 1) / kWarpSize; }
 
+// The encoder rounds a position p (0..510) into the low bits of the float
+// 1.5 * 2^23 + p (ties to even, as rintf); code p + 1 is those bits less
+// kLogFmtCodeBase, and a zero, code 0, is kLogFmtCodeBase itself.
+constexpr unsigned kLogFmtCodeBase = 0x4b400000u - 1;
+
+// What the encoder adds to word k (32 bits) of a group beyond the codes
+// themselves: kLogFmtCodeBase << shift for each code wholly inside word k.
+__host__ __device__ constexpr unsigned logfmt_code_base_sum(int k) {
+    unsigned sum = 0;
+    for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 8; ++j) {
+            const int at = 64 + 80 * i + 8 + 9 * j;
+            if (at / 32 == k && at % 32 <= 32 - 9) sum += kLogFmtCodeBase << (at % 32);
+        }
+    return sum;
+}
+
 // Groups of 64 channels in round r of a row: 32, fewer in the last round
 // (a multiple of 4, since kHidden % 256 == 0).
 template <int kHidden>
@@ -781,20 +798,29 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
         for (int p = 0; p < 8; ++p) raw[p] = slots[8 * lane + (p ^ (lane % 8))];
     }
     __syncwarp();  // slots now stage the encoded words
-    unsigned long long* words = reinterpret_cast<unsigned long long*>(slots) + lane * (kLogFmtGroupBytes / 8);
+    uint2* words = reinterpret_cast<uint2*>(slots) + lane * (kLogFmtGroupBytes / 8);
     if (lane < groups) {
-        float amax = 0.f, amin = __int_as_float(0x7f800000);
+        // |x|'s largest and smallest non-zero value, on the bf16 bits (magnitudes
+        // order as integers), two a word, three words an instruction: for the
+        // minimum a zero maps to 0xffff and m to m - 1 ((m + 0x7fff) ^ 0x8000:
+        // no carry crosses the halves, as m <= 0x7fff).
+        unsigned mx = 0, mn = 0xffffffffu;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            float f[8];
-            bf16x8_to_float(raw[i], f);
+            const unsigned v[4] = {(unsigned)raw[i].x, (unsigned)raw[i].y, (unsigned)raw[i].z,
+                                   (unsigned)raw[i].w};
+            unsigned m[4], n[4];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float m = fabsf(f[j]);
-                amax = fmaxf(amax, m);
-                if (m > 0.f) amin = fminf(amin, m);
+            for (int k = 0; k < 4; ++k) {
+                m[k] = v[k] & 0x7fff7fffu;
+                n[k] = (m[k] + 0x7fff7fffu) ^ 0x80008000u;
             }
+            mx = __vimax3_u16x2(__vimax3_u16x2(mx, m[0], m[1]), m[2], m[3]);
+            mn = __vimin3_u16x2(__vimin3_u16x2(mn, n[0], n[1]), n[2], n[3]);
         }
+        const unsigned amax_bits = max(mx >> 16, mx & 0xffffu), amin_less = min(mn >> 16, mn & 0xffffu);
+        const float amax = __uint_as_float(amax_bits << 16);
+        const float amin = amin_less == 0xffffu ? __int_as_float(0x7f800000) : __uint_as_float((amin_less + 1) << 16);
         const float log_amax = log2f(amax);
         const float log_amin = fmaxf(log2f(amin), __fsub_rn(log_amax, kLogFmtRange));
         const float range = __fsub_rn(log_amax, log_amin);
@@ -802,41 +828,42 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
         // (a code may differ by one step from the NumPy definition's quotient)
         const float per_step = range > 0.f ? __fdiv_rn(kLogFmtSteps, range) : 0.f;
         const float pos0 = -__fmul_rn(log_amin, per_step);
-        unsigned long long w[kLogFmtGroupBytes / 8];
-        w[0] = __float_as_uint(log_amax) | static_cast<unsigned long long>(__float_as_uint(log_amin)) << 32;
+        // The group's 88 bytes as 22 words: the two logs, then per 8 channels
+        // i 80 bits at bit 64 + 80i (8 sign bits, eight 9-bit codes).
+        unsigned w[kLogFmtGroupBytes / 4];
+        w[0] = __float_as_uint(log_amax);
+        w[1] = __float_as_uint(log_amin);
 #pragma unroll
-        for (int i = 1; i < kLogFmtGroupBytes / 8; ++i) w[i] = 0;
+        for (int k = 2; k < kLogFmtGroupBytes / 4; ++k) w[k] = 0u - logfmt_code_base_sum(k);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {  // 8 channels: 8 sign bits, then eight 9-bit codes
-            // Branch-free, so the 64 values' chains (MUFU latency) overlap.
+        for (int i = 0; i < 8; ++i) {
             const unsigned v[4] = {(unsigned)raw[i].x, (unsigned)raw[i].y, (unsigned)raw[i].z,
                                    (unsigned)raw[i].w};
-            unsigned long long lo = 0;  // the bf16 sign bits (bits 15 and 31 of each word)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) lo |= ((v[k] >> 15) & 1u) << (2 * k) | (v[k] >> 31) << (2 * k + 1);
-            unsigned hi = 0;
+            // the sign bits (15 and 31 of each word) to bits 0..7
+            const unsigned s = (v[0] >> 15 & 0x10001u) | (v[1] >> 13 & 0x40004u) | (v[2] >> 11 & 0x100010u) |
+                               (v[3] >> 9 & 0x400040u);
+            w[(64 + 80 * i) / 32] += ((s | s >> 15) & 0xffu) << (64 + 80 * i) % 32;  // bits no code uses
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                const float m = fabsf(__uint_as_float(j % 2 ? v[j / 2] & 0xffff0000u : v[j / 2] << 16));
+                // Branch-free, so the 64 values' chains (MUFU latency) overlap.
+                const float x = __uint_as_float(j % 2 ? v[j / 2] & 0xffff0000u : v[j / 2] << 16);
                 // log2(0) = -inf: pos is -inf or NaN, both clamp to 0; zero takes code 0 below
-                const float pos = fmaf(log2_approx(m), per_step, pos0);
+                const float pos = fmaf(log2_approx(fabsf(x)), per_step, pos0);
                 const float clamped = fminf(fmaxf(pos, 0.f), kLogFmtSteps);
-                // + (1.5 * 2^23 + 1) rounds to the nearest integer (ties to even,
-                // as rintf) plus one into the low bits: codes 1..511
-                const unsigned code = m > 0.f ? __float_as_uint(__fadd_rn(clamped, 12582913.f)) & 1023u : 0u;
-                if (j < 6) lo |= static_cast<unsigned long long>(code) << (8 + 9 * j);
-                else if (j == 6) { lo |= static_cast<unsigned long long>(code & 3) << 62; hi |= code >> 2; }
-                else hi |= code << 7;
+                const unsigned t =  // kLogFmtCodeBase + code
+                    fabsf(x) > 0.f ? __float_as_uint(__fadd_rn(clamped, 12582912.f)) : kLogFmtCodeBase;
+                const int at = 64 + 80 * i + 8 + 9 * j, k = at / 32, shift = at % 32;
+                if (shift <= 32 - 9) {
+                    w[k] += t << shift;  // kLogFmtCodeBase << shift was taken off w[k] above
+                } else {                 // the code spans two words
+                    const unsigned code = t - kLogFmtCodeBase;
+                    w[k] += code << shift;
+                    w[k + 1] += code >> (32 - shift);
+                }
             }
-            // these 80 bits sit at bit 64 + 80i of the group
-            constexpr int kShift[8] = {0, 16, 32, 48, 0, 16, 32, 48};
-            const int word = (64 + 80 * i) / 64, shift = kShift[i];
-            w[word] |= lo << shift;
-            if (shift) w[word + 1] |= lo >> (64 - shift);
-            w[word + 1] |= static_cast<unsigned long long>(hi) << shift;
         }
 #pragma unroll
-        for (int i = 0; i < kLogFmtGroupBytes / 8; ++i) words[i] = w[i];
+        for (int k = 0; k < kLogFmtGroupBytes / 8; ++k) words[k] = make_uint2(w[2 * k], w[2 * k + 1]);
     }
     __syncwarp();
     const int4* staged = slots;
@@ -962,7 +989,7 @@ struct CombineCall {
     }
 
     // The same with rows LogFMT-encoded. Encoding is the bound here (loads,
-    // then ~16 instructions a value), so the work is spread evenly over every
+    // then ~15 instructions a value), so the work is spread evenly over every
     // warp of the grid: a unit is a round of a row (32 groups of 64 channels;
     // rounds are independent), and the units of all pairs, in pair order,
     // are dealt to the grid's warps in turn. (Pairs dealt to blocks left the
