@@ -81,6 +81,10 @@ def test_low_latency_top_k_disagreement(quick_buffer, rng):
 
 def test_a_rank_that_does_not_come_times_out(quick_buffer, rng):
     x, idx, e = inputs(rng)
+    # The others must meet within the timeout for the late rank to be the one
+    # named (on an oversubscribed CPU a rank could otherwise start its call
+    # 2 s after another, which would then rightly name it).
+    COMM.Barrier()
     t0 = time.monotonic()
     if RANK == LAST:
         first = outcome(lambda: quick_buffer.dispatch(x, idx.astype(np.float32), num_experts=e))
