@@ -705,10 +705,10 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
 // LogFMT-10 (defined in cupyep/formats/logfmt.py): per 64 channels, fp32 log2 of the
 // largest and of the smallest non-zero magnitude (clipped to 32 octaves
 // below), then per 8 channels 10 bytes: 8 sign bits and eight 9-bit codes.
-// The fp32 steps use _rn intrinsics (no FMA contraction); log2, exp2 and the
-// step are MUFU approximations and products where the definition divides, so
-// a value may land one code away from NumPy's at a rounding boundary (the
-// tests bound the result against cupyep.formats.logfmt, not bit for bit).
+// The per-value steps are MUFU approximations of log2 and exp2 and FMAs with
+// products where the definition divides, so a value may land one code away
+// from NumPy's at a rounding boundary (the tests bound the result against
+// cupyep.formats.logfmt, not bit for bit).
 constexpr int kLogFmtGroupBytes = 88;
 // MUFU log2 / exp2 (relative error ~2^-22): a code or a decoded value may
 // move by one step at a rounding boundary, well inside LogFMT's own error.
@@ -787,8 +787,8 @@ __device__ __forceinline__ void logfmt_stage_round(int4* slots, const int4* row,
 // ... then, once it is in, encodes it into bytes [2816r, 2816r + 88 * groups)
 // of dst (the encoded row, 16-byte aligned) and returns the bytes written.
 // Lane g codes group g: every value's work is the lane's own (no shuffles),
-// so its 64 log2s are in flight together; its 11 u64 words are staged in
-// slots (read out by then) and stored coalesced.
+// so its 64 log2s are in flight together; its 88 bytes are staged in slots
+// (read out by then) and stored coalesced.
 template <int kHidden>
 __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int lane, int r) {
     const int groups = logfmt_round_groups<kHidden>(r);
