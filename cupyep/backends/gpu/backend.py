@@ -338,7 +338,7 @@ class GpuBackend:
                                   offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src)
         else:
             fwd_slots = self.call_array("fwd_slots", self.group.num_nodes * rdma_lay.max_tokens *
-                                    self.group.num_ranks_per_node, np.int32)
+                                        self.group.num_ranks_per_node, np.int32)
             routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev, rdma_pos,
                                  rdma_recv_count, fwd_slots, rdma_dev)
             self.inter.dispatch(cfg, routing, x, scales, topk_idx, topk_weights, is_token_in_rank, t,
