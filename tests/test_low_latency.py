@@ -5,8 +5,8 @@ import pytest
 from cupyep.formats import fp8
 
 from conftest import COMM, RANK, SIZE
-from helpers import (assert_close_bf16, bits, capture_graph, gather, graph_inputs, random_rows, random_topk,
-                     replay_and_check, to_backend, to_host)
+from helpers import (agree_all, assert_close_bf16, bits, capture_graph, gather, graph_inputs, random_rows,
+                     random_topk, replay_and_check, to_backend, to_host)
 
 
 def expert_scale(e):
@@ -153,6 +153,70 @@ def test_low_latency_hooks_zero_copy_out_and_stats(buffer, backend, transport, r
         got = to_host(waits)
         assert got.dtype == np.int64 and got.shape == (SIZE,) and (got >= 0).all()
         assert backend == "gpu" or not got.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hold", ["a slice", "a dtype view", "the handle"])
+def test_cupy_outputs_are_reused_only_once_dropped(buffer, backend, rng, hold):
+    """A CuPy caller's low-latency outputs come back (the same memory) once
+    every array of the call and every view of one is dropped, never while one
+    is held (what it holds stays intact) or on another stream; every call's
+    rows and sums checked."""
+    if backend != "gpu":
+        pytest.skip("output sets are the GPU backend's")
+    import cupy
+    m, h, num_experts, k = 32, 2048, 4 * SIZE, 4
+    local = num_experts // SIZE
+
+    def call():
+        x = random_rows(rng, m, h)
+        idx = random_topk(rng, m, num_experts, k, drop=0.1)
+        w = rng.random(idx.shape).astype(np.float32) + 0.5
+        everyone = gather(x, idx)
+        d = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                        use_fp8=False)
+        y = []
+        agree_all(lambda: y.append(check_dispatch(d, everyone, m, h, local, False, False, False)))
+        c = buffer.low_latency_combine(to_backend(y[0], backend), to_backend(idx, backend), to_backend(w, backend),
+                                       d.handle)
+        got = to_host(c.combined_x)
+        agree_all(lambda: assert_close_bf16(got, expected_combine(x, idx, w), "combined_x"))
+        return d, c
+
+    seen = set()
+    for _ in range(5):  # a decode loop: each step drops the last step's results
+        d, c = call()
+        seen.add(d.recv_x.data.ptr)
+    del d, c
+    first, _ = call()
+    ptr = first.recv_x.data.ptr
+    held = {"a slice": lambda r: r.recv_x[1:], "a dtype view": lambda r: r.recv_x.view(np.int16),
+            "the handle": lambda r: r.handle}[hold](first)
+    snapshot = cupy.asnumpy(first.handle.src_info if hold == "the handle" else first.recv_x)
+    del first
+    second, _ = call()
+    cupy.cuda.Device().synchronize()
+    now = cupy.asnumpy(held.src_info if hold == "the handle" else held)
+    intact = bool((now.view(np.uint8) == (snapshot[1:] if hold == "a slice" else snapshot).view(np.uint8)).all())
+    second_ptr = second.recv_x.data.ptr
+    del held, second
+    again, _ = call()
+    again_ptr = again.recv_x.data.ptr
+    del again
+    side = cupy.cuda.Stream(non_blocking=True)
+    with side:
+        on_side, _ = call()
+    side.synchronize()
+    side_ptr = on_side.recv_x.data.ptr
+    del on_side
+
+    def check():
+        assert len(seen) <= 2, f"a loop that drops its results used {len(seen)} output sets"
+        assert intact, f"{hold} the caller held was overwritten"
+        assert second_ptr != ptr, f"a set with {hold} held was handed out"
+        assert again_ptr in (ptr, second_ptr), "dropped sets were not reused"
+        assert side_ptr not in (ptr, second_ptr), "a set went to another stream"
+    agree_all(check)
 
 
 @pytest.mark.gpu

@@ -1,11 +1,18 @@
 """cupyep.arrays.output_sets: a set of outputs comes back only once nothing outside
-it refers to it (on the CPU with torch tensors; the GPU behaviour is in
-tests/test_torch_streams.py)."""
+it refers to it (on the CPU with torch tensors, and with stand-ins for CuPy
+arrays; the GPU behaviour is in tests/test_torch_streams.py and
+tests/test_low_latency.py)."""
 import pytest
 
+from cupyep.arrays import interop
 from cupyep.arrays.output_sets import OutputSets
 
-torch = pytest.importorskip("torch", reason="torch is not installed")
+try:
+    import torch
+except ImportError:
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
 
 
 def make_sets(depth=2):
@@ -21,6 +28,7 @@ def make_sets(depth=2):
     return sets, made
 
 
+@needs_torch
 def test_a_dropped_set_comes_back():
     sets, made = make_sets()
     a, _ = sets.take(stream=1)
@@ -32,6 +40,7 @@ def test_a_dropped_set_comes_back():
     assert b[1] is None and b[2].dtype == torch.float32
 
 
+@needs_torch
 @pytest.mark.parametrize("hold", ["the set", "one tensor", "a view", "a dtype view"])
 def test_a_held_set_is_not_handed_out(hold):
     sets, made = make_sets()
@@ -57,6 +66,7 @@ def test_a_held_set_is_not_handed_out(hold):
     assert sets.take(stream=1)[0][0].data_ptr() in made[:2] and len(made) == 2
 
 
+@needs_torch
 def test_a_set_is_reused_only_on_its_stream():
     sets, made = make_sets()
     a, _ = sets.take(stream=1)
@@ -65,6 +75,7 @@ def test_a_set_is_reused_only_on_its_stream():
     assert len(made) == 2, "a set made on stream 1 went to stream 2"
 
 
+@needs_torch
 def test_depth_bounds_the_kept_sets():
     sets, made = make_sets(depth=2)
     held = [sets.take(stream=1) for _ in range(3)]
@@ -79,6 +90,7 @@ def test_depth_bounds_the_kept_sets():
     assert len(made) == 4
 
 
+@needs_torch
 def test_depth_zero_keeps_nothing():
     sets, made = make_sets(depth=0)
     for _ in range(3):
@@ -86,6 +98,7 @@ def test_depth_zero_keeps_nothing():
     assert len(made) == 3 and len(sets) == 0
 
 
+@needs_torch
 def test_sets_held_for_good_do_not_stop_reuse():
     """Two sets the caller keeps forever (two results alive, say) fill the
     kept places; a later set takes the older one's place and is reused."""
@@ -95,3 +108,46 @@ def test_sets_held_for_good_do_not_stop_reuse():
         sets.take(stream=1)  # dropped at once
     assert len(made) == 3, f"{len(made)} sets made: the later calls were not served by one kept set"
     assert all(t[0][0].data_ptr() in made[:2] for t in held_for_good)
+
+
+class _Allocation:
+    """Stands in for CuPy's pooled memory."""
+
+
+class _Pointer:
+    """Stands in for cupy.cuda.MemoryPointer: an allocation and an address in it."""
+
+    def __init__(self, mem, offset):
+        self.mem, self.ptr = mem, 4096 + offset
+
+
+class _Array:
+    """Stands in for a CuPy array: its memory pointer is ``data``."""
+
+    def __init__(self, data):
+        self.data = data
+
+
+@pytest.mark.parametrize("hold", ["nothing", "the array", "its memory pointer (a view shares it)",
+                                  "a new pointer on the allocation (a slice makes one)"])
+def test_cupy_sets_come_back_only_once_nothing_refers_to_their_memory(hold):
+    """The CuPy frontend's counting (interop._cupy_storage): arrays, their
+    memory pointers and the allocation, each a way a view keeps the memory."""
+    made = []
+
+    def make():
+        mem = _Allocation()
+        made.append(mem)
+        return [_Array(_Pointer(mem, 0)), None, _Array(_Pointer(mem, 256))]
+
+    sets = OutputSets(make, interop._sum_of_refcounts, interop._cupy_storage, 2)
+    a, addresses = sets.take(stream=1)
+    assert addresses == (4096, 0, 4096 + 256) and a[1] is None
+    held = {"nothing": None, "the array": a[2], "its memory pointer (a view shares it)": a[2].data,
+            "a new pointer on the allocation (a slice makes one)": _Pointer(a[0].data.mem, 512)}[hold]
+    del a
+    b, _ = sets.take(stream=1)
+    assert len(made) == (1 if hold == "nothing" else 2)
+    del held, b
+    sets.take(stream=1)
+    assert len(made) == (1 if hold == "nothing" else 2), "a set nothing refers to was not handed out again"

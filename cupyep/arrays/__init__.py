@@ -1,4 +1,4 @@
 """How arrays of each framework come in and go out: frontends (streams,
-allocation, DLPack), torch output sets handed out again, and outputs kept
+allocation, DLPack), output sets handed out again (torch, CuPy), and outputs kept
 across CUDA graph capture.
 """

@@ -19,13 +19,16 @@ it) and FP8 as uint8, since CuPy has no float8 dtype.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
+from cupyep.arrays.capture import is_capturing
 from cupyep.arrays.output_sets import OutputSets
 from cupyep.errors import InvalidInputError
 from cupyep.formats.fp8 import bfloat16, float8_e4m3
 
+_refcount = sys.getrefcount
 _TORCH_TO_NUMPY = {}  # torch dtype -> NumPy dtype, filled on first use
 _NUMPY_TO_TORCH = {}
 
@@ -229,10 +232,13 @@ class DeviceFrontend:
 
     name = "cupy"
     keeps_outputs_in_capture = True  # CuPy has no graph pool: cupyep.arrays.capture keeps them
-    recycles_outputs = False  # see TorchFrontend.outputs
+    recycles_outputs = True  # output sets handed out again once dropped (cupyep.arrays.output_sets)
 
     def __init__(self, device_id: int):
         self.device_id = device_id
+        self._carvings = {}  # output specs -> carving()
+        self._output_sets = {}  # (output specs, fp8) -> OutputSets
+        self.kept_output_sets = int(os.environ.get("CUPYEP_KEPT_OUTPUT_SETS", "2"))
 
     def stream(self):
         """The caller's current stream, as a CuPy stream."""
@@ -255,13 +261,89 @@ class DeviceFrontend:
         import cupy
         return cupy.empty(shape, dtype)
 
+    def _carving(self, specs):
+        plan = self._carvings.get(specs)
+        if plan is None:
+            plan = self._carvings[specs] = carving(specs)
+        return plan
+
+    def empty_many(self, specs, fp8: bool = False):
+        """Arrays of ``specs`` ((shape, dtype) or None, a tuple) in one
+        allocation, each on a memory pointer of its own (what
+        :func:`_cupy_storage` counts). ``fp8`` is for torch (CuPy has no e4m3)."""
+        import cupy
+        total, parts = self._carving(specs)
+        mem = cupy.cuda.alloc(4 * total)
+        return [None if p is None else
+                cupy.ndarray(sp[0], sp[1], cupy.cuda.MemoryPointer(mem.mem, 4 * p[2]))
+                for sp, p in zip(specs, parts)]
+
+    def output_sets(self, specs, fp8: bool = False):
+        """The kept sets of one kind of outputs (made once per kind; callers
+        keep it per launch plan), or None where outputs are not recycled."""
+        if not self.recycles_outputs:
+            return None
+        sets = self._output_sets.get((specs, fp8))
+        if sets is None:
+            sets = self._output_sets[(specs, fp8)] = OutputSets(
+                lambda: self.empty_many(specs, fp8), *self._storage_counting(), self.kept_output_sets)
+        return sets
+
+    def _storage_counting(self):
+        """(use_count, storage_of) for OutputSets: references to a set's memory."""
+        return _sum_of_refcounts, _cupy_storage
+
+    def take_outputs(self, sets, stream):
+        """(outputs, their addresses) from ``sets`` (:meth:`output_sets`) for
+        a call on ``stream`` (the caller's, a CuPy stream); None while that
+        stream is captured (the caller then makes them as capture needs)."""
+        ptr = stream.ptr
+        if ptr and is_capturing(stream):  # the legacy default stream (0) is never captured
+            return None
+        return sets.take(ptr)
+
+    def outputs(self, specs, fp8: bool = False):
+        """(outputs of ``specs`` (as :meth:`empty_many`), their addresses) for a
+        call on the current stream: a set made earlier on it once the caller
+        has dropped it, new ones while it is captured (torch: from the graph's
+        pool; CuPy callers keep arrays per call instead, cupyep.arrays.capture)."""
+        got = self.take_outputs(self.output_sets(specs, fp8), self.stream())
+        if got is None:
+            out = self.empty_many(specs, fp8)
+            got = out, tuple(0 if t is None else _address(t) for t in out)
+        return got
+
+    def drop_kept_outputs(self) -> None:
+        """Forget the kept output sets (cupyep.arrays.output_sets); their
+        memory is freed once the caller drops them."""
+        for sets in self._output_sets.values():
+            sets.clear()
+
     def back(self, a, fp8: bool = False):
         """A result in the caller's framework (zero-copy)."""
         return from_cupy(a, self.name, fp8)
 
 
+def _sum_of_refcounts(objects) -> int:
+    return sum(map(_refcount, objects))
+
+
+def _cupy_storage(arrays) -> tuple:
+    """What refers to the memory of a set of CuPy arrays made by empty_many:
+    its allocation and each array's memory pointer. A view of one either
+    shares that pointer or makes a new one on the allocation; DLPack exports
+    and ``base`` chains refer to the arrays, which OutputSets counts itself."""
+    ptrs = tuple(a.data for a in arrays if a is not None)
+    return (ptrs[0].mem,) + ptrs
+
+
+def _address(a) -> int:
+    return a.data_ptr() if hasattr(a, "data_ptr") else a.data.ptr
+
+
 class JaxFrontend(DeviceFrontend):
     name = "jax"
+    recycles_outputs = False  # results leave as JAX arrays (DLPack): fresh each call
 
 
 class TorchFrontend(DeviceFrontend):
@@ -281,9 +363,6 @@ class TorchFrontend(DeviceFrontend):
         self._streams = {}  # raw stream -> CuPy ExternalStream
         self._f8 = torch.float8_e4m3fn
         self._dtypes = {}  # NumPy dtype (or type) -> torch dtype
-        self._carvings = {}  # output specs -> carving()
-        self._output_sets = {}  # (output specs, fp8) -> OutputSets
-        self.kept_output_sets = int(os.environ.get("CUPYEP_KEPT_OUTPUT_SETS", "2"))
         self._capturing = torch._C._cuda_isCurrentStreamCapturing
         _torch_dtypes()
 
@@ -316,10 +395,7 @@ class TorchFrontend(DeviceFrontend):
         one allocation: torch's allocator costs microseconds a call, a view
         one. They share its memory, freed once every one of them is dropped.
         ``fp8``: the first spec is uint8 holding e4m3; it comes as float8_e4m3fn."""
-        plan = self._carvings.get(specs)
-        if plan is None:
-            plan = self._carvings[specs] = carving(specs)
-        total, parts = plan
+        total, parts = self._carving(specs)
         flat = self._torch.empty(total, dtype=self._torch.int32, device=self._device)
         strided = self._torch.as_strided
         out = []
@@ -332,24 +408,16 @@ class TorchFrontend(DeviceFrontend):
                 out.append(t if dtype is None else t.view(dtype))
         return out
 
-    def outputs(self, specs, fp8: bool = False):
-        """(tensors of ``specs`` (as :meth:`empty_many`), their addresses) for
-        a call on the current stream: a set made earlier on this stream once
-        the caller has dropped it (cupyep.arrays.output_sets), new ones while the
-        stream is captured."""
-        if self._capturing():
-            out = self.empty_many(specs, fp8)
-            return out, tuple(0 if t is None else t.data_ptr() for t in out)
-        sets = self._output_sets.get((specs, fp8))
-        if sets is None:
-            sets = self._output_sets[(specs, fp8)] = OutputSets(
-                lambda: self.empty_many(specs, fp8), self._torch._C._storage_Use_Count,
-                _storage_handle, self.kept_output_sets)
-        return sets.take(self._raw_stream(self.device_id))
+    def _storage_counting(self):
+        return self._torch._C._storage_Use_Count, _storage_handle
 
-    def drop_kept_outputs(self) -> None:
-        """Stop keeping output sets for reuse (see :meth:`outputs`)."""
-        self._output_sets.clear()
+    def take_outputs(self, sets, stream):
+        # torch's capture test (one call, ~0.3 us), not CuPy's on an external
+        # stream; the legacy default stream (0) is never captured
+        ptr = stream.ptr
+        if ptr and self._capturing():
+            return None
+        return sets.take(ptr)
 
     def _torch_dtype(self, dtype):
         td = self._dtypes.get(dtype)

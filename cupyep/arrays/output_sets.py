@@ -1,20 +1,22 @@
-"""Output tensors handed out again once the caller has dropped them.
+"""Output arrays handed out again once the caller has dropped them.
 
-A low-latency call returns up to six tensors carved from one allocation. From
-Python each costs a torch call of 1-3 us (the allocation itself 2-6 us): more
-host time than the kernel launch, every decode step. So the torch frontend
-keeps the last few sets it made, per shape, and hands a set out again when
-nothing outside it refers to it any more: no Python reference to any of its
-tensors (their reference counts are back to what they were when the set was
-made) and no other tensor on its memory (the storage's use count likewise).
-That is the moment torch's caching allocator could reuse the memory too, and,
-as the allocator does, a set is reused only on the stream it was made on, so
-the caller's work on that stream that read it is ordered before the new
-writes. One difference: ``Tensor.record_stream`` on a returned tensor is not
-seen; keep a tensor that another stream reads alive until that work is done.
+A low-latency call returns up to six arrays carved from one allocation. From
+Python each costs a framework call of 1-3 us (the allocation itself 2-6 us):
+more host time than the kernel launch, every decode step. So the torch and
+CuPy frontends keep the last few sets they made, per kind, and hand a set out
+again when nothing outside it refers to it any more: no Python reference to
+any of its arrays (their reference counts are back to what they were when
+the set was made) and no other array on its memory (torch: the storage's use
+count; CuPy: references to the allocation and to each array's memory
+pointer). That is the moment the framework's allocator could reuse the
+memory too, and, as the allocator does, a set is reused only on the stream
+it was made on, so the caller's work on that stream that read it is ordered
+before the new writes. One difference: ``Tensor.record_stream`` on a returned
+tensor is not seen; keep a tensor that another stream reads alive until that
+work is done.
 
-Outputs made while the stream is captured into a CUDA graph always come
-fresh from the allocator (the graph's pool) and are not kept.
+Outputs made while the stream is captured into a CUDA graph never come from
+the kept sets (torch: fresh from the graph's pool; CuPy: cupyep.arrays.capture).
 """
 from __future__ import annotations
 
@@ -23,21 +25,28 @@ import sys
 _refcount = sys.getrefcount
 
 
-def _refs(tensors) -> list:
-    """Python reference counts of ``tensors`` (None: 0), measured the same way each time."""
-    return [0 if t is None else _refcount(t) for t in tensors]
+def _address(a) -> int:
+    """Device address of a torch tensor or a CuPy array."""
+    return a.data_ptr() if hasattr(a, "data_ptr") else a.data.ptr
+
+
+def _refsum(arrays) -> int:
+    """Python reference counts of ``arrays`` (no None), summed: a count
+    never falls below what it was when the set was made (the set holds each
+    array), so the sum is back to that only when every count is."""
+    return sum(map(_refcount, arrays))
 
 
 class OutputSets:
     """Up to ``depth`` sets of one kind of outputs, each on the stream it was made on.
 
     Args:
-        make: () -> tensors (None allowed; torch tensors or anything with
-            ``data_ptr()``) sharing one storage.
-        use_count: storage -> its use count (torch: ``torch._C._storage_Use_Count``
-            of ``untyped_storage()._cdata``).
+        make: () -> arrays (None allowed; torch tensors, or CuPy arrays)
+            sharing one allocation.
+        use_count: storage -> a count of what refers to it (torch:
+            ``torch._C._storage_Use_Count`` of ``untyped_storage()._cdata``).
         storage_of: a set -> the handle ``use_count`` takes (it must hold no
-            reference to the set's tensors).
+            reference to the set's arrays).
         depth: sets kept. When every kept set is held, a new one takes the
             place of the kept set made longest ago (which the caller keeps
             as long as it likes; it is only no longer tracked), so sets the
@@ -51,7 +60,8 @@ class OutputSets:
         self._use_count = use_count
         self._storage_of = storage_of
         self.depth = depth
-        # [tensors (a list), stream, storage handle, reference counts, use count, addresses]
+        # [arrays (a list), stream, storage handle, summed reference counts, use count, addresses,
+        #  the arrays that are not None]
         self._sets = []
         self._oldest = 0  # where the next new set goes once depth sets are kept
 
@@ -61,15 +71,16 @@ class OutputSets:
         one, kept in place of the oldest when depth sets are kept."""
         use_count = self._use_count
         for s in self._sets:
-            if s[1] == stream and use_count(s[2]) == s[4] and _refs(s[0]) == s[3]:
+            if s[1] == stream and use_count(s[2]) == s[4] and _refsum(s[6]) == s[3]:
                 return tuple(s[0]), s[5]
         # Kept in a list of our own (the caller gets a new tuple each time, so
         # holding it counts as holding its tensors), measured once made.
         tensors = list(self._make())
-        addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
+        addresses = tuple(0 if t is None else _address(t) for t in tensors)
         if self.depth > 0:
             storage = self._storage_of(tensors)
-            entry = [tensors, stream, storage, _refs(tensors), use_count(storage), addresses]
+            live = [t for t in tensors if t is not None]
+            entry = [tensors, stream, storage, _refsum(live), use_count(storage), addresses, live]
             if len(self._sets) < self.depth:
                 self._sets.append(entry)
             else:
