@@ -385,7 +385,8 @@ class Buffer:
         data = self._native(x, "x", fe)
         idx = self._native(topk_idx, "topk_idx", fe)
         m, num_ranks = num_max_dispatch_tokens_per_rank, self.group.size
-        validation.check_low_latency_dispatch(data, idx, m, num_experts, num_ranks, use_fp8, use_ue8m0, LL_MAX_TOPK)
+        t, hidden, k = validation.check_low_latency_dispatch(data, idx, m, num_experts, num_ranks, use_fp8,
+                                                             use_ue8m0, LL_MAX_TOPK)
         stats = waits = None
         if cumulative_local_expert_recv_stats is not None:
             stats = self._stats(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
@@ -395,11 +396,10 @@ class Buffer:
                                 num_ranks, fe)
         out = self._impl.low_latency_dispatch(data, idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
                                               async_finish, return_recv_hook, stats, waits)
-        (t, hidden), k = data.shape, idx.shape[1]
         h = LowLatencyHandle(self.buffer_id, out.call_id, m, hidden, num_experts, t, k, out.src_info,
                              out.layout_range, out.routing, fe.name)
         recv_x, scales, count = out.recv_x, out.recv_x_scales, out.recv_count
-        if not fe.recycles_outputs:  # torch's come as they are (e4m3 as float8_e4m3fn)
+        if not fe.recycles_outputs:  # recycled ones come as they are (torch: e4m3 as float8_e4m3fn)
             back = fe.back
             recv_x, scales, count = back(recv_x, fp8=use_fp8), back(scales), back(count)
         return LowLatencyDispatchResult(recv_x, scales, count, h, out.event, out.hook)

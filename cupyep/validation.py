@@ -137,18 +137,18 @@ def check_bias(bias, num_tokens: int, hidden: int) -> None:
 
 
 def check_low_latency_dispatch(x, topk_idx, m: int, num_experts: int, num_ranks: int, use_fp8: bool,
-                               use_ue8m0: bool, max_topk: int) -> None:
+                               use_ue8m0: bool, max_topk: int) -> tuple:
     """A low-latency dispatch's inputs: x [T, H] bf16, topk_idx [T, K]
-    int64/int32, both contiguous, 1 <= T <= m, 1 <= K <= max_topk. Each
-    shape is read once (a torch attribute read costs ~0.25 us); what fails
-    goes through the checks above for their messages."""
+    int64/int32, both contiguous, 1 <= T <= m, 1 <= K <= max_topk. Returns
+    (T, H, K). Each shape is read once (a torch attribute read costs ~0.25
+    us); what fails goes through the checks above for their messages."""
     xs, ks = x.shape, topk_idx.shape
     if (len(xs) == 2 and len(ks) == 2 and xs[0] == ks[0] and xs[0] <= m and m >= 1 and 1 <= ks[1] <= max_topk
             and xs[1] > 0 and xs[1] % FP8_GROUP == 0 and dtype_of(x) == bfloat16
             and dtype_of(topk_idx) in _INDEX_DTYPES and num_experts > 0 and num_experts % num_ranks == 0
             and not (use_ue8m0 and (not use_fp8 or xs[1] % 512)) and is_c_contiguous(x)
             and is_c_contiguous(topk_idx)):
-        return
+        return xs[0], xs[1], ks[1]
     check_bf16_rows(x)
     check_topk(topk_idx, None, xs[0])
     check_num_experts(num_experts, num_ranks)

@@ -412,7 +412,8 @@ def _ll_inputs(rng, t=8, h=512, k=4, e=16):
                                   "ue8m0 without fp8", "ue8m0 hidden % 512", "strided x", "strided ids", "no tokens"])
 def test_low_latency_dispatch_check_fast_path_agrees(rng, case):
     """check_low_latency_dispatch's one-expression fast path passes exactly
-    what its detailed checks pass: each bad case raises, the good ones return."""
+    what its detailed checks pass: each bad case raises, the good ones return
+    their (T, H, K)."""
     from cupyep import validation
     x, idx = _ll_inputs(rng)
     m, e, r, use_fp8, ue8m0 = 8, 16, 4, True, False
@@ -452,7 +453,7 @@ def test_low_latency_dispatch_check_fast_path_agrees(rng, case):
         x, idx = x[:0], idx[:0]
     check = lambda: validation.check_low_latency_dispatch(x, idx, m, e, r, use_fp8, ue8m0, 16)  # noqa: E731
     if case in ("good", "no tokens"):
-        assert check() is None
+        assert check() == (x.shape[0], x.shape[1], idx.shape[1])  # (T, H, K)
     else:
         with pytest.raises(cupyep.InvalidInputError):
             check()

@@ -59,6 +59,14 @@ class LowLatencyLayout:
     send_area: int
     half_bytes: int
 
+    def __post_init__(self):
+        # hashed once: every low-latency combine looks its launch plan up by its layout
+        object.__setattr__(self, "_hash", hash((self.max_tokens, self.hidden, self.num_ranks, self.num_experts,
+                                                self.half_bytes)))
+
+    def __hash__(self):
+        return self._hash
+
     def offsets(self, half: int) -> dict:
         """Kernel offsets for a call on ``half``."""
         flags = half * 2 * 8 * LL_MAX_EXPERTS

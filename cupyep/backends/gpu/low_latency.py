@@ -10,18 +10,19 @@ Peers reachable over NVLink are written with plain stores. The NVSHMEM-linked
 kernels put through NVSHMEM to peers without a mapping, or to every peer when
 ``transport='nvshmem'`` (or ``CUPYEP_LL_TRANSPORT=nvshmem``).
 
-Outputs come from the caller's framework. torch callers get a set of
-tensors made earlier on the same stream once they have dropped every tensor
-of it (cupyep.arrays.output_sets), else new ones from torch's caching allocator;
-inside ``torch.cuda.graph`` always new ones, from the graph's pool. CuPy
-callers get new arrays, except while the stream is being captured: then
-arrays the buffer keeps per half, so a replayed graph writes memory that
-stays valid; run each shape once outside capture first.
+Outputs come from the caller's framework. torch and CuPy callers get a set
+of arrays made earlier on the same stream once they have dropped every array
+of it (cupyep.arrays.output_sets), else new ones from the framework's
+allocator; JAX callers new ones. While the stream is captured into a CUDA
+graph: torch callers' are new, from the graph's pool; CuPy callers get arrays
+the buffer keeps per half, so a replayed graph writes memory that stays
+valid (run each shape once outside capture first).
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,15 +43,21 @@ _THREADS = 512  # kLLThreads in low_latency.cu
 # kLogFmtSendSmem: dynamic shared memory of a LogFMT combine, two 4 KB rounds a warp
 _LOGFMT_SEND_SMEM = (_THREADS // 32) * 2 * 4096
 DISPATCH_PARAMS, COMBINE_PARAMS = PARAMS["low_latency.dispatch"], PARAMS["low_latency.combine"]
-# Slots a call sets (the rest are fixed per shape and half). Dispatch: x,
-# topk_idx, num_tokens, num_topk; then its 8 arrays from recv_x on. Combine:
-# its 8 leading parameters; zero_copy, out, wait_stats. Both: phases, call_tag,
-# and the buffer's settings that may change between calls (shrink, timeout_ns).
-_D_X, _D_ARRAYS, _D_PHASES, _D_TAG, _D_SHRINK, _D_TIMEOUT = (
-    DISPATCH_PARAMS.index(n) for n in ("x", "recv_x", "phases", "call_tag", "shrink", "timeout_ns"))
-_C_X, _C_ZERO_COPY, _C_OUT, _C_PHASES, _C_TAG, _C_SHRINK, _C_TIMEOUT = (
-    COMBINE_PARAMS.index(n) for n in ("x", "zero_copy", "out", "phases", "call_tag", "shrink", "timeout_ns"))
+# Slots a call sets (the rest are fixed per shape and half), written with
+# struct (one pack per run of adjacent slots: a slot set from Python costs as
+# much as a pack of eight). Dispatch: x, topk_idx, num_tokens, num_topk; its 8
+# arrays from recv_x on. Combine: its 8 leading parameters; zero_copy; out and
+# wait_stats. Both: phases, and the buffer's settings that may change between
+# calls (shrink; timeout_ns with call_tag).
+_D_X, _D_ARRAYS, _D_PHASES, _D_SHRINK, _D_TIMEOUT = (
+    DISPATCH_PARAMS.index(n) for n in ("x", "recv_x", "phases", "shrink", "timeout_ns"))
+_C_X, _C_ZERO_COPY, _C_OUT, _C_PHASES, _C_SHRINK, _C_TIMEOUT = (
+    COMBINE_PARAMS.index(n) for n in ("x", "zero_copy", "out", "phases", "shrink", "timeout_ns"))
+assert DISPATCH_PARAMS[_D_X:_D_X + 4] == ("x", "topk_idx", "num_tokens", "num_topk")
 assert DISPATCH_PARAMS[_D_ARRAYS:_D_ARRAYS + 8][-1] == "wait_stats" and COMBINE_PARAMS[_C_OUT + 1] == "wait_stats"
+assert COMBINE_PARAMS[_C_X:_C_X + 8][-1] == "num_topk"
+assert DISPATCH_PARAMS[_D_TIMEOUT + 1] == COMBINE_PARAMS[_C_TIMEOUT + 1] == "call_tag"
+_PACK2, _PACK4, _PACK8 = (struct.Struct(f"<{n}q").pack_into for n in (2, 4, 8))
 
 
 def arg_block(kernel: str, **values) -> ArgBlock:
@@ -68,6 +75,20 @@ class GpuLowLatencyState:
     src_info_ptr: int
     layout_range_ptr: int
     recv_k_ptr: int
+
+
+class _Plan:
+    """A low-latency call of one shape: its kernel, its argument blocks per
+    half with all but the per-call slots set, its output kinds and, per
+    caller framework, their kept sets (made once per shape: every decode
+    step takes this path)."""
+
+    __slots__ = ("fn", "layout", "args", "tag_base", "specs", "fp8", "sets", "send_areas")
+
+    def __init__(self, fn, layout, args, tag_base, specs, fp8=False, send_areas=None):
+        self.fn, self.layout, self.args, self.tag_base = fn, layout, args, tag_base
+        self.specs, self.fp8, self.send_areas = specs, fp8, send_areas
+        self.sets = {}  # frontend -> its OutputSets of these outputs (None: not recycled)
 
 
 class GpuLowLatency:
@@ -155,15 +176,8 @@ class GpuLowLatency:
         return fn
 
     # ------------------------------------------------------------------ #
-    def _dispatch_plan(self, m, hidden, num_experts, use_fp8, round_scale, use_ue8m0, idx_type):
-        """What a dispatch of these shapes needs besides its arrays: the
-        kernel, the outputs' shapes and, per half, its arguments but the
-        per-call ones (made once per shape: this is every decode step's path)."""
-        key = ("d", m, hidden, num_experts, use_fp8, round_scale or use_ue8m0, use_ue8m0, idx_type,
-               self.transport, self.source)
-        plan = self._plans.get(key)
-        if plan is not None:
-            return plan
+    def _dispatch_plan(self, key, m, hidden, num_experts, use_fp8, round_scale, use_ue8m0, idx_type):
+        """The :class:`_Plan` of a dispatch of these shapes, kept under ``key``."""
         be, r = self.be, self.be.num_ranks
         lay = self._layout(m, hidden, num_experts)
         local, rows = num_experts // r, r * m
@@ -190,21 +204,29 @@ class GpuLowLatency:
                 recv_done=self._recv_done_addr[half], **per_call, mask=self._mask_ptr, shrink=self.shrink,
                 phases=0, err=be.err_ptr, timeout_ns=be.timeout_ns, call_tag=0))
         tag_base = ll_call_tag(0, False, use_fp8, hidden, 1, num_experts, m)
-        plan = self._plans[key] = (fn, lay, outputs, args, tag_base)
+        plan = self._plans[key] = _Plan(fn, lay, args, tag_base, outputs, use_fp8)
         return plan
 
-    def _outputs(self, key, specs, stream, fp8=False):
-        """(arrays of the given (shape, dtype) specs (None stays None), their
-        addresses), from the caller's framework: torch callers' recycled once
-        dropped (cupyep.arrays.output_sets); CuPy callers' kept per key while
-        ``stream`` is captured. ``fp8``: the first is e4m3 (torch:
-        float8_e4m3fn, others: uint8)."""
+    def _outputs(self, plan: _Plan, key, stream):
+        """(the call's outputs (None stays None), their addresses), from the
+        caller's framework: a kept set once the caller dropped it
+        (cupyep.arrays.output_sets), else new; while ``stream`` is captured,
+        torch callers' from the graph's pool and CuPy callers' kept per
+        ``key`` (cupyep.arrays.capture)."""
         fe = self.be.frontend
-        if fe.recycles_outputs:
-            return fe.outputs(specs, fp8)
+        sets = plan.sets.get(fe, plan)  # the plan itself: not looked up yet
+        if sets is plan:
+            sets = plan.sets[fe] = fe.output_sets(plan.specs, plan.fp8)
+        if sets is not None:
+            got = fe.take_outputs(sets, self.be.caller_stream)
+            if got is not None:
+                return got
+        specs = plan.specs
         if fe.keeps_outputs_in_capture and is_capturing(stream):
             outs = [None if sp is None else self._kept.get(key + (i,), sp[0], sp[1], True, alloc=fe)
                     for i, sp in enumerate(specs)]
+        elif fe.recycles_outputs:
+            outs = fe.empty_many(specs, plan.fp8)
         else:
             outs = [None if sp is None else fe.empty(*sp) for sp in specs]
         return outs, tuple(address(a) for a in outs)
@@ -216,26 +238,29 @@ class GpuLowLatency:
         k = topk_idx.shape[1]
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
-        fn, lay, specs, half_args, tag_base = self._dispatch_plan(
-            m, hidden, num_experts, use_fp8, round_scale, use_ue8m0, index_type(topk_idx))
-        self.claim("low-latency")
+        key = ("d", m, hidden, num_experts, use_fp8, round_scale or use_ue8m0, use_ue8m0, topk_idx.dtype,
+               self.transport, self.source)
+        plan = self._plans.get(key) or self._dispatch_plan(key, m, hidden, num_experts, use_fp8, round_scale,
+                                                           use_ue8m0, index_type(topk_idx))
+        if self.user != "low-latency":
+            self.claim("low-latency")
         be.check_errors()
         stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
         half = self._next_half()
-        outs, addresses = self._outputs(("d", half, id(specs)), specs, stream, use_fp8)
-        recv_x, recv_s, recv_count, src_info, layout_range, recv_k = outs
-        args = half_args[half]
+        outs, addresses = self._outputs(plan, ("d", half, id(plan)), stream)
+        args = plan.args[half]
         v = args.values
-        v[_D_X:_D_X + 4] = (address(x), address(topk_idx), t, k)
-        v[_D_ARRAYS:_D_ARRAYS + 8] = (*addresses, 0 if cumulative_stats is None else address(cumulative_stats),
-                                      0 if wait_stats is None else address(wait_stats))
-        v[_D_TAG] = with_call(tag_base, be.seq, k)
-        v[_D_SHRINK], v[_D_TIMEOUT] = self.shrink, be.timeout_ns
-        hook = self._send_then_receive(fn, stream, return_recv_hook, args, _D_PHASES, outs)
+        _PACK4(v, 8 * _D_X, address(x), address(topk_idx), t, k)
+        _PACK8(v, 8 * _D_ARRAYS, *addresses, 0 if cumulative_stats is None else address(cumulative_stats),
+               0 if wait_stats is None else address(wait_stats))
+        v[_D_SHRINK] = self.shrink
+        _PACK2(v, 8 * _D_TIMEOUT, be.timeout_ns, with_call(plan.tag_base, be.seq, k))
+        hook = self._send_then_receive(plan.fn, stream, return_recv_hook, args, _D_PHASES, outs)
         if stream is not cur:
             be.keep_for_stream(stream, cur, (x, topk_idx, *outs))
+        recv_x, recv_s, recv_count, src_info, layout_range, recv_k = outs
         return LowLatencyDispatchOut(recv_x, recv_s, recv_count, src_info, layout_range,
-                                     GpuLowLatencyState(recv_k, lay, *addresses[3:]), self.calls,
+                                     GpuLowLatencyState(recv_k, plan.layout, *addresses[3:]), self.calls,
                                      be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), hook)
 
     def _send_then_receive(self, fn, stream, return_recv_hook, args, phases, outputs):
@@ -273,11 +298,8 @@ class GpuLowLatency:
             launch_recv(frontend.stream())
         return hook
 
-    def _combine_plan(self, lay, use_logfmt, idx_type):
-        key = ("c", lay, use_logfmt, idx_type, self.transport, self.source)
-        plan = self._plans.get(key)
-        if plan is not None:
-            return plan
+    def _combine_plan(self, key, lay, use_logfmt, idx_type):
+        """The :class:`_Plan` of a combine on ``lay``, kept under ``key``."""
         be = self.be
         groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
         fn = self._kernel(kernel_specs.low_latency_combine(lay.hidden, use_logfmt, idx_type, self._nvshmem_build,
@@ -298,27 +320,29 @@ class GpuLowLatency:
         send_areas = [self.sym.ptr + lay.offsets(half)["send_area"] for half in range(2)]
         tag_base = ll_call_tag(0, True, use_logfmt, lay.hidden, 1, lay.num_experts, lay.max_tokens)
         # The output is made for M tokens and the call's T rows are a view of it: one
-        # kind of output per layout, whatever T each decode step has (torch callers'
-        # kept output sets are per kind, cupyep.arrays.output_sets).
+        # kind of output per layout, whatever T each decode step has (kept output
+        # sets are per kind, cupyep.arrays.output_sets).
         out_specs = (((lay.max_tokens, lay.hidden), bfloat16),)
-        plan = self._plans[key] = (fn, args, send_areas, tag_base, out_specs)
+        plan = self._plans[key] = _Plan(fn, lay, args, tag_base, out_specs, send_areas=send_areas)
         return plan
 
     def combine(self, x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
                 use_logfmt=False, wait_stats=None):
-        self.claim("low-latency")
+        if self.user != "low-latency":
+            self.claim("low-latency")
         be = self.be
         st: GpuLowLatencyState = handle.state
         lay = st.layout
         t, k = topk_idx.shape
         if async_finish and return_recv_hook:
             raise InvalidInputError("async_finish and return_recv_hook cannot be combined")
-        fn, half_args, send_areas, tag_base, out_specs = self._combine_plan(lay, use_logfmt, index_type(topk_idx))
+        key = ("c", lay, use_logfmt, topk_idx.dtype, self.transport, self.source)
+        plan = self._plans.get(key) or self._combine_plan(key, lay, use_logfmt, index_type(topk_idx))
         be.check_errors()
         stream, cur = be.streams.begin(be.caller_stream, None, async_finish)
         half = self._next_half()
         x_ptr = address(x)
-        zero_copy = x_ptr == send_areas[half]
+        zero_copy = x_ptr == plan.send_areas[half]
         if not zero_copy and self.sym.ptr <= x_ptr < self.sym.ptr + self.num_rdma_bytes:
             self.calls -= 1  # nothing launched: the call sequence stays where it was
             raise InvalidInputError(
@@ -326,21 +350,20 @@ class GpuLowLatency:
                 "area this call reads; take it from get_next_low_latency_combine_buffer() after the "
                 "dispatch and before any other low-latency call")
         if out is None:
-            (out,), (out_ptr,) = self._outputs(("c", half), out_specs, stream)
+            (out,), (out_ptr,) = self._outputs(plan, ("c", half), stream)
             if t < lay.max_tokens:
                 out = out[:t]
         else:
             out_ptr = address(out)
-        args = half_args[half]
+        args = plan.args[half]
         v = args.values
-        v[_C_X:_C_X + 8] = (x_ptr, st.src_info_ptr, st.recv_k_ptr, st.layout_range_ptr,
-                            address(topk_idx), address(topk_weights), t, k)
+        _PACK8(v, 8 * _C_X, x_ptr, st.src_info_ptr, st.recv_k_ptr, st.layout_range_ptr,
+               address(topk_idx), address(topk_weights), t, k)
         v[_C_ZERO_COPY] = zero_copy
-        v[_C_OUT] = out_ptr
-        v[_C_OUT + 1] = 0 if wait_stats is None else address(wait_stats)
-        v[_C_TAG] = with_call(tag_base, be.seq, k)
-        v[_C_SHRINK], v[_C_TIMEOUT] = self.shrink, be.timeout_ns
-        hook = self._send_then_receive(fn, stream, return_recv_hook, args, _C_PHASES, out)
+        _PACK2(v, 8 * _C_OUT, out_ptr, 0 if wait_stats is None else address(wait_stats))
+        v[_C_SHRINK] = self.shrink
+        _PACK2(v, 8 * _C_TIMEOUT, be.timeout_ns, with_call(plan.tag_base, be.seq, k))
+        hook = self._send_then_receive(plan.fn, stream, return_recv_hook, args, _C_PHASES, out)
         if stream is not cur:
             be.keep_for_stream(stream, cur, (x, topk_idx, topk_weights, out))
         return LowLatencyCombineOut(out, be.streams.end(stream, cur, async_finish, be.frontend.stream_ptr), hook)
