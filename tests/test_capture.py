@@ -57,4 +57,6 @@ def test_graph_pool_allocators_are_not_kept(numpy_as_cupy):
 
 def test_is_capturing_tolerates_streams_without_the_query():
     assert is_capturing(object()) is False
-    assert is_capturing(types.SimpleNamespace(is_capturing=lambda: True)) is True
+    assert is_capturing(types.SimpleNamespace(ptr=1, is_capturing=lambda: True)) is True
+    # the legacy default stream is never captured, so it is not asked
+    assert is_capturing(types.SimpleNamespace(ptr=0, is_capturing=lambda: True)) is False

@@ -17,9 +17,10 @@ import numpy as np
 
 
 def is_capturing(stream) -> bool:
-    """True while ``stream`` (a CuPy stream) is being captured into a graph."""
+    """True while ``stream`` (a CuPy stream) is being captured into a graph.
+    The legacy default stream (address 0) never is: no driver query for it."""
     try:
-        return bool(stream.is_capturing())
+        return bool(stream.ptr) and bool(stream.is_capturing())
     except Exception:
         return False
 

@@ -297,10 +297,9 @@ class DeviceFrontend:
         """(outputs, their addresses) from ``sets`` (:meth:`output_sets`) for
         a call on ``stream`` (the caller's, a CuPy stream); None while that
         stream is captured (the caller then makes them as capture needs)."""
-        ptr = stream.ptr
-        if ptr and is_capturing(stream):  # the legacy default stream (0) is never captured
+        if is_capturing(stream):
             return None
-        return sets.take(ptr)
+        return sets.take(stream.ptr)
 
     def outputs(self, specs, fp8: bool = False):
         """(outputs of ``specs`` (as :meth:`empty_many`), their addresses) for a
