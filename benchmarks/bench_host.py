@@ -6,16 +6,22 @@ What a serving loop feels: for every call, (1) the host time of one call with
 the GPU idle (``perf_counter`` around the call, the ranks lined up by a
 barrier and the device synchronised before each; the call returns once its
 kernels are queued, except a normal dispatch without ``num_worst_tokens``,
-which waits for the counts of its notify kernel), (2) the time per call of a
+which waits for the counts of its notify kernel), (2) the host time of one
+call while the GPU is busy (calls queued behind a spin kernel that outlasts
+them, each timed alone, median; not for the calls that wait for counts): the
+host's own cost, with no idle device to wake, (3) the time per call of a
 back-to-back loop of calls (queued without synchronising; the last one
-waited for), and (3) the kernel time of the same call from the CUDA profiler.
-When (2) is close to (3) the host cost hides behind the kernels.
+waited for), and (4) the kernel time of the same call from the CUDA profiler.
+When (3) is close to (4) the host cost hides behind the kernels.
 
 ``--stages`` (torch, one rank): where a low-latency call's host time goes,
 each piece timed alone in a tight loop of 2000 (so with warm caches, unlike
-(1)): the outputs (one torch allocation carved into views), the validation,
-the stream lookup, one launch from a packed argument block, and the whole
-calls timed the same way; what the pieces leave is Python bookkeeping.
+(1)): the outputs (one torch allocation carved into views, or a kept set),
+the frontend and stream, the validation, the launch plan's lookup, the
+argument slots, the result objects, one launch from a packed argument
+block, and the whole calls timed the same way (a dispatch's tight loop is
+bound by its kernel once the host is faster); what the pieces leave is
+Python's calls between them.
 ``--profile N``: Python's cProfile around N calls of each call in a
 tight loop, the functions that take most per call (their own and cumulative
 us, profiled: cProfile inflates small functions ~2-3x; compare within a run),
@@ -41,7 +47,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX beside to
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
 from cupyep.formats import fp8  # noqa: E402
-from cupyep.bench import experts_for_ranks, profiled_kernels  # noqa: E402
+from cupyep.bench import busy_for, experts_for_ranks, profiled_kernels  # noqa: E402
 
 
 def host_us(call, iters, group):
@@ -51,6 +57,22 @@ def host_us(call, iters, group):
     for _ in range(iters):
         cupy.cuda.Device().synchronize()
         group.comm.Barrier()
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e6)
+    cupy.cuda.Device().synchronize()
+    return statistics.median(times)
+
+
+def queued_us(call, iters, group):
+    """Median host time (us) of one call while the GPU is busy: ``iters``
+    calls queued behind a spin kernel (150 us a call, so it outlasts them)."""
+    import cupy
+    cupy.cuda.Device().synchronize()
+    group.comm.Barrier()
+    busy_for(150 * iters)
+    times = []
+    for _ in range(iters):
         t0 = time.perf_counter()
         call()
         times.append((time.perf_counter() - t0) * 1e6)
@@ -165,18 +187,35 @@ def tight_us(call, n=2000):
 def stage_rows(buf, arrays, args):
     """(piece, us) of a low-latency call from torch, each piece alone."""
     import torch
-    from cupyep import validation
-    from cupyep import jit
+    from cupyep import jit, validation
+    from cupyep.backends.gpu import low_latency as gpu_ll
+    from cupyep.backends.gpu.call_tags import with_call
+    from cupyep.backends.interface import LowLatencyDispatchOut
+    from cupyep.types import LowLatencyDispatchResult, LowLatencyHandle
     x, idx, w, y = arrays
     m, e = args.ll_tokens, args.ll_experts
     d = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
     buf.low_latency_combine(y, idx, w, d.handle)
-    fe = buf._frontends["torch"]
-    specs = next(iter(fe._carvings))  # the dispatch's output specs, as its plan holds them
+    be, ll, fe = buf._impl, buf._impl.ll, buf._frontends["torch"]
+    plan = next(p for key, p in ll._plans.items() if key[0] == "d")  # the dispatch's launch plan
+    sets, v = plan.sets[fe], plan.args[0].values
     flat = torch.empty(1024, dtype=torch.int32, device=x.device)
     spin = jit.PackedKernel(jit.KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns"), 1)
     block = jit.ArgBlock([0])
     stream_ptr = fe.stream_ptr()
+    t, h, k = x.shape[0], x.shape[1], idx.shape[1]
+
+    def packs():  # a dispatch's per-call slots, as GpuLowLatency.dispatch writes them
+        gpu_ll._PACK4(v, 8 * gpu_ll._D_X, 1, 2, t, k)
+        gpu_ll._PACK8(v, 8 * gpu_ll._D_ARRAYS, 1, 2, 3, 4, 5, 6, 0, 0)
+        v[gpu_ll._D_SHRINK] = 0
+        gpu_ll._PACK2(v, 8 * gpu_ll._D_TIMEOUT, be.timeout_ns, with_call(plan.tag_base, be.seq, k))
+
+    def objects():  # what a dispatch returns, through the backend's result and the handle
+        state = gpu_ll.GpuLowLatencyState(None, plan.layout, 1, 2, 3)
+        out = LowLatencyDispatchOut(None, None, None, None, None, state, 1)
+        handle = LowLatencyHandle(1, 1, m, h, e, t, k, out.src_info, out.layout_range, state, "torch")
+        return LowLatencyDispatchResult(None, None, None, handle)
 
     def pair():
         dd = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
@@ -184,11 +223,15 @@ def stage_rows(buf, arrays, args):
     return [
         ("torch.empty (one block)", tight_us(lambda: torch.empty(1024, dtype=torch.int32, device=x.device))),
         ("a view (torch.as_strided)", tight_us(lambda: torch.as_strided(flat, (32, 32), (32, 1), 0))),
-        ("LL dispatch's 6 outputs (one block, views)", tight_us(lambda: fe.empty_many(specs))),
-        ("the same, a kept set handed out again", tight_us(lambda: fe.outputs(specs, True))),
+        ("LL dispatch's 6 outputs (one block, views)", tight_us(lambda: fe.empty_many(plan.specs, True))),
+        ("the same, a kept set handed out again", tight_us(lambda: fe.take_outputs(sets, be.caller_stream))),
+        ("the frontend and the caller's stream", tight_us(lambda: buf._frontend(x))),
         ("validation of x and topk_idx", tight_us(lambda: validation.check_low_latency_dispatch(
             x, idx, m, e, buf.num_ranks, True, False, 16))),
-        ("the caller's stream (torch's current)", tight_us(fe.stream)),
+        ("the launch plan's lookup", tight_us(lambda: ll._plans.get(
+            ("d", m, h, e, True, False, False, idx.dtype, ll.transport, ll.source)))),
+        ("the per-call argument slots (4 packs)", tight_us(packs)),
+        ("the result objects (state, backend's, handle, result)", tight_us(objects)),
         ("one launch from an argument block", tight_us(lambda: spin.launch_block(1, 32, block, stream_ptr))),
         ("LL dispatch, whole call", tight_us(lambda: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True))),
         ("LL combine, whole call", tight_us(lambda: buf.low_latency_combine(y, idx, w, d.handle))),
@@ -284,24 +327,25 @@ def main():
             call()
             call()  # compiled, pools filled
             host = host_us(call, args.iters, group)
+            queued = float("nan") if "waits" in name else queued_us(call, args.iters, group)
             loop = loop_us(call, args.iters, group)
             kern = kernel_us(call, min(args.iters, 50)) if fw == "torch" else float("nan")
-            rows.append((fw, name, host, loop, kern))
+            rows.append((fw, name, host, queued, loop, kern))
         if args.profile and fw == available[0]:  # every rank: the calls are collective
             profiles = profile_rows(calls, args.profile)
     stages = []
     if args.stages and "torch" in available:
         stages = stage_rows(buf, convert((*ll, y), "torch"), args)
-    worst = [(fw, n, group.comm.allreduce(a, op=MPI.MAX), group.comm.allreduce(b, op=MPI.MAX), c)
-             for fw, n, a, b, c in rows]
+    worst = [(fw, n, *(group.comm.allreduce(v, op=MPI.MAX) for v in (a, q, b)), c) for fw, n, a, q, b, c in rows]
     if group.rank == 0:
         from cupyep.comm.runtime import card_label
         print(f"\ncupyep host cost per call, {card_label(group)}; LL {args.ll_tokens} x {h}, top-{k} of "
               f"{args.ll_experts}, FP8 dispatch; normal {args.normal_tokens} x {h}, top-{k} of "
               f"{args.normal_experts}; median of {args.iters}, slowest rank")
-        print(f"{'framework':9s} {'call':42s} {'host/call us':>12s} {'loop/call us':>12s} {'kernels us':>10s}")
-        for fw, n, a, b, c in worst:
-            print(f"{fw:9s} {n:42s} {a:12.1f} {b:12.1f} {c:10.1f}")
+        print(f"{'framework':9s} {'call':42s} {'host/call us':>12s} {'queued/call us':>14s} {'loop/call us':>12s} "
+              f"{'kernels us':>10s}")
+        for fw, n, a, q, b, c in worst:
+            print(f"{fw:9s} {n:42s} {a:12.1f} {q:14.1f} {b:12.1f} {c:10.1f}")
         if stages:
             print("\nwhere a low-latency call's host time goes (torch, rank 0, tight loop of 2000, us)")
             for name, us in stages:

@@ -27,13 +27,19 @@ from cupyep.jit import KernelSpec, launch
 _SPIN = KernelSpec("cupyep/bench_kernels.cu", "cupyep::spin_ns")
 
 
+def busy_for(us: float) -> None:
+    """Keep CuPy's current stream busy for ``us`` microseconds (one spinning
+    thread): work queued behind it waits there, so the host runs ahead."""
+    launch(_SPIN, (1,), (1,), (np.int64(us * 1000),))
+
+
 def queued_step_times(steps, iters: int, spin_us_per_iter: int = 400) -> list:
     """Median GPU time (us) of each of ``steps`` (callables, a round), over
     ``iters`` rounds queued back to back behind a spin kernel: the GPU then
     runs the steps one after another, so the events around each time its
     kernels (waits on peers included), not the host's launch rate."""
     import cupy
-    launch(_SPIN, (1,), (1,), (np.int64(spin_us_per_iter * 1000 * iters),))
+    busy_for(spin_us_per_iter * iters)
     marks = []
     for _ in range(iters):
         row = [cupy.cuda.Event()]
