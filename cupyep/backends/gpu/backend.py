@@ -24,15 +24,24 @@ from cupyep.config import Config, combine_senders, default_config, own_rows_rece
 from cupyep.errors import BufferTooSmallError, CallMismatchError, CommTimeoutError, InvalidInputError
 from cupyep.events import CallStreams
 from cupyep.formats.fp8 import FP8_GROUP, bfloat16
-from cupyep.jit import ArgPlan, address as _ptr, index_type, launch
+from cupyep.jit import ArgPlan, address as _ptr, index_type
 from cupyep.jit import specs as kernel_specs
-from cupyep.jit.args import kernel_args
 from cupyep.layouts import sizing
 
 PHASES = {1: "barrier", 2: "dispatch.recv", 3: "combine.recv",
           4: "low_latency_dispatch.recv", 5: "low_latency_combine.recv", 6: "low_latency.send",
           7: "clean_low_latency_buffer"}
 NOTIFY_THREADS = 256  # per block of the notify kernels
+# What each call passes to the launch plans of the layout, notify and dispatch
+# kernels (in this order; the other parameters are fixed per plan, _plan).
+_LAYOUT_PER_CALL = ("topk_idx", "num_tokens", "num_experts", "num_tokens_per_rank", "num_tokens_per_node",
+                    "num_tokens_per_expert", "is_token_in_rank", "scratch")
+_NOTIFY_PER_CALL = ("is_token_in_rank", "num_tokens", "num_tokens_per_expert", "num_local_experts",
+                    "expert_alignment", "send_pos", "layout", "recv_channel_offset", "recv_expert_counts",
+                    "timeout_ns", "call_tag")
+_DISPATCH_PER_CALL = ("x", "x_scales", "topk_idx", "topk_weights", "send_pos", "num_tokens", "layout",
+                      "recv_channel_offset", "num_local_experts", "num_recv_capacity", "recv_x", "recv_x_scales",
+                      "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "timeout_ns")
 # The kernels' error record, by int index (ErrorWord / ErrorKind in common.cuh;
 # tests/test_shared_constants.py checks them). 64-bit fields take two ints.
 ERR_FLAG, ERR_PHASE, ERR_PEER, ERR_CHANNEL, ERR_KIND, ERR_BAD_ITEM, ERR_MIRROR = range(7)
@@ -112,6 +121,7 @@ class GpuBackend:
         self._cached_configs = {}  # cached_dispatch's Config per handle shape and given chunking
         from cupyep.backends.gpu.low_latency import GpuLowLatency
         self._prefetched = set()  # normal-call shapes whose kernels were prefetched
+        self._launch_plans = {}  # the layout, notify and dispatch launches by kernel and shape (_plan)
         # intranode.cu under raw_kernels/cupyep (benchmarks/breakdown_normal.py times variants of it);
         # a handle's launch plans keep the kernels they were made with
         self.intranode_source = "intranode.cu"
@@ -240,6 +250,16 @@ class GpuBackend:
         return self.streams.end(self.stream, cur, async_finish, self.frontend.stream_ptr)
 
     # ------------------------------------------------------------------ #
+    def _plan(self, kernel, spec, key, grid, threads, per_call, shared_mem=0, **fixed):
+        """The launch plan (jit.ArgPlan) of ``spec`` kept under ``key``:
+        ``fixed`` are what the key decides (the buffer's own arrays, the
+        config's values), ``per_call`` the rest, passed at each launch."""
+        plan = self._launch_plans.get((spec, key))
+        if plan is None:
+            plan = self._launch_plans[(spec, key)] = ArgPlan(kernel, spec, grid, threads, per_call, shared_mem,
+                                                             **fixed)
+        return plan
+
     def get_dispatch_layout(self, topk_idx, num_experts):
         from cupyep.types import DispatchLayout
         t, k = topk_idx.shape
@@ -256,14 +276,13 @@ class GpuBackend:
         specs, scratch = found
         per_rank, per_expert, per_node = self._kept_outputs("layout", specs)
         in_rank = self.call_array("in_rank", (t, r), np.bool_)
-        launch(kernel_specs.layout_spec(index_type(topk_idx), k), (min(max(1, (t + 255) // 256), 132),), (256,),
-               kernel_args("layout.get_dispatch_layout", topk_idx=topk_idx, num_tokens=t, num_experts=num_experts,
-                           num_ranks=r, num_ranks_per_node=self.group.num_ranks_per_node,
-                           num_tokens_per_rank=per_rank, num_tokens_per_node=_ptr(per_node),
-                           num_tokens_per_expert=per_expert, is_token_in_rank=in_rank,
-                           max_nodes_per_token=self.max_nodes_per_token, error=self.layout_error,
-                           scratch=scratch),
-               shared_mem=4 * (num_experts + r + nodes), stream=self.stream)
+        grid, smem = min(max(1, (t + 255) // 256), 132), 4 * (num_experts + r + nodes)
+        plan = self._plan("layout.get_dispatch_layout", kernel_specs.layout_spec(index_type(topk_idx), k),
+                          (grid, smem), grid, 256, _LAYOUT_PER_CALL, smem, num_ranks=r,
+                          num_ranks_per_node=self.group.num_ranks_per_node,
+                          max_nodes_per_token=self.max_nodes_per_token, error=self.layout_error)
+        plan.launch(self.stream.ptr, _ptr(topk_idx), t, num_experts, _ptr(per_rank), _ptr(per_node), _ptr(per_expert),
+                    _ptr(in_rank), _ptr(scratch))
         return DispatchLayout(per_rank, per_node, per_expert, in_rank, num_experts)
 
     def dispatch(self, x, scales, topk_idx, topk_weights, is_token_in_rank, per_expert,
@@ -305,14 +324,12 @@ class GpuBackend:
                 offsets, expert_counts, call_tag)
         else:
             send_pos = self.call_array("send_pos", (t, r), np.int32)
-            spec = kernel_specs.intranode_notify(r, self.intranode_source)
-            launch(spec, (c + 1,), (NOTIFY_THREADS,), kernel_args(
-                "intranode.notify_dispatch", is_token_in_rank=is_token_in_rank, num_tokens=t, num_channels=c,
-                num_tokens_per_expert=_ptr(per_expert), num_local_experts=local, expert_alignment=expert_alignment,
-                send_pos=send_pos, peers=self.nvl.peers, layout=lay_dev, rank=self.rank, counters=self.counters,
-                blocks_done=self.blocks_done, recv_channel_offset=offsets, recv_expert_counts=expert_counts,
-                host_info=self.info_ptr, layout_error=self.layout_error, err=self.err_ptr,
-                timeout_ns=self.timeout_ns, call_tag=call_tag), stream=self.stream)
+            plan = self._plan("intranode.notify_dispatch", kernel_specs.intranode_notify(r, self.intranode_source),
+                              c, c + 1, NOTIFY_THREADS, _NOTIFY_PER_CALL, num_channels=c, peers=self.nvl.peers,
+                              rank=self.rank, counters=self.counters, blocks_done=self.blocks_done,
+                              host_info=self.info_ptr, layout_error=self.layout_error, err=self.err_ptr)
+            plan.launch(self.stream.ptr, _ptr(is_token_in_rank), t, _ptr(per_expert), local, expert_alignment,
+                        _ptr(send_pos), _ptr(lay_dev), _ptr(offsets), _ptr(expert_counts), self.timeout_ns, call_tag)
         if num_worst_tokens:
             n_rows, num_recv = num_worst_tokens, -1
             counts = expert_counts[:local] if topk_idx is not None else None
@@ -359,14 +376,13 @@ class GpuBackend:
         k = 0 if topk_idx is None else topk_idx.shape[1]
         spec = kernel_specs.intranode_dispatch(self.num_ranks, hidden_bytes, 0 if scales is None else scales.shape[1],
                                                k, index_type(topk_idx), self.intranode_source)
-        launch(spec, (2 * cfg.num_channels,), (32 * cfg.num_warps,), kernel_args(
-            "intranode.dispatch", x=x, x_scales=_ptr(scales), topk_idx=_ptr(topk_idx),
-            topk_weights=_ptr(topk_weights), send_pos=send_pos, num_tokens=num_tokens,
-            num_channels=cfg.num_channels, peers=self.nvl.peers, layout=lay_dev, recv_channel_offset=offsets,
-            rank=self.rank, num_local_experts=local, num_recv_capacity=n_rows, chunk_tokens=cfg.chunk_tokens,
-            own_share_1024=round(1024 * own_rows_receiver_share(cfg, self.num_ranks)), recv_x=recv_x,
-            recv_x_scales=_ptr(recv_s), recv_topk_idx=_ptr(recv_idx), recv_topk_weights=_ptr(recv_w),
-            recv_src_idx=recv_src, err=self.err_ptr, timeout_ns=self.timeout_ns), stream=self.stream)
+        plan = self._plan("intranode.dispatch", spec, cfg, 2 * cfg.num_channels, 32 * cfg.num_warps,
+                          _DISPATCH_PER_CALL, num_channels=cfg.num_channels, peers=self.nvl.peers, rank=self.rank,
+                          chunk_tokens=cfg.chunk_tokens,
+                          own_share_1024=round(1024 * own_rows_receiver_share(cfg, self.num_ranks)), err=self.err_ptr)
+        plan.launch(self.stream.ptr, _ptr(x), _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), _ptr(send_pos),
+                    num_tokens, _ptr(lay_dev), _ptr(offsets), local, n_rows, _ptr(recv_x), _ptr(recv_s),
+                    _ptr(recv_idx), _ptr(recv_w), _ptr(recv_src), self.timeout_ns)
 
     def _barrier(self, g: GpuRouting, call_tag):
         plan = g.plans.get("barrier")
