@@ -5,7 +5,7 @@ tests/test_low_latency.py)."""
 import pytest
 
 from cupyep.arrays import interop
-from cupyep.arrays.output_sets import OutputSets
+from cupyep.arrays.output_sets import OutputSets, refcount_sum
 
 try:
     import torch
@@ -140,7 +140,7 @@ def test_cupy_sets_come_back_only_once_nothing_refers_to_their_memory(hold):
         made.append(mem)
         return [_Array(_Pointer(mem, 0)), None, _Array(_Pointer(mem, 256))]
 
-    sets = OutputSets(make, interop._sum_of_refcounts, interop._cupy_storage, 2)
+    sets = OutputSets(make, refcount_sum, interop._cupy_storage, 2)
     a, addresses = sets.take(stream=1)
     assert addresses == (4096, 0, 4096 + 256) and a[1] is None
     held = {"nothing": None, "the array": a[2], "its memory pointer (a view shares it)": a[2].data,

@@ -19,16 +19,14 @@ it) and FP8 as uint8, since CuPy has no float8 dtype.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
 from cupyep.arrays.capture import is_capturing
-from cupyep.arrays.output_sets import OutputSets
+from cupyep.arrays.output_sets import OutputSets, device_address, refcount_sum
 from cupyep.errors import InvalidInputError
 from cupyep.formats.fp8 import bfloat16, float8_e4m3
 
-_refcount = sys.getrefcount
 _TORCH_TO_NUMPY = {}  # torch dtype -> NumPy dtype, filled on first use
 _NUMPY_TO_TORCH = {}
 
@@ -291,7 +289,7 @@ class DeviceFrontend:
 
     def _storage_counting(self):
         """(use_count, storage_of) for OutputSets: references to a set's memory."""
-        return _sum_of_refcounts, _cupy_storage
+        return refcount_sum, _cupy_storage
 
     def take_outputs(self, sets, stream):
         """(outputs, their addresses) from ``sets`` (:meth:`output_sets`) for
@@ -309,7 +307,7 @@ class DeviceFrontend:
         got = self.take_outputs(self.output_sets(specs, fp8), self.stream())
         if got is None:
             out = self.empty_many(specs, fp8)
-            got = out, tuple(0 if t is None else _address(t) for t in out)
+            got = out, tuple(0 if t is None else device_address(t) for t in out)
         return got
 
     def drop_kept_outputs(self) -> None:
@@ -323,10 +321,6 @@ class DeviceFrontend:
         return from_cupy(a, self.name, fp8)
 
 
-def _sum_of_refcounts(objects) -> int:
-    return sum(map(_refcount, objects))
-
-
 def _cupy_storage(arrays) -> tuple:
     """What refers to the memory of a set of CuPy arrays made by empty_many:
     its allocation and each array's memory pointer. A view of one either
@@ -334,10 +328,6 @@ def _cupy_storage(arrays) -> tuple:
     and ``base`` chains refer to the arrays, which OutputSets counts itself."""
     ptrs = tuple(a.data for a in arrays if a is not None)
     return (ptrs[0].mem,) + ptrs
-
-
-def _address(a) -> int:
-    return a.data_ptr() if hasattr(a, "data_ptr") else a.data.ptr
 
 
 class JaxFrontend(DeviceFrontend):

@@ -25,16 +25,17 @@ import sys
 _refcount = sys.getrefcount
 
 
-def _address(a) -> int:
+def device_address(a) -> int:
     """Device address of a torch tensor or a CuPy array."""
     return a.data_ptr() if hasattr(a, "data_ptr") else a.data.ptr
 
 
-def _refsum(arrays) -> int:
-    """Python reference counts of ``arrays`` (no None), summed: a count
-    never falls below what it was when the set was made (the set holds each
-    array), so the sum is back to that only when every count is."""
-    return sum(map(_refcount, arrays))
+def refcount_sum(objects) -> int:
+    """Python reference counts of ``objects`` (no None), summed. A set holds
+    each of its arrays (and each object its storage handle names), so no
+    count falls below what it was when the set was made: the sum is back to
+    that only when every count is."""
+    return sum(map(_refcount, objects))
 
 
 class OutputSets:
@@ -71,16 +72,16 @@ class OutputSets:
         one, kept in place of the oldest when depth sets are kept."""
         use_count = self._use_count
         for s in self._sets:
-            if s[1] == stream and use_count(s[2]) == s[4] and _refsum(s[6]) == s[3]:
+            if s[1] == stream and use_count(s[2]) == s[4] and refcount_sum(s[6]) == s[3]:
                 return tuple(s[0]), s[5]
         # Kept in a list of our own (the caller gets a new tuple each time, so
         # holding it counts as holding its tensors), measured once made.
         tensors = list(self._make())
-        addresses = tuple(0 if t is None else _address(t) for t in tensors)
+        addresses = tuple(0 if t is None else device_address(t) for t in tensors)
         if self.depth > 0:
             storage = self._storage_of(tensors)
             live = [t for t in tensors if t is not None]
-            entry = [tensors, stream, storage, _refsum(live), use_count(storage), addresses, live]
+            entry = [tensors, stream, storage, refcount_sum(live), use_count(storage), addresses, live]
             if len(self._sets) < self.depth:
                 self._sets.append(entry)
             else:
