@@ -208,7 +208,8 @@ __device__ __forceinline__ void store_own_row(const int4* __restrict__ x, int t,
 // outputs, those of the channel's tokens before own_split by the receiver
 // block (first, before the peers' rows), the rest by the sender block (after
 // each token's peer rows). own_split: own_share_1024 / 1024 of the channel's
-// tokens (Config.own_rows_receiver_share).
+// tokens (Config.own_rows_receiver_share). recv_src_idx null: not written
+// (a cached dispatch, whose handle has the sources).
 template <int kNumRanks, int kHiddenInt4, int kNumScales, int kNumTopk, typename IdxT>
 __global__ void __launch_bounds__(1024, 1)
 dispatch(const int4* __restrict__ x, const float* __restrict__ x_scales,

@@ -95,7 +95,7 @@ struct RowMeta {
             const int i = lane + 32 * j;
             if (i < kNumScales) recv_x_scales[out * kNumScales + i] = scale[j];
         }
-        if (lane == 0) recv_src_idx[out] = src;
+        if (lane == 0 && recv_src_idx != nullptr) recv_src_idx[out] = src;  // null: a cached dispatch
         if (lane < kNumTopk) {
             const bool mine = topk >= lo && topk < lo + num_local_experts;
             recv_topk_idx[out * kNumTopk + lane] = mine ? topk - lo : -1;

@@ -11,13 +11,15 @@ namespace cupyep {
 // Worst-token mode: the output rows past the received count (the total of
 // recv_channel_offset, [R * C + 1]) get source -1, top-k ids -1 and weights
 // 0, spread over every thread of the grid (this saves three fill kernels).
+// recv_src_idx is null in a cached dispatch (the handle has the sources).
 template <int kNumRanks, int kNumTopk>
 __device__ __forceinline__ void fill_unused_rows(const int* __restrict__ recv_channel_offset, int num_channels,
                                                  int num_recv_capacity, long long* recv_topk_idx,
                                                  float* recv_topk_weights, int* recv_src_idx) {
+    if (kNumTopk == 0 && recv_src_idx == nullptr) return;
     for (int row = recv_channel_offset[kNumRanks * num_channels] + blockIdx.x * blockDim.x + threadIdx.x;
          row < num_recv_capacity; row += gridDim.x * blockDim.x) {
-        recv_src_idx[row] = -1;
+        if (recv_src_idx != nullptr) recv_src_idx[row] = -1;
 #pragma unroll
         for (int k = 0; k < kNumTopk; ++k) {
             recv_topk_idx[(long long)row * kNumTopk + k] = -1;

@@ -401,8 +401,8 @@ class GpuBackend:
                                                    self.intranode_source)
             plan = g.plans[key] = ArgPlan(
                 "intranode.dispatch", spec, 2 * cfg.num_channels, 32 * cfg.num_warps,
-                ("x", "x_scales", "recv_x", "recv_x_scales", "recv_src_idx", "timeout_ns"),
-                topk_idx=0, topk_weights=0, send_pos=g.send_pos, num_tokens=num_tokens,
+                ("x", "x_scales", "recv_x", "recv_x_scales", "timeout_ns"),
+                topk_idx=0, topk_weights=0, recv_src_idx=0, send_pos=g.send_pos, num_tokens=num_tokens,
                 num_channels=cfg.num_channels, peers=self.nvl.peers, layout=g.layout_dev,
                 recv_channel_offset=g.recv_channel_offset, rank=self.rank, num_local_experts=0,
                 num_recv_capacity=n_rows, chunk_tokens=cfg.chunk_tokens,
@@ -429,19 +429,18 @@ class GpuBackend:
         # dispatch's counts, and sets kept per shape would pin memory for shapes never seen again.
         recv_x = self.call_array("cached_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
         recv_s = self.call_array("cached_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
-        recv_src = self.call_array("cached_src", n_rows, np.int32)
         call_tag = normal_call_tag(self.seq, "cached_dispatch", fp8, False, x.shape[1])
-        used = (x, scales, recv_x, recv_s, recv_src)  # kept alive for the communication stream (async_finish)
+        used = (x, scales, recv_x, recv_s)  # kept alive for the communication stream (async_finish)
+        # No recv_src_idx (a null pointer): the handle has the rows' sources already.
         if self.inter is not None:
             self.inter.barrier(g.rdma_layout_dev, call_tag)
             self.inter.dispatch(cfg, g, x, scales, None, None, handle.is_token_in_rank, handle.num_tokens,
-                                0, n_rows, recv_x, recv_s, None, None, recv_src, False)
+                                0, n_rows, recv_x, recv_s, None, None, None, False)
             return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, used))
         self._barrier(g, call_tag)
         plan = self._cached_dispatch_plan(g, cfg, hidden * dtype_of(x).itemsize,
                                           0 if scales is None else scales.shape[1], n_rows, handle.num_tokens)
-        plan.launch(self.stream.ptr, _ptr(x), _ptr(scales), _ptr(recv_x), _ptr(recv_s), _ptr(recv_src),
-                    self.timeout_ns)
+        plan.launch(self.stream.ptr, _ptr(x), _ptr(scales), _ptr(recv_x), _ptr(recv_s), self.timeout_ns)
         return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, used))
 
     def _check_sms(self, cfg):

@@ -110,7 +110,7 @@ class GpuInternode:
             recv_channel_offset=routing.recv_channel_offset, rdma_recv_count=routing.rdma_recv_count,
             fwd_slots=routing.fwd_slots if record_slots else 0, rank=be.rank, num_local_experts=local,
             num_recv_capacity=n_rows, chunk_tokens=cfg.chunk_tokens, recv_x=recv_x, recv_x_scales=_ptr(recv_s),
-            recv_topk_idx=_ptr(recv_idx), recv_topk_weights=_ptr(recv_w), recv_src_idx=recv_src,
+            recv_topk_idx=_ptr(recv_idx), recv_topk_weights=_ptr(recv_w), recv_src_idx=_ptr(recv_src),
             err=be.err_ptr, timeout_ns=be.timeout_ns), stream=be.stream)
 
     def barrier(self, rdma_dev, call_tag):
