@@ -54,7 +54,7 @@ _PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
 _LF_ROUNDS = "return min(kWarpSize, kHidden / 64 - r * kWarpSize);"
 _LF_CODE = "const float pos = fmaf(log2_approx(fabsf(x)), per_step, pos0);"
 _LF_STORE = "for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);"
-_LF_DECODE = "logfmt_decode8(in[b], f);"
+_LF_DECODE = "logfmt_accumulate8(in[b], s_weight[k0 + b], acc);"
 VARIANTS = {
     "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
     "no_payload": [(_PAYLOAD, "                    (void)payload;\n")],
@@ -65,7 +65,7 @@ VARIANTS = {
     "lf_no_encode": [(_LF_ROUNDS, "return 0 * r;")],
     "lf_no_coding": [(_LF_CODE, "const float pos = 0.f;")],
     "lf_no_stores": [(_LF_STORE, ";")],
-    "lf_no_decode": [(_LF_DECODE, "for (int j = 0; j < 8; ++j) f[j] = in[b].logs.x;")],
+    "lf_no_decode": [(_LF_DECODE, "for (int j = 0; j < 8; ++j) acc[j] = fmaf(s_weight[k0 + b], in[b].logs.x, acc[j]);")],
 }
 
 

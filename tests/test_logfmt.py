@@ -34,3 +34,16 @@ def test_bf16_input_and_relative_error_on_normal_rows(rng=np.random.default_rng(
     yf = y.astype(np.float32)
     assert q.dtype == np.float32 and q.shape == y.shape
     assert np.abs(q - yf).max() / np.abs(yf).max() < 1e-2
+
+
+def test_magnitudes_under_a_clipped_range_flush_to_zero():
+    x = np.zeros((1, 64), np.float32)
+    x[0, 0] = 1.0
+    x[0, 1] = -2.0 ** -40  # below log_amax - 32 by 8 octaves: code 0
+    x[0, 2] = 2.0 ** -31.99  # inside the range: kept, within half a step
+    x[0, 3] = -2.0 ** -32  # log_amin itself: code 1
+    q = logfmt.quantize(x)
+    assert q[0, 0] == 1.0 and q[0, 1] == 0.0
+    step = 32 / 510
+    assert abs(q[0, 2] / x[0, 2] - 1) <= 2 ** (step / 2) - 1 + 1e-6
+    assert q[0, 3] == np.float32(-2.0 ** -32)

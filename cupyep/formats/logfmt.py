@@ -6,8 +6,11 @@ smallest non-zero one clipped to ``log_amax - 32`` (``log_amin``), then per
 8 channels 10 bytes: 8 sign bits and eight 9-bit codes. Code 0 is zero;
 code c >= 1 is ``2 ** (log_amin + (c - 1) * step)`` with
 ``step = (log_amax - log_amin) / 510``; a value takes the nearest code in
-the log domain. Relative error per value is at most ``2 ** (step / 2) - 1``
-(under 2.2%, and far less for groups of a narrow range).
+the log domain, and zero where that is more than half a step below code 1
+(only where log_amin was clipped: magnitudes under ``2 ** -32`` of the
+group's largest). Relative error per value is at most ``2 ** (step / 2) - 1``
+(under 2.2%, and far less for groups of a narrow range), except for those
+flushed to zero.
 
 This module is the NumPy definition (the reference backend and the tests use
 it); raw_kernels/cupyep/low_latency.cu does the same in fp32 on the GPU,
@@ -42,8 +45,8 @@ def quantize(y: np.ndarray) -> np.ndarray:
         log_amin = np.maximum(np.log2(nonzero_min).astype(np.float32), log_amax - np.float32(LOG_RANGE))
         step = ((log_amax - log_amin) / np.float32(NUM_CODES - 2)).astype(np.float32)
         pos = np.where(step > 0, (np.log2(mag).astype(np.float32) - log_amin) / step, np.float32(0))
-    code = np.clip(np.rint(np.nan_to_num(pos, nan=0.0, neginf=0.0)), 0, NUM_CODES - 2).astype(np.int32) + 1
-    code = np.where(mag > 0, code, 0)
+    pos = np.where(mag > 0, pos, np.float32(-1))  # -1: code 0
+    code = np.clip(np.rint(pos), -1, NUM_CODES - 2).astype(np.int32) + 1
     value = np.where(code > 0, np.exp2(log_amin + (code - 1).astype(np.float32) * step).astype(np.float32),
                      np.float32(0))
     value = np.where(amax > 0, value, np.float32(0))

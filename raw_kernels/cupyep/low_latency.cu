@@ -847,11 +847,11 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
             for (int j = 0; j < 8; ++j) {
                 // Branch-free, so the 64 values' chains (MUFU latency) overlap.
                 const float x = __uint_as_float(j % 2 ? v[j / 2] & 0xffff0000u : v[j / 2] << 16);
-                // log2(0) = -inf: pos is -inf or NaN, both clamp to 0; zero takes code 0 below
+                // log2(0) = -inf: pos is -inf or NaN, both clamp to -1, code 0 (zero), as
+                // does a magnitude below a clipped log_amin by more than half a step
                 const float pos = fmaf(log2_approx(fabsf(x)), per_step, pos0);
-                const float clamped = fminf(fmaxf(pos, 0.f), kLogFmtSteps);
-                const unsigned t =  // kLogFmtCodeBase + code
-                    fabsf(x) > 0.f ? __float_as_uint(__fadd_rn(clamped, 12582912.f)) : kLogFmtCodeBase;
+                const float clamped = fminf(fmaxf(pos, -1.f), kLogFmtSteps);
+                const unsigned t = __float_as_uint(__fadd_rn(clamped, 12582912.f));  // kLogFmtCodeBase + code
                 const int at = 64 + 80 * i + 8 + 9 * j, k = at / 32, shift = at % 32;
                 if (shift <= 32 - 9) {
                     w[k] += t << shift;  // kLogFmtCodeBase << shift was taken off w[k] above
@@ -885,25 +885,40 @@ struct LogFmt8 {
     }
 };
 
-// ... decoded to fp32.
-__device__ __forceinline__ void logfmt_decode8(const LogFmt8& in, float* f) {
+// ... decoded, times w, added to acc[8] (fp32). Code c >= 1 is
+// 2^(log_amin + (c - 1) step). The float f = 1 + c / 512 is the code's bits
+// under an exponent (0x3f800000 | c << 14), so the exponent is one FMA from
+// the payload: f * 512 step + (log_amin - 513 step); f and 512 step are exact,
+// the constant is rounded once (|it| < 2^8: within 2^-16 of an octave).
+// Code 0, zero, adds nothing; the sign goes on the weight.
+__device__ __forceinline__ void logfmt_accumulate8(const LogFmt8& in, float w, float* acc) {
     const float2 logs = in.logs;
     unsigned long long lo = 0;
 #pragma unroll
-    for (int w = 0; w < 4; ++w) lo |= static_cast<unsigned long long>(in.payload[w]) << (16 * w);
-    const unsigned hi = in.payload[4];
+    for (int p = 0; p < 4; ++p) lo |= static_cast<unsigned long long>(in.payload[p]) << (16 * p);
+    // bits 48..79 of the 80: codes 6 (at bit 14 here) and 7 (at 23)
+    const unsigned mid = static_cast<unsigned>(lo >> 48) | static_cast<unsigned>(in.payload[4]) << 16;
     // a product, not the definition's quotient: within an ulp, far below LogFMT's own error
     const float step = __fmul_rn(__fsub_rn(logs.x, logs.y), 1.f / kLogFmtSteps);
+    const float step512 = step * 512.f;
+    const float base = fmaf(-513.f, step, logs.y);
+    constexpr unsigned kCode = 511u << 14;
+    // (bits & kCode) | 0x3f800000 in C is two LOP3s (one immediate each); with
+    // 1.f's bits in a register, one lop3 masks the code and ORs them in.
+    unsigned one;
+    asm("mov.b32 %0, 0x3f800000;" : "=r"(one));
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-        unsigned code;
-        if (j < 6) code = static_cast<unsigned>(lo >> (8 + 9 * j)) & 511u;
-        else if (j == 6) code = static_cast<unsigned>(lo >> 62) | ((hi & 127u) << 2);
-        else code = (hi >> 7) & 511u;
-        // code - 1 as a float without a (quarter-rate) conversion: 2^23 + c has c in its low bits
-        const float c = __fsub_rn(__uint_as_float(0x4b000000u | (code - 1)), 8388608.f);
-        const float v = code == 0 ? 0.f : exp2_approx(fmaf(c, step, logs.y));
-        f[j] = (lo >> j) & 1 ? -v : v;
+        // code j sits at bit 8 + 9j of the 80; shifted to bit 14
+        const unsigned bits = j == 0   ? static_cast<unsigned>(lo) << 6
+                              : j < 6  ? static_cast<unsigned>(lo >> (9 * j - 6))
+                              : j == 6 ? mid
+                                       : mid >> 9;
+        unsigned f;
+        asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(f) : "r"(bits), "n"(kCode), "r"(one));
+        const float v = exp2_approx(fmaf(__uint_as_float(f), step512, base));
+        const float signed_w = (lo >> j) & 1 ? -w : w;
+        if (bits & kCode) acc[j] = fmaf(signed_w, v, acc[j]);
     }
 }
 
@@ -1236,13 +1251,8 @@ struct CombineCall {
                         if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
                             in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c);
 #pragma unroll
-                    for (int b = 0; b < kBatch; ++b) {
-                        if (k0 + b >= num_topk || s_slot[k0 + b] < 0) continue;
-                        float f[8];
-                        logfmt_decode8(in[b], f);
-#pragma unroll
-                        for (int j = 0; j < 8; ++j) acc[j] = fmaf(s_weight[k0 + b], f[j], acc[j]);
-                    }
+                    for (int b = 0; b < kBatch; ++b)
+                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0) logfmt_accumulate8(in[b], s_weight[k0 + b], acc);
                 }
                 reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
             }
