@@ -54,7 +54,7 @@ _PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
 _LF_ROUNDS = "return min(kWarpSize, kHidden / 64 - r * kWarpSize);"
 _LF_CODE = "const float pos = fmaf(log2_approx(fabsf(x)), per_step, pos0);"
 _LF_STORE = "for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);"
-_LF_DECODE = "logfmt_accumulate8(in[b], s_weight[k0 + b], acc);"
+_LF_DECODE = "logfmt_accumulate8(in[b], place, s_weight[k0 + b], acc);"
 VARIANTS = {
     "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
     "no_payload": [(_PAYLOAD, "                    (void)payload;\n")],

@@ -875,26 +875,37 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
 }
 
 // Channels 8u .. 8u+7 of an encoded row: the group's logs and 10 bytes,
-// as bits 0..31, 32..63 and 64..79 of w. Loaded as three 8-byte words (the
-// group is 8-byte aligned; the 10 bytes start 0, 2, 4 or 6 bytes into an
-// aligned 16), not five 2-byte loads: a warp's load instructions each touch
-// 3-4 cache lines, so fewer of them is less L1 traffic.
+// within the aligned 16 bytes a, b (the group is 8-byte aligned; the 10 bytes
+// start 0, 2, 4 or 6 bytes in). Three 8-byte loads, not a float2 and five
+// 2-byte ones: a warp's load instructions each touch 3-4 cache lines, so
+// fewer of them is less L1 traffic. load() only loads, so that a batch of
+// rows' loads are all in flight before any is used.
 struct LogFmt8 {
     float2 logs;
-    unsigned w[3];
-    __device__ __forceinline__ void load(const char* row, int u) {
-        const char* group = row + (u / 8) * kLogFmtGroupBytes;
-        logs = *reinterpret_cast<const float2*>(group);
-        const int at = 8 + (u % 8) * 10, skip = at % 8;
-        const uint2 a = *reinterpret_cast<const uint2*>(group + at - skip);
-        const uint2 b = *reinterpret_cast<const uint2*>(group + at - skip + 8);
-        // the 128 bits a, b shifted right by 8 * skip (0, 16, 32 or 48 bits)
-        const bool far = skip >= 4;
-        const unsigned x0 = far ? a.y : a.x, x1 = far ? b.x : a.y, x2 = far ? b.y : b.x;
-        const unsigned s = (8 * skip) % 32;
-        w[0] = __funnelshift_r(x0, x1, s);
-        w[1] = __funnelshift_r(x1, x2, s);
-        w[2] = (far ? x2 >> s : __funnelshift_r(x2, b.y, s)) & 0xffffu;
+    uint2 a, b;
+    // Where a thread's 10 bytes sit in a and b: the same in every row.
+    struct Place {
+        int at;         // byte offset in the group of the 16 bytes
+        bool far;       // the 10 bytes start 4 or 6 bytes in
+        unsigned shift; // then 0 or 16 more bits
+        __device__ __forceinline__ explicit Place(int u) {
+            const int start = 8 + (u % 8) * 10, skip = start % 8;
+            at = (u / 8) * kLogFmtGroupBytes + start - skip;
+            far = skip >= 4;
+            shift = (8 * skip) % 32;
+        }
+    };
+    __device__ __forceinline__ void load(const char* row, int u, const Place& place) {
+        logs = *reinterpret_cast<const float2*>(row + (u / 8) * kLogFmtGroupBytes);
+        a = *reinterpret_cast<const uint2*>(row + place.at);
+        b = *reinterpret_cast<const uint2*>(row + place.at + 8);
+    }
+    // The 80 bits as bits 0..31, 32..63 and 64..79 of w: a, b shifted right by 8 * skip.
+    __device__ __forceinline__ void bits(const Place& place, unsigned* w) const {
+        const unsigned x0 = place.far ? a.y : a.x, x1 = place.far ? b.x : a.y, x2 = place.far ? b.y : b.x;
+        w[0] = __funnelshift_r(x0, x1, place.shift);
+        w[1] = __funnelshift_r(x1, x2, place.shift);
+        w[2] = (place.far ? x2 >> place.shift : __funnelshift_r(x2, b.y, place.shift)) & 0xffffu;
     }
 };
 
@@ -904,11 +915,14 @@ struct LogFmt8 {
 // the payload: f * 512 step + (log_amin - 513 step); f and 512 step are exact,
 // the constant is rounded once (|it| < 2^8: within 2^-16 of an octave).
 // Code 0, zero, adds nothing; the sign goes on the weight.
-__device__ __forceinline__ void logfmt_accumulate8(const LogFmt8& in, float w, float* acc) {
+__device__ __forceinline__ void logfmt_accumulate8(const LogFmt8& in, const LogFmt8::Place& place, float w,
+                                                   float* acc) {
     const float2 logs = in.logs;
-    const unsigned long long lo = in.w[0] | static_cast<unsigned long long>(in.w[1]) << 32;
+    unsigned words[3];
+    in.bits(place, words);
+    const unsigned long long lo = words[0] | static_cast<unsigned long long>(words[1]) << 32;
     // bits 48..79 of the 80: codes 6 (at bit 14 here) and 7 (at 23)
-    const unsigned mid = __funnelshift_r(in.w[1], in.w[2], 16);
+    const unsigned mid = __funnelshift_r(words[1], words[2], 16);
     // a product, not the definition's quotient: within an ulp, far below LogFMT's own error
     const float step = __fmul_rn(__fsub_rn(logs.x, logs.y), 1.f / kLogFmtSteps);
     const float step512 = step * 512.f;
@@ -1251,6 +1265,7 @@ struct CombineCall {
             if (t + gridDim.x >= num_tokens) ticket.take(blocks_done);
             const char* token_rows = area + (long long)t * kLLMaxTopk * kRowBytes;
             for (int c = threadIdx.x; c < kUnits && kLogFmt; c += blockDim.x) {
+                const LogFmt8::Place place(c);
                 float acc[8];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[j] = 0.f;
@@ -1260,10 +1275,11 @@ struct CombineCall {
 #pragma unroll
                     for (int b = 0; b < kBatch; ++b)
                         if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
-                            in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c);
+                            in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c, place);
 #pragma unroll
                     for (int b = 0; b < kBatch; ++b)
-                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0) logfmt_accumulate8(in[b], s_weight[k0 + b], acc);
+                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
+                            logfmt_accumulate8(in[b], place, s_weight[k0 + b], acc);
                 }
                 reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
             }
