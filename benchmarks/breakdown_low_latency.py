@@ -52,7 +52,7 @@ _PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
            "    if (phases & 2) call.receive(s_mask);"]
 # LogFMT combine (with --logfmt): encode, its per-value coding, its stores, decode.
 _LF_ROUNDS = "return min(kWarpSize, kHidden / 64 - r * kWarpSize);"
-_LF_CODE = "const float pos = fmaf(log2_approx(fabsf(x)), per_step, pos0);"
+_LF_CODE = "const float q = __saturatef(fmaf(log2_approx(fabsf(x)), q_per_log, q0));"
 _LF_STORE = "for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);"
 _LF_DECODE = "logfmt_accumulate8(in[b], place, s_weight[k0 + b], acc);"
 VARIANTS = {
@@ -63,7 +63,7 @@ VARIANTS = {
     "comb_no_sum": [(_COMB_SUM, _COMB_SUM.replace("c < kUnits", "c < 0"))],
     "no_count_wait": [(_COUNT_WAIT, "[](int) { return true; }")],
     "lf_no_encode": [(_LF_ROUNDS, "return 0 * r;")],
-    "lf_no_coding": [(_LF_CODE, "const float pos = 0.f;")],
+    "lf_no_coding": [(_LF_CODE, "const float q = 1.f / (kLogFmtSteps + 1.f);")],
     "lf_no_stores": [(_LF_STORE, ";")],
     "lf_no_decode": [(_LF_DECODE, "for (int j = 0; j < 8; ++j) acc[j] = fmaf(s_weight[k0 + b], in[b].logs.x, acc[j]);")],
 }

@@ -730,9 +730,9 @@ __host__ __device__ constexpr int logfmt_row_bytes(int hidden) { return hidden /
 
 __host__ __device__ constexpr int logfmt_rounds(int hidden) { return (hidden / 64 + kWarpSize - 1) / kWarpSize; }
 
-// The encoder rounds a position p (0..510) into the low bits of the float
-// 1.5 * 2^23 + p (ties to even, as rintf); code p + 1 is those bits less
-// kLogFmtCodeBase, and a zero, code 0, is kLogFmtCodeBase itself.
+// The encoder rounds a code c (0..511, a position p as p + 1) into the low
+// bits of the float 1.5 * 2^23 - 1 + c (ties to even, as rintf): c is those
+// bits less kLogFmtCodeBase.
 constexpr unsigned kLogFmtCodeBase = 0x4b400000u - 1;
 
 // What the encoder adds to word k (32 bits) of a group beyond the codes
@@ -826,10 +826,13 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
         const float log_amax = log2_approx(amax);
         const float log_amin = fmaxf(log2_approx(amin), __fsub_rn(log_amax, kLogFmtRange));
         const float range = __fsub_rn(log_amax, log_amin);
-        // pos = (log2 m - log_amin) / step, step = range / 510: as one FMA
-        // (a code may differ by one step from the NumPy definition's quotient)
-        const float per_step = range > 0.f ? __fdividef(kLogFmtSteps, range) : 0.f;  // range <= 32
-        const float pos0 = -__fmul_rn(log_amin, per_step);
+        // A value's position p = (log2 m - log_amin) / step, step = range / 510, as
+        // q = (p + 1) / 511 in one FMA that saturates to [0, 1] (NaN to 0), then code
+        // q * 511 rounded: below p = -1 (a zero: log2 0 = -inf) code 0, above 510 code
+        // 511, with no clamps. (A code may differ by one step from the NumPy
+        // definition's quotient.)
+        const float q_per_log = range > 0.f ? __fdividef(kLogFmtSteps / (kLogFmtSteps + 1.f), range) : 0.f;
+        const float q0 = fmaf(-log_amin, q_per_log, 1.f / (kLogFmtSteps + 1.f));  // range <= 32
         // The group's 88 bytes as 22 words: the two logs, then per 8 channels
         // i 80 bits at bit 64 + 80i (8 sign bits, eight 9-bit codes).
         unsigned w[kLogFmtGroupBytes / 4];
@@ -849,11 +852,9 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
             for (int j = 0; j < 8; ++j) {
                 // Branch-free, so the 64 values' chains (MUFU latency) overlap.
                 const float x = __uint_as_float(j % 2 ? v[j / 2] & 0xffff0000u : v[j / 2] << 16);
-                // log2(0) = -inf: pos is -inf or NaN, both clamp to -1, code 0 (zero), as
-                // does a magnitude below a clipped log_amin by more than half a step
-                const float pos = fmaf(log2_approx(fabsf(x)), per_step, pos0);
-                const float clamped = fminf(fmaxf(pos, -1.f), kLogFmtSteps);
-                const unsigned t = __float_as_uint(__fadd_rn(clamped, 12582912.f));  // kLogFmtCodeBase + code
+                // A magnitude below a clipped log_amin by more than half a step codes as zero too.
+                const float q = __saturatef(fmaf(log2_approx(fabsf(x)), q_per_log, q0));
+                const unsigned t = __float_as_uint(fmaf(q, kLogFmtSteps + 1.f, 12582911.f));  // kLogFmtCodeBase + code
                 const int at = 64 + 80 * i + 8 + 9 * j, k = at / 32, shift = at % 32;
                 if (shift <= 32 - 9) {
                     w[k] += t << shift;  // kLogFmtCodeBase << shift was taken off w[k] above
