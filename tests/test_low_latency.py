@@ -507,6 +507,59 @@ def test_logfmt_combine_many_experts_call_after_call(buffer, backend, transport,
         check_logfmt_combine(buffer, backend, rng, m=16, t=16, hidden=256, local=local, k=8, zero_copy=False)
 
 
+def test_logfmt_combine_edge_groups(buffer, backend, transport, rng):
+    """Every 64-channel group kind the encoder branches on without branches:
+    all zeros; one non-zero value (a range of 0); one magnitude with mixed
+    signs; normal values with exact zeros; 1 beside values 2^-40, below the
+    32-octave range (they decode as 0); values near 2^-100 and near 2^100.
+    Top-1, so each output value is one decoded value times its weight: each
+    must be within a LogFMT step of cupyep.formats.logfmt's (zeros exactly)."""
+    from cupyep.formats import logfmt
+    m, t, hidden, local = 32, 24, 7168, 3
+    num_experts = local * SIZE
+    x = special_logfmt_rows(rng, t, hidden)
+    idx = random_topk(rng, t, num_experts, 1)
+    w = rng.uniform(0.5, 1.5, idx.shape).astype(np.float32)
+    res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                      use_fp8=False)
+    y = check_dispatch(res, gather(x, idx), m, h=hidden, local=local, use_fp8=False, round_scale=False,
+                       ue8m0=False)
+    c = buffer.low_latency_combine(to_backend(y, backend), to_backend(idx, backend), to_backend(w, backend),
+                                   res.handle, use_logfmt=True)
+    got = to_host(c.combined_x).astype(np.float32)
+    scale = np.array([expert_scale(e) for e in idx[:, 0]], np.float32)
+    want = w[:, :1] * logfmt.quantize((x.astype(np.float32) * scale[:, None]).astype(fp8.bfloat16))
+    assert (got[want == 0] == 0).all(), "a zero (or a value below the range) decoded as non-zero"
+    rel = np.abs(got - want) / np.where(want != 0, np.abs(want), 1)
+    # one step of a 32-octave range (2^(32/510) - 1 = 4.4%) and bf16 output rounding
+    assert float(rel.max()) < 0.05, f"LogFMT edge groups: worst relative error {float(rel.max()):.3e}"
+
+
+def special_logfmt_rows(rng, t, hidden):
+    """[t, hidden] bf16 rows whose 64-channel groups cycle through seven kinds
+    (see test_logfmt_combine_edge_groups), each row starting at another."""
+    g = np.zeros((t, hidden // 64, 64), np.float32)
+    normal = rng.standard_normal(g.shape).astype(np.float32)
+    signs = np.where(rng.random(g.shape) < 0.5, -1, 1).astype(np.float32)
+    for r in range(t):
+        for j in range(hidden // 64):
+            kind, v = (r + j) % 7, g[r, j]
+            if kind == 1:
+                v[rng.integers(64)] = -3.5
+            elif kind == 2:
+                v[:] = 0.75 * signs[r, j]
+            elif kind == 3:
+                v[:] = normal[r, j] * (rng.random(64) < 0.7)
+            elif kind == 4:
+                v[:] = signs[r, j] * 2.0 ** -40
+                v[rng.integers(64)] = 1.0
+            elif kind == 5:
+                v[:] = normal[r, j] * 2.0 ** -100
+            elif kind == 6:
+                v[:] = normal[r, j] * 2.0 ** 100
+    return g.reshape(t, hidden).astype(fp8.bfloat16)
+
+
 def check_logfmt_combine(buffer, backend, rng, m, t, hidden, local, k, zero_copy):
     """A dispatch of t random rows (top-k of local * SIZE experts) then a
     LogFMT combine of the dispatched rows, checked against the reference
