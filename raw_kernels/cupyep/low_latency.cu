@@ -704,11 +704,13 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
 // ----------------------------------------------------------------------------
 // LogFMT-10 (defined in cupyep/formats/logfmt.py): per 64 channels, fp32 log2 of the
 // largest and of the smallest non-zero magnitude (clipped to 32 octaves
-// below), then per 8 channels 10 bytes: 8 sign bits and eight 9-bit codes.
+// below), then per 8 channels 10 bytes: 8 sign bits and eight 9-bit codes;
+// code 0 is zero, and so is a magnitude more than half a step below the clip.
 // The per-value steps are MUFU approximations of log2 and exp2 and FMAs with
 // products where the definition divides, so a value may land one code away
 // from NumPy's at a rounding boundary (the tests bound the result against
-// cupyep.formats.logfmt, not bit for bit).
+// cupyep.formats.logfmt, not bit for bit); bf16 denormals (under 2^-126)
+// count as zero.
 constexpr int kLogFmtGroupBytes = 88;
 // MUFU log2 / exp2 (relative error ~2^-22): a code or a decoded value may
 // move by one step at a rounding boundary, well inside LogFMT's own error.
