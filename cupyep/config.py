@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from cupyep.errors import InvalidInputError
+from cupyep.frozen import HashedOnce
 
 
-@dataclass(frozen=True)
-class Config:
+@dataclass(frozen=True, eq=False)
+class Config(HashedOnce):
     """How normal dispatch and combine use the GPU.
 
     Attributes:
@@ -61,6 +62,7 @@ class Config:
         share = self.own_rows_receiver_share
         if share is not None and not 0 <= share <= 1:
             raise InvalidInputError(f"own_rows_receiver_share must be in [0, 1], got {share}")
+        self._freeze()  # hashed once: normal calls look their launch plans up by it
 
     @property
     def num_channels(self) -> int:

@@ -26,12 +26,13 @@ from typing import Tuple
 
 from cupyep.arrays.interop import dtype_of
 from cupyep.errors import BackendUnavailableError, CupyepError
+from cupyep.frozen import HashedOnce
 
 DEBUG = os.environ.get("CUPYEP_JIT_DEBUG", "") not in ("", "0")
 
 
-@dataclass(frozen=True)
-class KernelSpec:
+@dataclass(frozen=True, eq=False)
+class KernelSpec(HashedOnce):
     """One instantiation of a templated kernel.
 
     Attributes:
@@ -45,6 +46,9 @@ class KernelSpec:
     name: str
     template_args: Tuple[Tuple[str, object], ...] = ()
     nvshmem: bool = False
+
+    def __post_init__(self):
+        self._freeze()  # hashed once: the launch caches look specs up on every call
 
     @property
     def instantiation(self) -> str:

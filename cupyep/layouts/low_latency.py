@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass
 
 from cupyep.errors import BufferTooSmallError, InvalidInputError
+from cupyep.frozen import HashedOnce
 
 LL_MAX_TOPK = 16
 # A message entry holds the row's slot among its source's rows for an expert in 16 bits.
@@ -47,8 +48,8 @@ def message_bytes(hidden: int, fp8: bool) -> int:
 LL_MAX_EXPERTS = 4096
 _FLAGS_BYTES = 2 * 2 * 8 * LL_MAX_EXPERTS  # two halves, dispatch + combine
 
-@dataclass(frozen=True)
-class LowLatencyLayout:
+@dataclass(frozen=True, eq=False)
+class LowLatencyLayout(HashedOnce):
     """Offsets in bytes; data halves are ``half_bytes`` apart after the flags."""
     max_tokens: int
     hidden: int
@@ -60,12 +61,7 @@ class LowLatencyLayout:
     half_bytes: int
 
     def __post_init__(self):
-        # hashed once: every low-latency combine looks its launch plan up by its layout
-        object.__setattr__(self, "_hash", hash((self.max_tokens, self.hidden, self.num_ranks, self.num_experts,
-                                                self.half_bytes)))
-
-    def __hash__(self):
-        return self._hash
+        self._freeze()  # hashed once: every low-latency combine looks its launch plan up by its layout
 
     def offsets(self, half: int) -> dict:
         """Kernel offsets for a call on ``half``."""

@@ -250,14 +250,14 @@ class GpuBackend:
         return self.streams.end(self.stream, cur, async_finish, self.frontend.stream_ptr)
 
     # ------------------------------------------------------------------ #
-    def _plan(self, kernel, spec, key, grid, threads, per_call, shared_mem=0, **fixed):
-        """The launch plan (jit.ArgPlan) of ``spec`` kept under ``key``:
-        ``fixed`` are what the key decides (the buffer's own arrays, the
-        config's values), ``per_call`` the rest, passed at each launch."""
-        plan = self._launch_plans.get((spec, key))
-        if plan is None:
-            plan = self._launch_plans[(spec, key)] = ArgPlan(kernel, spec, grid, threads, per_call, shared_mem,
-                                                             **fixed)
+    def _plan(self, key, kernel, spec, grid, threads, per_call, shared_mem=0, **fixed):
+        """Make the launch plan (jit.ArgPlan) of ``spec`` and keep it under
+        ``key`` (what decides the spec and ``fixed``: the shapes, the config,
+        the source): ``fixed`` are the buffer's own arrays and the config's
+        values, ``per_call`` the rest, passed at each launch. Callers look the
+        key up first (``self._launch_plans.get(key) or self._plan(key, ...)``),
+        so that a call whose plan exists builds no spec and no arguments."""
+        plan = self._launch_plans[key] = ArgPlan(kernel, spec, grid, threads, per_call, shared_mem, **fixed)
         return plan
 
     def get_dispatch_layout(self, topk_idx, num_experts):
@@ -277,10 +277,11 @@ class GpuBackend:
         per_rank, per_expert, per_node = self._kept_outputs("layout", specs)
         in_rank = self.call_array("in_rank", (t, r), np.bool_)
         grid, smem = min(max(1, (t + 255) // 256), 132), 4 * (num_experts + r + nodes)
-        plan = self._plan("layout.get_dispatch_layout", kernel_specs.layout_spec(index_type(topk_idx), k),
-                          (grid, smem), grid, 256, _LAYOUT_PER_CALL, smem, num_ranks=r,
-                          num_ranks_per_node=self.group.num_ranks_per_node,
-                          max_nodes_per_token=self.max_nodes_per_token, error=self.layout_error)
+        key = ("layout", topk_idx.dtype, k, grid, smem)
+        plan = self._launch_plans.get(key) or self._plan(
+            key, "layout.get_dispatch_layout", kernel_specs.layout_spec(index_type(topk_idx), k), grid, 256,
+            _LAYOUT_PER_CALL, smem, num_ranks=r, num_ranks_per_node=self.group.num_ranks_per_node,
+            max_nodes_per_token=self.max_nodes_per_token, error=self.layout_error)
         plan.launch(self.stream.ptr, _ptr(topk_idx), t, num_experts, _ptr(per_rank), _ptr(per_node), _ptr(per_expert),
                     _ptr(in_rank), _ptr(scratch))
         return DispatchLayout(per_rank, per_node, per_expert, in_rank, num_experts)
@@ -324,10 +325,12 @@ class GpuBackend:
                 offsets, expert_counts, call_tag)
         else:
             send_pos = self.call_array("send_pos", (t, r), np.int32)
-            plan = self._plan("intranode.notify_dispatch", kernel_specs.intranode_notify(r, self.intranode_source),
-                              c, c + 1, NOTIFY_THREADS, _NOTIFY_PER_CALL, num_channels=c, peers=self.nvl.peers,
-                              rank=self.rank, counters=self.counters, blocks_done=self.blocks_done,
-                              host_info=self.info_ptr, layout_error=self.layout_error, err=self.err_ptr)
+            key = ("notify", c, self.intranode_source)
+            plan = self._launch_plans.get(key) or self._plan(
+                key, "intranode.notify_dispatch", kernel_specs.intranode_notify(r, self.intranode_source), c + 1,
+                NOTIFY_THREADS, _NOTIFY_PER_CALL, num_channels=c, peers=self.nvl.peers, rank=self.rank,
+                counters=self.counters, blocks_done=self.blocks_done, host_info=self.info_ptr,
+                layout_error=self.layout_error, err=self.err_ptr)
             plan.launch(self.stream.ptr, _ptr(is_token_in_rank), t, _ptr(per_expert), local, expert_alignment,
                         _ptr(send_pos), _ptr(lay_dev), _ptr(offsets), _ptr(expert_counts), self.timeout_ns, call_tag)
         if num_worst_tokens:
@@ -374,12 +377,15 @@ class GpuBackend:
                          recv_src):
         hidden_bytes = x.shape[1] * dtype_of(x).itemsize
         k = 0 if topk_idx is None else topk_idx.shape[1]
-        spec = kernel_specs.intranode_dispatch(self.num_ranks, hidden_bytes, 0 if scales is None else scales.shape[1],
-                                               k, index_type(topk_idx), self.intranode_source)
-        plan = self._plan("intranode.dispatch", spec, cfg, 2 * cfg.num_channels, 32 * cfg.num_warps,
-                          _DISPATCH_PER_CALL, num_channels=cfg.num_channels, peers=self.nvl.peers, rank=self.rank,
-                          chunk_tokens=cfg.chunk_tokens,
-                          own_share_1024=round(1024 * own_rows_receiver_share(cfg, self.num_ranks)), err=self.err_ptr)
+        num_scales = 0 if scales is None else scales.shape[1]
+        key = ("dispatch", hidden_bytes, num_scales, k, None if topk_idx is None else topk_idx.dtype, cfg,
+               self.intranode_source)
+        plan = self._launch_plans.get(key) or self._plan(
+            key, "intranode.dispatch", kernel_specs.intranode_dispatch(
+                self.num_ranks, hidden_bytes, num_scales, k, index_type(topk_idx), self.intranode_source),
+            2 * cfg.num_channels, 32 * cfg.num_warps, _DISPATCH_PER_CALL, num_channels=cfg.num_channels,
+            peers=self.nvl.peers, rank=self.rank, chunk_tokens=cfg.chunk_tokens,
+            own_share_1024=round(1024 * own_rows_receiver_share(cfg, self.num_ranks)), err=self.err_ptr)
         plan.launch(self.stream.ptr, _ptr(x), _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), _ptr(send_pos),
                     num_tokens, _ptr(lay_dev), _ptr(offsets), local, n_rows, _ptr(recv_x), _ptr(recv_s),
                     _ptr(recv_idx), _ptr(recv_w), _ptr(recv_src), self.timeout_ns)
