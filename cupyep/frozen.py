@@ -28,9 +28,6 @@ class HashedOnce:
     def __eq__(self, other):
         return self is other or (type(other) is type(self) and self._key == other._key)
 
-    def __ne__(self, other):
-        return not self == other
-
     def __getstate__(self):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
