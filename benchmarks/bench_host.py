@@ -6,7 +6,8 @@ What a serving loop feels: for every call, (1) the host time of one call with
 the GPU idle (``perf_counter`` around the call, the ranks lined up by a
 barrier and the device synchronised before each; the call returns once its
 kernels are queued, except a normal dispatch without ``num_worst_tokens``,
-which waits for the counts of its notify kernel), (2) the host time of one
+which waits for the counts of its notify kernel: a row after it gives its
+host time less that wait), (2) the host time of one
 call while the GPU is busy (calls queued behind a spin kernel that outlasts
 them, each timed alone, median; not for the calls that wait for counts): the
 host's own cost, with no idle device to wake, (3) the time per call of a
@@ -14,7 +15,8 @@ back-to-back loop of calls (queued without synchronising; the last one
 waited for), and (4) the kernel time of the same call from the CUDA profiler.
 When (3) is close to (4) the host cost hides behind the kernels.
 
-``--stages`` (torch, one rank): where a low-latency call's host time goes,
+``--stages`` (torch, one rank): where a low-latency call's host time goes
+(and pieces of a normal cached dispatch and combine),
 each piece timed alone in a tight loop of 2000 (so with warm caches, unlike
 (1)): the outputs (one torch allocation carved into views, or a kept set),
 the frontend and stream, the validation, the launch plan's lookup, the
@@ -50,8 +52,9 @@ from cupyep.formats import fp8  # noqa: E402
 from cupyep.bench import busy_for, experts_for_ranks, profiled_kernels  # noqa: E402
 
 
-def host_us(call, iters, group):
-    """Median host time (us) of one call, the GPU idle and the ranks lined up."""
+def host_us(call, iters, group, waited=None):
+    """Median host time (us) of one call, the GPU idle and the ranks lined up.
+    ``waited``: seconds of it spent waiting (read after each call), left out."""
     import cupy
     times = []
     for _ in range(iters):
@@ -59,7 +62,7 @@ def host_us(call, iters, group):
         group.comm.Barrier()
         t0 = time.perf_counter()
         call()
-        times.append((time.perf_counter() - t0) * 1e6)
+        times.append((time.perf_counter() - t0 - (waited() if waited else 0.0)) * 1e6)
     cupy.cuda.Device().synchronize()
     return statistics.median(times)
 
@@ -239,6 +242,34 @@ def stage_rows(buf, arrays, args):
     ]
 
 
+def normal_stage_rows(buf, arrays, args):
+    """(piece, us) of a normal cached dispatch and combine from torch, each
+    piece alone (the whole calls: the main table's queued/call column)."""
+    from cupyep import validation
+    from cupyep.backends.gpu.call_tags import normal_call_tag
+    x, idx, w = arrays
+    d = buf.dispatch(x, idx, w, layout=buf.get_dispatch_layout(idx, args.normal_experts))
+    h = d.handle
+    be, fe = buf._impl, buf._frontends["torch"]
+    rows = h.num_recv_tokens
+    combine_outputs = (((h.num_tokens, h.hidden), fp8.bfloat16), ((h.num_tokens, h.num_topk), np.float32))
+
+    def stream_order():
+        be._end(be._begin(None, False), False, ())
+    return [
+        ("normal: validation of combine's x and topk_weights", tight_us(lambda: validation.check_normal_combine(
+            d.recv_x, d.recv_topk_weights, rows, h.hidden, h.num_topk))),
+        ("normal: validation of cached dispatch's x", tight_us(lambda: validation.check_bf16_rows(x))),
+        ("normal: combine's two outputs (one block, views)", tight_us(lambda: fe.empty_many(combine_outputs))),
+        ("normal: cached dispatch's output (torch.empty)", tight_us(lambda: fe.empty((rows, h.hidden),
+                                                                                     fp8.bfloat16))),
+        ("normal: stream order and error word (_begin, _end)", tight_us(stream_order)),
+        ("normal: the call tag", tight_us(lambda: normal_call_tag(be.seq, "combine", False, True, h.hidden,
+                                                                  h.num_topk))),
+        ("normal: the frontend and the caller's stream", tight_us(lambda: buf._frontend(x))),
+    ]
+
+
 def profile_rows(calls, n, top=12):
     """Per call in ``calls`` ({name: call}): (name, tight-loop us, [(own us,
     cumulative us, calls, function)] of the ``top`` functions by own time),
@@ -270,7 +301,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--no-normal", action="store_true")
-    ap.add_argument("--stages", action="store_true", help="where a low-latency call's host time goes (torch)")
+    ap.add_argument("--stages", action="store_true", help="where a call's host time goes (torch)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="cProfile of N calls of each call (first framework; rank 0 prints)")
     args = ap.parse_args()
@@ -331,11 +362,17 @@ def main():
             loop = loop_us(call, args.iters, group)
             kern = kernel_us(call, min(args.iters, 50)) if fw == "torch" else float("nan")
             rows.append((fw, name, host, queued, loop, kern))
+            if "waits" in name:  # the same calls' host time less their wait for the counts
+                beyond = host_us(call, args.iters, group, waited=lambda: buf._impl.counts_wait_s)
+                rows.append((fw, "  the same, beyond the wait for counts", beyond, float("nan"), float("nan"),
+                             float("nan")))
         if args.profile and fw == available[0]:  # every rank: the calls are collective
             profiles = profile_rows(calls, args.profile)
     stages = []
     if args.stages and "torch" in available:
         stages = stage_rows(buf, convert((*ll, y), "torch"), args)
+        if not args.no_normal:
+            stages += normal_stage_rows(buf, convert(normal, "torch"), args)
     worst = [(fw, n, *(group.comm.allreduce(v, op=MPI.MAX) for v in (a, q, b)), c) for fw, n, a, q, b, c in rows]
     if group.rank == 0:
         from cupyep.comm.runtime import card_label
@@ -347,7 +384,7 @@ def main():
         for fw, n, a, q, b, c in worst:
             print(f"{fw:9s} {n:42s} {a:12.1f} {q:14.1f} {b:12.1f} {c:10.1f}")
         if stages:
-            print("\nwhere a low-latency call's host time goes (torch, rank 0, tight loop of 2000, us)")
+            print("\nwhere a call's host time goes (torch, rank 0, tight loop of 2000, us)")
             for name, us in stages:
                 print(f"{name:45s} {us:8.2f}")
         for name, loop, top in profiles:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cupyep import jit
-from cupyep.arrays.capture import KeptArrays, is_capturing
+from cupyep.arrays.capture import KeptArrays, is_capturing, memset_zero
 from cupyep.arrays.interop import DeviceFrontend, dtype_of
 from cupyep.backends.gpu.call_tags import NORMAL_MARK, describe as describe_call_tag, normal_call_tag
 from cupyep.backends.interface import CachedDispatchOut, CombineOut, NormalDispatchOut
@@ -116,6 +117,7 @@ class GpuBackend:
         self.seq = 0  # this buffer's collective calls (next_call)
         self._kept = KeptArrays()
         self._capturing = False  # of the call in progress (set by _begin / get_dispatch_layout)
+        self.counts_wait_s = 0.0  # host seconds the last dispatch without num_worst_tokens waited for its counts
         self._layouts = {}
         self._layout_state = {}  # get_dispatch_layout's output specs and scratch, per number of experts
         self._cached_configs = {}  # cached_dispatch's Config per handle shape and given chunking
@@ -126,6 +128,8 @@ class GpuBackend:
         # a handle's launch plans keep the kernels they were made with
         self.intranode_source = "intranode.cu"
         self.ll = GpuLowLatency(self, num_rdma_bytes, shrink=enable_shrink)
+        # The low-latency calls go straight to self.ll: a forwarding method costs ~0.3 us a call.
+        self.low_latency_dispatch, self.low_latency_combine = self.ll.dispatch, self.ll.combine
         self.inter = None
         if group.num_nodes > 1:
             from cupyep.backends.gpu.internode import GpuInternode
@@ -151,6 +155,17 @@ class GpuBackend:
         the caller's framework (cupyep.arrays.capture: CuPy callers' are kept
         while capturing)."""
         return self._kept.get(key, shape, dtype, self._capturing, zero, alloc=self.frontend, stream=self.stream)
+
+    def call_arrays(self, key, specs, fp8: bool = False):
+        """Arrays of ``specs`` ((shape, dtype) or None, a tuple) for the call in
+        progress: fresh views of one allocation (one allocator call for them
+        all, so they are freed together, once all are dropped); while a CuPy
+        caller's stream is captured, :meth:`call_array`'s kept ones. ``fp8``:
+        the first is uint8 holding e4m3 (torch: float8_e4m3fn)."""
+        fe = self.frontend
+        if self._capturing and fe.keeps_outputs_in_capture:
+            return [None if sp is None else self.call_array((key, i), *sp) for i, sp in enumerate(specs)]
+        return fe.empty_many(specs, fp8)
 
     def _kept_outputs(self, key, specs):
         """Outputs of a call on the caller's stream whose shapes repeat call after
@@ -315,16 +330,18 @@ class GpuBackend:
 
         call_tag = normal_call_tag(self.seq, "dispatch", scales is not None, topk_weights is not None, hidden, k,
                                    num_experts if topk_idx is not None else 1)
-        offsets = self.call_array("offsets", r * c + 1, np.int32)
-        # The notify kernel writes all L counts when it has per-expert counts.
-        expert_counts = self.call_array("expert_counts", max(local, 1), np.int32, zero=per_expert is None)
+        # The routing (kept by the handle) and the counts, in one allocation
+        offsets, expert_counts, send_pos = self.call_arrays("notify", (
+            ((r * c + 1,), np.int32), ((max(local, 1),), np.int32),
+            ((t, r), np.int32) if self.inter is None else None))
+        if per_expert is None:  # the notify kernel writes all L counts when it has per-expert counts
+            memset_zero(expert_counts, self.stream)
         rdma_pos = rdma_recv_count = None
         if self.inter is not None:
             send_pos, rdma_pos, rdma_recv_count = self.inter.notify(
                 is_token_in_rank, t, c, per_expert, local, expert_alignment, lay_dev, rdma_dev,
                 offsets, expert_counts, call_tag)
         else:
-            send_pos = self.call_array("send_pos", (t, r), np.int32)
             key = ("notify", c, self.intranode_source)
             plan = self._launch_plans.get(key) or self._plan(
                 key, "intranode.notify_dispatch", kernel_specs.intranode_notify(r, self.intranode_source), c + 1,
@@ -337,7 +354,9 @@ class GpuBackend:
             n_rows, num_recv = num_worst_tokens, -1
             counts = expert_counts[:local] if topk_idx is not None else None
         else:
+            waited = time.perf_counter()
             self.stream.synchronize()
+            self.counts_wait_s = time.perf_counter() - waited
             self.check_errors()
             bad, code = int(self.info_host[1 + local]), int(self.info_host[2 + local])
             if bad and code == 3:
@@ -351,10 +370,12 @@ class GpuBackend:
             counts = [int(v) for v in self.info_host[1:1 + local]] if topk_idx is not None else None
 
         fp8 = scales is not None
-        recv_x = self.call_array("recv_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
-        recv_s = self.call_array("recv_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
-        recv_idx = self.call_array("recv_idx", (n_rows, k), np.int64) if k else None
-        recv_w = self.call_array("recv_w", (n_rows, k), np.float32) if k else None
+        # Allocations by lifetime: the rows and their scales (the experts' input), the rows'
+        # top-k (kept for the backward pass by some callers), the sources (kept by the handle).
+        recv_x, recv_s = self.call_arrays("recv_x", (((n_rows, hidden), np.uint8 if fp8 else bfloat16),
+                                                     ((n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None), fp8)
+        recv_idx, recv_w = self.call_arrays("recv_topk", (((n_rows, k), np.int64), ((n_rows, k), np.float32))) \
+            if k else (None, None)
         recv_src = self.call_array("recv_src", n_rows, np.int32)
         if self.inter is None:
             routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev)
@@ -433,8 +454,8 @@ class GpuBackend:
         hidden = x.shape[1]
         # Fresh outputs (not kept sets as in low-latency calls): their shapes change with every
         # dispatch's counts, and sets kept per shape would pin memory for shapes never seen again.
-        recv_x = self.call_array("cached_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
-        recv_s = self.call_array("cached_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
+        recv_x, recv_s = self.call_arrays("cached", (((n_rows, hidden), np.uint8 if fp8 else bfloat16),
+                                                     ((n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None), fp8)
         call_tag = normal_call_tag(self.seq, "cached_dispatch", fp8, False, x.shape[1])
         used = (x, scales, recv_x, recv_s)  # kept alive for the communication stream (async_finish)
         # No recv_src_idx (a null pointer): the handle has the rows' sources already.
@@ -463,8 +484,7 @@ class GpuBackend:
         if self.inter is not None:
             self.inter.claim()
         cur = self._begin(previous_event, async_finish)
-        out = self.call_array("out", (t, hidden), bfloat16)  # fresh, as in cached_dispatch
-        out_w = self.call_array("out_w", (t, k), np.float32) if k else None
+        out, out_w = self.call_arrays("combine", (((t, hidden), bfloat16), ((t, k), np.float32) if k else None))
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
         call_tag = normal_call_tag(self.seq, "combine", False, k > 0, hidden, k)
@@ -489,6 +509,7 @@ class GpuBackend:
         return CombineOut(out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w)))
 
     # ------------------------------------------------------------------ #
+    # The interface's low-latency calls; an instance's are self.ll's own, bound in __init__.
     def low_latency_dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
                              async_finish, return_recv_hook, cumulative_stats=None, wait_stats=None):
         return self.ll.dispatch(x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
