@@ -18,7 +18,6 @@ it) and FP8 as uint8, since CuPy has no float8 dtype.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
@@ -213,7 +212,6 @@ def from_cupy(a, framework: str, fp8: bool = False):
 
 
 # ---- the GPU backend's callers ------------------------------------------- #
-_KEPT_CARVINGS = 64  # a frontend's cache of carving() results
 def _external_stream(ptr: int, device_id: int):
     import warnings
 
@@ -264,8 +262,6 @@ class DeviceFrontend:
     def _carving(self, specs):
         plan = self._carvings.get(specs)
         if plan is None:
-            if len(self._carvings) >= _KEPT_CARVINGS:  # row counts that change call to call: stay bounded
-                self._carvings.clear()
             plan = self._carvings[specs] = carving(specs)
         return plan
 
@@ -442,47 +438,24 @@ def carving(specs, align: int = 256):
     array: (its length, per spec None or (shape, strides, offset) of an int32
     view and the dtype it is then viewed as, None for int32). Each part starts ``align``
     bytes after the array's start times a whole number; a part whose last
-    dimension is not a whole number of int32 is refused (ValueError).
-    Cheap for new leading sizes (a normal call's row count changes call to
-    call): what a kind of row needs is worked out once (:func:`_row_kind`)."""
+    dimension is not a whole number of int32 is refused (ValueError)."""
     parts, offset = [], 0
     for sp in specs:
         if sp is None:
             parts.append(None)
             continue
-        shape = sp[0] if isinstance(sp[0], tuple) else (sp[0],)
-        n = shape[0]
-        words, tail32, tail_strides, itemsize, dtype = _row_kind(shape[1:], sp[1])
-        if words is None:  # 1-D: the row is the whole array
-            if n * itemsize % 4:
-                raise ValueError(f"{shape} {np.dtype(sp[1])}: rows of {n * itemsize} bytes are not whole int32s")
-            words = n * itemsize // 4
-            shape32, strides, step = (words,), (1,), words
-        else:
-            shape32, strides, step = (n,) + tail32, (words,) + tail_strides, n * words
-        parts.append((shape32, strides, offset, dtype))
+        shape, dtype = (tuple(sp[0]) if isinstance(sp[0], tuple) else (sp[0],)), np.dtype(sp[1])
+        row_bytes = shape[-1] * dtype.itemsize
+        if row_bytes % 4:
+            raise ValueError(f"{shape} {dtype}: rows of {row_bytes} bytes are not whole int32s")
+        shape32 = shape[:-1] + (row_bytes // 4,)
+        strides, step = [], 1
+        for n in reversed(shape32):
+            strides.insert(0, step)
+            step *= n
+        parts.append((shape32, tuple(strides), offset, None if dtype == np.int32 else dtype))
         offset += -(-step * 4 // align) * align // 4
     return max(offset, 1), parts
-
-
-@functools.lru_cache(maxsize=None)
-def _row_kind(tail: tuple, dtype) -> tuple:
-    """Arrays [n, *tail] of ``dtype`` as int32 views, whatever n: (int32 words
-    a row, None for 1-D arrays; the view's dimensions after the first and
-    their strides; the itemsize; the dtype to view as, None for int32)."""
-    dt = np.dtype(dtype)
-    as_dtype = None if dt == np.int32 else dt
-    if not tail:
-        return None, (), (), dt.itemsize, as_dtype
-    row_bytes = tail[-1] * dt.itemsize
-    if row_bytes % 4:
-        raise ValueError(f"(n, {', '.join(map(str, tail))}) {dt}: rows of {row_bytes} bytes are not whole int32s")
-    tail32 = tail[:-1] + (row_bytes // 4,)
-    strides, step = [], 1
-    for n in reversed(tail32):
-        strides.insert(0, step)
-        step *= n
-    return step, tail32, tuple(strides), dt.itemsize, as_dtype
 
 
 def device_frontend(framework: str, device_id: int) -> DeviceFrontend:
