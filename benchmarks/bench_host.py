@@ -260,7 +260,8 @@ def normal_stage_rows(buf, arrays, args):
         ("normal: validation of combine's x and topk_weights", tight_us(lambda: validation.check_normal_combine(
             d.recv_x, d.recv_topk_weights, rows, h.hidden, h.num_topk))),
         ("normal: validation of cached dispatch's x", tight_us(lambda: validation.check_bf16_rows(x))),
-        ("normal: combine's two outputs (one block, views)", tight_us(lambda: fe.empty_many(combine_outputs))),
+        ("normal: combine's two outputs (two allocations)", tight_us(lambda: [fe.empty(*sp) for sp in combine_outputs])),
+        ("normal: the same, views of one block", tight_us(lambda: fe.empty_many(combine_outputs))),
         ("normal: cached dispatch's output (torch.empty)", tight_us(lambda: fe.empty((rows, h.hidden),
                                                                                      fp8.bfloat16))),
         ("normal: stream order and error word (_begin, _end)", tight_us(stream_order)),

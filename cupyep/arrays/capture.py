@@ -48,7 +48,7 @@ class KeptArrays:
             if a is None:
                 a = self._arrays[k] = _cupy_empty(shape, dtype)
         if zero:
-            memset_zero(a, stream)
+            _zero(a, stream)
         return a
 
 
@@ -57,8 +57,8 @@ def _cupy_empty(shape, dtype):
     return cupy.empty(shape, dtype)
 
 
-def memset_zero(a, stream):
-    """Zero ``a`` with a memset on ``stream``: capturable, and the same for CuPy and torch arrays."""
+def _zero(a, stream):
+    """memset on ``stream``: capturable, and the same for CuPy and torch arrays."""
     import cupy
 
     from cupyep.arrays.interop import dtype_of

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cupyep import jit
-from cupyep.arrays.capture import KeptArrays, is_capturing, memset_zero
+from cupyep.arrays.capture import KeptArrays, is_capturing
 from cupyep.arrays.interop import DeviceFrontend, dtype_of
 from cupyep.backends.gpu.call_tags import NORMAL_MARK, describe as describe_call_tag, normal_call_tag
 from cupyep.backends.interface import CachedDispatchOut, CombineOut, NormalDispatchOut
@@ -155,17 +155,6 @@ class GpuBackend:
         the caller's framework (cupyep.arrays.capture: CuPy callers' are kept
         while capturing)."""
         return self._kept.get(key, shape, dtype, self._capturing, zero, alloc=self.frontend, stream=self.stream)
-
-    def call_arrays(self, key, specs, fp8: bool = False):
-        """Arrays of ``specs`` ((shape, dtype) or None, a tuple) for the call in
-        progress: fresh views of one allocation (one allocator call for them
-        all, so they are freed together, once all are dropped); while a CuPy
-        caller's stream is captured, :meth:`call_array`'s kept ones. ``fp8``:
-        the first is uint8 holding e4m3 (torch: float8_e4m3fn)."""
-        fe = self.frontend
-        if self._capturing and fe.keeps_outputs_in_capture:
-            return [None if sp is None else self.call_array((key, i), *sp) for i, sp in enumerate(specs)]
-        return fe.empty_many(specs, fp8)
 
     def _kept_outputs(self, key, specs):
         """Outputs of a call on the caller's stream whose shapes repeat call after
@@ -330,18 +319,16 @@ class GpuBackend:
 
         call_tag = normal_call_tag(self.seq, "dispatch", scales is not None, topk_weights is not None, hidden, k,
                                    num_experts if topk_idx is not None else 1)
-        # The routing (kept by the handle) and the counts, in one allocation
-        offsets, expert_counts, send_pos = self.call_arrays("notify", (
-            ((r * c + 1,), np.int32), ((max(local, 1),), np.int32),
-            ((t, r), np.int32) if self.inter is None else None))
-        if per_expert is None:  # the notify kernel writes all L counts when it has per-expert counts
-            memset_zero(expert_counts, self.stream)
+        offsets = self.call_array("offsets", r * c + 1, np.int32)
+        # The notify kernel writes all L counts when it has per-expert counts.
+        expert_counts = self.call_array("expert_counts", max(local, 1), np.int32, zero=per_expert is None)
         rdma_pos = rdma_recv_count = None
         if self.inter is not None:
             send_pos, rdma_pos, rdma_recv_count = self.inter.notify(
                 is_token_in_rank, t, c, per_expert, local, expert_alignment, lay_dev, rdma_dev,
                 offsets, expert_counts, call_tag)
         else:
+            send_pos = self.call_array("send_pos", (t, r), np.int32)
             key = ("notify", c, self.intranode_source)
             plan = self._launch_plans.get(key) or self._plan(
                 key, "intranode.notify_dispatch", kernel_specs.intranode_notify(r, self.intranode_source), c + 1,
@@ -370,12 +357,10 @@ class GpuBackend:
             counts = [int(v) for v in self.info_host[1:1 + local]] if topk_idx is not None else None
 
         fp8 = scales is not None
-        # Allocations by lifetime: the rows and their scales (the experts' input), the rows'
-        # top-k (kept for the backward pass by some callers), the sources (kept by the handle).
-        recv_x, recv_s = self.call_arrays("recv_x", (((n_rows, hidden), np.uint8 if fp8 else bfloat16),
-                                                     ((n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None), fp8)
-        recv_idx, recv_w = self.call_arrays("recv_topk", (((n_rows, k), np.int64), ((n_rows, k), np.float32))) \
-            if k else (None, None)
+        recv_x = self.call_array("recv_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
+        recv_s = self.call_array("recv_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
+        recv_idx = self.call_array("recv_idx", (n_rows, k), np.int64) if k else None
+        recv_w = self.call_array("recv_w", (n_rows, k), np.float32) if k else None
         recv_src = self.call_array("recv_src", n_rows, np.int32)
         if self.inter is None:
             routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev)
@@ -454,8 +439,8 @@ class GpuBackend:
         hidden = x.shape[1]
         # Fresh outputs (not kept sets as in low-latency calls): their shapes change with every
         # dispatch's counts, and sets kept per shape would pin memory for shapes never seen again.
-        recv_x, recv_s = self.call_arrays("cached", (((n_rows, hidden), np.uint8 if fp8 else bfloat16),
-                                                     ((n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None), fp8)
+        recv_x = self.call_array("cached_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)
+        recv_s = self.call_array("cached_s", (n_rows, hidden // FP8_GROUP), np.float32) if fp8 else None
         call_tag = normal_call_tag(self.seq, "cached_dispatch", fp8, False, x.shape[1])
         used = (x, scales, recv_x, recv_s)  # kept alive for the communication stream (async_finish)
         # No recv_src_idx (a null pointer): the handle has the rows' sources already.
@@ -484,7 +469,10 @@ class GpuBackend:
         if self.inter is not None:
             self.inter.claim()
         cur = self._begin(previous_event, async_finish)
-        out, out_w = self.call_arrays("combine", (((t, hidden), bfloat16), ((t, k), np.float32) if k else None))
+        # Fresh, one allocation each: views carved from one allocation cost more on the
+        # host than the allocations they replace (benchmarks/RESULTS.md, ninth pass)
+        out = self.call_array("out", (t, hidden), bfloat16)
+        out_w = self.call_array("out_w", (t, k), np.float32) if k else None
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
         call_tag = normal_call_tag(self.seq, "combine", False, k > 0, hidden, k)
