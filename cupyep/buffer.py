@@ -7,7 +7,6 @@ that framework: torch in, torch out.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
 from typing import Optional
@@ -156,10 +155,6 @@ class Buffer:
             self._impl.enter_call(fe)
         return fe
 
-    def _on_caller_stream(self):
-        """CuPy work inside a call goes to the caller's stream (normal calls)."""
-        return self._impl.caller_stream if self.backend == "gpu" else contextlib.nullcontext()
-
     def _native(self, a, name: str, fe=None):
         if a is None:
             return None
@@ -211,8 +206,7 @@ class Buffer:
         idx = self._native(topk_idx, "topk_idx", fe)
         validation.check_topk(idx, None, idx.shape[0])
         validation.check_num_experts(num_experts, self.num_ranks)
-        with self._on_caller_stream():
-            lay = self._impl.get_dispatch_layout(idx, num_experts)
+        lay = self._impl.get_dispatch_layout(idx, num_experts)
         back = fe.back
         return DispatchLayout(back(lay.num_tokens_per_rank), back(lay.num_tokens_per_node),
                               back(lay.num_tokens_per_expert), back(lay.is_token_in_rank),
@@ -266,8 +260,7 @@ class Buffer:
                 if num_experts is None:
                     raise InvalidInputError("dispatch with topk_idx needs layout= or num_experts=")
                 validation.check_num_experts(num_experts, self.num_ranks)
-                with self._on_caller_stream():
-                    lay = self._impl.get_dispatch_layout(idx, num_experts)
+                lay = self._impl.get_dispatch_layout(idx, num_experts)
             else:
                 lay = layout
                 _check_layout(layout, topk_idx, num_experts)
@@ -282,10 +275,9 @@ class Buffer:
                                    else layout.is_token_in_rank, "is_token_in_rank", fe)
         validation.check_is_token_in_rank(in_rank, num_tokens, self.num_ranks)
 
-        with self._on_caller_stream():
-            out = self._impl.dispatch(data, scales, idx, w, in_rank, per_expert, num_experts, expert_alignment,
-                                      num_worst_tokens, config, previous_event, async_finish,
-                                      layout_in_call=idx is not None and layout is None)
+        out = self._impl.dispatch(data, scales, idx, w, in_rank, per_expert, num_experts, expert_alignment,
+                                  num_worst_tokens, config, previous_event, async_finish,
+                                  layout_in_call=idx is not None and layout is None)
         h = DispatchHandle(self.buffer_id, num_tokens, hidden, out.num_recv_tokens,
                            num_worst_tokens, 0 if idx is None else idx.shape[1], in_rank,
                            out.recv_src_idx, out.routing)
@@ -302,7 +294,7 @@ class Buffer:
             raise InvalidInputError(
                 f"cached dispatch: x has shape {tuple(data.shape)}, the handle expects "
                 f"{(handle.num_tokens, handle.hidden)}")
-        out = self._impl.cached_dispatch(handle, data, scales, config, previous_event, async_finish)  # as combine's
+        out = self._impl.cached_dispatch(handle, data, scales, config, previous_event, async_finish)
         return DispatchResult(fe.back(out.recv_x, fp8=scales is not None), fe.back(out.recv_x_scales),
                               None, None, None, handle, out.event)
 
@@ -338,7 +330,6 @@ class Buffer:
         if len(biases) > 2:
             raise InvalidInputError("combine takes at most two bias arrays")
         validation.check_bias(biases, handle.num_tokens, handle.hidden)
-        # Not under _on_caller_stream (~1 us): a combine's work names its stream, none uses CuPy's current one
         out = self._impl.combine(handle, data, w, biases, config, previous_event, async_finish)
         return CombineResult(fe.back(out.combined_x), fe.back(out.combined_topk_weights), out.event)
 

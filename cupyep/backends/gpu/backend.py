@@ -3,7 +3,10 @@
 Kernels live in raw_kernels/cupyep/{layout,intranode}.cu. A call runs on the
 caller's stream, or on the buffer's communication stream when it waits on
 ``previous_event`` or returns an event (``async_finish``); see
-:class:`cupyep.events.CallStreams`.
+:class:`cupyep.events.CallStreams`. Every launch and copy names its stream;
+the few CuPy calls that follow CuPy's current stream (a shape's first upload
+of its layout) run with the caller's stream made current, so that nothing
+goes to the legacy stream while a torch stream is captured.
 """
 from __future__ import annotations
 
@@ -219,7 +222,8 @@ class GpuBackend:
             lay = sizing.check_fits(self.num_nvl_bytes, self.num_ranks, hidden, num_topk, 0)
             spc = lay.max_tokens // num_channels
             arr = np.array(sizing.nvl_layout_words(lay, spc), np.int64)
-            hit = (lay, cupy.asarray(arr), spc)
+            with self.caller_stream:  # its copy, like all of a call's work, on the caller's stream
+                hit = (lay, cupy.asarray(arr), spc)
             self._layouts[key] = hit
         lay, dev, spc = hit
         if math.ceil(num_tokens / num_channels) > spc:
@@ -276,7 +280,8 @@ class GpuBackend:
             import cupy
             specs = (((r,), np.int32), ((num_experts,), np.int32), ((nodes,), np.int32) if nodes > 1 else None)
             # counts by expert, rank, node, then the blocks' arrival ticket; zero between launches
-            found = self._layout_state[num_experts] = (specs, cupy.zeros(num_experts + r + nodes + 1, np.int32))
+            with self.caller_stream:
+                found = self._layout_state[num_experts] = (specs, cupy.zeros(num_experts + r + nodes + 1, np.int32))
         specs, scratch = found
         per_rank, per_expert, per_node = self._kept_outputs("layout", specs)
         in_rank = self.call_array("in_rank", (t, r), np.bool_)
@@ -354,7 +359,7 @@ class GpuBackend:
                 raise InvalidInputError(
                     f"expert id outside [-1, {num_experts}) in topk_idx on rank {bad - 1}")
             num_recv = n_rows = int(self.info_host[0])
-            counts = [int(v) for v in self.info_host[1:1 + local]] if topk_idx is not None else None
+            counts = self.info_host[1:1 + local].tolist() if topk_idx is not None else None
 
         fp8 = scales is not None
         recv_x = self.call_array("recv_x", (n_rows, hidden), np.uint8 if fp8 else bfloat16)

@@ -59,7 +59,8 @@ class GpuInternode:
             lay = sizing.rdma_layout(r, n, hidden, max(num_topk, 1), t_max)
             spc = t_max // num_channels
             arr = np.array(sizing.rdma_layout_words(lay, spc), np.int64)
-            hit = (lay, cupy.asarray(arr), spc)
+            with self.be.caller_stream:  # as GpuBackend._layout
+                hit = (lay, cupy.asarray(arr), spc)
             self._layouts[key] = hit
         lay, dev, spc = hit
         self._sym()
