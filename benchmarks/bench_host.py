@@ -271,7 +271,7 @@ def normal_stage_rows(buf, arrays, args):
     ]
 
 
-def profile_rows(calls, n, top=12):
+def profile_rows(calls, n, top=20):
     """Per call in ``calls`` ({name: call}): (name, tight-loop us, [(own us,
     cumulative us, calls, function)] of the ``top`` functions by own time),
     from cProfile around ``n`` calls after a tight loop of as many unprofiled."""
