@@ -377,7 +377,8 @@ class TorchFrontend(DeviceFrontend):
         return a  # read by address: autograd is the caller's business, as with detach()
 
     def empty(self, shape, dtype):
-        return self._torch.empty(shape, dtype=self._torch_dtype(dtype), device=self._device)
+        td = self._dtypes.get(dtype) or self._torch_dtype(dtype)  # (a method call costs as much as the lookup)
+        return self._torch.empty(shape, dtype=td, device=self._device)
 
     def empty_many(self, specs, fp8: bool = False):
         """Tensors of ``specs`` ((shape, dtype) or None, a tuple) carved from

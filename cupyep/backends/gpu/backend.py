@@ -157,6 +157,8 @@ class GpuBackend:
         backend's low-latency and inter-node parts make theirs here too), from
         the caller's framework (cupyep.arrays.capture: CuPy callers' are kept
         while capturing)."""
+        if not (self._capturing or zero):  # every call's case: straight from the framework's allocator
+            return self.frontend.empty(shape, dtype)
         return self._kept.get(key, shape, dtype, self._capturing, zero, alloc=self.frontend, stream=self.stream)
 
     def _kept_outputs(self, key, specs):
@@ -223,16 +225,16 @@ class GpuBackend:
             spc = lay.max_tokens // num_channels
             arr = np.array(sizing.nvl_layout_words(lay, spc), np.int64)
             with self.caller_stream:  # its copy, like all of a call's work, on the caller's stream
-                hit = (lay, cupy.asarray(arr), spc)
-            self._layouts[key] = hit
-        lay, dev, spc = hit
+                    dev = cupy.asarray(arr)
+            hit = self._layouts[key] = (lay, dev, dev.data.ptr, spc)
+        lay, dev, dev_ptr, spc = hit
         if math.ceil(num_tokens / num_channels) > spc:
             need = sizing.nvl_size_hint(hidden, num_tokens, self.num_ranks, num_topk)
             raise BufferTooSmallError(
                 f"num_nvl_bytes={self.num_nvl_bytes} holds {spc * num_channels} tokens per rank at "
                 f"hidden={hidden}, top-{num_topk}; {num_tokens} need num_nvl_bytes >= {need} "
                 "(cupyep.nvl_size_hint)")
-        return lay, dev
+        return lay, dev, dev_ptr
 
     def _config(self, config):
         cfg = config or default_config(self.num_ranks, self.group.num_nodes)
@@ -307,13 +309,13 @@ class GpuBackend:
         local = 0 if topk_idx is None else num_experts // r
         if local > sizing.MAX_LOCAL_EXPERTS:
             raise InvalidInputError(f"at most {sizing.MAX_LOCAL_EXPERTS} experts per rank")
-        shape = (x.shape[1], dtype_of(x).itemsize, k, index_type(topk_idx))
+        shape = (hidden, dtype_of(x).itemsize, k, index_type(topk_idx))
         if shape not in self._prefetched:  # a new shape: compile its kernels side by side
             self._prefetched.add(shape)
             jit.prefetch(kernel_specs.normal_call_specs(
                 r, self.group.num_ranks_per_node, hidden * shape[1], 0 if scales is None else scales.shape[1],
                 k, shape[3], hidden), jit.device_arch(self.rt.device_id))
-        lay, lay_dev = self._layout(hidden, k, c, t)
+        lay, lay_dev, lay_ptr = self._layout(hidden, k, c, t)
         rdma_lay = rdma_dev = None
         if self.inter is not None:
             rdma_lay, rdma_dev = self.inter.layout(hidden, k, c, t)
@@ -340,8 +342,10 @@ class GpuBackend:
                 NOTIFY_THREADS, _NOTIFY_PER_CALL, num_channels=c, peers=self.nvl.peers, rank=self.rank,
                 counters=self.counters, blocks_done=self.blocks_done, host_info=self.info_ptr,
                 layout_error=self.layout_error, err=self.err_ptr)
+            # addresses read once: the dispatch's launch takes them too (a read costs ~0.3 us)
+            send_pos_ptr, offsets_ptr = _ptr(send_pos), _ptr(offsets)
             plan.launch(self.stream.ptr, _ptr(is_token_in_rank), t, _ptr(per_expert), local, expert_alignment,
-                        _ptr(send_pos), _ptr(lay_dev), _ptr(offsets), _ptr(expert_counts), self.timeout_ns, call_tag)
+                        send_pos_ptr, lay_ptr, offsets_ptr, _ptr(expert_counts), self.timeout_ns, call_tag)
         if num_worst_tokens:
             n_rows, num_recv = num_worst_tokens, -1
             counts = expert_counts[:local] if topk_idx is not None else None
@@ -369,8 +373,8 @@ class GpuBackend:
         recv_src = self.call_array("recv_src", n_rows, np.int32)
         if self.inter is None:
             routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev)
-            self._launch_dispatch(cfg, x, scales, topk_idx, topk_weights, send_pos, t, lay_dev,
-                                  offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src)
+            self._launch_dispatch(cfg, x, scales, topk_idx, topk_weights, send_pos_ptr, t, lay_ptr,
+                                  offsets_ptr, local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src)
         else:
             fwd_slots = self.call_array("fwd_slots", self.group.num_nodes * rdma_lay.max_tokens *
                                         self.group.num_ranks_per_node, np.int32)
@@ -383,9 +387,10 @@ class GpuBackend:
                                                 expert_counts))
         return NormalDispatchOut(recv_x, recv_s, recv_idx, recv_w, counts, recv_src, num_recv, routing, event)
 
-    def _launch_dispatch(self, cfg, x, scales, topk_idx, topk_weights, send_pos, num_tokens,
-                         lay_dev, offsets, local, n_rows, recv_x, recv_s, recv_idx, recv_w,
+    def _launch_dispatch(self, cfg, x, scales, topk_idx, topk_weights, send_pos_ptr, num_tokens,
+                         lay_ptr, offsets_ptr, local, n_rows, recv_x, recv_s, recv_idx, recv_w,
                          recv_src):
+        """The dispatch kernel; the routing tables by address."""
         hidden_bytes = x.shape[1] * dtype_of(x).itemsize
         k = 0 if topk_idx is None else topk_idx.shape[1]
         num_scales = 0 if scales is None else scales.shape[1]
@@ -397,8 +402,8 @@ class GpuBackend:
             2 * cfg.num_channels, 32 * cfg.num_warps, _DISPATCH_PER_CALL, num_channels=cfg.num_channels,
             peers=self.nvl.peers, rank=self.rank, chunk_tokens=cfg.chunk_tokens,
             own_share_1024=round(1024 * own_rows_receiver_share(cfg, self.num_ranks)), err=self.err_ptr)
-        plan.launch(self.stream.ptr, _ptr(x), _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), _ptr(send_pos),
-                    num_tokens, _ptr(lay_dev), _ptr(offsets), local, n_rows, _ptr(recv_x), _ptr(recv_s),
+        plan.launch(self.stream.ptr, _ptr(x), _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), send_pos_ptr,
+                    num_tokens, lay_ptr, offsets_ptr, local, n_rows, _ptr(recv_x), _ptr(recv_s),
                     _ptr(recv_idx), _ptr(recv_w), _ptr(recv_src), self.timeout_ns)
 
     def _barrier(self, g: GpuRouting, call_tag):
