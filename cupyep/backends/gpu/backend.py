@@ -225,7 +225,7 @@ class GpuBackend:
             spc = lay.max_tokens // num_channels
             arr = np.array(sizing.nvl_layout_words(lay, spc), np.int64)
             with self.caller_stream:  # its copy, like all of a call's work, on the caller's stream
-                    dev = cupy.asarray(arr)
+                dev = cupy.asarray(arr)
             hit = self._layouts[key] = (lay, dev, dev.data.ptr, spc)
         lay, dev, dev_ptr, spc = hit
         if math.ceil(num_tokens / num_channels) > spc:
@@ -479,8 +479,8 @@ class GpuBackend:
         if self.inter is not None:
             self.inter.claim()
         cur = self._begin(previous_event, async_finish)
-        # Fresh, one allocation each: views carved from one allocation cost more on the
-        # host than the allocations they replace (benchmarks/RESULTS.md, ninth pass)
+        # Fresh, one allocation each: views carved from one allocation cost the host as
+        # much as the allocations they replace (benchmarks/RESULTS.md, ninth pass)
         out = self.call_array("out", (t, hidden), bfloat16)
         out_w = self.call_array("out_w", (t, k), np.float32) if k else None
         b0 = bias[0] if len(bias) > 0 else None
