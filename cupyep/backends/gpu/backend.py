@@ -131,8 +131,6 @@ class GpuBackend:
         # a handle's launch plans keep the kernels they were made with
         self.intranode_source = "intranode.cu"
         self.ll = GpuLowLatency(self, num_rdma_bytes, shrink=enable_shrink)
-        # The low-latency calls go straight to self.ll: a forwarding method costs ~0.3 us a call.
-        self.low_latency_dispatch, self.low_latency_combine = self.ll.dispatch, self.ll.combine
         self.inter = None
         if group.num_nodes > 1:
             from cupyep.backends.gpu.internode import GpuInternode
@@ -507,7 +505,6 @@ class GpuBackend:
         return CombineOut(out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w)))
 
     # ------------------------------------------------------------------ #
-    # The interface's low-latency calls; an instance's are self.ll's own, bound in __init__.
     def low_latency_dispatch(self, x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
                              async_finish, return_recv_hook, cumulative_stats=None, wait_stats=None):
         return self.ll.dispatch(x, topk_idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
