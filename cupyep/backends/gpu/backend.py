@@ -53,12 +53,21 @@ ERR_PEER_TAG, ERR_CALL_TAG, ERR_BAD_VALUE, ERR_RUNNING_TAG, ERR_WORDS = 8, 10, 1
 ERR_TIMEOUT, ERR_TOO_MANY_ROWS, ERR_CALL_MISMATCH = 1, 2, 3
 
 
+def _table_words(n: int) -> int:
+    """int32 words a routing table of ``n`` takes in a dispatch's shared
+    allocation: whole 256-byte blocks, so that the next one starts aligned."""
+    return -(-n // 64) * 64
+
+
 @dataclass(eq=False, slots=True)
 class GpuRouting:
     """GPU routing tables kept in a DispatchHandle.
 
-    send_pos: [T, R] int32 slot of each token in each destination, -1 if not sent.
-    recv_channel_offset: [R * C + 1] int32 prefix of rows per (source, channel).
+    send_pos: address of [T, R] int32, the slot of each token in each
+    destination, -1 if not sent.
+    recv_channel_offset: address of [R * C + 1] int32, the prefix of rows
+    per (source, channel).
+    tables: the arrays those addresses lie in (kept alive with the handle).
     num_channels, num_warps: the launch shape the slots were laid out for.
     layout: the NvlLayout in use (host copy) and its device array.
     Across nodes also: rdma_pos [T, N] int32 slot of each token in each
@@ -69,8 +78,9 @@ class GpuRouting:
     dispatch, combine), made once (jit.ArgPlan: the arguments but the
     per-call ones kept).
     """
-    send_pos: object
-    recv_channel_offset: object
+    send_pos: int
+    recv_channel_offset: int
+    tables: tuple
     num_channels: int
     num_warps: int
     layout: sizing.NvlLayout
@@ -324,26 +334,38 @@ class GpuBackend:
 
         call_tag = normal_call_tag(self.seq, "dispatch", scales is not None, topk_weights is not None, hidden, k,
                                    num_experts if topk_idx is not None else 1)
-        offsets = self.call_array("offsets", r * c + 1, np.int32)
-        # The notify kernel writes all L counts when it has per-expert counts.
-        expert_counts = self.call_array("expert_counts", max(local, 1), np.int32, zero=per_expert is None)
+        # The routing tables the kernels read by address share one allocation (one
+        # costs the host ~3 us, an address an addition): send_pos [T, R] (inside a
+        # node), offsets [R * C + 1] and, unless handed back on the device
+        # (num_worst_tokens) or zeroed (no per-expert counts), expert_counts [L]. The
+        # notify kernel writes all L counts when it has per-expert counts.
+        own_counts = per_expert is not None and not num_worst_tokens
+        n_send = 0 if self.inter is not None else _table_words(t * r)
+        n_offsets = _table_words(r * c + 1)
+        tables = self.call_array("tables", n_send + n_offsets + (local if own_counts else 0), np.int32)
+        send_pos_ptr = _ptr(tables)
+        offsets_ptr = send_pos_ptr + 4 * n_send
+        if own_counts:
+            expert_counts, counts_ptr = None, offsets_ptr + 4 * n_offsets
+        else:
+            expert_counts = self.call_array("expert_counts", max(local, 1), np.int32, zero=per_expert is None)
+            counts_ptr = _ptr(expert_counts)
         rdma_pos = rdma_recv_count = None
         if self.inter is not None:
             send_pos, rdma_pos, rdma_recv_count = self.inter.notify(
                 is_token_in_rank, t, c, per_expert, local, expert_alignment, lay_dev, rdma_dev,
-                offsets, expert_counts, call_tag)
+                offsets_ptr, counts_ptr, call_tag)
+            send_pos_ptr, tables = _ptr(send_pos), (tables, send_pos)
         else:
-            send_pos = self.call_array("send_pos", (t, r), np.int32)
             key = ("notify", c, self.intranode_source)
             plan = self._launch_plans.get(key) or self._plan(
                 key, "intranode.notify_dispatch", kernel_specs.intranode_notify(r, self.intranode_source), c + 1,
                 NOTIFY_THREADS, _NOTIFY_PER_CALL, num_channels=c, peers=self.nvl.peers, rank=self.rank,
                 counters=self.counters, blocks_done=self.blocks_done, host_info=self.info_ptr,
                 layout_error=self.layout_error, err=self.err_ptr)
-            # addresses read once: the dispatch's launch takes them too (a read costs ~0.3 us)
-            send_pos_ptr, offsets_ptr = _ptr(send_pos), _ptr(offsets)
             plan.launch(self.stream.ptr, _ptr(is_token_in_rank), t, _ptr(per_expert), local, expert_alignment,
-                        send_pos_ptr, lay_ptr, offsets_ptr, _ptr(expert_counts), self.timeout_ns, call_tag)
+                        send_pos_ptr, lay_ptr, offsets_ptr, counts_ptr, self.timeout_ns, call_tag)
+            tables = (tables,)
         if num_worst_tokens:
             n_rows, num_recv = num_worst_tokens, -1
             counts = expert_counts[:local] if topk_idx is not None else None
@@ -370,19 +392,18 @@ class GpuBackend:
         recv_w = self.call_array("recv_w", (n_rows, k), np.float32) if k else None
         recv_src = self.call_array("recv_src", n_rows, np.int32)
         if self.inter is None:
-            routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev)
+            routing = GpuRouting(send_pos_ptr, offsets_ptr, tables, c, cfg.num_warps, lay, lay_dev)
             self._launch_dispatch(cfg, x, scales, topk_idx, topk_weights, send_pos_ptr, t, lay_ptr,
                                   offsets_ptr, local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src)
         else:
             fwd_slots = self.call_array("fwd_slots", self.group.num_nodes * rdma_lay.max_tokens *
                                         self.group.num_ranks_per_node, np.int32)
-            routing = GpuRouting(send_pos, offsets, c, cfg.num_warps, lay, lay_dev, rdma_pos,
+            routing = GpuRouting(send_pos_ptr, offsets_ptr, tables, c, cfg.num_warps, lay, lay_dev, rdma_pos,
                                  rdma_recv_count, fwd_slots, rdma_dev)
             self.inter.dispatch(cfg, routing, x, scales, topk_idx, topk_weights, is_token_in_rank, t,
                                 local, n_rows, recv_x, recv_s, recv_idx, recv_w, recv_src, True)
         event = self._end(cur, async_finish, (x, scales, topk_idx, topk_weights, is_token_in_rank, recv_x,
-                                                recv_s, recv_idx, recv_w, recv_src, send_pos, offsets,
-                                                expert_counts))
+                                                recv_s, recv_idx, recv_w, recv_src, *tables, expert_counts))
         return NormalDispatchOut(recv_x, recv_s, recv_idx, recv_w, counts, recv_src, num_recv, routing, event)
 
     def _launch_dispatch(self, cfg, x, scales, topk_idx, topk_weights, send_pos_ptr, num_tokens,
