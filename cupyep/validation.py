@@ -65,7 +65,14 @@ def check_fp8_pair(q, scales, name: str = "x") -> None:
 
 def check_topk(topk_idx, topk_weights, num_tokens: int, tokens_of: str = "x has") -> None:
     """topk_idx [T, K] int64/int32; topk_weights [T, K] fp32 or None.
-    ``tokens_of`` says where ``num_tokens`` comes from, for the message."""
+    ``tokens_of`` says where ``num_tokens`` comes from, for the message.
+    Fast path as in check_low_latency_dispatch."""
+    ks = topk_idx.shape
+    if (len(ks) == 2 and ks[0] == num_tokens and ks[1] >= 1 and dtype_of(topk_idx) in _INDEX_DTYPES
+            and is_c_contiguous(topk_idx)
+            and (topk_weights is None or (topk_weights.shape == ks and dtype_of(topk_weights) == _FLOAT32
+                                          and is_c_contiguous(topk_weights)))):
+        return
     if topk_idx.ndim != 2 or dtype_of(topk_idx) not in _INDEX_DTYPES:
         raise InvalidInputError(
             f"topk_idx must be 2-D int64 (or int32), got {topk_idx.dtype} {tuple(topk_idx.shape)}")
@@ -83,6 +90,7 @@ def check_topk(topk_idx, topk_weights, num_tokens: int, tokens_of: str = "x has"
                 f"topk_weights shape {tuple(topk_weights.shape)} differs from "
                 f"topk_idx shape {tuple(topk_idx.shape)}")
         check_contiguous(topk_weights, "topk_weights")
+    raise AssertionError(f"check_topk: no check failed for topk_idx {tuple(ks)}")
 
 
 def check_num_experts(num_experts: int, num_ranks: int) -> None:
