@@ -16,7 +16,7 @@ waited for), and (4) the kernel time of the same call from the CUDA profiler.
 When (3) is close to (4) the host cost hides behind the kernels.
 
 ``--stages`` (torch, one rank): where a low-latency call's host time goes
-(and pieces of a normal cached dispatch and combine),
+(and pieces of normal calls),
 each piece timed alone in a tight loop of 2000 (so with warm caches, unlike
 (1)): the outputs (one torch allocation carved into views, or a kept set),
 the frontend and stream, the validation, the launch plan's lookup, the
@@ -245,18 +245,35 @@ def stage_rows(buf, arrays, args):
 def normal_stage_rows(buf, arrays, args):
     """(piece, us) of a normal cached dispatch and combine from torch, each
     piece alone (the whole calls: the main table's queued/call column)."""
-    from cupyep import validation
+    from cupyep import jit, validation
     from cupyep.backends.gpu.call_tags import normal_call_tag
+    from cupyep.buffer import _check_layout
+    from cupyep.types import DispatchHandle, DispatchResult
     x, idx, w = arrays
-    d = buf.dispatch(x, idx, w, layout=buf.get_dispatch_layout(idx, args.normal_experts))
+    lay = buf.get_dispatch_layout(idx, args.normal_experts)
+    d = buf.dispatch(x, idx, w, layout=lay)
     h = d.handle
+    t = x.shape[0]
     be, fe = buf._impl, buf._frontends["torch"]
     rows = h.num_recv_tokens
     combine_outputs = (((h.num_tokens, h.hidden), fp8.bfloat16), ((h.num_tokens, h.num_topk), np.float32))
 
     def stream_order():
         be._end(be._begin(None, False), False, ())
+
+    def dispatch_checks():  # what Buffer.dispatch checks of its inputs, given a layout
+        validation.check_bf16_rows(x)
+        validation.check_topk(idx, w, t)
+        _check_layout(lay, idx, None)
+        validation.check_is_token_in_rank(lay.is_token_in_rank, t, buf.num_ranks)
+
+    def dispatch_objects():  # what a dispatch returns beyond its arrays
+        handle = DispatchHandle(1, t, h.hidden, rows, 0, h.num_topk, lay.is_token_in_rank, d.recv_x, h.state)
+        return DispatchResult(d.recv_x, None, d.recv_topk_idx, d.recv_topk_weights, [], handle)
     return [
+        ("normal: dispatch's input checks (x, top-k, layout, is_token_in_rank)", tight_us(dispatch_checks)),
+        ("normal: a dispatch's handle and result objects", tight_us(dispatch_objects)),
+        ("normal: a tensor's address (jit.address)", tight_us(lambda: jit.address(x))),
         ("normal: validation of combine's x and topk_weights", tight_us(lambda: validation.check_normal_combine(
             d.recv_x, d.recv_topk_weights, rows, h.hidden, h.num_topk))),
         ("normal: validation of cached dispatch's x", tight_us(lambda: validation.check_bf16_rows(x))),
