@@ -50,10 +50,15 @@ def _torch_stream_ptr() -> int:
     return _torch._C._cuda_getCurrentRawStream(_torch.cuda.current_device())
 
 
+_NO_EVENT = EventOverlap()  # see _event
+
+
 def _event(result_event) -> EventOverlap:
-    """A cupyep result's event (an EventOverlap or None) as DeepEP's."""
+    """A cupyep result's event (an EventOverlap or None) as DeepEP's. Calls
+    ordered on the caller's stream share one without an event (waiting on it
+    does nothing): made once, not on every decode step."""
     if result_event is None:
-        return EventOverlap()
+        return _NO_EVENT
     return EventOverlap(result_event.event, stream_ptr=result_event._stream_ptr)
 
 
@@ -218,7 +223,7 @@ class Buffer:
         node), num_tokens_per_expert, is_token_in_rank, event)."""
         lay = self._buffer.get_dispatch_layout(topk_idx, num_experts)
         return (lay.num_tokens_per_rank, lay.num_tokens_per_node, lay.num_tokens_per_expert,
-                lay.is_token_in_rank, EventOverlap())
+                lay.is_token_in_rank, _NO_EVENT)
 
     def _native_handle(self, handle, what: str):
         """cupyep's handle inside a facade handle, with clear errors for anything else."""
