@@ -20,6 +20,10 @@ only its time matters. Rows:
     lf_no_coding   (--logfmt) every value takes code 1: no per-value log2
     lf_no_stores   (--logfmt) encoded rows are not stored
     lf_no_decode   (--logfmt) receivers load the encoded rows but decode nothing
+    lf_no_lg2      (--logfmt) the encode without its per-value MUFU log2 (the
+                   magnitude itself stands in for it): what the log2s cost
+    lf_no_ex2      (--logfmt) the decode without its per-value MUFU exp2 (the
+                   exponent itself stands in for the value): what the exp2s cost
     no_count_wait  dispatch flags are set without waiting for the messages
                    and counts (last: it leaves counters off by the late adds,
                    so rows after it are timed on wrong data)
@@ -55,6 +59,7 @@ _LF_ROUNDS = "return min(kWarpSize, kHidden / 64 - r * kWarpSize);"
 _LF_CODE = "const float q = __saturatef(fmaf(log2_approx(fabsf(x)), q_per_log, q0));"
 _LF_STORE = "for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);"
 _LF_DECODE = "logfmt_accumulate8(in[b], place, s_weight[k0 + b], acc);"
+_LF_EX2 = "const float v = exp2_approx(fmaf(__uint_as_float(f), step512, base));"
 VARIANTS = {
     "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
     "no_payload": [(_PAYLOAD, "                    (void)payload;\n")],
@@ -66,6 +71,8 @@ VARIANTS = {
     "lf_no_coding": [(_LF_CODE, "const float q = 1.f / (kLogFmtSteps + 1.f);")],
     "lf_no_stores": [(_LF_STORE, ";")],
     "lf_no_decode": [(_LF_DECODE, "for (int j = 0; j < 8; ++j) acc[j] = fmaf(s_weight[k0 + b], in[b].logs.x, acc[j]);")],
+    "lf_no_lg2": [(_LF_CODE, _LF_CODE.replace("log2_approx(fabsf(x))", "fabsf(x)"))],
+    "lf_no_ex2": [(_LF_EX2, _LF_EX2.replace("exp2_approx(", "("))],
 }
 
 
