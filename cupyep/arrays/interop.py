@@ -378,6 +378,9 @@ class TorchFrontend(DeviceFrontend):
 
     def empty(self, shape, dtype):
         td = self._dtypes.get(dtype) or self._torch_dtype(dtype)  # (a method call costs as much as the lookup)
+        if type(shape) is tuple and shape:
+            # sizes as separate arguments: torch parses them ~0.5 us faster than one tuple
+            return self._torch.empty(*shape, dtype=td, device=self._device)
         return self._torch.empty(shape, dtype=td, device=self._device)
 
     def empty_many(self, specs, fp8: bool = False):
@@ -424,6 +427,8 @@ class TorchFrontend(DeviceFrontend):
                 a.record_stream(s)
 
     def back(self, a, fp8: bool = False):
+        if type(a) is self._tensor and not fp8:  # a plain tensor of the call: one identity test
+            return a
         if a is None or framework_of(a) == "torch":
             return a.view(self._f8) if fp8 and a is not None and a.dtype is not self._f8 else a
         return from_cupy(a, "torch", fp8)  # a view of cupyep's own memory
