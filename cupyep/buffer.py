@@ -329,7 +329,8 @@ class Buffer:
             biases = (self._native(bias, "bias", fe),)
         if len(biases) > 2:
             raise InvalidInputError("combine takes at most two bias arrays")
-        validation.check_bias(biases, handle.num_tokens, handle.hidden)
+        if biases:
+            validation.check_bias(biases, handle.num_tokens, handle.hidden)
         out = self._impl.combine(handle, data, w, biases, config, previous_event, async_finish)
         return CombineResult(fe.back(out.combined_x), fe.back(out.combined_topk_weights), out.event)
 
