@@ -245,6 +245,7 @@ def stage_rows(buf, arrays, args):
 def normal_stage_rows(buf, arrays, args):
     """(piece, us) of a normal cached dispatch and combine from torch, each
     piece alone (the whole calls: the main table's queued/call column)."""
+    import torch
     from cupyep import jit, validation
     from cupyep.backends.gpu.call_tags import normal_call_tag
     from cupyep.buffer import _check_layout
@@ -274,6 +275,10 @@ def normal_stage_rows(buf, arrays, args):
         ("normal: dispatch's input checks (x, top-k, layout, is_token_in_rank)", tight_us(dispatch_checks)),
         ("normal: a dispatch's handle and result objects", tight_us(dispatch_objects)),
         ("normal: a tensor's address (jit.address)", tight_us(lambda: jit.address(x))),
+        ("normal: torch.empty((rows, hidden), ...), sizes in a tuple", tight_us(
+            lambda: torch.empty((rows, h.hidden), dtype=torch.bfloat16, device=x.device))),
+        ("normal: torch.empty(rows, hidden, ...), sizes as arguments", tight_us(
+            lambda: torch.empty(rows, h.hidden, dtype=torch.bfloat16, device=x.device))),
         ("normal: validation of combine's x and topk_weights", tight_us(lambda: validation.check_normal_combine(
             d.recv_x, d.recv_topk_weights, rows, h.hidden, h.num_topk))),
         ("normal: validation of cached dispatch's x", tight_us(lambda: validation.check_bf16_rows(x))),
