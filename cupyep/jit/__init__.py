@@ -607,11 +607,13 @@ class ArgPlan:
         self._fn.launch_block(self.grid, self.threads, self._block, stream_ptr, self.shared_mem)
 
 
-_ADDRESS_OF = {type(None): lambda a: 0}  # array type -> its address getter (hot path: one lookup)
+_ADDRESS_OF = {}  # array type -> its address getter (hot path: one lookup)
 
 
 def address(a) -> int:
     """Device address of a CuPy array or torch tensor (a Python int), 0 for None."""
+    if a is None:  # absent optional arrays (scales, biases, weights): no lookup
+        return 0
     get = _ADDRESS_OF.get(type(a))
     if get is None:
         get = _ADDRESS_OF[type(a)] = type(a).data_ptr if hasattr(a, "data_ptr") else _cupy_address

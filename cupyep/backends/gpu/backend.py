@@ -482,8 +482,7 @@ class GpuBackend:
         self._barrier(g, call_tag)
         plan = self._cached_dispatch_plan(g, cfg, hidden * dtype_of(x).itemsize,
                                           0 if scales is None else scales.shape[1], n_rows, handle.num_tokens)
-        plan.launch(self.stream.ptr, _ptr(x), 0 if scales is None else _ptr(scales), _ptr(recv_x),
-                    0 if recv_s is None else _ptr(recv_s), self.timeout_ns)
+        plan.launch(self.stream.ptr, _ptr(x), _ptr(scales), _ptr(recv_x), _ptr(recv_s), self.timeout_ns)
         return CachedDispatchOut(recv_x, recv_s, self._end(cur, async_finish, used))
 
     def _check_sms(self, cfg):
@@ -523,8 +522,8 @@ class GpuBackend:
                 num_channels=g.num_channels, num_senders=combine_senders(cfg, self.num_ranks),
                 chunk_rows=cfg.combine_chunk_rows, peers=self.nvl.peers, layout=g.layout_dev, rank=self.rank,
                 counters=self.counters, scratch=self.blocks_done, err=self.err_ptr)
-        plan.launch(self.stream.ptr, _ptr(x), _ptr(topk_weights), 0 if b0 is None else _ptr(b0),
-                    0 if b1 is None else _ptr(b1), _ptr(out), _ptr(out_w), self.timeout_ns, call_tag)
+        plan.launch(self.stream.ptr, _ptr(x), _ptr(topk_weights), _ptr(b0), _ptr(b1), _ptr(out), _ptr(out_w),
+                    self.timeout_ns, call_tag)
         return CombineOut(out, out_w, self._end(cur, async_finish, (x, topk_weights, *bias, out, out_w)))
 
     # ------------------------------------------------------------------ #
