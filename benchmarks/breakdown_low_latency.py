@@ -58,8 +58,14 @@ _PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
 _LF_ROUNDS = "return min(kWarpSize, kHidden / 64 - r * kWarpSize);"
 _LF_CODE = "const float q = __saturatef(fmaf(log2_approx(fabsf(x)), q_per_log, q0));"
 _LF_STORE = "for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);"
-_LF_DECODE = "logfmt_accumulate8(in[b], place, s_weight[k0 + b], acc);"
-_LF_EX2 = "const float v = exp2_approx(fmaf(__uint_as_float(f), step512, base));"
+_LF_DECODE = ("                            if (in[b].may_be_zero())\n"
+              "                                logfmt_accumulate8<true>(in[b], s_weight[k0 + b], acc);\n"
+              "                            else\n"
+              "                                logfmt_accumulate8<false>(in[b], s_weight[k0 + b], acc);\n")
+# every loaded word used once a row, so that no load is left out
+_LF_NO_DECODE = ("                            for (int j = 0; j < 8; ++j) acc[j] = fmaf(s_weight[k0 + b], "
+                 "in[b].head.x + __uint_as_float(in[b].lo.x ^ in[b].lo.y ^ in[b].hi), acc[j]);\n")
+_LF_EX2 = "const float v = exp2_approx(fmaf(__uint_as_float(f), scale, base));"
 VARIANTS = {
     "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
     "no_payload": [(_PAYLOAD, "                    (void)payload;\n")],
@@ -70,7 +76,7 @@ VARIANTS = {
     "lf_no_encode": [(_LF_ROUNDS, "return 0 * r;")],
     "lf_no_coding": [(_LF_CODE, "const float q = 1.f / (kLogFmtSteps + 1.f);")],
     "lf_no_stores": [(_LF_STORE, ";")],
-    "lf_no_decode": [(_LF_DECODE, "for (int j = 0; j < 8; ++j) acc[j] = fmaf(s_weight[k0 + b], in[b].logs.x, acc[j]);")],
+    "lf_no_decode": [(_LF_DECODE, _LF_NO_DECODE)],
     "lf_no_lg2": [(_LF_CODE, _LF_CODE.replace("log2_approx(fabsf(x))", "fabsf(x)"))],
     "lf_no_ex2": [(_LF_EX2, _LF_EX2.replace("exp2_approx(", "("))],
 }

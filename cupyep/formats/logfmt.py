@@ -1,16 +1,19 @@
 """LogFMT-10: the optional encoding of low-latency combine traffic.
 
-Each group of 64 channels of a bf16 row travels as 88 bytes instead of 128:
-two fp32, log2 of the group's largest magnitude (``log_amax``) and of its
-smallest non-zero one clipped to ``log_amax - 32`` (``log_amin``), then per
-8 channels 10 bytes: 8 sign bits and eight 9-bit codes. Code 0 is zero;
-code c >= 1 is ``2 ** (log_amin + (c - 1) * step)`` with
+Each group of 64 channels of a bf16 row travels as 88 bytes instead of 128.
+It is defined by two logs: log2 of the group's largest magnitude
+(``log_amax``) and of its smallest non-zero one clipped to ``log_amax - 32``
+(``log_amin``); each channel has a sign bit and a 9-bit code. Code 0 is
+zero; code c >= 1 is ``2 ** (log_amin + (c - 1) * step)`` with
 ``step = (log_amax - log_amin) / 510``; a value takes the nearest code in
 the log domain, and zero where that is more than half a step below code 1
 (only where log_amin was clipped: magnitudes under ``2 ** -32`` of the
 group's largest). Relative error per value is at most ``2 ** (step / 2) - 1``
 (under 2.2%, and far less for groups of a narrow range), except for those
-flushed to zero.
+flushed to zero. On the wire: 8 bytes of header (what the decoder computes
+each code's exponent with, worked out from the two logs by the sender), then
+10 bytes per 8 channels (8 sign bits and eight codes), split 8 + 2 so that
+each decoding thread loads aligned words.
 
 This module is the NumPy definition (the reference backend and the tests use
 it); raw_kernels/cupyep/low_latency.cu does the same in fp32 on the GPU,

@@ -711,6 +711,16 @@ dispatch(const __nv_bfloat16* __restrict__ x, const IdxT* __restrict__ topk_idx,
 // from NumPy's at a rounding boundary (the tests bound the result against
 // cupyep.formats.logfmt, not bit for bit); bf16 denormals (under 2^-126)
 // count as zero.
+//
+// On the wire a group is 88 bytes laid out for the decoder: the header
+// (8 bytes), then 8 bytes per 8 channels (bits 0..63 of their 80), then 2
+// bytes per 8 channels (bits 64..79), so each decoding thread loads aligned
+// words and finds its bits in place (no per-thread shifts or selects). The
+// header holds what the decoder computes with, worked out once by the
+// sender: the scale and base of a code's exponent (logfmt_accumulate8), the
+// scale's sign bit set when the group may hold code 0 (a zero, a bf16
+// denormal or a value flushed below the clip), so that decoders skip the
+// zero test in groups without one.
 constexpr int kLogFmtGroupBytes = 88;
 // MUFU log2 / exp2 (relative error ~2^-22): a code or a decoded value may
 // move by one step at a rounding boundary, well inside LogFMT's own error.
@@ -737,15 +747,25 @@ __host__ __device__ constexpr int logfmt_rounds(int hidden) { return (hidden / 6
 // bits less kLogFmtCodeBase.
 constexpr unsigned kLogFmtCodeBase = 0x4b400000u - 1;
 
+// Where bit b (0..79) of the 80 bits of channels 8i..8i+7 lies among a
+// group's 22 words: bits 0..63 in words 2 + 2i and 3 + 2i, bits 64..79 in
+// half i % 2 of word 18 + i / 2. Bits 0..7 are the signs, code j starts at
+// bit 8 + 9j; codes 2 and 6 cross a word (bits 32 and 64).
+__host__ __device__ constexpr int logfmt_word(int i, int b) { return b < 64 ? 2 + 2 * i + b / 32 : 18 + i / 2; }
+__host__ __device__ constexpr int logfmt_shift(int i, int b) { return b < 64 ? b % 32 : b - 64 + 16 * (i % 2); }
+__host__ __device__ constexpr int logfmt_code_bit(int j) { return 8 + 9 * j; }
+__host__ __device__ constexpr bool logfmt_code_crosses(int j) {
+    return logfmt_code_bit(j) / 32 != (logfmt_code_bit(j) + 8) / 32;
+}
+
 // What the encoder adds to word k (32 bits) of a group beyond the codes
 // themselves: kLogFmtCodeBase << shift for each code wholly inside word k.
 __host__ __device__ constexpr unsigned logfmt_code_base_sum(int k) {
     unsigned sum = 0;
     for (int i = 0; i < 8; ++i)
-        for (int j = 0; j < 8; ++j) {
-            const int at = 64 + 80 * i + 8 + 9 * j;
-            if (at / 32 == k && at % 32 <= 32 - 9) sum += kLogFmtCodeBase << (at % 32);
-        }
+        for (int j = 0; j < 8; ++j)
+            if (!logfmt_code_crosses(j) && logfmt_word(i, logfmt_code_bit(j)) == k)
+                sum += kLogFmtCodeBase << logfmt_shift(i, logfmt_code_bit(j));
     return sum;
 }
 
@@ -803,10 +823,13 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
     uint2* words = reinterpret_cast<uint2*>(slots) + lane * (kLogFmtGroupBytes / 8);
     if (lane < groups) {
         // |x|'s largest and smallest non-zero value, on the bf16 bits (magnitudes
-        // order as integers), two a word, three words an instruction: for the
-        // minimum a zero maps to 0xffff and m to m - 1 ((m + 0x7fff) ^ 0x8000:
-        // no carry crosses the halves, as m <= 0x7fff).
-        unsigned mx = 0, mn = 0xffffffffu;
+        // order as integers), two a word, three words an instruction. For the
+        // minimum, m + 0x7fff per half (no carry crosses the halves, as
+        // m <= 0x7fff) read as signed 16 bits: -32768 + m - 1 for m >= 1, and
+        // +32767 for a zero, so the signed minimum skips zeros (xor 0x8000
+        // gives m - 1, or 0xffff where every m is 0). Last, the smallest
+        // magnitude with zeros (whether the group has a zero).
+        unsigned mx = 0, mn = 0x7fff7fffu, mz = 0xffffffffu;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const unsigned v[4] = {(unsigned)raw[i].x, (unsigned)raw[i].y, (unsigned)raw[i].z,
@@ -815,19 +838,25 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 m[k] = v[k] & 0x7fff7fffu;
-                n[k] = (m[k] + 0x7fff7fffu) ^ 0x80008000u;
+                n[k] = m[k] + 0x7fff7fffu;
             }
             mx = __vimax3_u16x2(__vimax3_u16x2(mx, m[0], m[1]), m[2], m[3]);
-            mn = __vimin3_u16x2(__vimin3_u16x2(mn, n[0], n[1]), n[2], n[3]);
+            mn = __vimin3_s16x2(__vimin3_s16x2(mn, n[0], n[1]), n[2], n[3]);
+            mz = __vimin3_u16x2(__vimin3_u16x2(mz, m[0], m[1]), m[2], m[3]);
         }
+        mn ^= 0x80008000u;
         const unsigned amax_bits = max(mx >> 16, mx & 0xffffu), amin_less = min(mn >> 16, mn & 0xffffu);
         const float amax = __uint_as_float(amax_bits << 16);
         const float amin = amin_less == 0xffffu ? __int_as_float(0x7f800000) : __uint_as_float((amin_less + 1) << 16);
         // The group's logs by the values' own MUFU log2 (not log2f's ~50 instructions),
         // so the largest value's position is range * per_step, 510 but for rounding.
-        const float log_amax = log2_approx(amax);
-        const float log_amin = fmaxf(log2_approx(amin), __fsub_rn(log_amax, kLogFmtRange));
+        const float log_amax = log2_approx(amax), log_smallest = log2_approx(amin);
+        const float clip = __fsub_rn(log_amax, kLogFmtRange);
+        const float log_amin = fmaxf(log_smallest, clip);
         const float range = __fsub_rn(log_amax, log_amin);
+        // Code 0 only where some magnitude is 0, a denormal (log2 -inf), or
+        // below the clip; written as a test that infinities and NaNs fail.
+        const bool may_be_zero = (mz & 0xffffu) == 0 || (mz >> 16) == 0 || !(log_smallest > clip);
         // A value's position p = (log2 m - log_amin) / step, step = range / 510, as
         // q = (p + 1) / 511 in one FMA that saturates to [0, 1] (NaN to 0), then code
         // q * 511 rounded: below p = -1 (a zero: log2 0 = -inf) code 0, above 510 code
@@ -835,11 +864,13 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
         // definition's quotient.)
         const float q_per_log = range > 0.f ? __fdividef(kLogFmtSteps / (kLogFmtSteps + 1.f), range) : 0.f;
         const float q0 = fmaf(-log_amin, q_per_log, 1.f / (kLogFmtSteps + 1.f));  // range <= 32
-        // The group's 88 bytes as 22 words: the two logs, then per 8 channels
-        // i 80 bits at bit 64 + 80i (8 sign bits, eight 9-bit codes).
+        // The decoder's header (logfmt_accumulate8): a product, not the
+        // definition's quotient, for the step (within an ulp, far below
+        // LogFMT's own error); the exponent of code c is f * scale + base.
+        const float step = __fmul_rn(range, 1.f / kLogFmtSteps);
         unsigned w[kLogFmtGroupBytes / 4];
-        w[0] = __float_as_uint(log_amax);
-        w[1] = __float_as_uint(log_amin);
+        w[0] = __float_as_uint(step * 512.f) | (may_be_zero ? 0x80000000u : 0u);
+        w[1] = __float_as_uint(fmaf(-513.f, step, log_amin));
 #pragma unroll
         for (int k = 2; k < kLogFmtGroupBytes / 4; ++k) w[k] = 0u - logfmt_code_base_sum(k);
 #pragma unroll
@@ -849,7 +880,7 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
             // the sign bits (15 and 31 of each word) to bits 0..7
             const unsigned s = (v[0] >> 15 & 0x10001u) | (v[1] >> 13 & 0x40004u) | (v[2] >> 11 & 0x100010u) |
                                (v[3] >> 9 & 0x400040u);
-            w[(64 + 80 * i) / 32] += ((s | s >> 15) & 0xffu) << (64 + 80 * i) % 32;  // bits no code uses
+            w[logfmt_word(i, 0)] += (s | s >> 15) & 0xffu;  // bits no code uses
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 // Branch-free, so the 64 values' chains (MUFU latency) overlap.
@@ -857,13 +888,14 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
                 // A magnitude below a clipped log_amin by more than half a step codes as zero too.
                 const float q = __saturatef(fmaf(log2_approx(fabsf(x)), q_per_log, q0));
                 const unsigned t = __float_as_uint(fmaf(q, kLogFmtSteps + 1.f, 12582911.f));  // kLogFmtCodeBase + code
-                const int at = 64 + 80 * i + 8 + 9 * j, k = at / 32, shift = at % 32;
-                if (shift <= 32 - 9) {
-                    w[k] += t << shift;  // kLogFmtCodeBase << shift was taken off w[k] above
-                } else {                 // the code spans two words
+                const int at = logfmt_code_bit(j);
+                if (!logfmt_code_crosses(j)) {
+                    w[logfmt_word(i, at)] += t << logfmt_shift(i, at);  // kLogFmtCodeBase << shift was taken off above
+                } else {  // the code's low bits end its word (the rest shift out), its high bits start the next
                     const unsigned code = t - kLogFmtCodeBase;
-                    w[k] += code << shift;
-                    w[k + 1] += code >> (32 - shift);
+                    const int cut = (at / 32 + 1) * 32;
+                    w[logfmt_word(i, at)] += code << logfmt_shift(i, at);
+                    w[logfmt_word(i, cut)] += (code >> (cut - at)) << logfmt_shift(i, cut);
                 }
             }
         }
@@ -877,59 +909,36 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
     return groups * kLogFmtGroupBytes;
 }
 
-// Channels 8u .. 8u+7 of an encoded row: the group's logs and 10 bytes,
-// within the aligned 16 bytes a, b (the group is 8-byte aligned; the 10 bytes
-// start 0, 2, 4 or 6 bytes in). Three 8-byte loads, not a float2 and five
-// 2-byte ones: a warp's load instructions each touch 3-4 cache lines, so
-// fewer of them is less L1 traffic. load() only loads, so that a batch of
-// rows' loads are all in flight before any is used.
+// Channels 8u .. 8u+7 of an encoded row: their group's header and their 80
+// bits, as aligned loads (8, 8 and 2 bytes). load() only loads, so that a
+// batch of rows' loads are all in flight before any is used.
 struct LogFmt8 {
-    float2 logs;
-    uint2 a, b;
-    // Where a thread's 10 bytes sit in a and b: the same in every row.
-    struct Place {
-        int at;         // byte offset in the group of the 16 bytes
-        bool far;       // the 10 bytes start 4 or 6 bytes in
-        unsigned shift; // then 0 or 16 more bits
-        __device__ __forceinline__ explicit Place(int u) {
-            const int start = 8 + (u % 8) * 10, skip = start % 8;
-            at = (u / 8) * kLogFmtGroupBytes + start - skip;
-            far = skip >= 4;
-            shift = (8 * skip) % 32;
-        }
-    };
-    __device__ __forceinline__ void load(const char* row, int u, const Place& place) {
-        logs = *reinterpret_cast<const float2*>(row + (u / 8) * kLogFmtGroupBytes);
-        a = *reinterpret_cast<const uint2*>(row + place.at);
-        b = *reinterpret_cast<const uint2*>(row + place.at + 8);
+    float2 head;  // the code scale (its sign bit: the group may hold code 0) and base
+    uint2 lo;     // bits 0..63: the signs, codes 0..5 and code 6's low 2 bits
+    unsigned hi;  // bits 64..79: code 6's high 7 bits and code 7
+    __device__ __forceinline__ void load(const char* row, int u) {
+        const char* group = row + (u / 8) * kLogFmtGroupBytes;
+        head = *reinterpret_cast<const float2*>(group);
+        lo = *reinterpret_cast<const uint2*>(group + 8 + 8 * (u % 8));
+        hi = *reinterpret_cast<const unsigned short*>(group + 72 + 2 * (u % 8));
     }
-    // The 80 bits as bits 0..31, 32..63 and 64..79 of w: a, b shifted right by 8 * skip.
-    __device__ __forceinline__ void bits(const Place& place, unsigned* w) const {
-        const unsigned x0 = place.far ? a.y : a.x, x1 = place.far ? b.x : a.y, x2 = place.far ? b.y : b.x;
-        w[0] = __funnelshift_r(x0, x1, place.shift);
-        w[1] = __funnelshift_r(x1, x2, place.shift);
-        w[2] = (place.far ? x2 >> place.shift : __funnelshift_r(x2, b.y, place.shift)) & 0xffffu;
-    }
+    // Whether some code of the group may be 0 (then the decoder tests each).
+    __device__ __forceinline__ bool may_be_zero() const { return __float_as_int(head.x) < 0; }
 };
 
 // ... decoded, times w, added to acc[8] (fp32). Code c >= 1 is
 // 2^(log_amin + (c - 1) step). The float f = 1 + c / 512 is the code's bits
 // under an exponent (0x3f800000 | c << 14), so the exponent is one FMA from
-// the payload: f * 512 step + (log_amin - 513 step); f and 512 step are exact,
-// the constant is rounded once (|it| < 2^8: within 2^-16 of an octave).
-// Code 0, zero, adds nothing; the sign goes on the weight.
-__device__ __forceinline__ void logfmt_accumulate8(const LogFmt8& in, const LogFmt8::Place& place, float w,
-                                                   float* acc) {
-    const float2 logs = in.logs;
-    unsigned words[3];
-    in.bits(place, words);
-    const unsigned long long lo = words[0] | static_cast<unsigned long long>(words[1]) << 32;
+// the payload: f * scale + base, with the sender's scale = 512 step (exact)
+// and base = log_amin - 513 step (rounded once, |base| < 2^8: within 2^-16
+// of an octave). Code 0, zero, adds nothing: with kMayBeZero each code is
+// tested; groups without code 0 skip the test. The sign goes on the weight.
+template <bool kMayBeZero>
+__device__ __forceinline__ void logfmt_accumulate8(const LogFmt8& in, float w, float* acc) {
+    const unsigned long long lo = in.lo.x | static_cast<unsigned long long>(in.lo.y) << 32;
     // bits 48..79 of the 80: codes 6 (at bit 14 here) and 7 (at 23)
-    const unsigned mid = __funnelshift_r(words[1], words[2], 16);
-    // a product, not the definition's quotient: within an ulp, far below LogFMT's own error
-    const float step = __fmul_rn(__fsub_rn(logs.x, logs.y), 1.f / kLogFmtSteps);
-    const float step512 = step * 512.f;
-    const float base = fmaf(-513.f, step, logs.y);
+    const unsigned mid = __funnelshift_r(in.lo.y, in.hi, 16);
+    const float scale = kMayBeZero ? fabsf(in.head.x) : in.head.x, base = in.head.y;
     constexpr unsigned kCode = 511u << 14;
     // (bits & kCode) | 0x3f800000 in C is two LOP3s (one immediate each); with
     // 1.f's bits in a register, one lop3 masks the code and ORs them in.
@@ -944,9 +953,9 @@ __device__ __forceinline__ void logfmt_accumulate8(const LogFmt8& in, const LogF
                                        : mid >> 9;
         unsigned f;
         asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(f) : "r"(bits), "n"(kCode), "r"(one));
-        const float v = exp2_approx(fmaf(__uint_as_float(f), step512, base));
+        const float v = exp2_approx(fmaf(__uint_as_float(f), scale, base));
         const float signed_w = (lo >> j) & 1 ? -w : w;
-        if (bits & kCode) acc[j] = fmaf(signed_w, v, acc[j]);
+        if (!kMayBeZero || (bits & kCode)) acc[j] = fmaf(signed_w, v, acc[j]);
     }
 }
 
@@ -1268,7 +1277,6 @@ struct CombineCall {
             if (t + gridDim.x >= num_tokens) ticket.take(blocks_done);
             const char* token_rows = area + (long long)t * kLLMaxTopk * kRowBytes;
             for (int c = threadIdx.x; c < kUnits && kLogFmt; c += blockDim.x) {
-                const LogFmt8::Place place(c);
                 float acc[8];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[j] = 0.f;
@@ -1278,11 +1286,16 @@ struct CombineCall {
 #pragma unroll
                     for (int b = 0; b < kBatch; ++b)
                         if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
-                            in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c, place);
+                            in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c);
 #pragma unroll
-                    for (int b = 0; b < kBatch; ++b)
-                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
-                            logfmt_accumulate8(in[b], place, s_weight[k0 + b], acc);
+                    for (int b = 0; b < kBatch; ++b) {
+                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0) {
+                            if (in[b].may_be_zero())
+                                logfmt_accumulate8<true>(in[b], s_weight[k0 + b], acc);
+                            else
+                                logfmt_accumulate8<false>(in[b], s_weight[k0 + b], acc);
+                        }
+                    }
                 }
                 reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
             }
