@@ -49,7 +49,7 @@ _PAYLOAD = ("                    st_na(reinterpret_cast<int4*>(payload) + u, out
 _RECV_ROWS = "for (int first = 0; first < kRowInt4; first += kBatch * kWarpSize) {"
 _COUNT_WAIT = "[&](int n) { return n >= expected; }"
 _COMB_SEND_ROW = "warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(peers[dst] + off), src, lane);"
-_COMB_SUM = "sum_rows<Bf16x8, 8>(token_rows, out + (long long)t * kHidden, s_slot, s_weight);"
+_COMB_SUM = "for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {"
 _PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
            "    if (phases & 2) call.receive(s_mask, s_entries);",
            "    if (phases & 1) call.send(s_mask);",
@@ -58,19 +58,20 @@ _PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
 _LF_ROUNDS = "return min(kWarpSize, kHidden / 64 - r * kWarpSize);"
 _LF_CODE = "const float q = __saturatef(fmaf(log2_approx(fabsf(x)), q_per_log, q0));"
 _LF_STORE = "for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);"
-_LF_DECODE = ("    if (may_be_zero())\n"
-              "        logfmt_accumulate8<true>(*this, w, acc);\n"
-              "    else\n"
-              "        logfmt_accumulate8<false>(*this, w, acc);\n")
+_LF_DECODE = ("                            if (in[b].may_be_zero())\n"
+              "                                logfmt_accumulate8<true>(in[b], s_weight[k0 + b], acc);\n"
+              "                            else\n"
+              "                                logfmt_accumulate8<false>(in[b], s_weight[k0 + b], acc);\n")
 # every loaded word used once a row, so that no load is left out
-_LF_NO_DECODE = "    for (int j = 0; j < 8; ++j) acc[j] = fmaf(w, head.x + __uint_as_float(lo.x ^ lo.y ^ hi), acc[j]);\n"
+_LF_NO_DECODE = ("                            for (int j = 0; j < 8; ++j) acc[j] = fmaf(s_weight[k0 + b], "
+                 "in[b].head.x + __uint_as_float(in[b].lo.x ^ in[b].lo.y ^ in[b].hi), acc[j]);\n")
 _LF_EX2 = "const float v = exp2_approx(fmaf(__uint_as_float(f), scale, base));"
 VARIANTS = {
     "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
     "no_payload": [(_PAYLOAD, "                    (void)payload;\n")],
     "no_recv_rows": [(_RECV_ROWS, _RECV_ROWS.replace("first < kRowInt4", "first < 0"))],
     "comb_no_rows": [(_COMB_SEND_ROW, ";")],
-    "comb_no_sum": [(_COMB_SUM, ";")],
+    "comb_no_sum": [(_COMB_SUM, _COMB_SUM.replace("c < kUnits", "c < 0"))],
     "no_count_wait": [(_COUNT_WAIT, "[](int) { return true; }")],
     "lf_no_encode": [(_LF_ROUNDS, "return 0 * r;")],
     "lf_no_coding": [(_LF_CODE, "const float q = 1.f / (kLogFmtSteps + 1.f);")],

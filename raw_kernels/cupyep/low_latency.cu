@@ -924,7 +924,6 @@ struct LogFmt8 {
     }
     // Whether some code of the group may be 0 (then the decoder tests each).
     __device__ __forceinline__ bool may_be_zero() const { return __float_as_int(head.x) < 0; }
-    __device__ __forceinline__ void add(float w, float* acc) const;  // logfmt_accumulate8
 };
 
 // ... decoded, times w, added to acc[8] (fp32). Code c >= 1 is
@@ -959,26 +958,6 @@ __device__ __forceinline__ void logfmt_accumulate8(const LogFmt8& in, float w, f
         if (!kMayBeZero || (bits & kCode)) acc[j] = fmaf(signed_w, v, acc[j]);
     }
 }
-
-__device__ __forceinline__ void LogFmt8::add(float w, float* acc) const {
-    if (may_be_zero())
-        logfmt_accumulate8<true>(*this, w, acc);
-    else
-        logfmt_accumulate8<false>(*this, w, acc);
-}
-
-// Channels 8u .. 8u+7 of a bf16 row; add() rounds the product and the sum
-// apart (no FMA), as the reference does.
-struct Bf16x8 {
-    int4 v;
-    __device__ __forceinline__ void load(const char* row, int u) { v = reinterpret_cast<const int4*>(row)[u]; }
-    __device__ __forceinline__ void add(float w, float* acc) const {
-        float f[8];
-        bf16x8_to_float(v, f);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
-    }
-};
 
 // ----------------------------------------------------------------------------
 // Combine. x [L][R*M][H] bf16 expert outputs in the dispatched layout (it may
@@ -1246,60 +1225,6 @@ struct CombineCall {
         done.put = false;
     }
 
-    // A token's rows (slots [K] into token_rows, -1: none) times weights [K]
-    // summed into out [H], 8 channels (a unit) a thread, in top-k order. Row
-    // is Bf16x8 or LogFmt8: load() issues a unit's loads, add() adds it to
-    // acc. Software-pipelined: a thread's steps (kStep rows of one of its
-    // units) alternate between two buffers, and each step's loads are issued
-    // before the step ahead of it is summed, so that from the second step on
-    // their latency hides under the sums (LogFMT: the decode, its bound) and
-    // a thread's two units are in flight together.
-    template <typename Row, int kStep>
-    __device__ __forceinline__ void sum_rows(const char* token_rows, __nv_bfloat16* out, const int* slot,
-                                             const float* weight) const {
-        constexpr int kUnits = kHidden / 8;
-        struct Step {
-            int unit, k0;
-        };
-        const auto next = [&](Step s) {
-            s.k0 += kStep;
-            if (s.k0 >= num_topk) s.k0 = 0, s.unit += blockDim.x;
-            return s;
-        };
-        const auto load = [&](Row* rows, Step s) {
-#pragma unroll
-            for (int b = 0; b < kStep; ++b)
-                if (s.k0 + b < num_topk && slot[s.k0 + b] >= 0)
-                    rows[b].load(token_rows + slot[s.k0 + b] * kRowBytes, s.unit);
-        };
-        float acc[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-        const auto add = [&](const Row* rows, Step s) {
-#pragma unroll
-            for (int b = 0; b < kStep; ++b)
-                if (s.k0 + b < num_topk && slot[s.k0 + b] >= 0) rows[b].add(weight[s.k0 + b], acc);
-            if (s.k0 + kStep >= num_topk) {  // the unit's last step
-                reinterpret_cast<int4*>(out)[s.unit] = pack_bf16x8(acc);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-            }
-        };
-        Row even[kStep], odd[kStep];
-        Step s{static_cast<int>(threadIdx.x), 0};
-        if (s.unit < kUnits) load(even, s);
-        while (s.unit < kUnits) {
-            const Step s1 = next(s);
-            if (s1.unit < kUnits) load(odd, s1);
-            add(even, s);
-            if (s1.unit >= kUnits) break;
-            const Step s2 = next(s1);
-            if (s2.unit < kUnits) load(even, s2);
-            add(odd, s1);
-            s = s2;
-        }
-    }
-
     // A block per token: its experts' flags, then its rows summed in top-k order.
     __device__ __forceinline__ void receive(const int* s_mask) const {
         // A block per token. Lane k of the first warp waits for the flag of
@@ -1317,6 +1242,7 @@ struct CombineCall {
         // the fence orders the block's flag reads (bar.sync) before it.
         ArrivalTicket ticket;
         if (blockIdx.x >= num_tokens) ticket.take(blocks_done);
+        constexpr int kUnits = kHidden / 8;
         const char* area = local_base + off_area;
         __shared__ int s_slot[kLLMaxTopk];
         __shared__ float s_weight[kLLMaxTopk];
@@ -1350,11 +1276,49 @@ struct CombineCall {
             __syncthreads();
             if (t + gridDim.x >= num_tokens) ticket.take(blocks_done);
             const char* token_rows = area + (long long)t * kLLMaxTopk * kRowBytes;
-            // LogFMT: four rows a step (eight would spill registers); BF16: eight.
-            if constexpr (kLogFmt)
-                sum_rows<LogFmt8, 4>(token_rows, out + (long long)t * kHidden, s_slot, s_weight);
-            else
-                sum_rows<Bf16x8, 8>(token_rows, out + (long long)t * kHidden, s_slot, s_weight);
+            for (int c = threadIdx.x; c < kUnits && kLogFmt; c += blockDim.x) {
+                float acc[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+                constexpr int kBatch = 8;  // rows whose loads are in flight together
+                for (int k0 = 0; k0 < num_topk; k0 += kBatch) {
+                    LogFmt8 in[kBatch];
+#pragma unroll
+                    for (int b = 0; b < kBatch; ++b)
+                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
+                            in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c);
+#pragma unroll
+                    for (int b = 0; b < kBatch; ++b) {
+                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0) {
+                            if (in[b].may_be_zero())
+                                logfmt_accumulate8<true>(in[b], s_weight[k0 + b], acc);
+                            else
+                                logfmt_accumulate8<false>(in[b], s_weight[k0 + b], acc);
+                        }
+                    }
+                }
+                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
+            }
+            for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {
+                int4 v[kLLMaxTopk];
+#pragma unroll
+                for (int k = 0; k < kLLMaxTopk; ++k)
+                    if (k < num_topk && s_slot[k] >= 0)
+                        v[k] = *reinterpret_cast<const int4*>(token_rows + s_slot[k] * kRowBytes + c * 16);
+                float acc[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+#pragma unroll
+                for (int k = 0; k < kLLMaxTopk; ++k) {
+                    if (k < num_topk && s_slot[k] >= 0) {
+                        float f[8];
+                        bf16x8_to_float(v[k], f);
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(s_weight[k], f[j]));
+                    }
+                }
+                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
+            }
             __syncthreads();  // s_slot is rewritten for the block's next token
         }
         if (ticket.last()) {
