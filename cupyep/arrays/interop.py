@@ -250,8 +250,9 @@ class DeviceFrontend:
         """An input the kernels can read; raises InvalidInputError for host arrays."""
         fw = framework_of(a)
         if fw == "cupy":
-            if a.device.id != self.device_id:
-                raise InvalidInputError(f"array on GPU {a.device.id}, the buffer is on GPU {self.device_id}")
+            # the pointer's device id: a.device builds a Device object each call
+            if a.data.device_id != self.device_id:
+                raise InvalidInputError(f"array on GPU {a.data.device_id}, the buffer is on GPU {self.device_id}")
             return a
         return to_cupy(a)
 
