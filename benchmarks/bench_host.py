@@ -236,9 +236,28 @@ def stage_rows(buf, arrays, args):
         ("the per-call argument slots (4 packs)", tight_us(packs)),
         ("the result objects (state, backend's, handle, result)", tight_us(objects)),
         ("one launch from an argument block", tight_us(lambda: spin.launch_block(1, 32, block, stream_ptr))),
+        *launch_binding_rows(spin, block, stream_ptr),
+        ("a torch op, for scale (tensor.zero_())", tight_us(flat.zero_)),
         ("LL dispatch, whole call", tight_us(lambda: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True))),
         ("LL combine, whole call", tight_us(lambda: buf.low_latency_combine(y, idx, w, d.handle))),
         ("LL pair, whole calls", tight_us(pair)),
+    ]
+
+
+def launch_binding_rows(kernel, block, stream_ptr):
+    """(piece, us) of the same launch (``kernel``, an argument block) by the
+    driver's other Python bindings: where the launch's floor is."""
+    import ctypes
+    from cuda.bindings import driver
+    fn, params = kernel._fn, block.params_addr
+    f, s = driver.CUfunction(fn), driver.CUstream(stream_ptr)
+    lib = ctypes.CDLL("libcuda.so.1")
+    launch = lib.cuLaunchKernel
+    launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    return [
+        ("  the same by cuda.bindings' cuLaunchKernel",
+         tight_us(lambda: driver.cuLaunchKernel(f, 1, 1, 1, 32, 1, 1, 0, s, params, 0))),
+        ("  the same by ctypes", tight_us(lambda: launch(fn, 1, 1, 1, 32, 1, 1, 0, stream_ptr, params, None))),
     ]
 
 
