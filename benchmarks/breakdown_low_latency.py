@@ -29,8 +29,10 @@ only its time matters. Rows:
                    so rows after it are timed on wrong data)
 
 Times: dispatch and combine (one launch each), and the send and receive
-halves of hook mode, queued behind a spin kernel (GPU time only), median of
---iters, slowest rank. Protocol of bench_low_latency.py.
+halves of hook mode, queued behind a spin kernel (GPU time only), slowest
+rank; the rows take --rounds turns of --iters / --rounds iterations each, in an
+order reversed every other turn, and a row's figure is the median of its turns'
+medians. Protocol of bench_low_latency.py.
 """
 import argparse
 import os
@@ -92,6 +94,7 @@ def main():
     add_protocol_args(ap, tokens=128, experts=288)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=4, help="turns each row takes (its iterations split)")
     ap.add_argument("--transport", default="auto", choices=["auto", "nvshmem"])
     ap.add_argument("--logfmt", action="store_true", help="combine with use_logfmt=True")
     ap.add_argument("--random", action="store_true", help="random expert outputs (default: all ones)")
@@ -126,17 +129,38 @@ def main():
         steps = [d_step, c_step, lambda: d_step(return_recv_hook=True), lambda: state["d"].hook(),
                  lambda: c_step(return_recv_hook=True), lambda: state["c"].hook()]
         ll = buf._impl.ll
-        results = {}
-        for row, path in paths.items():
-            ll.source = path
-            for _ in range(args.warmup):  # compiles, then warms up
+
+        def warm(row):  # compiles, then warms up
+            ll.source = paths[row]
+            for _ in range(args.warmup):
                 combine(dispatch().handle)
+
+        def measure(row, iters):
+            ll.source = paths[row]
+            combine(dispatch().handle)
             cupy.cuda.Device().synchronize()
             group.barrier()
-            times = queued_step_times(steps, args.iters)
+            times = queued_step_times(steps, iters)
             cupy.cuda.Device().synchronize()
             group.barrier()
-            results[row] = np.max(group.comm.allgather(times), axis=0)  # slowest rank, per column
+            return np.max(group.comm.allgather(times), axis=0)  # slowest rank, per column
+
+        # The rows take turns, a share of the iterations each, in an order
+        # reversed every other turn: measured one after another, the row that
+        # came first read ~0.5 us apart from the same kernels in a later row on
+        # a half kernel (send faster, receive slower). no_count_wait leaves the
+        # counters wrong for whatever runs after it: last, alone.
+        rows = [row for row in paths if row != "no_count_wait"]
+        for row in rows:
+            warm(row)
+        samples = {row: [] for row in paths}
+        for r in range(args.rounds):
+            for row in (rows if r % 2 == 0 else rows[::-1]):
+                samples[row].append(measure(row, max(1, args.iters // args.rounds)))
+        if "no_count_wait" in paths:
+            warm("no_count_wait")
+            samples["no_count_wait"].append(measure("no_count_wait", args.iters))
+        results = {row: np.median(samples[row], axis=0) for row in paths}
         ll.source = "cupyep/low_latency.cu"
         if group.rank == 0:
             from cupyep.comm.runtime import card_label
@@ -144,7 +168,7 @@ def main():
                   f"{'LogFMT' if args.logfmt else 'BF16'} combine of {'random' if args.random else 'all-ones'} rows, "
                   f"{args.tokens} tokens x "
                   f"{args.hidden}, top-{args.topk} of {args.experts}, FP8 dispatch; us, slowest rank, "
-                  f"median of {args.iters}")
+                  f"median of {args.rounds} rounds' medians of {args.iters // args.rounds}")
             heads = ["dispatch", "combine", "d send", "d recv", "c send", "c recv"]
             print(f"{'variant':>14} | " + " | ".join(f"{h:>8}" for h in heads))
             for row in paths:
