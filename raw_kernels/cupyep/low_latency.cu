@@ -1065,18 +1065,19 @@ struct CombineCall {
         const int num_warps = gridDim.x * kLLWarps;
         const int my_warp = warp * gridDim.x + blockIdx.x;  // a unit's next units go to other SMs
         extern __shared__ int4 s_rounds[];  // kLogFmtSendSmem: two rounds a warp
-        __shared__ int s_units_before[kChunk + 1], s_warp_units[kLLWarps];
+        __shared__ int s_units_before[kChunk + 1], s_warp_units[kLLWarps], s_begin[kChunk];
+        __shared__ int2 s_staged[kLLWarps];  // (pair of the chunk, unit of the pair) a warp staged last
         int4* bufs = s_rounds + warp * 2 * kRoundInt4;
         PendingPairs done;
         int dealt = 0;  // units of earlier chunks, mod num_warps: where this chunk's dealing starts
         for (int first = 0; first < num_experts; first += kChunk) {
             // Units before each pair of the chunk: a block-wide prefix sum.
             const int p = first + threadIdx.x;  // [L][R]: p = le * R + dst
-            int units = 0;
-            if (p < num_experts)
-                units = static_cast<int>(layout_range[p] & 0xffffffff) * units_per_row(p % num_ranks);
+            const long long range = p < num_experts ? layout_range[p] : 0;
+            const int units = static_cast<int>(range & 0xffffffff) * units_per_row(p % num_ranks);
             const int inclusive = warp_inclusive_sum(units, lane);
-            __syncthreads();  // the previous chunk's sums are read
+            __syncthreads();  // the previous chunk's sums and begins are read
+            s_begin[threadIdx.x] = static_cast<int>(range >> 32);
             if (lane == kWarpSize - 1) s_warp_units[warp] = inclusive;
             __syncthreads();
             int before = 0;
@@ -1084,21 +1085,21 @@ struct CombineCall {
             s_units_before[threadIdx.x + 1] = before + inclusive;  // past the last pair: the total
             if (threadIdx.x == 0) s_units_before[0] = 0;
             __syncthreads();
-            const LogFmtUnits chunk{s_units_before, first, min(kChunk, num_experts - first)};
+            const LogFmtUnits chunk{s_units_before, s_begin, first, min(kChunk, num_experts - first)};
             const int total = s_units_before[kChunk];
             // The warp's steps: (unit u, round r), r in [first_round, end_round) of u.
             int u = (my_warp - dealt + num_warps) % num_warps, r = 0, b = 0;
-            if (u < total) r = stage_first_round(chunk, u, s_mask, bufs, lane);
+            if (u < total) r = stage_first_round(chunk, u, s_mask, bufs, s_staged + warp, lane);
             cp_async_commit();
             while (u < total) {
-                // Found again, though staging found it: a search of ~10 shared
-                // loads against ~1,000 instructions of encode, and no registers
-                // held across the step (the encode uses all 128).
-                int j, unit;
-                chunk.find(u, j, unit);
+                // Where staging found u (a search of ~10 dependent shared loads),
+                // kept in shared memory rather than registers: the encode uses
+                // all 128.
+                __syncwarp();  // lane 0's s_staged store
+                const int j = s_staged[warp].x, unit = s_staged[warp].y;
                 const int pair = first + j, dst = pair % num_ranks;
                 const int rounds = rounds_per_unit(dst);
-                const long long row = chunk.row(this, pair, unit);
+                const long long row = chunk.row(this, j, unit);
                 const bool put = use_put(peers, dst, force_put), skip = s_mask[dst];
                 // Stage the next step: the unit's next round, or the warp's next unit.
                 int next_u = u, next_r = r + 1;
@@ -1106,7 +1107,8 @@ struct CombineCall {
                 if (next_r == (rounds == 1 ? r + 1 : rounds)) {
                     next_u = u + num_warps;
                     if (next_u < total)
-                        next_r = stage_first_round(chunk, next_u, s_mask, bufs + (b ^ 1) * kRoundInt4, lane);
+                        next_r = stage_first_round(chunk, next_u, s_mask, bufs + (b ^ 1) * kRoundInt4,
+                                                   s_staged + warp, lane);
                 } else if (!skip) {
                     logfmt_stage_round<kHidden>(bufs + (b ^ 1) * kRoundInt4,
                                                 reinterpret_cast<const int4*>(x + row * kHidden), next_r, lane);
@@ -1143,9 +1145,11 @@ struct CombineCall {
         return in_place(dst) ? logfmt_rounds(kHidden) : 1;
     }
 
-    // A chunk's units: units_before [num_pairs + 1] of pairs first, first + 1, ...
+    // A chunk's units: units_before [num_pairs + 1] of pairs first, first + 1,
+    // ..., and the pairs' first rows (begin [num_pairs], from layout_range).
     struct LogFmtUnits {
         const int* units_before;
+        const int* begin;
         int first, num_pairs;
         // Unit u is unit `unit` of the chunk's pair j.
         __device__ __forceinline__ void find(int u, int& j, int& unit) const {
@@ -1158,25 +1162,27 @@ struct CombineCall {
             unit = u - units_before[j];
         }
         __device__ __forceinline__ int units_of(int j) const { return units_before[j + 1] - units_before[j]; }
-        // The row [L][R*M] of a pair's unit.
-        __device__ __forceinline__ long long row(const CombineCall* call, int pair, int unit) const {
-            const int begin = static_cast<int>(call->layout_range[pair] >> 32);
-            return (long long)(pair / call->num_ranks) * call->num_ranks * call->max_tokens + begin +
+        // The row [L][R*M] of a unit of the chunk's pair j.
+        __device__ __forceinline__ long long row(const CombineCall* call, int j, int unit) const {
+            const int pair = first + j;
+            return (long long)(pair / call->num_ranks) * call->num_ranks * call->max_tokens + begin[j] +
                    unit / call->units_per_row(pair % call->num_ranks);
         }
     };
 
     // Stages unit u's first round into buf (nothing for a masked
-    // destination); returns the round.
+    // destination) and leaves where u is in *staged (lane 0; the warp reads
+    // it after a __syncwarp); returns the round.
     __device__ __forceinline__ int stage_first_round(const LogFmtUnits& chunk, int u, const int* s_mask, int4* buf,
-                                                     int lane) const {
+                                                     int2* staged, int lane) const {
         int j, unit;
         chunk.find(u, j, unit);
+        if (lane == 0) *staged = make_int2(j, unit);
         const int pair = chunk.first + j, dst = pair % num_ranks;
         const int rounds = rounds_per_unit(dst);
         const int r = rounds == 1 ? unit % logfmt_rounds(kHidden) : 0;
         if (!s_mask[dst]) {
-            const long long row = chunk.row(this, pair, unit);
+            const long long row = chunk.row(this, j, unit);
             logfmt_stage_round<kHidden>(buf, reinterpret_cast<const int4*>(x + row * kHidden), r, lane);
         }
         return r;
@@ -1198,21 +1204,21 @@ struct CombineCall {
         }
     };
 
-    // Lane i counts the warp's pending unit i: one fence and the atomics in
-    // parallel, not a round trip each. GPU-scope release and acquire around
-    // the count: the lane that completes a pair's count has observed every
-    // unit's stores (and puts, completed), so its flag's release orders
-    // them all first.
+    // Lane i counts the warp's pending unit i: the atomics in parallel, not
+    // a round trip each. Each add is a GPU-scope release and acquire (one
+    // instruction, no SC fence): it releases the warp's stores (ordered
+    // before it by warp_complete's __syncwarp; the release is cumulative)
+    // and, in the lane that completes a pair's count, acquires every other
+    // unit's, so that its flag's release orders them all first.
     __device__ __forceinline__ void count_done(PendingPairs& done, const int* s_mask, int lane) const {
-        warp_complete(done.put, lane);  // the warp's stores before the fences, its puts done
+        warp_complete(done.put, lane);  // the warp's stores before the adds, its puts done
+        if (done.put) __syncwarp();     // ... by lane 0's quiet, before any lane's add
         if (lane < done.n) {
             int p = 0, units = 0;
 #pragma unroll
             for (int i = 0; i < PendingPairs::kMax; ++i)
                 if (i == lane) p = done.pair[i], units = done.units[i];
-            __threadfence();
-            if (atomicAdd(pair_done + p, 1) == units - 1) {
-                __threadfence();
+            if (atom_add_acq_rel_gpu(pair_done + p, 1) == units - 1) {
                 pair_done[p] = 0;  // the next call on this half comes after this kernel
                 const int le = p / num_ranks, dst = p % num_ranks;
                 if (!s_mask[dst])
