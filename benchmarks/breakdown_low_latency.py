@@ -19,6 +19,8 @@ only its time matters. Rows:
     lf_no_encode   (--logfmt) LogFMT combine senders write nothing, encode nothing
     lf_no_coding   (--logfmt) every value takes code 1: no per-value log2
     lf_no_stores   (--logfmt) encoded rows are not stored
+    lf_no_loads    (--logfmt) rows are not loaded: each round encodes what its
+                   shared memory holds
     lf_no_decode   (--logfmt) receivers load the encoded rows but decode nothing
     lf_no_lg2      (--logfmt) the encode without its per-value MUFU log2 (the
                    magnitude itself stands in for it): what the log2s cost
@@ -59,6 +61,7 @@ _PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
 # LogFMT combine (with --logfmt): encode, its per-value coding, its stores, decode.
 _LF_ROUNDS = "return min(kWarpSize, kHidden / 64 - r * kWarpSize);"
 _LF_CODE = "const float q = __saturatef(fmaf(log2_approx(fabsf(x)), q_per_log, q0));"
+_LF_LOAD = "if (i < words) cp_async_16(slots + 8 * g + (p ^ (g % 8)), src + i);"
 _LF_STORE = "for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);"
 _LF_DECODE = ("                            if (in[b].may_be_zero())\n"
               "                                logfmt_accumulate8<true>(in[b], s_weight[k0 + b], acc);\n"
@@ -78,6 +81,7 @@ VARIANTS = {
     "lf_no_encode": [(_LF_ROUNDS, "return 0 * r;")],
     "lf_no_coding": [(_LF_CODE, "const float q = 1.f / (kLogFmtSteps + 1.f);")],
     "lf_no_stores": [(_LF_STORE, ";")],
+    "lf_no_loads": [(_LF_LOAD, _LF_LOAD.replace("i < words", "i < 0 * words"))],
     "lf_no_decode": [(_LF_DECODE, _LF_NO_DECODE)],
     "lf_no_lg2": [(_LF_CODE, _LF_CODE.replace("log2_approx(fabsf(x))", "fabsf(x)"))],
     "lf_no_ex2": [(_LF_EX2, _LF_EX2.replace("exp2_approx(", "("))],
