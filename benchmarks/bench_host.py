@@ -309,6 +309,75 @@ def normal_stage_rows(buf, arrays, args):
         ("normal: the call tag", tight_us(lambda: normal_call_tag(be.seq, "combine", False, True, h.hidden,
                                                                   h.num_topk))),
         ("normal: the frontend and the caller's stream", tight_us(lambda: buf._frontend(x))),
+        *waiting_dispatch_rows(buf, x, idx, w, lay, d),
+    ]
+
+
+def waiting_dispatch_rows(buf, x, idx, w, lay, d):
+    """(piece, us) of a dispatch that waits for its counts, beyond its input
+    checks and stream order (rows above): each piece of GpuBackend.dispatch
+    alone, with the call's own shapes, so that their sum can be set against
+    the whole call (the main table's "beyond the wait" row). Launches are the
+    argument writes of the call's two launch plans here (a launch itself: the
+    LL rows' "one launch from an argument block"): the real kernels are not
+    launched alone."""
+    import numpy as np
+    from cupyep.backends.gpu.backend import GpuRouting, _table_words
+    from cupyep.backends.gpu.call_tags import normal_call_tag
+    from cupyep.backends.interface import NormalDispatchOut
+    from cupyep.jit import address
+    be, fe = buf._impl, buf._frontends["torch"]
+    h = d.handle
+    t, hidden, k = x.shape[0], x.shape[1], idx.shape[1]
+    n, r = h.num_recv_tokens, buf.num_ranks
+    local = lay.num_experts // r
+    cfg = be._config(None)
+    c = cfg.num_channels
+    notify = next(p for key, p in be._launch_plans.items() if key[0] == "notify")
+    dispatch = next(p for key, p in be._launch_plans.items() if key[0] == "dispatch")
+    # x is bf16 here: recv_x, recv_topk_idx, recv_topk_weights, recv_src_idx
+    outputs = (((n, hidden), fp8.bfloat16), ((n, k), np.int64), ((n, k), np.float32), (n, np.int32))
+    tables = _table_words(t * r) + _table_words(r * c + 1) + local
+
+    def setup():  # what the backend works out before the notify kernel
+        cf = be._config(None)
+        be._layout(hidden, k, cf.num_channels, t)
+        normal_call_tag(be.seq, "dispatch", False, True, hidden, k, lay.num_experts)
+
+    def slots(plan):  # ArgPlan.launch's writes, with the values the slots hold
+        v = plan._block.values
+        values = [v[i] for i in plan._slots]
+
+        def write():
+            for i, a in zip(plan._slots, values):
+                v[i] = a
+        return write
+
+    def counts():  # the host-mapped counts read after the wait
+        info = be.info_host
+        int(info[1 + local]), int(info[2 + local])
+        int(info[0])
+        return info[1:1 + local].tolist()
+
+    def addresses():  # the inputs' and outputs' addresses the two launches take
+        for a in (x, idx, w, lay.is_token_in_rank, lay.num_tokens_per_expert, d.recv_x, d.recv_topk_idx,
+                  d.recv_topk_weights, h.recv_src_idx, x):
+            address(a)
+
+    def objects():
+        g = GpuRouting(1, 2, (), c, cfg.num_warps, None, None)
+        return NormalDispatchOut(d.recv_x, None, d.recv_topk_idx, d.recv_topk_weights, [], h.recv_src_idx, n, g)
+    return [
+        ("waiting dispatch: config, NVLink layout, call tag", tight_us(setup)),
+        ("waiting dispatch: routing tables (one allocation)", tight_us(lambda: be.call_array(
+            "tables", tables, np.int32))),
+        ("waiting dispatch: notify's per-call argument slots", tight_us(slots(notify))),
+        ("waiting dispatch: the counts read after the wait", tight_us(counts)),
+        (f"waiting dispatch: its {len(outputs)} outputs ({n} rows; allocated, then freed)", tight_us(
+            lambda: [fe.empty(*sp) for sp in outputs])),
+        ("waiting dispatch: dispatch's per-call argument slots", tight_us(slots(dispatch))),
+        ("waiting dispatch: ten addresses", tight_us(addresses)),
+        ("waiting dispatch: routing and backend result objects", tight_us(objects)),
     ]
 
 
