@@ -822,32 +822,43 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
     __syncwarp();  // slots now stage the encoded words
     uint2* words = reinterpret_cast<uint2*>(slots) + lane * (kLogFmtGroupBytes / 8);
     if (lane < groups) {
-        // |x|'s largest and smallest non-zero value, on the bf16 bits (magnitudes
-        // order as integers), two a word, three words an instruction. For the
-        // minimum, m + 0x7fff per half (no carry crosses the halves, as
-        // m <= 0x7fff) read as signed 16 bits: -32768 + m - 1 for m >= 1, and
-        // +32767 for a zero, so the signed minimum skips zeros (xor 0x8000
-        // gives m - 1, or 0xffff where every m is 0). Last, the smallest
-        // magnitude with zeros (whether the group has a zero).
-        unsigned mx = 0, mn = 0x7fff7fffu, mz = 0xffffffffu;
+        // |x|'s largest and smallest value, on the bf16 bits (magnitudes order
+        // as integers), two a word, three words an instruction.
+        unsigned mx = 0, mn = 0xffffffffu;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const unsigned v[4] = {(unsigned)raw[i].x, (unsigned)raw[i].y, (unsigned)raw[i].z,
                                    (unsigned)raw[i].w};
-            unsigned m[4], n[4];
+            unsigned m[4];
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                m[k] = v[k] & 0x7fff7fffu;
-                n[k] = m[k] + 0x7fff7fffu;
-            }
+            for (int k = 0; k < 4; ++k) m[k] = v[k] & 0x7fff7fffu;
             mx = __vimax3_u16x2(__vimax3_u16x2(mx, m[0], m[1]), m[2], m[3]);
-            mn = __vimin3_s16x2(__vimin3_s16x2(mn, n[0], n[1]), n[2], n[3]);
-            mz = __vimin3_u16x2(__vimin3_u16x2(mz, m[0], m[1]), m[2], m[3]);
+            mn = __vimin3_u16x2(__vimin3_u16x2(mn, m[0], m[1]), m[2], m[3]);
         }
-        mn ^= 0x80008000u;
-        const unsigned amax_bits = max(mx >> 16, mx & 0xffffu), amin_less = min(mn >> 16, mn & 0xffffu);
-        const float amax = __uint_as_float(amax_bits << 16);
-        const float amin = amin_less == 0xffffu ? __int_as_float(0x7f800000) : __uint_as_float((amin_less + 1) << 16);
+        const unsigned amax_bits = max(mx >> 16, mx & 0xffffu);
+        unsigned amin_bits = min(mn >> 16, mn & 0xffffu);
+        const bool has_zero = amin_bits == 0;
+        if (has_zero) {
+            // Rare: the smallest non-zero magnitude instead. m + 0x7fff per half
+            // (no carry crosses the halves, as m <= 0x7fff) read as signed 16
+            // bits is -32768 + m - 1 for m >= 1 and +32767 for a zero, so the
+            // signed minimum skips zeros; xor 0x8000 gives m - 1, or 0xffff
+            // where every m is 0 (then +inf).
+            unsigned nz = 0x7fff7fffu;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const unsigned v[4] = {(unsigned)raw[i].x, (unsigned)raw[i].y, (unsigned)raw[i].z,
+                                       (unsigned)raw[i].w};
+                unsigned n[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) n[k] = (v[k] & 0x7fff7fffu) + 0x7fff7fffu;
+                nz = __vimin3_s16x2(__vimin3_s16x2(nz, n[0], n[1]), n[2], n[3]);
+            }
+            nz ^= 0x80008000u;
+            const unsigned less = min(nz >> 16, nz & 0xffffu);
+            amin_bits = less == 0xffffu ? 0x7f80u : less + 1;
+        }
+        const float amax = __uint_as_float(amax_bits << 16), amin = __uint_as_float(amin_bits << 16);
         // The group's logs by the values' own MUFU log2 (not log2f's ~50 instructions),
         // so the largest value's position is range * per_step, 510 but for rounding.
         const float log_amax = log2_approx(amax), log_smallest = log2_approx(amin);
@@ -856,7 +867,7 @@ __device__ __forceinline__ int logfmt_encode_round(char* dst, int4* slots, int l
         const float range = __fsub_rn(log_amax, log_amin);
         // Code 0 only where some magnitude is 0, a denormal (log2 -inf), or
         // below the clip; written as a test that infinities and NaNs fail.
-        const bool may_be_zero = (mz & 0xffffu) == 0 || (mz >> 16) == 0 || !(log_smallest > clip);
+        const bool may_be_zero = has_zero || !(log_smallest > clip);
         // A value's position p = (log2 m - log_amin) / step, step = range / 510, as
         // q = (p + 1) / 511 in one FMA that saturates to [0, 1] (NaN to 0), then code
         // q * 511 rounded: below p = -1 (a zero: log2 0 = -inf) code 0, above 510 code
