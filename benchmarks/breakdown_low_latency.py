@@ -63,13 +63,10 @@ _LF_ROUNDS = "return min(kWarpSize, kHidden / 64 - r * kWarpSize);"
 _LF_CODE = "const float q = __saturatef(fmaf(log2_approx(fabsf(x)), q_per_log, q0));"
 _LF_LOAD = "if (i < words) cp_async_16(slots + 8 * g + (p ^ (g % 8)), src + i);"
 _LF_STORE = "for (int i = lane; i < groups * kLogFmtGroupBytes / 16; i += kWarpSize) st_na(out + i, staged[i]);"
-_LF_DECODE = ("                            if (in[b].may_be_zero())\n"
-              "                                logfmt_accumulate8<true>(in[b], s_weight[k0 + b], acc);\n"
-              "                            else\n"
-              "                                logfmt_accumulate8<false>(in[b], s_weight[k0 + b], acc);\n")
-# every loaded word used once a row, so that no load is left out
-_LF_NO_DECODE = ("                            for (int j = 0; j < 8; ++j) acc[j] = fmaf(s_weight[k0 + b], "
-                 "in[b].head.x + __uint_as_float(in[b].lo.x ^ in[b].lo.y ^ in[b].hi), acc[j]);\n")
+# the decode's first line; the variant returns before it, every loaded word used once
+_LF_DECODE = "    const unsigned long long lo = in.lo.x | static_cast<unsigned long long>(in.lo.y) << 32;\n"
+_LF_NO_DECODE = ("    for (int j = 0; j < 8; ++j) acc[j] = fmaf(w, in.head.x + __uint_as_float(in.lo.x ^ in.lo.y ^ in.hi), "
+                 "acc[j]);\n    return;\n" + _LF_DECODE)
 _LF_EX2 = "const float v = exp2_approx(fmaf(__uint_as_float(f), scale, base));"
 VARIANTS = {
     "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
