@@ -1302,47 +1302,43 @@ struct CombineCall {
             __syncthreads();
             if (t + gridDim.x >= num_tokens) ticket.take(blocks_done);
             const char* token_rows = area + (long long)t * kLLMaxTopk * kRowBytes;
-            for (int c = threadIdx.x; c < kUnits && kLogFmt && s_dense; c += blockDim.x) {
-                // The common case (top-8, a row for each k) without per-row
-                // guards, and one test for code 0 for the 8 rows: ~1/7 of the
-                // decode's instructions were the general loop's per-row branches.
+            for (int c = threadIdx.x; c < kUnits && kLogFmt; c += blockDim.x) {
                 float acc[8];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-                LogFmt8 in[kLogFmtBatch];
-                bool may_be_zero = false;
+                if (s_dense) {
+                    // The common case (top-8, a row for each k): no per-row guards, and
+                    // one test for code 0 for the 8 rows (the general loop's per-row
+                    // branches were ~1/7 of the decode's instructions).
+                    LogFmt8 in[kLogFmtBatch];
+                    bool may_be_zero = false;
 #pragma unroll
-                for (int b = 0; b < kLogFmtBatch; ++b) {
-                    in[b].load(token_rows + s_slot[b] * kRowBytes, c);
-                    may_be_zero |= in[b].may_be_zero();
-                }
-                if (may_be_zero) {
+                    for (int b = 0; b < kLogFmtBatch; ++b) {
+                        in[b].load(token_rows + s_slot[b] * kRowBytes, c);
+                        may_be_zero |= in[b].may_be_zero();
+                    }
+                    if (may_be_zero) {
 #pragma unroll
-                    for (int b = 0; b < kLogFmtBatch; ++b) logfmt_accumulate8<true>(in[b], s_weight[b], acc);
+                        for (int b = 0; b < kLogFmtBatch; ++b) logfmt_accumulate8<true>(in[b], s_weight[b], acc);
+                    } else {
+#pragma unroll
+                        for (int b = 0; b < kLogFmtBatch; ++b) logfmt_accumulate8<false>(in[b], s_weight[b], acc);
+                    }
                 } else {
+                    for (int k0 = 0; k0 < num_topk; k0 += kLogFmtBatch) {
+                        LogFmt8 in[kLogFmtBatch];
 #pragma unroll
-                    for (int b = 0; b < kLogFmtBatch; ++b) logfmt_accumulate8<false>(in[b], s_weight[b], acc);
-                }
-                reinterpret_cast<int4*>(out + (long long)t * kHidden)[c] = pack_bf16x8(acc);
-            }
-            for (int c = threadIdx.x; c < kUnits && kLogFmt && !s_dense; c += blockDim.x) {
-                float acc[8];
+                        for (int b = 0; b < kLogFmtBatch; ++b)
+                            if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
+                                in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-                constexpr int kBatch = kLogFmtBatch;
-                for (int k0 = 0; k0 < num_topk; k0 += kBatch) {
-                    LogFmt8 in[kBatch];
-#pragma unroll
-                    for (int b = 0; b < kBatch; ++b)
-                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
-                            in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c);
-#pragma unroll
-                    for (int b = 0; b < kBatch; ++b) {
-                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0) {
-                            if (in[b].may_be_zero())
-                                logfmt_accumulate8<true>(in[b], s_weight[k0 + b], acc);
-                            else
-                                logfmt_accumulate8<false>(in[b], s_weight[k0 + b], acc);
+                        for (int b = 0; b < kLogFmtBatch; ++b) {
+                            if (k0 + b < num_topk && s_slot[k0 + b] >= 0) {
+                                if (in[b].may_be_zero())
+                                    logfmt_accumulate8<true>(in[b], s_weight[k0 + b], acc);
+                                else
+                                    logfmt_accumulate8<false>(in[b], s_weight[k0 + b], acc);
+                            }
                         }
                     }
                 }
