@@ -24,6 +24,7 @@ from cupyep.types import (CombineResult, DispatchHandle, DispatchLayout, Dispatc
                           LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle)
 
 _buffer_ids = itertools.count(1)
+_no_torch_modes = interop.outside_torch_function_modes  # on every call that takes arrays
 _STATS_DTYPES = {"int32": np.dtype(np.int32), "int64": np.dtype(np.int64)}
 
 
@@ -191,6 +192,7 @@ class Buffer:
                nvshmem_low_latency=g.num_nodes > 1, **options)
 
     # ------------------------------------------------------------------ #
+    @_no_torch_modes
     def get_dispatch_layout(self, topk_idx, num_experts: int) -> DispatchLayout:
         """Count tokens per rank, node and expert.
 
@@ -212,6 +214,7 @@ class Buffer:
                               back(lay.num_tokens_per_expert), back(lay.is_token_in_rank),
                               lay.num_experts, _weak(topk_idx))
 
+    @_no_torch_modes
     def dispatch(self, x, topk_idx=None, topk_weights=None, *, layout: Optional[DispatchLayout] = None,
                  is_token_in_rank=None, num_experts: Optional[int] = None,
                  handle: Optional[DispatchHandle] = None, expert_alignment: int = 1,
@@ -298,6 +301,7 @@ class Buffer:
         return DispatchResult(fe.back(out.recv_x, fp8=scales is not None), fe.back(out.recv_x_scales),
                               None, None, None, handle, out.event)
 
+    @_no_torch_modes
     def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, *,
                 config: Optional[Config] = None, previous_event=None,
                 async_finish: bool = False) -> CombineResult:
@@ -335,6 +339,7 @@ class Buffer:
         return CombineResult(fe.back(out.combined_x), fe.back(out.combined_topk_weights), out.event)
 
     # ------------------------------------------------------------------ #
+    @_no_torch_modes
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, *, use_fp8: bool = True, round_scale: bool = False,
                              use_ue8m0: bool = False, async_finish: bool = False,
@@ -402,6 +407,7 @@ class Buffer:
         validation.check_contiguous(native, name)
         return native
 
+    @_no_torch_modes
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *,
                             out=None, async_finish: bool = False, return_recv_hook: bool = False,
                             use_logfmt: bool = False,
@@ -453,6 +459,7 @@ class Buffer:
         combined = out if out is not None else res.combined_x if fe.recycles_outputs else fe.back(res.combined_x)
         return LowLatencyCombineResult(combined, res.event, res.hook)
 
+    @_no_torch_modes
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
         """[L, R*M, H] bf16 array that the next low-latency call reads in place.
 
@@ -472,6 +479,7 @@ class Buffer:
             found = self._combine_buffers[key] = (view, fe.back(view))
         return found[1]
 
+    @_no_torch_modes
     def clean_low_latency_buffer(self, *, blocking: bool = False, framework: Optional[str] = None) -> None:
         """Reset low-latency flags and counters (collective; after a timeout, or
         to restart the call sequence). The mask is kept.
@@ -520,6 +528,7 @@ class Buffer:
             self._frontend(None, framework or self._impl.frontend.name)
 
     # ---- rank masking (low-latency calls) ------------------------------ #
+    @_no_torch_modes
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False, *,
                                        framework: Optional[str] = None) -> None:
         """Leave ``rank_to_mask`` out of later low-latency calls (``mask=True``)
@@ -536,6 +545,7 @@ class Buffer:
         self._enter_array_free_call(framework)
         self._impl.update_mask(int(rank_to_mask), bool(mask))
 
+    @_no_torch_modes
     def low_latency_query_mask_buffer(self, mask_status=None):
         """The mask, [R] int32, 1 = left out (``enable_shrink`` masks a rank
         whose wait timed out).
@@ -557,6 +567,7 @@ class Buffer:
         self._impl.copy_mask(native)
         return mask_status
 
+    @_no_torch_modes
     def low_latency_clean_mask_buffer(self, *, framework: Optional[str] = None) -> None:
         """Take every rank back in (local, ordered like the update). Pair it
         with :meth:`clean_low_latency_buffer` (collective) after a rank recovers."""

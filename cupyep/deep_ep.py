@@ -28,6 +28,9 @@ from cupyep.events import EventOverlap as _EventOverlap
 from cupyep.layouts.low_latency import low_latency_size_hint
 from cupyep.types import DispatchLayout
 
+# torch function modes off in the calls that take tensors: the facade's own torch ops and cupyep's
+_no_torch_modes = _interop.outside_torch_function_modes
+
 try:
     import torch as _torch
     topk_idx_t = _torch.int64
@@ -217,6 +220,7 @@ class Buffer:
     def _config(self, config: Optional[Config]):
         return (config or Config(Buffer.num_sms)).to_cupyep(self.group_size, self._group.num_nodes)
 
+    @_no_torch_modes
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event=None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """Returns (num_tokens_per_rank, num_tokens_per_rdma_rank (None inside one
@@ -281,6 +285,7 @@ class Buffer:
             counts = (got + expert_alignment - 1) // expert_alignment * expert_alignment
         return Handle(items, native, self._buffer.buffer_id), counts
 
+    @_no_torch_modes
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                  expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
@@ -325,6 +330,7 @@ class Buffer:
             recv_idx = recv_idx.to(topk_idx.dtype)
         return (recv_x, recv_idx, res.recv_topk_weights, counts, facade_handle, _event(res.event))
 
+    @_no_torch_modes
     def combine(self, x, handle, topk_weights=None, bias=None, config: Optional[Config] = None,
                 previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """Returns (combined_x, combined_topk_weights, event)."""
@@ -338,6 +344,7 @@ class Buffer:
                                  num_experts: int) -> None:
         self._buffer.clean_low_latency_buffer(framework="torch")
 
+    @_no_torch_modes
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
@@ -356,6 +363,7 @@ class Buffer:
                         self._buffer.buffer_id)
         return recv_x, res.recv_count, handle, _event(res.event), res.hook
 
+    @_no_torch_modes
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
                             zero_copy: bool = False, async_finish: bool = False,
                             return_recv_hook: bool = False, out=None, combine_wait_recv_cost_stats=None):
