@@ -5,7 +5,7 @@ from cupyep.arrays import interop
 from cupyep.errors import InvalidInputError
 from cupyep.formats.fp8 import bfloat16, float8_e4m3
 
-from helpers import random_rows
+from helpers import agree_all, random_rows
 
 
 def test_numpy_is_passed_through(rng):
@@ -45,6 +45,44 @@ def test_buffer_returns_callers_framework(group, rng):
     assert isinstance(out.combined_x, torch.Tensor)
     assert torch.equal(out.combined_x, x)
     buf.destroy()
+
+
+def recording_torch_mode(torch):
+    """A TorchFunctionMode that logs every torch call it sees and runs it."""
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+    return Recording()
+
+
+def test_calls_run_outside_torch_function_modes(group, rng):
+    """A TorchFunctionMode (torch.set_default_device installs one) sees none
+    of a call's tensor reads (each would cost ~1 us of Python), and the call
+    returns what it returns without the mode."""
+    torch = pytest.importorskip("torch")
+    import cupyep
+    from conftest import SIZE
+    buf = cupyep.Buffer(group, num_nvl_bytes=cupyep.nvl_size_hint(256, 8, SIZE, 2), backend="reference")
+    x = torch.from_numpy(random_rows(rng, 8, 256).view("int16")).view(torch.bfloat16)
+    idx = torch.from_numpy(rng.integers(0, 2 * SIZE, (8, 2)))
+    w = torch.rand(8, 2)
+    plain = buf.combine(buf.dispatch(x, idx, w, num_experts=2 * SIZE).recv_x,
+                        buf.dispatch(x, idx, w, num_experts=2 * SIZE).handle)
+    mode = recording_torch_mode(torch)
+    with mode:
+        d = buf.dispatch(x, idx, w, num_experts=2 * SIZE)
+        c = buf.combine(d.recv_x, d.handle)
+    buf.destroy()
+
+    def check():
+        assert mode.calls == [], mode.calls
+        assert torch.equal(c.combined_x.view(torch.int16), plain.combined_x.view(torch.int16))
+    agree_all(check)
 
 
 @pytest.mark.gpu

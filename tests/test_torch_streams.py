@@ -439,3 +439,41 @@ def test_torch_cached_dispatch_and_combine_call_after_call(gpu_buffer, rng):
         assert not failures, failures
         assert intact, "outputs the caller held were overwritten"
     agree(check)
+
+
+def test_calls_under_torch_set_default_device(gpu_buffer, rng):
+    """DeepEP's test programs run under torch.set_default_device("cuda"), a
+    TorchFunctionMode that would see every tensor read of a call (~1 us
+    each). Low-latency and normal calls made under it are right, and a
+    mode above it sees none of their torch calls."""
+    from test_interop import recording_torch_mode
+    buf = gpu_buffer
+    m, h, num_experts, k = 32, 2048, 4 * SIZE, 4
+    local = num_experts // SIZE
+    x = random_rows(rng, m, h)
+    idx = random_topk(rng, m, num_experts, k, drop=0.1)
+    w = rng.random(idx.shape).astype(np.float32) + 0.5
+    tx, tidx, tw = as_torch(x), as_torch(idx), as_torch(w)
+    mode = recording_torch_mode(torch)
+    torch.set_default_device("cuda")
+    try:
+        with mode:
+            d = buf.low_latency_dispatch(tx, tidx, m, num_experts, use_fp8=False)
+        y = d.recv_x.clone()
+        with mode:
+            c = buf.low_latency_combine(y, tidx, tw, d.handle)
+            nd = buf.dispatch(tx, tidx, tw, num_experts=num_experts)
+            nc = buf.combine(nd.recv_x, nd.handle)
+        torch.cuda.synchronize()
+    finally:
+        torch.set_default_device(None)
+    everyone = gather(x, idx)
+    in_rank = np.stack([((idx >= r * local) & (idx < (r + 1) * local)).any(1) for r in range(SIZE)], 1)
+
+    def check():
+        assert mode.calls == [], mode.calls
+        check_dispatch(d, everyone, m, h, local, False, False, False)
+        assert_close_bf16(to_host(c.combined_x), expected_combine(x, idx, w, lambda e: 1.0), "low-latency combine")
+        assert_close_bf16(to_host(nc.combined_x), x.astype(np.float32) * in_rank.sum(1, keepdims=True),
+                          "normal combine")
+    agree(check)
