@@ -118,15 +118,25 @@ def outside_torch_function_modes(method):
     ~0.07: a low-latency pair makes some thirty. cupyep only reads its
     inputs' shapes and addresses and makes raw outputs on its own device,
     which no mode needs to see. Without torch imported, or with no mode on,
-    the call goes straight through."""
+    the call goes straight through (the wrapper costs ~0.2 us)."""
     @functools.wraps(method)
     def call(*args, **kwargs):
-        torch = sys.modules.get("torch")
-        if torch is not None and torch._C._is_torch_function_mode_enabled():
-            with torch._C.DisableTorchFunction():
+        modes = _TORCH_MODES or _torch_modes()
+        if modes and modes[0]():
+            with modes[1]():
                 return method(*args, **kwargs)
         return method(*args, **kwargs)
     return call
+
+
+_TORCH_MODES = []  # torch's (mode test, DisableTorchFunction) once torch is imported
+
+
+def _torch_modes() -> list:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        _TORCH_MODES[:] = (torch._C._is_torch_function_mode_enabled, torch._C.DisableTorchFunction)
+    return _TORCH_MODES
 
 
 def _torch_dtype_name(t) -> str:
