@@ -479,7 +479,6 @@ class Buffer:
             found = self._combine_buffers[key] = (view, fe.back(view))
         return found[1]
 
-    @_no_torch_modes
     def clean_low_latency_buffer(self, *, blocking: bool = False, framework: Optional[str] = None) -> None:
         """Reset low-latency flags and counters (collective; after a timeout, or
         to restart the call sequence). The mask is kept.
@@ -528,7 +527,6 @@ class Buffer:
             self._frontend(None, framework or self._impl.frontend.name)
 
     # ---- rank masking (low-latency calls) ------------------------------ #
-    @_no_torch_modes
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False, *,
                                        framework: Optional[str] = None) -> None:
         """Leave ``rank_to_mask`` out of later low-latency calls (``mask=True``)
@@ -567,7 +565,6 @@ class Buffer:
         self._impl.copy_mask(native)
         return mask_status
 
-    @_no_torch_modes
     def low_latency_clean_mask_buffer(self, *, framework: Optional[str] = None) -> None:
         """Take every rank back in (local, ordered like the update). Pair it
         with :meth:`clean_low_latency_buffer` (collective) after a rank recovers."""
