@@ -497,6 +497,17 @@ def test_logfmt_combine(buffer, backend, transport, rng, hidden, zero_copy):
                          zero_copy=zero_copy)
 
 
+@pytest.mark.parametrize("hidden", [7168, 9216])
+def test_logfmt_combine_dense_tokens(buffer, backend, transport, rng, hidden):
+    """Top-8 with no dropped slot, so every token has a row in each of its 8
+    slots: the decode's unguarded path, which takes a thread's units two at a
+    time (the second's words staged in shared memory). Hidden 7168: 896 units
+    of 8 channels for 512 threads, a second unit for some; 9216: 1152, a
+    third unit, alone, for some."""
+    check_logfmt_combine(buffer, backend, rng, m=32, t=24, hidden=hidden, local=-(-8 // SIZE), k=8,
+                         zero_copy=False, drop=0.0)
+
+
 def test_logfmt_combine_many_experts_call_after_call(buffer, backend, transport, rng):
     """The LogFMT send numbers its work over every (expert, destination) pair
     in chunks of 512 and counts each pair's units in device memory, zeroed by
@@ -560,13 +571,13 @@ def special_logfmt_rows(rng, t, hidden):
     return g.reshape(t, hidden).astype(fp8.bfloat16)
 
 
-def check_logfmt_combine(buffer, backend, rng, m, t, hidden, local, k, zero_copy):
-    """A dispatch of t random rows (top-k of local * SIZE experts) then a
-    LogFMT combine of the dispatched rows, checked against the reference
-    format and against the BF16 combine."""
+def check_logfmt_combine(buffer, backend, rng, m, t, hidden, local, k, zero_copy, drop=0.1):
+    """A dispatch of t random rows (top-k of local * SIZE experts, a share
+    ``drop`` of slots dropped) then a LogFMT combine of the dispatched rows,
+    checked against the reference format and against the BF16 combine."""
     num_experts = local * SIZE
     x = random_rows(rng, t, hidden)
-    idx = random_topk(rng, t, num_experts, k, drop=0.1)
+    idx = random_topk(rng, t, num_experts, k, drop=drop)
     w = rng.random(idx.shape).astype(np.float32)
     everyone = gather(x, idx)
     res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
