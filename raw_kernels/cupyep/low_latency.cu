@@ -786,14 +786,6 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
-__device__ __forceinline__ void cp_async_8(void* smem, const void* gmem) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int kPending>  // wait until at most kPending of this thread's newest groups are in flight
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory"); }
@@ -943,23 +935,6 @@ struct LogFmt8 {
         lo = *reinterpret_cast<const uint2*>(group + 8 + 8 * (u % 8));
         hi = *reinterpret_cast<const unsigned short*>(group + 72 + 2 * (u % 8));
     }
-    // The same words copied asynchronously to shared memory (cp.async: no
-    // registers held while they travel): slot [3][kWarpSize] uint2 of the
-    // lane, words at slot[0], slot[kWarpSize] and slot[2 * kWarpSize]; the
-    // last gets the 4 bytes holding hi (cp.async moves 4, 8 or 16).
-    __device__ __forceinline__ static void stage(const char* row, int u, uint2* slot) {
-        const char* group = row + (u / 8) * kLogFmtGroupBytes;
-        cp_async_8(slot, group);
-        cp_async_8(slot + kWarpSize, group + 8 + 8 * (u % 8));
-        cp_async_4(slot + 2 * kWarpSize, group + 72 + 4 * (u % 8 / 2));
-    }
-    // Once the copies are in (cp_async_wait, this thread's own).
-    __device__ __forceinline__ void unstage(const uint2* slot, int u) {
-        const uint2 h = slot[0];
-        head = make_float2(__uint_as_float(h.x), __uint_as_float(h.y));
-        lo = slot[kWarpSize];
-        hi = slot[2 * kWarpSize].x >> (16 * (u % 2));  // bits above 16: unused (logfmt_accumulate8)
-    }
     // Whether some code of the group may be 0 (then the decoder tests each).
     __device__ __forceinline__ bool may_be_zero() const { return __float_as_int(head.x) < 0; }
 };
@@ -995,28 +970,6 @@ __device__ __forceinline__ void logfmt_accumulate8(const LogFmt8& in, float w, f
         const float signed_w = (lo >> j) & 1 ? -w : w;
         if (!kMayBeZero || (bits & kCode)) acc[j] = fmaf(signed_w, v, acc[j]);
     }
-}
-
-// Unit u (channels 8u .. 8u+7) of a token with 8 rows: in[8] its rows' words,
-// weight[8] their weights; the weighted sum goes to out[8u .. 8u+7] as bf16.
-// No per-row guards and one test for code 0 for the 8 rows (per-row branches
-// were ~1/7 of the decode's instructions).
-__device__ __forceinline__ void logfmt_decode_dense(const LogFmt8* in, const float* weight, __nv_bfloat16* out,
-                                                    int u) {
-    float acc[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-    bool may_be_zero = false;
-#pragma unroll
-    for (int b = 0; b < kLogFmtBatch; ++b) may_be_zero |= in[b].may_be_zero();
-    if (may_be_zero) {
-#pragma unroll
-        for (int b = 0; b < kLogFmtBatch; ++b) logfmt_accumulate8<true>(in[b], weight[b], acc);
-    } else {
-#pragma unroll
-        for (int b = 0; b < kLogFmtBatch; ++b) logfmt_accumulate8<false>(in[b], weight[b], acc);
-    }
-    reinterpret_cast<int4*>(out)[u] = pack_bf16x8(acc);
 }
 
 // ----------------------------------------------------------------------------
@@ -1313,16 +1266,6 @@ struct CombineCall {
         __shared__ int s_slot[kLLMaxTopk];
         __shared__ float s_weight[kLLMaxTopk];
         __shared__ bool s_dense;  // LogFMT: the token has 8 slots, each with a row (no guards)
-        // LogFMT: a lane's second unit's words, [8 rows][3][kWarpSize] uint2 a warp,
-        // in the warp's own share of the send's staging (free: its copies are in).
-        extern __shared__ int4 s_rounds[];
-        uint2* staged = reinterpret_cast<uint2*>(s_rounds + threadIdx.x / kWarpSize * 2 * (kLogFmtRoundBytes / 16)) +
-                        threadIdx.x % kWarpSize;
-        static_assert(kLogFmtBatch * 3 * kWarpSize * 8 <= 2 * kLogFmtRoundBytes, "a warp's staging share");
-        if (kLogFmt) {
-            cp_async_wait<0>();
-            __syncwarp();  // every lane's send copies are in before any lane's copies here
-        }
         for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
             if (threadIdx.x < num_topk) {
                 const int k = threadIdx.x;
@@ -1359,49 +1302,43 @@ struct CombineCall {
             __syncthreads();
             if (t + gridDim.x >= num_tokens) ticket.take(blocks_done);
             const char* token_rows = area + (long long)t * kLLMaxTopk * kRowBytes;
-            if (kLogFmt && s_dense) {
-                // The common case (top-8, a row for each k). A thread's units two at a
-                // time: the second's words are copied to shared memory while the
-                // first is decoded (one at a time, the SM's warps all waited for
-                // their loads, then all decoded while the memory idled; registers
-                // for a second unit's words would spill).
-                for (int c = threadIdx.x; c < kUnits; c += 2 * blockDim.x) {
-                    const int c2 = c + blockDim.x;
-                    if (c2 < kUnits) {
-#pragma unroll
-                        for (int b = 0; b < kLogFmtBatch; ++b)
-                            LogFmt8::stage(token_rows + s_slot[b] * kRowBytes, c2, staged + b * 3 * kWarpSize);
-                    }
-                    cp_async_commit();
-                    LogFmt8 in[kLogFmtBatch];
-#pragma unroll
-                    for (int b = 0; b < kLogFmtBatch; ++b) in[b].load(token_rows + s_slot[b] * kRowBytes, c);
-                    logfmt_decode_dense(in, s_weight, out + (long long)t * kHidden, c);
-                    if (c2 < kUnits) {
-                        cp_async_wait<0>();
-#pragma unroll
-                        for (int b = 0; b < kLogFmtBatch; ++b) in[b].unstage(staged + b * 3 * kWarpSize, c2);
-                        logfmt_decode_dense(in, s_weight, out + (long long)t * kHidden, c2);
-                    }
-                }
-            }
-            for (int c = threadIdx.x; c < kUnits && kLogFmt && !s_dense; c += blockDim.x) {
+            for (int c = threadIdx.x; c < kUnits && kLogFmt; c += blockDim.x) {
                 float acc[8];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-                for (int k0 = 0; k0 < num_topk; k0 += kLogFmtBatch) {
+                if (s_dense) {
+                    // The common case (top-8, a row for each k): no per-row guards, and
+                    // one test for code 0 for the 8 rows (the general loop's per-row
+                    // branches were ~1/7 of the decode's instructions).
                     LogFmt8 in[kLogFmtBatch];
-#pragma unroll
-                    for (int b = 0; b < kLogFmtBatch; ++b)
-                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
-                            in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c);
+                    bool may_be_zero = false;
 #pragma unroll
                     for (int b = 0; b < kLogFmtBatch; ++b) {
-                        if (k0 + b < num_topk && s_slot[k0 + b] >= 0) {
-                            if (in[b].may_be_zero())
-                                logfmt_accumulate8<true>(in[b], s_weight[k0 + b], acc);
-                            else
-                                logfmt_accumulate8<false>(in[b], s_weight[k0 + b], acc);
+                        in[b].load(token_rows + s_slot[b] * kRowBytes, c);
+                        may_be_zero |= in[b].may_be_zero();
+                    }
+                    if (may_be_zero) {
+#pragma unroll
+                        for (int b = 0; b < kLogFmtBatch; ++b) logfmt_accumulate8<true>(in[b], s_weight[b], acc);
+                    } else {
+#pragma unroll
+                        for (int b = 0; b < kLogFmtBatch; ++b) logfmt_accumulate8<false>(in[b], s_weight[b], acc);
+                    }
+                } else {
+                    for (int k0 = 0; k0 < num_topk; k0 += kLogFmtBatch) {
+                        LogFmt8 in[kLogFmtBatch];
+#pragma unroll
+                        for (int b = 0; b < kLogFmtBatch; ++b)
+                            if (k0 + b < num_topk && s_slot[k0 + b] >= 0)
+                                in[b].load(token_rows + s_slot[k0 + b] * kRowBytes, c);
+#pragma unroll
+                        for (int b = 0; b < kLogFmtBatch; ++b) {
+                            if (k0 + b < num_topk && s_slot[k0 + b] >= 0) {
+                                if (in[b].may_be_zero())
+                                    logfmt_accumulate8<true>(in[b], s_weight[k0 + b], acc);
+                                else
+                                    logfmt_accumulate8<false>(in[b], s_weight[k0 + b], acc);
+                            }
                         }
                     }
                 }
