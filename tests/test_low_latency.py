@@ -500,10 +500,9 @@ def test_logfmt_combine(buffer, backend, transport, rng, hidden, zero_copy):
 @pytest.mark.parametrize("hidden", [7168, 9216])
 def test_logfmt_combine_dense_tokens(buffer, backend, transport, rng, hidden):
     """Top-8 with no dropped slot, so every token has a row in each of its 8
-    slots: the decode's unguarded path, which takes a thread's units two at a
-    time (the second's words staged in shared memory). Hidden 7168: 896 units
-    of 8 channels for 512 threads, a second unit for some; 9216: 1152, a
-    third unit, alone, for some."""
+    slots: the decode's unguarded path (the other LogFMT tests drop slots,
+    and at 2 ranks take top-6). Hidden 7168: 896 units of 8 channels for a
+    block's 512 threads, a second unit for some; 9216: 1152, a third for some."""
     check_logfmt_combine(buffer, backend, rng, m=32, t=24, hidden=hidden, local=-(-8 // SIZE), k=8,
                          zero_copy=False, drop=0.0)
 
