@@ -1,7 +1,7 @@
 """When each warp of the low-latency combine reaches each step: a copy of the
 kernels with timestamps (a development tool beside breakdown_low_latency.py).
 
-    mpirun -n 1 python benchmarks/timeline_low_latency.py [--rows bf16 logfmt logfmt_no_encode]
+    mpirun -n 1 python benchmarks/timeline_low_latency.py [--rows bf16 bf16_no_rows logfmt logfmt_no_encode]
 
 Every warp's lane 0 writes %globaltimer (ns) and clock64 (SM cycles) at
 these points of one combine (send and receive in one launch), into a
@@ -17,8 +17,9 @@ __device__ array of the variant, read after the kernel:
     end        receive half returned
 
 Rows: ``bf16`` and ``logfmt`` combine the protocol's rows (random values);
-``logfmt_no_encode`` is breakdown_low_latency.py's ``lf_no_encode`` (units
-dealt and counted, nothing loaded, coded or stored). Printed per row: each
+``bf16_no_rows`` and ``logfmt_no_encode`` are breakdown_low_latency.py's
+``comb_no_rows`` (flags without rows) and ``lf_no_encode`` (units dealt and
+counted, nothing loaded, coded or stored): each send's protocol alone. Printed per row: each
 point's time after the grid's first start (median over warps, and the last
 warp), and each step's length per warp (median, max; from clock64).
 Iterations take turns between rows; medians over iterations.
@@ -38,7 +39,7 @@ from cupyep.bench import add_protocol_args, random_inputs, teardown  # noqa: E40
 
 POINTS = ["start", "prefix", "staged", "units", "counted", "sent", "flags", "end"]
 _MAX_BLOCKS, _WARPS = 264, 16
-_STAMP = (f"__device__ unsigned long long g_timeline[{_MAX_BLOCKS} * {_WARPS} * {len(POINTS)} * 2];\n"
+_STAMP = (f"extern \"C\" {{ __device__ unsigned long long g_timeline[{_MAX_BLOCKS} * {_WARPS} * {len(POINTS)} * 2]; }}\n"
           "__device__ __forceinline__ void timeline_stamp(int i) {\n"
           "    if (threadIdx.x % 32 == 0 && blockIdx.x < " + str(_MAX_BLOCKS) + ") {\n"
           "        const int o = ((blockIdx.x * " + str(_WARPS) + " + threadIdx.x / 32) * "
@@ -65,8 +66,10 @@ EDITS = [
      "        timeline_stamp(4);\n"),
     (_FLAGS, _FLAGS + "            timeline_stamp(6);\n"),
 ]
-VARIANTS = {"timeline": EDITS, "timeline_no_encode": breakdown.VARIANTS["lf_no_encode"] + EDITS}
-ROWS = {"bf16": ("timeline", False), "logfmt": ("timeline", True), "logfmt_no_encode": ("timeline_no_encode", True)}
+VARIANTS = {"timeline": EDITS, "timeline_no_encode": breakdown.VARIANTS["lf_no_encode"] + EDITS,
+            "timeline_no_rows": breakdown.VARIANTS["comb_no_rows"] + EDITS}
+ROWS = {"bf16": ("timeline", False), "bf16_no_rows": ("timeline_no_rows", False),
+        "logfmt": ("timeline", True), "logfmt_no_encode": ("timeline_no_encode", True)}
 
 
 def main():
