@@ -82,8 +82,9 @@ __device__ __forceinline__ void warp_complete(bool put, int lane) {
 
 // Publish a flag in a peer's half. The release (or fence before the signal)
 // orders every write this thread has observed before the peer sees the flag.
-__device__ __forceinline__ void set_peer_flag(char* const* peers, char* local_base, long long off,
-                                              int peer, long long value, bool put) {
+// peer_base: peers[peer], loaded by the caller (unused for a put).
+__device__ __forceinline__ void set_peer_flag_at(char* peer_base, char* local_base, long long off, int peer,
+                                                 long long value, bool put) {
     if (put) {
 #ifdef CUPYEP_NVSHMEM
         cupyep_nvshmem_fence();
@@ -91,8 +92,12 @@ __device__ __forceinline__ void set_peer_flag(char* const* peers, char* local_ba
                                   static_cast<unsigned long long>(value), peer);
 #endif
     } else {
-        st_release_sys(reinterpret_cast<long long*>(peers[peer] + off), value);
+        st_release_sys(reinterpret_cast<long long*>(peer_base + off), value);
     }
+}
+__device__ __forceinline__ void set_peer_flag(char* const* peers, char* local_base, long long off,
+                                              int peer, long long value, bool put) {
+    set_peer_flag_at(put ? nullptr : peers[peer], local_base, off, peer, value, put);
 }
 
 // Rank masking: mask [R] int32 in device memory, 1 = left out. A rank whose
@@ -1231,12 +1236,18 @@ struct CombineCall {
 #pragma unroll
             for (int i = 0; i < PendingPairs::kMax; ++i)
                 if (i == lane) p = done.pair[i], units = done.units[i];
+            // The flag's place before the add: after it (an acquire: L1 is
+            // invalidated) the load would wait on L2 in the flag's path.
+            const int le = p / num_ranks, dst = p % num_ranks;
+            const bool put = use_put(peers, dst, force_put);
+            char* const peer_base = put ? nullptr : peers[dst];
             if (atom_add_acq_rel_gpu(pair_done + p, 1) == units - 1) {
-                pair_done[p] = 0;  // the next call on this half comes after this kernel
-                const int le = p / num_ranks, dst = p % num_ranks;
                 if (!s_mask[dst])
-                    set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst,
-                                  (call_tag << kLLTagShift) | 1, use_put(peers, dst, force_put));
+                    set_peer_flag_at(peer_base, local_base, off_flags + 8ll * (rank * num_local + le), dst,
+                                     (call_tag << kLLTagShift) | 1, put);
+                // After the flag, whose release then need not wait for this
+                // store; the next call on this half comes after this kernel.
+                pair_done[p] = 0;
             }
         }
         __syncwarp();
