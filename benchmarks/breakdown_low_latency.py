@@ -25,6 +25,8 @@ only its time matters. Rows:
     lf_no_count    (--logfmt) units are not counted: each warp sets its pairs'
                    flags once its own units are sent (early, so the receive
                    half's figure means nothing)
+    lf_count_each  (--logfmt) a warp counts each unit once it is sent, not four
+                   at a time: pairs' flags set earlier, for more adds
     lf_no_lg2      (--logfmt) the encode without its per-value MUFU log2 (the
                    magnitude itself stands in for it): what the log2s cost
     lf_no_ex2      (--logfmt) the decode without its per-value MUFU exp2 (the
@@ -71,6 +73,7 @@ _LF_DECODE = "    const unsigned long long lo = in.lo.x | static_cast<unsigned l
 _LF_NO_DECODE = ("    for (int j = 0; j < 8; ++j) acc[j] = fmaf(w, in.head.x + __uint_as_float(in.lo.x ^ in.lo.y ^ in.hi), "
                  "acc[j]);\n    return;\n" + _LF_DECODE)
 _LF_COUNT = "if (atom_add_acq_rel_gpu(pair_done + p, 1) == units - 1) {"
+_LF_PENDING = "static constexpr int kMax = 4;"
 _LF_EX2 = "const float v = exp2_approx(fmaf(__uint_as_float(f), scale, base));"
 VARIANTS = {
     "empty": [(p, p.replace("phases & 1", "phases & 0").replace("phases & 2", "phases & 0")) for p in _PHASES],
@@ -85,6 +88,7 @@ VARIANTS = {
     "lf_no_loads": [(_LF_LOAD, _LF_LOAD.replace("i < words", "i < 0 * words"))],
     "lf_no_decode": [(_LF_DECODE, _LF_NO_DECODE)],
     "lf_no_count": [(_LF_COUNT, "if (units > 0) {")],
+    "lf_count_each": [(_LF_PENDING, _LF_PENDING.replace("kMax = 4", "kMax = 1"))],
     "lf_no_lg2": [(_LF_CODE, _LF_CODE.replace("log2_approx(fabsf(x))", "fabsf(x)"))],
     "lf_no_ex2": [(_LF_EX2, _LF_EX2.replace("exp2_approx(", "("))],
 }
