@@ -1008,6 +1008,7 @@ struct CombineCall {
     int* err;
     long long timeout_ns, call_tag;
     int num_local;  // E / R, computed once by the kernel
+    long long first_range;  // LogFMT send: layout_range[threadIdx.x], loaded beside the mask
 
     static constexpr int kRowBytes = kHidden * 2;
 
@@ -1091,7 +1092,7 @@ struct CombineCall {
         for (int first = 0; first < num_experts; first += kChunk) {
             // Units before each pair of the chunk: a block-wide prefix sum.
             const int p = first + threadIdx.x;  // [L][R]: p = le * R + dst
-            const long long range = p < num_experts ? layout_range[p] : 0;
+            const long long range = first == 0 ? first_range : p < num_experts ? layout_range[p] : 0;
             const int units = static_cast<int>(range & 0xffffffff) * units_per_row(p % num_ranks);
             const int inclusive = warp_inclusive_sum(units, lane);
             __syncthreads();  // the previous chunk's sums and begins are read
@@ -1395,10 +1396,15 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
         int zero_copy, long long off_flags, long long off_area, long long off_send,
         int num_groups, int* blocks_done, int* pair_done, __nv_bfloat16* out, long long* wait_stats,
         int* mask, int shrink, int phases, int* err, long long timeout_ns, long long call_tag) {
+    // The LogFMT send's first step reads these ranges: their load is in
+    // flight with the mask's (one latency before the first unit, not two).
+    const long long first_range =
+        kLogFmt && (phases & 1) && static_cast<int>(threadIdx.x) < num_experts ? layout_range[threadIdx.x] : 0;
     const CombineCall<kHidden, kLogFmt, IdxT> call{
         x, src_info, recv_k, layout_range, topk_idx, topk_weights, num_tokens, num_topk, max_tokens, num_experts,
         rank, num_ranks, local_base, peers, force_put, zero_copy, off_flags, off_area, off_send, num_groups,
-        blocks_done, pair_done, out, wait_stats, mask, shrink, err, timeout_ns, call_tag, num_experts / num_ranks};
+        blocks_done, pair_done, out, wait_stats, mask, shrink, err, timeout_ns, call_tag, num_experts / num_ranks,
+        first_range};
     __shared__ int s_mask[kLLMaxRanks];
     load_mask(mask, rank, num_ranks, s_mask);
     if (phases & 1) call.send(s_mask);
