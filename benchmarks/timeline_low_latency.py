@@ -32,10 +32,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cupyep  # noqa: E402
-from cupyep.formats import fp8  # noqa: E402
 import kernel_variants  # noqa: E402  (benchmarks/, beside this file)
 import breakdown_low_latency as breakdown  # noqa: E402
-from cupyep.bench import add_protocol_args, random_inputs, teardown  # noqa: E402
+from cupyep.bench import add_protocol_args, low_latency_setup, random_bf16, teardown  # noqa: E402
 
 POINTS = ["start", "prefix", "staged", "units", "counted", "sent", "flags", "end"]
 _MAX_BLOCKS, _WARPS = 264, 16
@@ -52,7 +51,7 @@ _CALL = "template <int kHidden, bool kLogFmt, typename IdxT>\nstruct CombineCall
 _PHASES = ("    load_mask(mask, rank, num_ranks, s_mask);\n"
            "    if (phases & 1) call.send(s_mask);\n"
            "    if (phases & 2) call.receive(s_mask);\n")
-_PREFIX = "            const int total = s_units_before[kChunk];\n"
+_PREFIX = "            const int total = chunk.total;\n"
 _STAGED = "            cp_async_commit();\n            while (u < total) {\n"
 _COUNT = "            dealt = (dealt + total) % num_warps;\n        }\n        count_done(done, s_mask, lane);\n"
 _FLAGS = "            if (t + gridDim.x >= num_tokens) ticket.take(blocks_done);\n"
@@ -87,12 +86,8 @@ def main():
                                  rows=sorted({ROWS[r][0] for r in args.rows})) as paths:
         group = cupyep.Group()
         r = group.size
-        rdma = cupyep.low_latency_size_hint(args.tokens, args.hidden, r, args.experts)
-        buf = cupyep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, backend="gpu")
-        rng = np.random.default_rng(group.rank)
-        x, idx, w, _, _ = random_inputs(rng, args.tokens, args.hidden, args.experts, args.topk)
-        y = (cupy.random.standard_normal((args.experts // r, r * args.tokens, args.hidden), np.float32)
-             .view(np.uint32) >> 16).astype(np.uint16).view(fp8.bfloat16)
+        buf, x, idx, w = low_latency_setup(group, args)
+        y = random_bf16((args.experts // r, r * args.tokens, args.hidden))
         ll = buf._impl.ll
         n = _MAX_BLOCKS * _WARPS * len(POINTS) * 2
 

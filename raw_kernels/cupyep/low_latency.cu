@@ -1084,38 +1084,35 @@ struct CombineCall {
         const int num_warps = gridDim.x * kLLWarps;
         const int my_warp = warp * gridDim.x + blockIdx.x;  // a unit's next units go to other SMs
         extern __shared__ int4 s_rounds[];  // kLogFmtSendSmem: two rounds a warp
-        __shared__ int s_units_before[kChunk + 1], s_warp_units[kLLWarps], s_begin[kChunk];
-        __shared__ int2 s_staged[kLLWarps];  // (pair of the chunk, unit of the pair) a warp staged last
+        __shared__ int s_through[kChunk], s_slice_units[kLLWarps], s_begin[kChunk];
+        __shared__ int4 s_staged[kLLWarps];  // (pair of the chunk, unit of the pair, the pair's units) a warp staged last
         int4* bufs = s_rounds + warp * 2 * kRoundInt4;
         PendingPairs done;
         int dealt = 0;  // units of earlier chunks, mod num_warps: where this chunk's dealing starts
         for (int first = 0; first < num_experts; first += kChunk) {
-            // Units before each pair of the chunk: a block-wide prefix sum.
+            // Each pair's units, summed over each slice of 32 pairs (a warp's
+            // own), and each slice's total: one barrier, no block-wide sum.
             const int p = first + threadIdx.x;  // [L][R]: p = le * R + dst
             const long long range = first == 0 ? first_range : p < num_experts ? layout_range[p] : 0;
             const int units = static_cast<int>(range & 0xffffffff) * units_per_row(p % num_ranks);
             const int inclusive = warp_inclusive_sum(units, lane);
-            __syncthreads();  // the previous chunk's sums and begins are read
+            if (first > 0) __syncthreads();  // the previous chunk's arrays are read (the first follows load_mask's)
             s_begin[threadIdx.x] = static_cast<int>(range >> 32);
-            if (lane == kWarpSize - 1) s_warp_units[warp] = inclusive;
+            s_through[threadIdx.x] = inclusive;
+            if (lane == kWarpSize - 1) s_slice_units[warp] = inclusive;
             __syncthreads();
-            int before = 0;
-            for (int w = 0; w < warp; ++w) before += s_warp_units[w];
-            s_units_before[threadIdx.x + 1] = before + inclusive;  // past the last pair: the total
-            if (threadIdx.x == 0) s_units_before[0] = 0;
-            __syncthreads();
-            const LogFmtUnits chunk{s_units_before, s_begin, first, min(kChunk, num_experts - first)};
-            const int total = s_units_before[kChunk];
+            const LogFmtUnits chunk(s_through, s_slice_units, s_begin, first, lane);
+            const int total = chunk.total;
             // The warp's steps: (unit u, round r), r in [first_round, end_round) of u.
             int u = (my_warp - dealt + num_warps) % num_warps, r = 0, b = 0;
             if (u < total) r = stage_first_round(chunk, u, s_mask, bufs, s_staged + warp, lane);
             cp_async_commit();
             while (u < total) {
-                // Where staging found u (a search of ~10 dependent shared loads),
-                // kept in shared memory rather than registers: the encode uses
-                // all 128.
+                // Where staging found u, kept in shared memory rather than
+                // registers: the encode uses all 128.
                 __syncwarp();  // lane 0's s_staged store
-                const int j = s_staged[warp].x, unit = s_staged[warp].y;
+                const int4 at_unit = s_staged[warp];
+                const int j = at_unit.x, unit = at_unit.y;
                 const int pair = first + j, dst = pair % num_ranks;
                 const int rounds = rounds_per_unit(dst);
                 const long long row = chunk.row(this, j, unit);
@@ -1146,7 +1143,7 @@ struct CombineCall {
                     if (put && rounds > 1 && r == rounds - 1)
                         warp_put(local_base, off, staged, logfmt_row_bytes(kHidden), dst);
                 }
-                if (next_u != u && done.add(pair, chunk.units_of(j), put && !skip)) count_done(done, s_mask, lane);
+                if (next_u != u && done.add(pair, at_unit.z, put && !skip)) count_done(done, s_mask, lane);
                 u = next_u, r = next_r, b ^= 1;
             }
             dealt = (dealt + total) % num_warps;
@@ -1164,23 +1161,38 @@ struct CombineCall {
         return in_place(dst) ? logfmt_rounds(kHidden) : 1;
     }
 
-    // A chunk's units: units_before [num_pairs + 1] of pairs first, first + 1,
-    // ..., and the pairs' first rows (begin [num_pairs], from layout_range).
+    // A chunk's units, in pair order, in slices of 32 pairs: through [kChunk],
+    // the units of pair j's slice up to j (inclusive), slice_units [kLLWarps]
+    // each slice's total, begin [kChunk] the pairs' first rows (from
+    // layout_range). A lane keeps the units of slices 0..lane (inclusive).
     struct LogFmtUnits {
-        const int* units_before;
+        const int* through;
         const int* begin;
-        int first, num_pairs;
-        // Unit u is unit `unit` of the chunk's pair j.
-        __device__ __forceinline__ void find(int u, int& j, int& unit) const {
-            int past = num_pairs;  // units_before[j] <= u < units_before[past]
-            j = 0;
-            while (past - j > 1) {
-                const int mid = (j + past) / 2;
-                if (units_before[mid] <= u) j = mid; else past = mid;
-            }
-            unit = u - units_before[j];
+        int first;
+        int slices_through;  // lanes >= kLLWarps: the total
+        int total;
+        static_assert(kLLWarps <= kWarpSize, "a lane per slice");
+        __device__ __forceinline__ LogFmtUnits(const int* through_, const int* slice_units, const int* begin_,
+                                               int first_, int lane)
+            : through(through_), begin(begin_), first(first_) {
+            slices_through = warp_inclusive_sum(lane < kLLWarps ? slice_units[lane] : 0, lane);
+            total = __shfl_sync(0xffffffffu, slices_through, kWarpSize - 1);
         }
-        __device__ __forceinline__ int units_of(int j) const { return units_before[j + 1] - units_before[j]; }
+        // Unit u (< total; the same in every lane) is unit `unit` of the
+        // chunk's pair j, which has `units` units: two ballots (its slice,
+        // then its pair), not a search of dependent loads.
+        __device__ __forceinline__ void find(int u, int lane, int& j, int& unit, int& units) const {
+            const int s = __popc(__ballot_sync(0xffffffffu, slices_through <= u));  // slices wholly before u
+            const int slice_before = __shfl_sync(0xffffffffu, slices_through, max(s - 1, 0));
+            const int v = u - (s == 0 ? 0 : slice_before);
+            const int mine = through[s * kWarpSize + lane];
+            const int k = __popc(__ballot_sync(0xffffffffu, mine <= v));  // pairs of the slice wholly before v
+            const int before = __shfl_sync(0xffffffffu, mine, max(k - 1, 0));
+            const int after = __shfl_sync(0xffffffffu, mine, k);
+            j = s * kWarpSize + k;
+            unit = v - (k == 0 ? 0 : before);
+            units = after - (k == 0 ? 0 : before);
+        }
         // The row [L][R*M] of a unit of the chunk's pair j.
         __device__ __forceinline__ long long row(const CombineCall* call, int j, int unit) const {
             const int pair = first + j;
@@ -1193,10 +1205,10 @@ struct CombineCall {
     // destination) and leaves where u is in *staged (lane 0; the warp reads
     // it after a __syncwarp); returns the round.
     __device__ __forceinline__ int stage_first_round(const LogFmtUnits& chunk, int u, const int* s_mask, int4* buf,
-                                                     int2* staged, int lane) const {
-        int j, unit;
-        chunk.find(u, j, unit);
-        if (lane == 0) *staged = make_int2(j, unit);
+                                                     int4* staged, int lane) const {
+        int j, unit, units;
+        chunk.find(u, lane, j, unit, units);
+        if (lane == 0) *staged = make_int4(j, unit, units, 0);
         const int pair = chunk.first + j, dst = pair % num_ranks;
         const int rounds = rounds_per_unit(dst);
         const int r = rounds == 1 ? unit % logfmt_rounds(kHidden) : 0;
