@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import cupyep  # noqa: E402
 from cupyep.formats import fp8  # noqa: E402
 
-from cupyep.bench import add_protocol_args, profiled_kernels, queued_step_times, random_inputs, teardown  # noqa: E402
+from cupyep.bench import (add_protocol_args, low_latency_setup, profiled_kernels, queued_step_times,  # noqa: E402
+                          random_bf16, teardown)
 
 
 def profiled_kernel_times(steps, iters, names):
@@ -100,9 +101,7 @@ def measure(buf, group, x, idx, w, args):
     res["combine_logfmt"] = queued_step_times([d_step, lambda: buf.low_latency_combine(
         y, idx, w, state["d"].handle, use_logfmt=True)], args.iters)[1]
     # LogFMT's error against the BF16 combine, on random expert outputs
-    bits = cupy.random.standard_normal(y.shape, np.float32).view(np.uint32)
-    y_rand = (bits >> 16).astype(np.uint16).view(fp8.bfloat16)  # truncated to bf16
-    del bits
+    y_rand = random_bf16(y.shape)
     as_f32 = lambda a: (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)  # noqa: E731
     exact = as_f32(buf.low_latency_combine(y_rand, idx, w, dispatch().handle).combined_x)
     coded = as_f32(buf.low_latency_combine(y_rand, idx, w, dispatch().handle, use_logfmt=True).combined_x)
@@ -209,11 +208,7 @@ def main():
     args = ap.parse_args()
 
     group = cupyep.Group()
-    r = group.size
-    rdma = cupyep.low_latency_size_hint(args.tokens, args.hidden, r, args.experts)
-    buf = cupyep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, backend="gpu")
-    rng = np.random.default_rng(group.rank)
-    x, idx, w, _, _ = random_inputs(rng, args.tokens, args.hidden, args.experts, args.topk)
+    buf, x, idx, w = low_latency_setup(group, args)
 
     results = {}
     for tr in args.transports:

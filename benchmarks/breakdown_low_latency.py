@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import cupyep  # noqa: E402
 from cupyep.formats import fp8  # noqa: E402
 import kernel_variants  # noqa: E402  (benchmarks/, beside this file)
-from cupyep.bench import add_protocol_args, queued_step_times, random_inputs, teardown  # noqa: E402
+from cupyep.bench import add_protocol_args, low_latency_setup, queued_step_times, random_bf16, teardown  # noqa: E402
 
 _PAYLOAD = ("                    st_na(reinterpret_cast<int4*>(payload) + u, out[j]);\n"
             "                    if (kFp8 && u % 8 == 0) reinterpret_cast<float*>(payload + kHidden)[u / 8] = scale[j];\n")
@@ -116,15 +116,10 @@ def main():
     with kernel_variants.on_disk(MPI.COMM_WORLD, "low_latency.cu", VARIANTS, args.base, args.rows) as paths:
         group = cupyep.Group()
         r = group.size
-        rdma = cupyep.low_latency_size_hint(args.tokens, args.hidden, r, args.experts)
-        buf = cupyep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, backend="gpu")
+        buf, x, idx, w = low_latency_setup(group, args)
         buf.set_low_latency_transport(args.transport)
-        rng = np.random.default_rng(group.rank)
-        x, idx, w, _, _ = random_inputs(rng, args.tokens, args.hidden, args.experts, args.topk)
-        y = cupy.ones((args.experts // r, r * args.tokens, args.hidden), fp8.bfloat16)
-        if args.random:
-            y = (cupy.random.standard_normal(y.shape, np.float32).view(np.uint32) >> 16).astype(
-                np.uint16).view(fp8.bfloat16)
+        shape = (args.experts // r, r * args.tokens, args.hidden)
+        y = random_bf16(shape) if args.random else cupy.ones(shape, fp8.bfloat16)
         m, e = args.tokens, args.experts
         dispatch = lambda **kw: buf.low_latency_dispatch(x, idx, m, e, use_fp8=True, **kw)  # noqa: E731
         combine = lambda h, **kw: buf.low_latency_combine(y, idx, w, h, use_logfmt=args.logfmt, **kw)  # noqa: E731

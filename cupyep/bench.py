@@ -136,6 +136,24 @@ def random_inputs(rng, tokens, hidden, experts, topk):
     return (cupy.asarray(x.view(np.uint16)).view(fp8.bfloat16), cupy.asarray(idx), cupy.asarray(w), x, idx)
 
 
+def low_latency_setup(group, args):
+    """(buf, x, topk_idx, topk_weights): a GPU low-latency Buffer sized for the
+    protocol's arguments (add_protocol_args) and this rank's random inputs
+    (x [T][H] bf16, topk_idx [T][K] int64, topk_weights [T][K] float32)."""
+    rdma = low_latency_size_hint(args.tokens, args.hidden, group.size, args.experts)
+    buf = Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, backend="gpu")
+    rng = np.random.default_rng(group.rank)
+    x, idx, w, _, _ = random_inputs(rng, args.tokens, args.hidden, args.experts, args.topk)
+    return buf, x, idx, w
+
+
+def random_bf16(shape):
+    """Standard normal values as a CuPy bf16 array (fp32 draws, truncated)."""
+    import cupy
+    bits = cupy.random.standard_normal(shape, np.float32).view(np.uint32)
+    return (bits >> 16).astype(np.uint16).view(fp8.bfloat16)
+
+
 def nccl_dispatch(group, x, topk_idx_host, num_experts, per_expert=False):
     """The NCCL baseline step: torch ``all_to_all_single`` of one row per
     (token, destination rank) after an ``index_select``; with ``per_expert``,
