@@ -140,13 +140,16 @@ def report(samples, args):
             warps = tl[:, :, 0, 1] > 0  # warps that ran (stamped their start)
             ns = tl[..., 1][warps][:, present].astype(np.float64)  # [warps, present points]
             clk = tl[..., 0][warps][:, present].astype(np.float64)
+            # A point some warps never reach (a block with no token has no flags to see): not a time.
+            clk[ns == 0] = np.nan
+            ns[ns == 0] = np.nan
             rel = ns - ns[:, 0].min()
-            at.append([(np.median(rel[:, i]), rel[:, i].max()) for i in range(len(present))])
+            at.append([(np.nanmedian(rel[:, i]), np.nanmax(rel[:, i])) for i in range(len(present))])
             # the SM clock from the warps' own spans (ns and cycles, first point to last)
             span_ns, span_clk = ns[:, -1] - ns[:, 0], clk[:, -1] - clk[:, 0]
             ghz.append(np.median(span_clk[span_ns > 0] / span_ns[span_ns > 0]))
             d = np.diff(clk, axis=1) / ghz[-1] / 1e3
-            steps.append([(np.median(d[:, i]), d[:, i].max()) for i in range(len(present) - 1)])
+            steps.append([(np.nanmedian(d[:, i]), np.nanmax(d[:, i])) for i in range(len(present) - 1)])
         at, steps = np.median(np.array(at), axis=0), np.median(np.array(steps), axis=0)
         print(f"\n{row} (SM clock {np.median(ghz):.2f} GHz)")
         print(f"{'point':>9} | {'median':>7} | {'last':>7} || {'step':>18} | {'median':>7} | {'max':>7}")
