@@ -57,7 +57,7 @@ _PAYLOAD = ("                    st_na(reinterpret_cast<int4*>(payload) + u, out
             "                    if (kFp8 && u % 8 == 0) reinterpret_cast<float*>(payload + kHidden)[u / 8] = scale[j];\n")
 _RECV_ROWS = "for (int first = 0; first < kRowInt4; first += kBatch * kWarpSize) {"
 _COUNT_WAIT = "[&](int n) { return n >= expected; }"
-_COMB_SEND_ROW = "warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(peers[dst] + off), src, lane);"
+_COMB_SEND_ROW = "warp_copy_batch<kCopyBatch, true, true>(reinterpret_cast<int4*>(to), src, 0, words, lane);"
 _COMB_SUM = "for (int c = threadIdx.x; c < kUnits && !kLogFmt; c += blockDim.x) {"
 _PHASES = ["    if (phases & 1) call.send(raw, s_mask, s_entries);",
            "    if (phases & 2) call.receive(s_mask, s_entries);",

@@ -53,8 +53,8 @@ PARAMS = {
     "low_latency.combine": (
         "x", "src_info", "recv_k", "layout_range", "topk_idx", "topk_weights", "num_tokens", "num_topk",
         "max_tokens", "num_experts", "rank", "num_ranks", "local_base", "peers", "force_put", "zero_copy",
-        "off_flags", "off_area", "off_send", "num_groups", "blocks_done", "pair_done", "out", "wait_stats", "mask",
-        "shrink", "phases", "err", "timeout_ns", "call_tag"),
+        "off_flags", "off_area", "off_send", "blocks_done", "pair_done", "out", "wait_stats", "mask", "shrink",
+        "phases", "err", "timeout_ns", "call_tag"),
     "low_latency.barrier": ("slots", "peers", "force_put", "rank", "num_ranks", "seq", "mask", "shrink", "err",
                             "timeout_ns"),
 }

@@ -981,7 +981,6 @@ __device__ __forceinline__ void logfmt_accumulate8(const LogFmt8& in, float w, f
 // Combine. x [L][R*M][H] bf16 expert outputs in the dispatched layout (it may
 // be the send area itself: zero_copy); src_info, recv_k, layout_range from the
 // dispatch; topk_idx/topk_weights [T][K] of this rank's tokens; out [T][H].
-// num_groups warp groups per block each own one (local expert, destination).
 namespace ll {  // cupyep::ll::combine: profilers written for DeepEP find "::combine"
 // One combine: the kernel's parameters (phases aside) and its two halves,
 // send() for phases & 1 and receive() for phases & 2, inlined into the kernel.
@@ -998,7 +997,6 @@ struct CombineCall {
     char* const* peers;
     int force_put, zero_copy;
     long long off_flags, off_area, off_send;
-    int num_groups;
     int* blocks_done;
     int* pair_done;
     __nv_bfloat16* out;
@@ -1008,7 +1006,7 @@ struct CombineCall {
     int* err;
     long long timeout_ns, call_tag;
     int num_local;  // E / R, computed once by the kernel
-    long long first_range;  // LogFMT send: layout_range[threadIdx.x], loaded beside the mask
+    long long first_range;  // layout_range[threadIdx.x], loaded beside the mask
 
     static constexpr int kRowBytes = kHidden * 2;
 
@@ -1020,43 +1018,47 @@ struct CombineCall {
             send_rows(s_mask);
     }
 
-    // BF16 rows: a group of warps per pair, a warp per row.
+    // BF16 rows, in pieces of kPieceBytes (a copy batch: one load latency a
+    // piece), each piece a unit, dealt and counted as send_logfmt's below
+    // (with no staging: a piece is copied from x to its destination, or to
+    // the send area and put). Pairs dealt to groups of warps, a warp a row,
+    // left a pair's rows to a few warps in turn while other SMs had none.
+    static constexpr int kPieceBytes = kWarpSize * kCopyBatch * 16;
+    static constexpr int kRowPieces = (kRowBytes + kPieceBytes - 1) / kPieceBytes;
     __device__ __forceinline__ void send_rows(const int* s_mask) const {
         const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-        const int rows_per_expert = num_ranks * max_tokens;
-        const int warps_per_group = kLLWarps / num_groups;
-        const int group = warp / warps_per_group, wig = warp % warps_per_group;
-        if (group < num_groups) {
-            for (int p = blockIdx.x * num_groups + group; p < num_experts; p += gridDim.x * num_groups) {
-                const int le = p / num_ranks, dst = p % num_ranks;
-                if (s_mask[dst]) continue;  // uniform across the group: no barrier skipped by part of it
-                const long long range = layout_range[le * num_ranks + dst];
-                const int begin = static_cast<int>(range >> 32), count = static_cast<int>(range & 0xffffffff);
-                const bool put = use_put(peers, dst, force_put);
-                for (int i = wig; i < count; i += warps_per_group) {
-                    const long long row = (long long)le * rows_per_expert + begin + i;
+        const int num_warps = gridDim.x * kLLWarps;
+        const int my_warp = warp * gridDim.x + blockIdx.x;  // a unit's next units go to other SMs
+        __shared__ ChunkArrays s_chunk;
+        PendingPairs done;
+        int dealt = 0;  // units of earlier chunks, mod num_warps: where this chunk's dealing starts
+        for (int first = 0; first < num_experts; first += kLLThreads) {
+            const DealtUnits chunk = number_units(first, s_chunk, lane);
+            for (int u = (my_warp - dealt + num_warps) % num_warps; u < chunk.total; u += num_warps) {
+                int j, unit, units;
+                chunk.find(u, lane, j, unit, units);
+                const int pair = first + j, dst = pair % num_ranks;
+                const bool put = use_put(peers, dst, force_put), skip = s_mask[dst];
+                if (!skip) {
+                    const long long row = chunk.row(this, j, unit);
+                    const int at = unit % kRowPieces * kPieceBytes, words = min(kPieceBytes, kRowBytes - at) / 16;
                     const long long off =
-                        off_area + ((long long)src_info[row] * kLLMaxTopk + recv_k[row]) * kRowBytes;
-                    const int4* src = reinterpret_cast<const int4*>(x + row * kHidden);
+                        off_area + ((long long)src_info[row] * kLLMaxTopk + recv_k[row]) * kRowBytes + at;
+                    const int4* src = reinterpret_cast<const int4*>(x + row * kHidden) + at / 16;
+                    char* staged = local_base + off_send + row * kRowBytes + at;  // a put's source
+                    char* const to = put ? staged : peers[dst] + off;
+                    if (!put || !zero_copy)  // zero-copy: x is the send area
+                        warp_copy_batch<kCopyBatch, true, true>(reinterpret_cast<int4*>(to), src, 0, words, lane);
                     if (put) {
-                        char* staged = local_base + off_send + row * kRowBytes;
-                        if (!zero_copy) warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(staged), src, lane);
                         __syncwarp();
-                        warp_put(local_base, off, staged, kRowBytes, dst);
-                    } else {
-                        warp_copy_nc<kRowBytes / 16>(reinterpret_cast<int4*>(peers[dst] + off), src, lane);
+                        warp_put(local_base, off, staged, words * 16, dst);
                     }
                 }
-                warp_complete(put, lane);
-                // Every warp of the group is done with (le, dst). No rows, no
-                // flag: only flags some token of dst waits for are set.
-                sync_warps(group + 1, warps_per_group * kWarpSize);
-                if (wig == 0 && lane == 0 && count > 0) {
-                    set_peer_flag(peers, local_base, off_flags + 8ll * (rank * num_local + le), dst,
-                                  (call_tag << kLLTagShift) | 1, put);
-                }
+                if (done.add(pair, units, put && !skip)) count_done(done, s_mask, lane);
             }
+            dealt = (dealt + chunk.total) % num_warps;
         }
+        count_done(done, s_mask, lane);
     }
 
     // The same with rows LogFMT-encoded. Encoding is the bound here (loads,
@@ -1078,30 +1080,19 @@ struct CombineCall {
     // reads bytes [4096r, 4096r + 4096) and writes [2816r, 2816r + 2816), so
     // no write of a round touches bytes a later round has still to read.
     __device__ __forceinline__ void send_logfmt(const int* s_mask) const {
-        constexpr int kChunk = kLLThreads;  // a pair per thread
+        constexpr int kChunk = kLLThreads;  // a pair per thread (number_units)
         constexpr int kRoundInt4 = kLogFmtRoundBytes / 16;
         const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
         const int num_warps = gridDim.x * kLLWarps;
         const int my_warp = warp * gridDim.x + blockIdx.x;  // a unit's next units go to other SMs
         extern __shared__ int4 s_rounds[];  // kLogFmtSendSmem: two rounds a warp
-        __shared__ int s_through[kChunk], s_slice_units[kLLWarps], s_begin[kChunk];
-        __shared__ int4 s_staged[kLLWarps];  // (pair of the chunk, unit of the pair, the pair's units) a warp staged last
+        __shared__ ChunkArrays s_chunk;
+        __shared__ int4 s_staged[kLLWarps];  // (pair of the chunk, unit, the pair's units) a warp staged last
         int4* bufs = s_rounds + warp * 2 * kRoundInt4;
         PendingPairs done;
         int dealt = 0;  // units of earlier chunks, mod num_warps: where this chunk's dealing starts
         for (int first = 0; first < num_experts; first += kChunk) {
-            // Each pair's units, summed over each slice of 32 pairs (a warp's
-            // own), and each slice's total: one barrier, no block-wide sum.
-            const int p = first + threadIdx.x;  // [L][R]: p = le * R + dst
-            const long long range = first == 0 ? first_range : p < num_experts ? layout_range[p] : 0;
-            const int units = static_cast<int>(range & 0xffffffff) * units_per_row(p % num_ranks);
-            const int inclusive = warp_inclusive_sum(units, lane);
-            if (first > 0) __syncthreads();  // the previous chunk's arrays are read (the first follows load_mask's)
-            s_begin[threadIdx.x] = static_cast<int>(range >> 32);
-            s_through[threadIdx.x] = inclusive;
-            if (lane == kWarpSize - 1) s_slice_units[warp] = inclusive;
-            __syncthreads();
-            const LogFmtUnits chunk(s_through, s_slice_units, s_begin, first, lane);
+            const DealtUnits chunk = number_units(first, s_chunk, lane);
             const int total = chunk.total;
             // The warp's steps: (unit u, round r), r in [first_round, end_round) of u.
             int u = (my_warp - dealt + num_warps) % num_warps, r = 0, b = 0;
@@ -1152,10 +1143,14 @@ struct CombineCall {
     }
 
     // A row encoded in place (zero-copy, sent by put) is one unit of a row's
-    // rounds; any other row is a row's rounds of one round each.
+    // rounds; any other LogFMT row is a row's rounds of one round each; a
+    // BF16 row is kRowPieces units.
     __device__ __forceinline__ bool in_place(int dst) const { return zero_copy && use_put(peers, dst, force_put); }
     __device__ __forceinline__ int units_per_row(int dst) const {
-        return in_place(dst) ? 1 : logfmt_rounds(kHidden);
+        if constexpr (kLogFmt)
+            return in_place(dst) ? 1 : logfmt_rounds(kHidden);
+        else
+            return kRowPieces;
     }
     __device__ __forceinline__ int rounds_per_unit(int dst) const {
         return in_place(dst) ? logfmt_rounds(kHidden) : 1;
@@ -1165,14 +1160,17 @@ struct CombineCall {
     // the units of pair j's slice up to j (inclusive), slice_units [kLLWarps]
     // each slice's total, begin [kChunk] the pairs' first rows (from
     // layout_range). A lane keeps the units of slices 0..lane (inclusive).
-    struct LogFmtUnits {
+    struct ChunkArrays {
+        int through[kLLThreads], slice_units[kLLWarps], begin[kLLThreads];
+    };
+    struct DealtUnits {
         const int* through;
         const int* begin;
         int first;
         int slices_through;  // lanes >= kLLWarps: the total
         int total;
         static_assert(kLLWarps <= kWarpSize, "a lane per slice");
-        __device__ __forceinline__ LogFmtUnits(const int* through_, const int* slice_units, const int* begin_,
+        __device__ __forceinline__ DealtUnits(const int* through_, const int* slice_units, const int* begin_,
                                                int first_, int lane)
             : through(through_), begin(begin_), first(first_) {
             slices_through = warp_inclusive_sum(lane < kLLWarps ? slice_units[lane] : 0, lane);
@@ -1201,10 +1199,26 @@ struct CombineCall {
         }
     };
 
+    // Numbers the units of pairs [first, first + kLLThreads) (a pair a thread)
+    // into s: a barrier, and one before it but for the first chunk, which
+    // follows load_mask's (the previous chunk's arrays are read by then).
+    __device__ __forceinline__ DealtUnits number_units(int first, ChunkArrays& s, int lane) const {
+        const int p = first + threadIdx.x;  // [L][R]: p = le * R + dst
+        const long long range = first == 0 ? first_range : p < num_experts ? layout_range[p] : 0;
+        const int units = static_cast<int>(range & 0xffffffff) * units_per_row(p % num_ranks);
+        const int inclusive = warp_inclusive_sum(units, lane);
+        if (first > 0) __syncthreads();
+        s.begin[threadIdx.x] = static_cast<int>(range >> 32);
+        s.through[threadIdx.x] = inclusive;
+        if (lane == kWarpSize - 1) s.slice_units[threadIdx.x / kWarpSize] = inclusive;
+        __syncthreads();
+        return DealtUnits(s.through, s.slice_units, s.begin, first, lane);
+    }
+
     // Stages unit u's first round into buf (nothing for a masked
     // destination) and leaves where u is in *staged (lane 0; the warp reads
     // it after a __syncwarp); returns the round.
-    __device__ __forceinline__ int stage_first_round(const LogFmtUnits& chunk, int u, const int* s_mask, int4* buf,
+    __device__ __forceinline__ int stage_first_round(const DealtUnits& chunk, int u, const int* s_mask, int4* buf,
                                                      int4* staged, int lane) const {
         int j, unit, units;
         chunk.find(u, lane, j, unit, units);
@@ -1406,15 +1420,15 @@ combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ src_info,
         int num_tokens, int num_topk, int max_tokens, int num_experts, int rank,
         int num_ranks, char* local_base, char* const* peers, int force_put,
         int zero_copy, long long off_flags, long long off_area, long long off_send,
-        int num_groups, int* blocks_done, int* pair_done, __nv_bfloat16* out, long long* wait_stats,
+        int* blocks_done, int* pair_done, __nv_bfloat16* out, long long* wait_stats,
         int* mask, int shrink, int phases, int* err, long long timeout_ns, long long call_tag) {
-    // The LogFMT send's first step reads these ranges: their load is in
-    // flight with the mask's (one latency before the first unit, not two).
+    // The send's first step reads these ranges: their load is in flight
+    // with the mask's (one latency before the first unit, not two).
     const long long first_range =
-        kLogFmt && (phases & 1) && static_cast<int>(threadIdx.x) < num_experts ? layout_range[threadIdx.x] : 0;
+        (phases & 1) && static_cast<int>(threadIdx.x) < num_experts ? layout_range[threadIdx.x] : 0;
     const CombineCall<kHidden, kLogFmt, IdxT> call{
         x, src_info, recv_k, layout_range, topk_idx, topk_weights, num_tokens, num_topk, max_tokens, num_experts,
-        rank, num_ranks, local_base, peers, force_put, zero_copy, off_flags, off_area, off_send, num_groups,
+        rank, num_ranks, local_base, peers, force_put, zero_copy, off_flags, off_area, off_send,
         blocks_done, pair_done, out, wait_stats, mask, shrink, err, timeout_ns, call_tag, num_experts / num_ranks,
         first_range};
     __shared__ int s_mask[kLLMaxRanks];

@@ -301,7 +301,6 @@ class GpuLowLatency:
     def _combine_plan(self, key, lay, use_logfmt, idx_type):
         """The :class:`_Plan` of a combine on ``lay``, kept under ``key``."""
         be = self.be
-        groups = min(8, max(1, -(-lay.num_experts // self.num_sms)))
         fn = self._kernel(kernel_specs.low_latency_combine(lay.hidden, use_logfmt, idx_type, self._nvshmem_build,
                                                            self.source), len(COMBINE_PARAMS),
                           _LOGFMT_SEND_SMEM if use_logfmt else 0)
@@ -313,7 +312,7 @@ class GpuLowLatency:
                 num_tokens=0, num_topk=0, max_tokens=lay.max_tokens, num_experts=lay.num_experts, rank=be.rank,
                 num_ranks=be.num_ranks, local_base=self.sym.ptr, peers=self._peers_ptr,
                 force_put=self.transport == "nvshmem", zero_copy=0, off_flags=off["combine_flags"],
-                off_area=off["combine_area"], off_send=off["send_area"], num_groups=groups,
+                off_area=off["combine_area"], off_send=off["send_area"],
                 blocks_done=self._blocks_done_addr[half], pair_done=address(self._pair_done[half]), out=0,
                 wait_stats=0, mask=self._mask_ptr, shrink=self.shrink, phases=0, err=be.err_ptr,
                 timeout_ns=be.timeout_ns, call_tag=0))
