@@ -507,6 +507,25 @@ def test_logfmt_combine_dense_tokens(buffer, backend, transport, rng, hidden):
                          zero_copy=False, drop=0.0)
 
 
+def test_combine_many_experts_call_after_call(buffer, backend, transport, rng):
+    """The BF16 send deals pieces of rows over every (expert, destination)
+    pair, numbered in chunks of 512, and counts each pair's pieces in device
+    memory, zeroed by the pair's last piece: over ~1,030 experts (three
+    chunks) and three calls in a row, each with fresh rows and routing."""
+    local, m, h = -(-1030 // SIZE), 16, 256
+    num_experts = local * SIZE
+    for _ in range(3):
+        x = random_rows(rng, m, h)
+        idx = random_topk(rng, m, num_experts, 8, drop=0.1)
+        w = rng.random(idx.shape).astype(np.float32)
+        res = buffer.low_latency_dispatch(to_backend(x, backend), to_backend(idx, backend), m, num_experts,
+                                          use_fp8=False)
+        y = check_dispatch(res, gather(x, idx), m, h, local, False, False, False)
+        out = buffer.low_latency_combine(to_backend(y, backend), to_backend(idx, backend),
+                                         to_backend(w, backend), res.handle)
+        assert_close_bf16(to_host(out.combined_x), expected_combine(x, idx, w), "many-expert combined_x")
+
+
 def test_logfmt_combine_many_experts_call_after_call(buffer, backend, transport, rng):
     """The LogFMT send numbers its work over every (expert, destination) pair
     in chunks of 512 and counts each pair's units in device memory, zeroed by
