@@ -8,7 +8,7 @@ these points of one combine (send and receive in one launch), into a
 __device__ array of the variant, read after the kernel:
 
     start      kernel entry
-    prefix     LogFMT: the block's prefix sum over the chunk's pairs done
+    prefix     LogFMT: the chunk's units numbered (number_units: per-slice sums)
     staged     LogFMT: the warp's first unit found and its copy issued
     units      LogFMT: the warp's last unit sent (before its last count)
     counted    LogFMT: that count done (its flags set)
